@@ -1,0 +1,253 @@
+"""The ``imgclf`` command: argument parsing and printing only.
+
+Every verb calls the Python API; errors are :class:`ImgclfError` and become
+one line on stderr with the error's exit code (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from imgclf.errors import ImgclfError, MissingDependencyError
+
+_EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
+                     "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
+                     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train"}  # fmt: skip
+
+EPILOG = """examples:
+  imgclf train                                  train on the bundled flower photos
+  imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
+  imgclf evaluate pets.imgclf holdout/ --json
+  imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
+"""
+
+
+def _is_onnx(path: str | Path) -> bool:
+    return str(path).lower().endswith(".onnx")
+
+
+def _load_predictor(path: str, device: str = "cpu"):
+    """An imgclf model file, or an exported ONNX file (torch-free path)."""
+    if _is_onnx(path):
+        from imgclf.runtime import load_onnx_model
+
+        return load_onnx_model(path)
+    from imgclf.model import load_model
+
+    return load_model(path, device=device)
+
+
+def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
+    skipped = [str(w.message) for w in caught if str(w.message).startswith("skipped ")]
+    for w in caught:
+        if not str(w.message).startswith("skipped "):
+            print(f"warning: {w.message}", file=sys.stderr)
+    if skipped:
+        print(f"\nSkipped {len(skipped)} unreadable image(s):", file=sys.stderr)
+        for line in skipped:
+            print(f"  {line[len('skipped ') :]}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgclf.data import load_images_from_directory, train_test_split
+    from imgclf.sample_data import sample_data_dir
+    from imgclf.train import EarlyStopping, ImageClassificationTrainer
+
+    folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
+    started = time.perf_counter()
+    images = load_images_from_directory(folder)
+    train, test = train_test_split(images, test_fraction=args.test_fraction, seed=args.seed)
+    labels = sorted({im.label for im in images})
+    print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
+    validation = None
+    if args.validation_folder:
+        validation = load_images_from_directory(args.validation_folder)
+    early = None
+    if args.early_stopping:
+        early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
+
+    def report(m) -> None:
+        if args.verbose or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
+            print(f"  {m}")
+
+    trainer = ImageClassificationTrainer(
+        args.arch, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule, early_stopping=early, metrics_callback=report, seed=args.seed,
+        weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
+        validation_fraction=args.validation_fraction, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"Training on {len(train)} images, holding out {len(test)} for evaluation ({args.arch})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = trainer.fit(train, validation_set=validation)
+        ext = model.info["extraction"]
+        print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
+        metrics = model.evaluate(test)
+    model.info["metrics"] = metrics.to_dict()
+    print(metrics)
+    if args.metrics_json:
+        Path(args.metrics_json).write_text(json.dumps(metrics.to_dict(), indent=2))
+    out = model.save(args.out)
+    print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
+    _print_skipped(caught)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgclf.data import load_images_from_directory
+
+    model = _load_predictor(args.model, args.device)
+    images = load_images_from_directory(args.folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = model.evaluate(images)
+    print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics)
+    _print_skipped(caught)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgclf.data import find_image_files
+
+    if args.top_k < 1:
+        raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
+    model = _load_predictor(args.model, args.device)
+    files = find_image_files(args.images)
+    if not files:
+        raise ImgclfError(f"no images found in {', '.join(args.images)}")
+    results, failed = [], 0
+    for name, outcome in model.iter_predictions((f, str(f)) for f in files):
+        if isinstance(outcome, ImgclfError):
+            failed += 1
+            results.append({"file": name, "error": str(outcome)})
+            if not args.json:
+                print(f"error: {outcome}", file=sys.stderr)
+            continue
+        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.json and args.top_k > 1 else None)})
+        if not args.json:
+            line = f"{name}\t{outcome.label}\t{outcome.probability:.4f}"
+            if args.top_k > 1:
+                line += "\t" + ", ".join(f"{lbl} {p:.4f}" for lbl, p in outcome.top(args.top_k))
+            print(line)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+def cmd_archs(args: argparse.Namespace) -> int:
+    from imgclf.archs import ARCHITECTURES, preprocessing_for, weights_source
+
+    rows = []
+    for arch in ARCHITECTURES.values():
+        source = weights_source(arch)
+        rows.append({"name": arch.name, "timm_model": arch.timm_name, "input_size": preprocessing_for(arch).input_size,
+                     "weights": source or "not available offline", "description": arch.description})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<20} {'input':>5}  {'weights here':<42} description")
+    for r in rows:
+        print(f"{r['name']:<20} {r['input_size']:>5}  {r['weights']:<42} {r['description']}")
+    print("\nAny timm model name also works as --arch (weights via --weights FILE or timm's download).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imgclf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="imgclf", description="Train, evaluate and use image classifiers by transfer learning.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a classifier on a folder of labelled images",
+                       description="Train on FOLDER (one subfolder per label), evaluate on a held-out "
+                                   "split and save the model. Without FOLDER, uses the bundled flower photos.")  # fmt: skip
+    p.add_argument("folder", nargs="?", help="folder with one subfolder of images per label (default: bundled flowers)")
+    p.add_argument("--out", default="imageClassifier.imgclf", help="model file to write (default: %(default)s)")
+    p.add_argument(
+        "--arch", default="efficientnet_lite0", help="architecture (see 'imgclf archs'; default: %(default)s)"
+    )
+    p.add_argument("--weights", help="pretrained weights file (.safetensors or state dict) for --arch")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=10, help="images per training step (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=0.01, help="initial learning rate (default: %(default)s)")
+    p.add_argument(
+        "--lr-schedule",
+        default="exponential",
+        choices=["exponential", "polynomial", "constant"],
+        help="learning-rate schedule; exponential decays by 0.94 every 2 epochs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, help="share held out for evaluation (default: %(default)s)"
+    )
+    p.add_argument("--validation-folder", help="labelled folder used for validation metrics and early stopping")
+    p.add_argument("--validation-fraction", type=float, help="split this share of training images off for validation")
+    p.add_argument("--early-stopping", action="store_true", help="stop when the watched metric stops improving")
+    p.add_argument("--early-stopping-metric", default="accuracy", choices=["accuracy", "loss"])
+    p.add_argument(
+        "--patience", type=int, default=10, help="epochs without improvement before stopping (default: %(default)s)"
+    )
+    p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
+    p.add_argument(
+        "--seed", type=int, default=1, help="seed for shuffling, splitting and training (default: %(default)s)"
+    )
+    p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+    p.add_argument("--metrics-json", help="also write the held-out metrics as JSON to this file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print metrics after every epoch")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder")
+    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
+    p.add_argument("folder", help="folder with one subfolder of images per label")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label images with a trained model")
+    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
+    p.add_argument("images", nargs="+", help="image files or folders (walked recursively)")
+    p.add_argument("--top-k", type=int, default=1, help="also show the k most likely labels")
+    p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("archs", help="list architectures and whether their weights are here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_archs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ImgclfError as e:
+        print(f"imgclf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ModuleNotFoundError as e:
+        root = (e.name or "").split(".")[0]
+        if root not in _EXTRA_FOR_MODULE:
+            raise
+        err = MissingDependencyError(f"'{root}' is not installed: pip install 'imgclf[{_EXTRA_FOR_MODULE[root]}]'")
+        print(f"imgclf: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("imgclf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""One exception hierarchy for imgclf.
+
+Every error a user can cause is an :class:`ImgclfError`. Its ``exit_code``
+(for the CLI) and ``http_status`` (for the web API) are decided here and
+nowhere else, so callers catch the level they care about and the front ends
+map errors the same way every time.
+"""
+
+from __future__ import annotations
+
+
+class ImgclfError(Exception):
+    """Base class: a problem the user can fix, with a one-line message."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class DataError(ImgclfError):
+    """The images given for training or evaluation cannot be used as given."""
+
+
+class ImageDecodeError(DataError):
+    """One image cannot be read: not an image, truncated, empty or too large."""
+
+    http_status = 415
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than allowed (decompression-bomb guard)."""
+
+    http_status = 413
+
+
+class ModelFileError(ImgclfError):
+    """A model file is missing, incomplete, corrupt or not an imgclf model."""
+
+
+class ArchitectureError(ImgclfError):
+    """An architecture name is unknown or cannot be built."""
+
+
+class WeightsUnavailableError(ArchitectureError):
+    """Pretrained weights for an architecture are not available here."""
+
+
+class MissingDependencyError(ImgclfError):
+    """An optional dependency (an install extra) is not installed."""
+
+
+class OptionError(ImgclfError):
+    """An option has a value that cannot be used."""
+
+    http_status = 422

@@ -1,0 +1,124 @@
+"""Multiclass evaluation, as ML.NET reports it and a bit more.
+
+Numpy only, so the torch-free runtime evaluates exactly like training does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_EPS = 1e-15  # probabilities are clipped like ML.NET does before taking logs
+
+
+@dataclass
+class MulticlassMetrics:
+    """Metrics of a classifier on labelled images (``labels[i]`` is key ``i``)."""
+
+    labels: list[str]
+    micro_accuracy: float
+    macro_accuracy: float
+    log_loss: float
+    log_loss_reduction: float
+    per_class_log_loss: dict[str, float]
+    top_k_accuracy: dict[str, float]  # "k" -> share of images whose label is in the top k
+    confusion_matrix: list[list[int]]  # rows: true label, columns: predicted label
+    per_class: dict[str, dict[str, float]]  # precision, recall, f1, support
+    count: int
+
+    def to_dict(self) -> dict:
+        return {
+            "micro_accuracy": self.micro_accuracy,
+            "macro_accuracy": self.macro_accuracy,
+            "log_loss": self.log_loss,
+            "log_loss_reduction": self.log_loss_reduction,
+            "per_class_log_loss": self.per_class_log_loss,
+            "top_k_accuracy": self.top_k_accuracy,
+            "confusion_matrix": self.confusion_matrix,
+            "labels": self.labels,
+            "per_class": self.per_class,
+            "count": self.count,
+        }
+
+    def __str__(self) -> str:
+        return format_metrics(self)
+
+
+def compute_metrics(probabilities: np.ndarray, targets: Sequence[int], labels: Sequence[str]) -> MulticlassMetrics:
+    """All metrics from predicted probabilities (n, classes) and true keys (n,)."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    n, k = len(y), len(labels)
+    if n == 0:
+        raise ValueError("cannot evaluate on zero images")
+    predicted = probs.argmax(axis=1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, predicted), 1)
+
+    true_p = np.clip(probs[np.arange(n), y], _EPS, 1.0)
+    losses = -np.log(true_p)
+    log_loss = float(losses.mean())
+    prior = np.bincount(y, minlength=k) / n
+    prior_log_loss = float(-sum(p * math.log(p) for p in prior if p > 0))
+    reduction = (prior_log_loss - log_loss) / prior_log_loss if prior_log_loss > 0 else 0.0
+
+    support = confusion.sum(axis=1)
+    predicted_count = confusion.sum(axis=0)
+    diag = np.diag(confusion)
+    present = support > 0
+    per_class = {}
+    for i, label in enumerate(labels):
+        precision = diag[i] / predicted_count[i] if predicted_count[i] else 0.0
+        recall = diag[i] / support[i] if support[i] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                            "support": int(support[i])}  # fmt: skip
+
+    ranks = np.argsort(-probs, axis=1, kind="stable")
+    top_k = {}
+    for kk in range(1, min(5, k) + 1):
+        top_k[str(kk)] = float((ranks[:, :kk] == y[:, None]).any(axis=1).mean())
+
+    return MulticlassMetrics(
+        labels=list(labels),
+        micro_accuracy=float(diag.sum() / n),
+        macro_accuracy=float((diag[present] / support[present]).mean()),
+        log_loss=log_loss,
+        log_loss_reduction=float(reduction),
+        per_class_log_loss={label: float(losses[y == i].mean()) for i, label in enumerate(labels) if support[i]},
+        top_k_accuracy=top_k,
+        confusion_matrix=confusion.tolist(),
+        per_class=per_class,
+        count=n,
+    )
+
+
+def format_metrics(m: MulticlassMetrics) -> str:
+    """A readable console report: summary, per-class table, confusion matrix."""
+    lines = [
+        f"Evaluated on {m.count} images",
+        f"  micro accuracy      {m.micro_accuracy:.4f}",
+        f"  macro accuracy      {m.macro_accuracy:.4f}",
+        f"  log-loss            {m.log_loss:.4f}",
+        f"  log-loss reduction  {m.log_loss_reduction:.4f}",
+        "  top-k accuracy      " + "  ".join(f"top-{k}: {v:.4f}" for k, v in m.top_k_accuracy.items()),
+        "",
+    ]
+    width = max(8, *(len(lbl) for lbl in m.labels))
+    lines.append(f"  {'label':<{width}}  precision  recall  f1      support  log-loss")
+    for label in m.labels:
+        c = m.per_class[label]
+        ll = m.per_class_log_loss.get(label)
+        lines.append(
+            f"  {label:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['f1']:6.4f}  "
+            f"{c['support']:7d}  {'' if ll is None else format(ll, '.4f')}"
+        )
+    lines += ["", "  confusion matrix (rows: true label, columns: predicted)"]
+    cell = max(5, *(len(lbl) for lbl in m.labels))
+    lines.append("  " + " " * width + "  " + " ".join(f"{lbl[:cell]:>{cell}}" for lbl in m.labels))
+    for label, row in zip(m.labels, m.confusion_matrix):
+        lines.append(f"  {label:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""A trained classifier and its one-file format.
+
+The file is a safetensors file (tensors only, never pickle, so loading an
+untrusted model cannot run code). The backbone's tensors are stored under
+``backbone.``, the head's under ``head.``, and everything else a user needs
+(labels, architecture, preprocessing, training options, metrics, library
+versions) is JSON in the safetensors metadata under ``imgclf``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.errors import ModelFileError
+from imgclf.imaging import Preprocessing
+from imgclf.predictor import Predictor
+
+FORMAT_NAME = "imgclf"
+FORMAT_VERSION = 1
+DEFAULT_MODEL_PATH = "imageClassifier.imgclf"
+_REQUIRED = ("labels", "arch", "timm_name", "preprocessing", "num_features")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that made a model, recorded in its file for reproducibility."""
+    import platform
+
+    from imgclf import __version__
+
+    versions = {"imgclf": __version__, "python": platform.python_version()}
+    for mod in ("torch", "timm", "numpy", "PIL"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    return versions
+
+
+class ImageClassifier(Predictor):
+    """A pretrained backbone plus a trained linear head, ready to predict.
+
+    Attributes ending in ``_`` were learned or measured in training.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        head,
+        labels: list[str],
+        *,
+        arch: str,
+        timm_name: str,
+        preprocessing: Preprocessing,
+        info: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ):
+        import torch
+
+        self.backbone = backbone.eval().to(device).to(memory_format=torch.channels_last)
+        self.head = head.eval().to(device)
+        self.labels = list(labels)
+        self.classes_ = self.labels
+        self.arch = arch
+        self.timm_name = timm_name
+        self.preprocessing = preprocessing
+        self.info = dict(info or {})
+        self.device = device
+
+    @property
+    def metrics_(self) -> dict | None:
+        """Held-out metrics measured at training time, if any."""
+        return self.info.get("metrics")
+
+    def network(self):
+        """Backbone, head and softmax as one module (for export)."""
+        import torch
+
+        return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
+
+    def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(arrays)).to(self.device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.softmax(self.head(self.backbone(x)).float(), dim=1).cpu().numpy()
+
+    def to(self, device: str) -> ImageClassifier:
+        """Move to ``device`` ("cpu", "cuda", ...) and return self."""
+        self.backbone.to(device)
+        self.head.to(device)
+        self.device = device
+        return self
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "labels": self.labels,
+            "arch": self.arch,
+            "timm_name": self.timm_name,
+            "num_features": int(self.head.in_features),
+            "preprocessing": self.preprocessing.to_dict(),
+            **self.info,
+        }
+
+    def save(self, path: str | Path = DEFAULT_MODEL_PATH) -> Path:
+        """Write the model to one file, atomically: a crash never leaves a
+        half-written file under ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a folder; give a file name such as {path / DEFAULT_MODEL_PATH}")
+        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        metadata = {FORMAT_NAME: json.dumps(self.config())}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot write model here ({e.strerror or e})") from None
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot write model ({e.strerror or e})") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def export_onnx(self, path: str | Path, **options) -> Path:
+        """Export the whole network to ONNX (see :func:`imgclf.export.export_onnx`)."""
+        from imgclf.export import export_onnx
+
+        return export_onnx(self, path, **options)
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The metadata of a model file, checked; raises :class:`ModelFileError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ModelFileError(f"{path}: not a readable imgclf model file ({type(e).__name__}: {e})") from None
+    if FORMAT_NAME not in meta:
+        raise ModelFileError(f"{path}: safetensors file without imgclf metadata; it was not saved by imgclf")
+    try:
+        config = json.loads(meta[FORMAT_NAME])
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: imgclf metadata is not valid JSON; the file is corrupt") from None
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise ModelFileError(f"{path}: model file is incomplete, missing {', '.join(missing)}")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: made by a newer imgclf (format {config['format_version']}); upgrade imgclf")
+    return config
+
+
+def load_model(path: str | Path, device: str = "cpu") -> ImageClassifier:
+    """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete."""
+    import torch
+    from safetensors.torch import load_file
+
+    from imgclf.archs import create_network
+    from imgclf.device import resolve_device
+
+    path = Path(path)
+    config = read_model_config(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ModelFileError(f"{path}: model tensors are unreadable ({type(e).__name__}: {e})") from None
+    backbone = create_network(config["timm_name"], num_classes=0)
+    head = torch.nn.Linear(int(config["num_features"]), len(config["labels"]))
+    for prefix, module in (("backbone.", backbone), ("head.", head)):
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ModelFileError(f"{path}: model weights are incomplete or do not match ({first})") from None
+    info = {k: v for k, v in config.items() if k not in (*_REQUIRED, "format", "format_version")}
+    return ImageClassifier(
+        backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
+        preprocessing=Preprocessing.from_dict(config["preprocessing"]), info=info, device=resolve_device(device),
+    )  # fmt: skip

@@ -1,0 +1,305 @@
+"""Training: ML.NET's ImageClassificationTrainer, done well.
+
+The pretrained backbone stays frozen. Its pooled features are computed once
+per image (and cached, ``imgclf.features``), then a softmax head is trained on
+them with mini-batch SGD, a learning-rate schedule and optional early stopping
+that keeps the best epoch's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.archs import DEFAULT_ARCH, create_backbone, get_architecture, preprocessing_for
+from imgclf.data import ImageData, check_labels, train_test_split
+from imgclf.errors import DataError, OptionError
+from imgclf.features import ExtractionResult, FeatureExtractor, default_workspace
+from imgclf.metrics import compute_metrics
+from imgclf.model import ImageClassifier, library_versions
+
+LR_SCHEDULES = ("exponential", "polynomial", "constant")
+
+
+@dataclass
+class EpochMetrics:
+    """What the metrics callback receives after every epoch."""
+
+    epoch: int
+    learning_rate: float
+    train_accuracy: float
+    train_loss: float
+    validation_accuracy: float | None = None
+    validation_loss: float | None = None
+
+    def __str__(self) -> str:
+        text = (f"epoch {self.epoch:3d}  lr {self.learning_rate:.5f}  "
+                f"train acc {self.train_accuracy:.4f} loss {self.train_loss:.4f}")  # fmt: skip
+        if self.validation_accuracy is not None:
+            text += f"  val acc {self.validation_accuracy:.4f} loss {self.validation_loss:.4f}"
+        return text
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    Watches validation metrics when there is a validation set, else training
+    metrics. The best epoch's weights are restored at the end.
+    """
+
+    metric: str = "accuracy"  # or "loss"
+    min_delta: float = 0.0
+    patience: int = 10
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("accuracy", "loss"):
+            raise OptionError(f"early stopping metric must be 'accuracy' or 'loss', got '{self.metric}'")
+        if self.patience < 1:
+            raise OptionError(f"early stopping patience must be at least 1, got {self.patience}")
+
+
+def learning_rate_at(
+    epoch: int,
+    base: float,
+    schedule: str,
+    epochs: int,
+    decay_rate: float,
+    decay_epochs: int,
+    end_lr: float,
+    power: float,
+) -> float:
+    """The learning rate for (0-based) ``epoch`` under ``schedule``."""
+    if schedule == "exponential":  # ML.NET's ExponentialLRDecay (staircase)
+        return base * decay_rate ** (epoch // decay_epochs)
+    if schedule == "polynomial":  # ML.NET's PolynomialLRDecay
+        frac = min(epoch, epochs) / max(1, epochs)
+        return (base - end_lr) * (1 - frac) ** power + end_lr
+    return base
+
+
+class ImageClassificationTrainer:
+    """Retrains a pretrained ImageNet network on your labelled images.
+
+    Options are stored as given; they are checked when :meth:`fit` runs.
+    ``fit`` returns an :class:`ImageClassifier` that answers ``predict``,
+    ``predict_batch``, ``evaluate`` and ``save``.
+    """
+
+    def __init__(
+        self,
+        arch: str = DEFAULT_ARCH,
+        *,
+        epochs: int = 50,
+        batch_size: int = 10,
+        learning_rate: float = 0.01,
+        lr_schedule: str = "exponential",
+        decay_rate: float = 0.94,
+        decay_epochs: int = 2,
+        end_learning_rate: float = 1e-4,
+        power: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        early_stopping: EarlyStopping | None = None,
+        validation_fraction: float | None = None,
+        metrics_callback: Callable[[EpochMetrics], None] | None = None,
+        seed: int = 1,
+        weights: str | Path | None = None,
+        device: str = "auto",
+        workspace: str | Path | None = None,
+        use_cache: bool = True,
+        extraction_batch_size: int = 32,
+        workers: int | None = None,
+        progress: bool = True,
+    ):
+        self.arch = arch
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
+        self.decay_rate = decay_rate
+        self.decay_epochs = decay_epochs
+        self.end_learning_rate = end_learning_rate
+        self.power = power
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.metrics_callback = metrics_callback
+        self.seed = seed
+        self.weights = weights
+        self.device = device
+        self.workspace = workspace
+        self.use_cache = use_cache
+        self.extraction_batch_size = extraction_batch_size
+        self.workers = workers
+        self.progress = progress
+
+    def _check_options(self) -> None:
+        def positive(name: str, integer: bool) -> None:
+            value = getattr(self, name)
+            if (integer and not isinstance(value, int)) or not value > 0:
+                raise OptionError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+        for name in ("epochs", "batch_size", "decay_epochs", "extraction_batch_size"):
+            positive(name, True)
+        for name in ("learning_rate", "decay_rate"):
+            positive(name, False)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise OptionError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            raise OptionError(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
+        if not 0 <= self.momentum < 1:
+            raise OptionError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise OptionError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def fit(self, images: Sequence[ImageData], validation_set: Sequence[ImageData] | None = None) -> ImageClassifier:
+        """Train on labelled ``images``; returns the trained classifier.
+
+        Unreadable images are skipped with a warning (listed in
+        ``model.info["skipped"]``); a label left without any usable image is
+        an error. ``validation_set`` (or ``validation_fraction``) drives early
+        stopping and the per-epoch validation metrics.
+        """
+        import torch
+
+        from imgclf.device import resolve_device
+
+        self._check_options()
+        labels = check_labels(images)
+        if validation_set is None and self.validation_fraction:
+            images, validation_set = train_test_split(images, self.validation_fraction, self.seed)
+        if validation_set is not None:
+            unknown = sorted({im.label for im in validation_set} - set(labels))
+            if unknown:
+                raise DataError(f"validation set has labels not in the training set: {', '.join(map(str, unknown))}")
+
+        device = resolve_device(self.device)
+        arch = get_architecture(self.arch)
+        backbone, weights_source = create_backbone(arch, self.weights)
+        backbone = backbone.to(device).to(memory_format=torch.channels_last)
+        workspace = (self.workspace or default_workspace()) if self.use_cache else None
+        extractor = FeatureExtractor(
+            backbone, preprocessing_for(arch), f"{arch.name}|{arch.timm_name}|{weights_source}",
+            device=device, batch_size=self.extraction_batch_size, workers=self.workers,
+            workspace=workspace, progress=self.progress,
+        )  # fmt: skip
+
+        train = extractor.transform(images)
+        skipped = list(train.failures)
+        x_train, y_train = self._xy(train, images, labels)
+        empty = [lbl for i, lbl in enumerate(labels) if not (y_train == i).any()]
+        if empty:
+            raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
+        x_val = y_val = None
+        if validation_set is not None and len(validation_set):
+            val = extractor.transform(validation_set)
+            skipped += val.failures
+            if len(val.kept):
+                x_val, y_val = self._xy(val, validation_set, labels)
+        for name, reason in skipped:
+            warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=2)
+
+        head, history, best_epoch = self._train_head(x_train, y_train, x_val, y_val, len(labels), device)
+        info = {
+            "weights_source": weights_source,
+            "training": {**self.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
+                         "train_images": int(len(y_train)),
+                         "validation_images": 0 if y_val is None else int(len(y_val))},
+            "history": [asdict(h) for h in history],
+            "skipped": [{"file": n, "reason": r} for n, r in skipped],
+            "extraction": {"extracted": train.extracted, "cached": train.cached},
+            "versions": library_versions(),
+        }  # fmt: skip
+        return ImageClassifier(
+            backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
+            preprocessing=preprocessing_for(arch), info=info, device=device,
+        )  # fmt: skip
+
+    def get_params(self) -> dict:
+        """The options, JSON-friendly (recorded in the model file)."""
+        params = {k: v for k, v in vars(self).items() if k not in ("metrics_callback", "progress", "workers")}
+        params["early_stopping"] = asdict(self.early_stopping) if self.early_stopping else None
+        for key in ("weights", "workspace"):
+            params[key] = None if params[key] is None else str(params[key])
+        return params
+
+    @staticmethod
+    def _xy(result: ExtractionResult, images: Sequence[ImageData], labels: list[str]):
+        y = np.array([labels.index(images[i].label) for i in result.kept], dtype=np.int64)
+        return result.features, y
+
+    def _train_head(self, x_train, y_train, x_val, y_val, n_classes: int, device: str):
+        import torch
+        import torch.nn.functional as F
+
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        xt = torch.from_numpy(x_train).to(device)
+        yt = torch.from_numpy(y_train).to(device)
+        xv = None if x_val is None else torch.from_numpy(x_val).to(device)
+        yv = None if y_val is None else torch.from_numpy(y_val).to(device)
+        head = torch.nn.Linear(xt.shape[1], n_classes).to(device)
+        torch.nn.init.zeros_(head.weight)  # softmax regression: zero start is optimal-agnostic and deterministic
+        torch.nn.init.zeros_(head.bias)
+        optimizer = torch.optim.SGD(head.parameters(), lr=self.learning_rate, momentum=self.momentum,
+                                    nesterov=self.momentum > 0, weight_decay=self.weight_decay)  # fmt: skip
+        stop = self.early_stopping
+        best_score, best_epoch, best_state, waited = -math.inf, 0, None, 0
+        history: list[EpochMetrics] = []
+
+        def measure(x, y):
+            with torch.no_grad():
+                logits = head(x)
+                return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+        for epoch in range(self.epochs):
+            lr = learning_rate_at(epoch, self.learning_rate, self.lr_schedule, self.epochs, self.decay_rate,
+                                  self.decay_epochs, self.end_learning_rate, self.power)  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            head.train()
+            order = torch.randperm(len(yt), generator=generator).to(device)
+            for start in range(0, len(yt), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                loss = F.cross_entropy(head(xt[idx]), yt[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            head.eval()
+            m = EpochMetrics(epoch + 1, lr, *measure(xt, yt))
+            if xv is not None:
+                m.validation_accuracy, m.validation_loss = measure(xv, yv)
+            history.append(m)
+            if self.metrics_callback is not None:
+                self.metrics_callback(m)
+            if stop is not None:
+                acc, loss_value = (
+                    (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
+                )
+                score = acc if stop.metric == "accuracy" else -loss_value
+                if score > best_score + stop.min_delta:
+                    best_score, best_epoch, best_state, waited = score, epoch + 1, copy.deepcopy(head.state_dict()), 0
+                else:
+                    waited += 1
+                    if waited >= stop.patience:
+                        break
+        if best_state is not None:
+            head.load_state_dict(best_state)
+        return head.eval(), history, best_epoch or len(history)
+
+
+def evaluate_features(model: ImageClassifier, features: np.ndarray, targets: np.ndarray):
+    """Metrics from precomputed features (used by cross-validation benchmarks)."""
+    import torch
+
+    with torch.no_grad():
+        probs = torch.softmax(model.head(torch.from_numpy(features).to(model.device)), 1).cpu().numpy()
+    return compute_metrics(probs, targets, model.labels)
