@@ -11,7 +11,6 @@ import io
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -24,10 +23,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: 12 MP phone photo). Guards servers against decompression bombs.
 MAX_PIXELS = 150_000_000
 
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns at this size; we turn its warning into an error
+
 #: Formats we accept; anything else Pillow might open is refused.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
 
-ImageSource = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
+ImageSource = bytes | bytearray | memoryview | str | Path | Image.Image
 
 _RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -106,7 +107,7 @@ def open_image(source: ImageSource, name: str = "<image>", *, draft_size: int | 
             width, height = img.size
             if width * height > MAX_PIXELS:
                 raise ImageTooLargeError(
-                    f"{name}: image is {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed"
+                    f"{name}: image is {width}x{height}, more pixels than the {MAX_PIXELS:,} allowed"
                 )
             if draft_size and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (draft_size, draft_size))
@@ -117,7 +118,7 @@ def open_image(source: ImageSource, name: str = "<image>", *, draft_size: int | 
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image Pillow can read (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLargeError(f"{name}: image has too many pixels (decompression bomb guard)") from None
+        raise ImageTooLargeError(f"{name}: image has more pixels than the {MAX_PIXELS:,} allowed (decompression-bomb guard)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"{name}: image data is corrupt or truncated ({e})") from None
     return _to_rgb(img)

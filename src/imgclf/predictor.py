@@ -107,7 +107,7 @@ class Predictor:
         if unlabeled:
             raise DataError(f"{unlabeled[0]}: evaluation image has no label")
         probs, targets = [], []
-        for im, (name, outcome) in zip(images, self.iter_predictions((im.source, im.name) for im in images)):
+        for im, (_, outcome) in zip(images, self.iter_predictions((im.source, im.name) for im in images)):
             if isinstance(outcome, ImageDecodeError):
                 warnings.warn(f"skipped {outcome}", stacklevel=2)
                 continue

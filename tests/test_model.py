@@ -1,0 +1,105 @@
+"""The model file: round trip, atomic save, and clear errors for bad files."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from imgclf import ModelFileError, load_model  # noqa: E402
+from imgclf.model import read_model_config  # noqa: E402
+
+from .conftest import FLOWERS, PREDICT  # noqa: E402
+
+IMAGES = sorted(PREDICT.glob("*.*g"))
+
+
+def test_round_trip_gives_identical_scores(small_model, tmp_path):
+    path = small_model.save(tmp_path / "m.imgclf")
+    loaded = load_model(path)
+    assert loaded.labels == small_model.labels == ["daisy", "dandelion", "tulips"]
+    before = [p.scores for p in small_model.predict_batch(IMAGES)]
+    after = [p.scores for p in loaded.predict_batch(IMAGES)]
+    for a, b in zip(before, after):
+        assert a == b
+    config = read_model_config(path)
+    assert config["arch"] == "efficientnet_lite0" and config["versions"]["torch"]
+    assert config["training"]["epochs"] == 15
+
+
+def test_predict_accepts_bytes_path_and_pil(small_model):
+    from PIL import Image
+
+    f = PREDICT / "classic-daisy.jpg"
+    by_path = small_model.predict(f)
+    assert by_path.label == "daisy" and 0 < by_path.probability <= 1
+    assert abs(sum(by_path.scores.values()) - 1) < 1e-5
+    assert small_model.predict(f.read_bytes()).scores == pytest.approx(by_path.scores, abs=1e-6)
+    assert small_model.predict(Image.open(f)).label == "daisy"
+
+
+def test_evaluate_on_labelled_images(small_model):
+    from imgclf import load_images_from_directory
+
+    images = [im for im in load_images_from_directory(FLOWERS) if im.label in small_model.labels][::4]
+    metrics = small_model.evaluate(images)
+    assert metrics.count == len(images) and metrics.micro_accuracy > 0.6
+
+
+def test_interrupted_save_leaves_no_file(small_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def boom(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    target = tmp_path / "m.imgclf"
+    with pytest.raises(ModelFileError, match="disk full"):
+        small_model.save(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_model_survives_failed_overwrite(small_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    target = small_model.save(tmp_path / "m.imgclf")
+    good = target.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(ModelFileError):
+        small_model.save(target)
+    assert target.read_bytes() == good
+
+
+def test_bad_model_files(small_model, tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "missing.imgclf")
+    garbage = tmp_path / "garbage.imgclf"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelFileError, match="not a readable imgclf model"):
+        load_model(garbage)
+    good = small_model.save(tmp_path / "good.imgclf").read_bytes()
+    truncated = tmp_path / "truncated.imgclf"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelFileError, match=r"truncated\.imgclf"):
+        load_model(truncated)
+
+
+def test_incomplete_model_file_names_what_is_missing(small_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = small_model.save(tmp_path / "m.imgclf")
+    tensors = load_file(str(path))
+    config = read_model_config(path)
+    del config["labels"]
+    save_file(tensors, str(tmp_path / "nolabels.imgclf"), metadata={"imgclf": json.dumps(config)})
+    with pytest.raises(ModelFileError, match="missing labels"):
+        load_model(tmp_path / "nolabels.imgclf")
+    config = read_model_config(path)
+    del tensors["head.weight"]
+    save_file(tensors, str(tmp_path / "nohead.imgclf"), metadata={"imgclf": json.dumps(config)})
+    with pytest.raises(ModelFileError, match="incomplete"):
+        load_model(tmp_path / "nohead.imgclf")
+    save_file(tensors, str(tmp_path / "plain.imgclf"))
+    with pytest.raises(ModelFileError, match="without imgclf metadata"):
+        load_model(tmp_path / "plain.imgclf")
