@@ -29,7 +29,9 @@ def test_folder_labels_sorted_and_any_depth(tmp_path):
 def test_split_is_stratified_and_deterministic():
     images = load_images_from_directory(FLOWERS)
     train, test = train_test_split(images, test_fraction=0.2, seed=7)
-    assert Counter(im.label for im in test) == {lbl: 8 for lbl in ["daisy", "dandelion", "roses", "sunflowers", "tulips"]}
+    assert Counter(im.label for im in test) == {
+        lbl: 8 for lbl in ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    }
     assert len(train) == 160 and not {im.name for im in train} & {im.name for im in test}
     again_train, again_test = train_test_split(list(reversed(images)), test_fraction=0.2, seed=7)
     assert [im.name for im in again_test] == [im.name for im in test]
@@ -43,7 +45,9 @@ def test_folds_cover_every_image_once():
     folds = stratified_folds(images, k=5, seed=1)
     tested = [im.name for _, test in folds for im in test]
     assert sorted(tested) == sorted(im.name for im in images)
-    assert all(Counter(im.label for im in test) == {lbl: 8 for lbl in Counter(i.label for i in images)} for _, test in folds)
+    assert all(
+        Counter(im.label for im in test) == {lbl: 8 for lbl in Counter(i.label for i in images)} for _, test in folds
+    )
 
 
 def test_missing_folder_and_too_few_labels(tmp_path):
@@ -68,7 +72,7 @@ def test_every_mode_becomes_rgb():
         "P": _encode(photo.convert("P"), "GIF"),
         "RGBA": _encode(photo.convert("RGBA"), "PNG"),
         "CMYK": _encode(photo.convert("CMYK"), "JPEG"),
-        "I;16": _encode(Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257)), "PNG"),
+        "I;16": _encode(Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257), "PNG"),
         "BMP": _encode(photo, "BMP"),
         "WEBP": _encode(photo, "WEBP"),
         "TIFF": _encode(photo, "TIFF"),

@@ -118,7 +118,9 @@ def open_image(source: ImageSource, name: str = "<image>", *, draft_size: int | 
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image Pillow can read (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLargeError(f"{name}: image has more pixels than the {MAX_PIXELS:,} allowed (decompression-bomb guard)") from None
+        raise ImageTooLargeError(
+            f"{name}: image has more pixels than the {MAX_PIXELS:,} allowed (decompression-bomb guard)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"{name}: image data is corrupt or truncated ({e})") from None
     return _to_rgb(img)
