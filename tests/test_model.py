@@ -16,12 +16,15 @@ IMAGES = sorted(PREDICT.glob("*.*g"))
 
 def test_round_trip_gives_identical_scores(small_model, tmp_path):
     path = small_model.save(tmp_path / "m.imgclf")
-    loaded = load_model(path)
+    assert small_model.features_engine.name == "onnxruntime"  # the engine training used
+    loaded = load_model(path, engine="onnxruntime")
     assert loaded.labels == small_model.labels == ["daisy", "dandelion", "tulips"]
     before = [p.scores for p in small_model.predict_batch(IMAGES)]
     after = [p.scores for p in loaded.predict_batch(IMAGES)]
-    for a, b in zip(before, after):
-        assert a == b
+    assert before == after
+    eager_a = load_model(path, engine="torch").predict_batch(IMAGES)
+    eager_b = load_model(path, engine="torch").predict_batch(IMAGES)
+    assert [p.scores for p in eager_a] == [p.scores for p in eager_b]
     config = read_model_config(path)
     assert config["arch"] == "efficientnet_lite0" and config["versions"]["torch"]
     assert config["training"]["epochs"] == 15

@@ -25,6 +25,7 @@ EPILOG = """examples:
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
+  imgclf export pets.imgclf --out pets.onnx     portable model for other runtimes
 """
 
 
@@ -140,6 +141,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgclf.model import load_model
+
+    if args.format != "onnx":
+        raise ImgclfError(f"unknown export format '{args.format}'; use onnx")
+    model = load_model(args.model)
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    started = time.perf_counter()
+    model.export_onnx(out, quantize=args.quantize)
+    size = out.stat().st_size / 1e6
+    print(f"Exported {args.model} to {out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 def cmd_archs(args: argparse.Namespace) -> int:
     from imgclf.archs import ARCHITECTURES, preprocessing_for, weights_source
 
@@ -222,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a model to ONNX for other languages and runtimes")
+    p.add_argument("model", help="model file (.imgclf)")
+    p.add_argument("--format", default="onnx", help="export format (default: %(default)s)")
+    p.add_argument("--out", help="output file (default: MODEL with .onnx suffix)")
+    p.add_argument("--quantize", choices=["int8"], help="write int8 weights (smaller; check accuracy first)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("archs", help="list architectures and whether their weights are here")
     p.add_argument("--json", action="store_true")

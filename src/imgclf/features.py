@@ -78,23 +78,21 @@ class ExtractionResult:
 
 
 class FeatureExtractor:
-    """Runs a backbone (``torch.nn.Module`` giving pooled features) over images."""
+    """Runs an engine (preprocessed batch -> pooled features) over images."""
 
     def __init__(
         self,
-        backbone,
+        engine,
         preprocessing: Preprocessing,
         cache_key: str,
         *,
-        device: str = "cpu",
         batch_size: int = 32,
         workers: int | None = None,
         workspace: str | Path | None = None,
         progress: bool = True,
     ):
-        self.backbone = backbone
+        self.engine = engine
         self.preprocessing = preprocessing
-        self.device = device
         self.batch_size = batch_size
         self.workers = workers
         self.progress = progress
@@ -117,14 +115,6 @@ class FeatureExtractor:
         except ImageDecodeError as e:
             return digest, None, e
 
-    def embed_arrays(self, arrays: np.ndarray) -> np.ndarray:
-        """Network pass over a batch of preprocessed images (N, 3, H, W)."""
-        import torch
-
-        with torch.inference_mode():
-            x = torch.from_numpy(arrays).to(self.device).contiguous(memory_format=torch.channels_last)
-            return self.backbone(x).float().cpu().numpy()
-
     def transform(self, images: Sequence[ImageData]) -> ExtractionResult:
         """Features for every readable image; unreadable ones are listed, not fatal."""
         from tqdm.auto import tqdm
@@ -132,7 +122,7 @@ class FeatureExtractor:
         rows: list[np.ndarray | None] = [None] * len(images)
         failures: list[tuple[str, str]] = []
         extracted = cached = 0
-        bar = tqdm(total=len(images), unit="img", desc="features", disable=not self.progress,
+        bar = tqdm(total=len(images), unit="img", desc="features", disable=None if self.progress else True,
                    file=sys.stderr, leave=False, dynamic_ncols=True)  # fmt: skip
         prepared = ordered_map(self._prepare, images, self.workers, prefetch=2 * self.batch_size)
         for chunk in batched(enumerate(prepared), self.batch_size):
@@ -146,7 +136,7 @@ class FeatureExtractor:
                 else:
                     todo.append((i, digest, value))
             if todo:
-                vectors = self.embed_arrays(np.stack([v for _, _, v in todo]))
+                vectors = self.engine(np.stack([v for _, _, v in todo]))
                 for (i, digest, _), vec in zip(todo, vectors):
                     rows[i] = vec
                     if self.cache is not None:

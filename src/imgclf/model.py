@@ -59,11 +59,13 @@ class ImageClassifier(Predictor):
         preprocessing: Preprocessing,
         info: dict[str, Any] | None = None,
         device: str = "cpu",
+        engine: str = "auto",
     ):
-        import torch
-
-        self.backbone = backbone.eval().to(device).to(memory_format=torch.channels_last)
+        self.backbone = backbone.eval().to(device)
         self.head = head.eval().to(device)
+        self.engine = engine
+        self.features_engine = None  # built on first use, see _engine_for
+        self._eager = None
         self.labels = list(labels)
         self.classes_ = self.labels
         self.arch = arch
@@ -83,19 +85,33 @@ class ImageClassifier(Predictor):
 
         return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
 
-    def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
-        import torch
+    def _engine_for(self, batch: int):
+        """The backbone engine: a quick eager one for a few images; the fastest
+        one (``imgclf.engine``), built once, as soon as batches are worth it."""
+        from imgclf.engine import TorchEngine, create_engine
 
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(arrays)).to(self.device)
-            x = x.contiguous(memory_format=torch.channels_last)
-            return torch.softmax(self.head(self.backbone(x)).float(), dim=1).cpu().numpy()
+        if self.features_engine is None and (batch >= 8 or self.engine != "auto"):
+            self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, self.engine)
+        if self.features_engine is not None:
+            return self.features_engine
+        if self._eager is None:
+            self._eager = TorchEngine(self.backbone, self.device)
+        return self._eager
+
+    def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
+        features = self._engine_for(len(arrays))(arrays)
+        weight = self.head.weight.detach().float().cpu().numpy()
+        logits = features @ weight.T + self.head.bias.detach().float().cpu().numpy()
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
 
     def to(self, device: str) -> ImageClassifier:
         """Move to ``device`` ("cpu", "cuda", ...) and return self."""
         self.backbone.to(device)
         self.head.to(device)
         self.device = device
+        self.features_engine = self._eager = None
         return self
 
     def config(self) -> dict[str, Any]:
@@ -170,8 +186,11 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_model(path: str | Path, device: str = "cpu") -> ImageClassifier:
-    """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete."""
+def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> ImageClassifier:
+    """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete.
+
+    ``engine``: "auto" (fastest available), "torch" or "onnxruntime" (see ``imgclf.engine``).
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -197,4 +216,5 @@ def load_model(path: str | Path, device: str = "cpu") -> ImageClassifier:
     return ImageClassifier(
         backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
         preprocessing=Preprocessing.from_dict(config["preprocessing"]), info=info, device=resolve_device(device),
+        engine=engine,
     )  # fmt: skip

@@ -19,6 +19,7 @@ import numpy as np
 
 from imgclf.archs import DEFAULT_ARCH, create_backbone, get_architecture, preprocessing_for
 from imgclf.data import ImageData, check_labels, train_test_split
+from imgclf.engine import create_engine
 from imgclf.errors import DataError, OptionError
 from imgclf.features import ExtractionResult, FeatureExtractor, default_workspace
 from imgclf.metrics import compute_metrics
@@ -112,6 +113,7 @@ class ImageClassificationTrainer:
         seed: int = 1,
         weights: str | Path | None = None,
         device: str = "auto",
+        engine: str = "auto",
         workspace: str | Path | None = None,
         use_cache: bool = True,
         extraction_batch_size: int = 32,
@@ -135,6 +137,7 @@ class ImageClassificationTrainer:
         self.seed = seed
         self.weights = weights
         self.device = device
+        self.engine = engine
         self.workspace = workspace
         self.use_cache = use_cache
         self.extraction_batch_size = extraction_batch_size
@@ -168,8 +171,6 @@ class ImageClassificationTrainer:
         an error. ``validation_set`` (or ``validation_fraction``) drives early
         stopping and the per-epoch validation metrics.
         """
-        import torch
-
         from imgclf.device import resolve_device
 
         self._check_options()
@@ -184,12 +185,13 @@ class ImageClassificationTrainer:
         device = resolve_device(self.device)
         arch = get_architecture(self.arch)
         backbone, weights_source = create_backbone(arch, self.weights)
-        backbone = backbone.to(device).to(memory_format=torch.channels_last)
+        preprocessing = preprocessing_for(arch)
+        backbone = backbone.to(device)
+        engine = create_engine(backbone, preprocessing.input_size, device, self.engine)
         workspace = (self.workspace or default_workspace()) if self.use_cache else None
         extractor = FeatureExtractor(
-            backbone, preprocessing_for(arch), f"{arch.name}|{arch.timm_name}|{weights_source}",
-            device=device, batch_size=self.extraction_batch_size, workers=self.workers,
-            workspace=workspace, progress=self.progress,
+            engine, preprocessing, f"{arch.name}|{arch.timm_name}|{weights_source}",
+            batch_size=self.extraction_batch_size, workers=self.workers, workspace=workspace, progress=self.progress,
         )  # fmt: skip
 
         train = extractor.transform(images)
@@ -215,13 +217,15 @@ class ImageClassificationTrainer:
                          "validation_images": 0 if y_val is None else int(len(y_val))},
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
-            "extraction": {"extracted": train.extracted, "cached": train.cached},
+            "extraction": {"extracted": train.extracted, "cached": train.cached, "engine": engine.name},
             "versions": library_versions(),
         }  # fmt: skip
-        return ImageClassifier(
+        model = ImageClassifier(
             backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
-            preprocessing=preprocessing_for(arch), info=info, device=device,
+            preprocessing=preprocessing, info=info, device=device, engine=self.engine,
         )  # fmt: skip
+        model.features_engine = engine  # reuse the engine that was just built
+        return model
 
     def get_params(self) -> dict:
         """The options, JSON-friendly (recorded in the model file)."""

@@ -1,0 +1,100 @@
+"""Torch-free prediction from an exported ONNX model.
+
+Needs only onnxruntime, numpy and Pillow (``pip install 'imgclf[runtime]'``):
+importing this module never imports torch. The ONNX file carries its labels
+and preprocessing in its metadata, so the file alone is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.errors import MissingDependencyError, ModelFileError
+from imgclf.imaging import Preprocessing
+from imgclf.predictor import Predictor
+
+METADATA_KEY = "imgclf"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("ONNX prediction needs onnxruntime: pip install 'imgclf[runtime]'") from None
+    return onnxruntime
+
+
+class OnnxSession:
+    """An ONNX Runtime session on the CPU: float32 batch in, first output out."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: bytes | str | Path, threads: int | None = None):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, arrays: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(arrays, dtype=np.float32)})[0]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+
+class OnnxClassifier(Predictor):
+    """An exported imgclf model run by ONNX Runtime; same API as ImageClassifier."""
+
+    def __init__(self, session: OnnxSession, config: dict[str, Any], path: str = "<memory>"):
+        self.session = session
+        self.config = config
+        self.path = path
+        self.labels = list(config["labels"])
+        self.classes_ = self.labels
+        self.arch = config.get("arch", "unknown")
+        self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
+        self.info = {k: v for k, v in config.items() if k not in ("labels", "preprocessing")}
+
+    @property
+    def metrics_(self) -> dict | None:
+        return self.config.get("metrics")
+
+    def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
+        return self.session(arrays)
+
+
+def load_onnx_model(path: str | Path) -> OnnxClassifier:
+    """Load an ONNX file exported by imgclf; checks it carries imgclf metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: ONNX model file not found")
+    ort = _ort()
+    try:
+        session = OnnxSession(path)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, RuntimeError) as e:  # fmt: skip
+        first = str(e).strip().splitlines()[0][:200]
+        raise ModelFileError(f"{path}: not a readable ONNX model ({first})") from None
+    raw = session.metadata().get(METADATA_KEY)
+    if raw is None:
+        raise ModelFileError(f"{path}: ONNX file has no imgclf metadata (labels, preprocessing); export it with "
+                             "'imgclf export'")  # fmt: skip
+    try:
+        config = json.loads(raw)
+        Preprocessing.from_dict(config["preprocessing"])
+        labels = config["labels"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ModelFileError(f"{path}: imgclf metadata in the ONNX file is incomplete or corrupt") from None
+    outputs = session.session.get_outputs()[0].shape
+    if isinstance(outputs[-1], int) and outputs[-1] != len(labels):
+        raise ModelFileError(f"{path}: ONNX output has {outputs[-1]} classes but metadata names {len(labels)}")
+    return OnnxClassifier(session, config, str(path))

@@ -1,0 +1,106 @@
+"""ONNX export, parity with PyTorch, and the torch-free runtime."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from imgclf import ModelFileError  # noqa: E402
+from imgclf.cli import main  # noqa: E402
+from imgclf.runtime import load_onnx_model  # noqa: E402
+
+from .conftest import FLOWERS, PREDICT  # noqa: E402
+
+IMAGES = sorted(PREDICT.glob("*g")) + [
+    sorted((FLOWERS / lbl).glob("*.jpg"))[1] for lbl in ("daisy", "dandelion", "tulips")
+]
+
+
+@pytest.fixture(scope="module")
+def exported(small_model, tmp_path_factory):
+    model_path = small_model.save(tmp_path_factory.mktemp("exp") / "small.imgclf")
+    onnx_path = model_path.with_suffix(".onnx")
+    assert main(["export", str(model_path), "--out", str(onnx_path)]) == 0
+    return model_path, onnx_path
+
+
+def test_parity_with_pytorch(small_model, exported):
+    import torch
+
+    from imgclf.imaging import load_array
+
+    onnx_model = load_onnx_model(exported[1])
+    assert onnx_model.labels == small_model.labels
+    x = np.stack([load_array(f, small_model.preprocessing) for f in IMAGES])
+    with torch.inference_mode():
+        torch_probs = small_model.network().eval()(torch.from_numpy(x)).numpy()
+    ort_probs = onnx_model.predict_proba_arrays(x)
+    assert np.abs(ort_probs - torch_probs).max() < 1e-4
+    assert (ort_probs.argmax(1) == torch_probs.argmax(1)).all()
+
+
+def test_onnx_metadata_is_enough(exported):
+    import onnx
+
+    graph = onnx.load(str(exported[1]))
+    meta = json.loads({p.key: p.value for p in graph.metadata_props}["imgclf"])
+    assert meta["labels"] == ["daisy", "dandelion", "tulips"]
+    assert meta["preprocessing"]["input_size"] == 224 and meta["input"]["layout"] == "NCHW"
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_predict_cli_with_onnx_file(exported, capsys):
+    assert main(["predict", str(exported[1]), str(PREDICT / "classic-daisy.jpg"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    assert result["label"] == "daisy"
+
+
+def test_runtime_never_imports_torch(exported):
+    code = (
+        "import sys; from imgclf.runtime import load_onnx_model; import imgclf.cli as c; "
+        f"m = load_onnx_model({str(exported[1])!r}); p = m.predict({str(PREDICT / 'classic-daisy.jpg')!r}); "
+        "assert c.main(['predict', " + repr(str(exported[1])) + ", " + repr(str(PREDICT)) + "]) == 0; "
+        "print(p.label, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "daisy False"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "{tmp}/missing.imgclf", "--out", "{tmp}/x.onnx"], "model file not found"),
+        (["export", "{tmp}/corrupt.imgclf", "--out", "{tmp}/x.onnx"], "not a readable imgclf model"),
+        (["export", "{model}", "--out", "/proc/nope/x.onnx"], "cannot write"),
+        (["predict", "{tmp}/plain.onnx", str(PREDICT)], "no imgclf metadata"),
+        (["predict", "{tmp}/corrupt.onnx", str(PREDICT)], "not a readable ONNX model"),
+    ],
+)
+def test_bad_input(argv, message, exported, tmp_path, capsys):
+    import onnx
+
+    (tmp_path / "corrupt.imgclf").write_bytes(b"garbage")
+    (tmp_path / "corrupt.onnx").write_bytes(b"garbage")
+    plain = onnx.load(str(exported[1]))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(exported[0])) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_int8_quantized_export(small_model, exported, tmp_path):
+    path = small_model.export_onnx(tmp_path / "q.onnx", quantize="int8")
+    q = load_onnx_model(path)
+    assert path.stat().st_size < exported[1].stat().st_size / 2
+    assert q.predict(PREDICT / "classic-daisy.jpg").label == "daisy"
+    with pytest.raises(ModelFileError):
+        load_onnx_model(tmp_path / "nope.onnx")
