@@ -1,0 +1,63 @@
+// Classify an image with an ONNX model exported by `imgclf export`, from Node.js.
+//
+//   npm install --ignore-scripts        (onnxruntime-node's CPU binary ships in the package)
+//   node classify.mjs model.onnx photo.jpg
+//
+// Prints: file <TAB> label <TAB> probability. The labels and preprocessing come
+// from the model file's own metadata (key "imgclf"), so nothing else is needed.
+import { readFileSync } from "node:fs";
+import ort from "onnxruntime-node";
+import sharp from "sharp";
+
+// ModelProto.metadata_props is field 14: entries with key (1) and value (2).
+function readMetadata(bytes) {
+  let pos = 0;
+  const varint = () => {
+    let result = 0n, shift = 0n, b;
+    do { b = bytes[pos++]; result |= BigInt(b & 0x7f) << shift; shift += 7n; } while (b & 0x80);
+    return Number(result);
+  };
+  const entries = {};
+  while (pos < bytes.length) {
+    const tag = varint(), field = tag >> 3, wire = tag & 7;
+    if (wire === 0) { varint(); continue; }
+    if (wire === 1) { pos += 8; continue; }
+    if (wire === 5) { pos += 4; continue; }
+    const len = varint(), end = pos + len;   // wire type 2: length-delimited
+    if (field === 14) {
+      const entry = {}; const save = pos;
+      while (pos < end) { const t = varint(), n = varint(); entry[t >> 3] = bytes.toString("utf8", pos, pos + n); pos += n; }
+      entries[entry[1]] = entry[2]; pos = save;
+    }
+    pos = end;
+  }
+  return entries;
+}
+
+async function toInput(file, prep) {
+  const size = prep.input_size, resizeTo = Math.floor(size / prep.crop_pct);
+  const { width, height } = await sharp(file).rotate().metadata().then((m) =>
+    m.orientation >= 5 ? { width: m.height, height: m.width } : m);
+  const scale = resizeTo / Math.min(width, height);
+  const w = Math.max(resizeTo, Math.floor(width * scale)), h = Math.max(resizeTo, Math.floor(height * scale));
+  const { data } = await sharp(file).rotate().removeAlpha().resize(w, h, { kernel: "cubic" })
+    .extract({ left: Math.round((w - size) / 2), top: Math.round((h - size) / 2), width: size, height: size })
+    .raw().toBuffer({ resolveWithObject: true });
+  const out = new Float32Array(3 * size * size);
+  for (let i = 0; i < size * size; i++)
+    for (let c = 0; c < 3; c++)
+      out[c * size * size + i] = (data[i * 3 + c] / 255 - prep.mean[c]) / prep.std[c];
+  return new ort.Tensor("float32", out, [1, 3, size, size]);
+}
+
+const [modelPath, imagePath] = process.argv.slice(2);
+if (!modelPath || !imagePath) { console.error("usage: node classify.mjs model.onnx image.jpg"); process.exit(2); }
+const meta = readMetadata(readFileSync(modelPath)).imgclf;
+if (!meta) { console.error(`${modelPath}: no imgclf metadata; export it with 'imgclf export'`); process.exit(2); }
+const config = JSON.parse(meta);
+const session = await ort.InferenceSession.create(modelPath);
+const result = await session.run({ [config.input.name]: await toInput(imagePath, config.preprocessing) });
+const probs = result[config.output.name].data;
+let best = 0;
+for (let i = 1; i < probs.length; i++) if (probs[i] > probs[best]) best = i;
+console.log(`${imagePath}\t${config.labels[best]}\t${probs[best].toFixed(4)}`);
