@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from imgclf import ImageClassificationTrainer, load_images_from_directory, sample_data_dir, train_test_split
 

@@ -34,5 +34,5 @@ def test_node_classifies_like_python(node_example, small_model, tmp_path):
         assert out.returncode == 0, out.stderr
         _, node_label, prob = out.stdout.strip().split("\t")
         python = small_model.predict(PREDICT / name)
-        assert node_label == python.label
+        assert node_label == python.label == label
         assert abs(float(prob) - python.probability) < 0.02  # sharp's resize differs slightly from Pillow's
