@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imgclf.errors import ImgclfError, MissingDependencyError
+from imgclf.predictor import load_predictor
 
 _EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
                      "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
@@ -27,21 +28,6 @@ EPILOG = """examples:
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf export pets.imgclf --out pets.onnx     portable model for other runtimes
 """
-
-
-def _is_onnx(path: str | Path) -> bool:
-    return str(path).lower().endswith(".onnx")
-
-
-def _load_predictor(path: str, device: str = "cpu"):
-    """An imgclf model file, or an exported ONNX file (torch-free path)."""
-    if _is_onnx(path):
-        from imgclf.runtime import load_onnx_model
-
-        return load_onnx_model(path)
-    from imgclf.model import load_model
-
-    return load_model(path, device=device)
 
 
 def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
@@ -103,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.data import load_images_from_directory
 
-    model = _load_predictor(args.model, args.device)
+    model = load_predictor(args.model, args.device)
     images = load_images_from_directory(args.folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -118,7 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
-    model = _load_predictor(args.model, args.device)
+    model = load_predictor(args.model, args.device)
     files = find_image_files(args.images)
     if not files:
         raise ImgclfError(f"no images found in {', '.join(args.images)}")
@@ -152,6 +138,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     model.export_onnx(out, quantize=args.quantize)
     size = out.stat().st_size / 1e6
     print(f"Exported {args.model} to {out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from imgclf.serve import create_app
+
+    app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     max_request_bytes=int(args.max_request_mb * 1024 * 1024))  # fmt: skip
+    print(f"Serving {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -244,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: MODEL with .onnx suffix)")
     p.add_argument("--quantize", choices=["int8"], help="write int8 weights (smaller; check accuracy first)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="web page and HTTP API that score uploaded images")
+    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=16, help="most images per network call; 1 turns batching off")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default: %(default)s)")
+    p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("archs", help="list architectures and whether their weights are here")
     p.add_argument("--json", action="store_true")

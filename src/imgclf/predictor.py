@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -116,3 +117,14 @@ class Predictor:
         if not probs:
             raise DataError("no readable images to evaluate on")
         return compute_metrics(np.asarray(probs), targets, self.labels)
+
+
+def load_predictor(path: str | Path, device: str = "cpu") -> Predictor:
+    """An imgclf model file, or an exported ``.onnx`` file (the torch-free path)."""
+    if str(path).lower().endswith(".onnx"):
+        from imgclf.runtime import load_onnx_model
+
+        return load_onnx_model(path)
+    from imgclf.model import load_model
+
+    return load_model(path, device=device)

@@ -1,0 +1,72 @@
+"""Gathering concurrent requests into small batches (ML.NET's PredictionEnginePool).
+
+Requests put preprocessed images on a queue; one worker takes up to
+``max_batch`` of them, waiting at most ``max_wait_ms`` for more, and runs the
+network once for all of them in a thread, so the event loop never blocks.
+``max_batch=1`` turns batching off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from imgclf.predictor import Prediction, Predictor
+
+
+class Batcher:
+    def __init__(self, predictor: Predictor, max_batch: int = 16, max_wait_ms: float = 5.0):
+        self.predictor = predictor
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.inference = ThreadPoolExecutor(1, thread_name_prefix="imgclf-infer")
+        self.task: asyncio.Task | None = None
+        self.batches = 0
+        self.images = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.inference.shutdown(wait=False)
+
+    async def predict(self, array: np.ndarray) -> Prediction:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((array, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            batch = np.stack([a for a, _ in items])
+            try:
+                probs = await loop.run_in_executor(self.inference, self.predictor.predict_proba_arrays, batch)
+            except Exception as e:  # the network failing must not kill the worker
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            self.batches += 1
+            self.images += len(items)
+            for (_, fut), p in zip(items, probs):
+                if not fut.done():
+                    fut.set_result(self.predictor._prediction(p))

@@ -1,0 +1,56 @@
+"""A real browser uploads a photo to the page served by `imgclf serve` and reads the label."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import PREDICT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.slow
+def test_page_labels_uploaded_daisy(small_model, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed (Debian package 'chromium')")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    model = small_model.save(tmp_path / "flowers.imgclf")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "serve", str(model), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        import httpx
+
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])  # fmt: skip
+            page = browser.new_page(viewport={"width": 1000, "height": 620})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("text=labels: daisy, dandelion, tulips")
+            page.set_input_files("#picker", str(PREDICT / "classic-daisy.jpg"))
+            label = page.wait_for_selector(".label", timeout=30_000)
+            assert label.inner_text().startswith("daisy")
+            page.set_input_files("#picker", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"text"}])
+            error = page.wait_for_selector(".error", timeout=30_000)
+            assert "notes.jpg" in error.inner_text()
+            shot = os.environ.get("IMGCLF_SCREENSHOT", str(tmp_path / "page.png"))
+            page.screenshot(path=shot, full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
