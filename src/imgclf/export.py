@@ -11,11 +11,10 @@ Output ``probabilities``: float32 ``(N, classes)``, in metadata label order.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgclf.atomic import atomic_path
 from imgclf.errors import ModelFileError, OptionError
 from imgclf.runtime import METADATA_KEY
 
@@ -68,13 +67,7 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
     entry.key, entry.value = METADATA_KEY, json.dumps(config)
     graph.producer_name = "imgclf"
     graph.doc_string = f"imgclf image classifier ({model.arch}); labels: {', '.join(model.labels)}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot write here ({e.strerror or e})") from None
-    try:
+    with atomic_path(path, "ONNX file") as tmp:
         onnx.save(graph, tmp)
         if quantize == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -84,9 +77,4 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
             if not any(p.key == METADATA_KEY for p in quantized.metadata_props):
                 quantized.metadata_props.extend(graph.metadata_props)
                 onnx.save(quantized, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot write ONNX file ({e.strerror or e})") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path

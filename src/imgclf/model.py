@@ -10,13 +10,12 @@ versions) is JSON in the safetensors metadata under ``imgclf``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imgclf.atomic import atomic_path
 from imgclf.errors import ModelFileError
 from imgclf.imaging import Preprocessing
 from imgclf.predictor import Predictor
@@ -138,19 +137,8 @@ class ImageClassifier(Predictor):
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         metadata = {FORMAT_NAME: json.dumps(self.config())}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-        except OSError as e:
-            raise ModelFileError(f"{path}: cannot write model here ({e.strerror or e})") from None
-        try:
+        with atomic_path(path, "model") as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except OSError as e:
-            raise ModelFileError(f"{path}: cannot write model ({e.strerror or e})") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         return path
 
     def export_onnx(self, path: str | Path, **options) -> Path:
