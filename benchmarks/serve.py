@@ -11,12 +11,12 @@ percentiles, errors and the server's resident memory before and after.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -57,33 +57,27 @@ def drive(model: Path, max_batch: int, requests: int, clients: int, photos: list
         latencies: list[float] = []
         errors = [0]
         counter = iter(range(requests))
-        lock = threading.Lock()
 
-        def client() -> None:
-            with httpx.Client(timeout=60) as http:
-                while True:
-                    with lock:
-                        i = next(counter, None)
-                    if i is None:
-                        return
-                    t = time.perf_counter()
-                    try:
-                        r = http.post(f"{url}/v1/predict", content=photos[i % len(photos)],
-                                      headers={"content-type": "image/jpeg"})  # fmt: skip
-                        ok = r.status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    with lock:
-                        latencies.append(time.perf_counter() - t)
-                        errors[0] += not ok
+        async def client(http: httpx.AsyncClient) -> None:
+            for i in counter:  # clients share one counter: exactly `requests` in all
+                t = time.perf_counter()
+                try:
+                    r = await http.post(f"{url}/v1/predict", content=photos[i % len(photos)],
+                                        headers={"content-type": "image/jpeg"})  # fmt: skip
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - t)
+                errors[0] += not ok
 
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - started
+        async def load() -> float:
+            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+                started = time.perf_counter()
+                await asyncio.gather(*(client(http) for _ in range(clients)))
+                return time.perf_counter() - started
+
+        wall = asyncio.run(load())
         after = rss_mb(server.pid)
     finally:
         server.terminate()

@@ -26,6 +26,22 @@ from imgclf.serve.batching import Batcher
 STATIC = Path(__file__).parent / "static"
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas. Decode threads otherwise each keep
+    their own heap, and a long-running server's memory creeps up (measured in
+    benchmarks/serve.py). No-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-8, arenas)  # -8 is M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 class LabelScore(BaseModel):
     label: str
     probability: float
@@ -76,8 +92,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        limit_malloc_arenas()
         state["batcher"] = Batcher(predictor, max_batch, max_wait_ms)
-        state["batcher"].start()
+        await state["batcher"].start()
         state["decode"] = ThreadPoolExecutor(decode_threads, thread_name_prefix="imgclf-decode")
         yield
         await state["batcher"].stop()

@@ -27,7 +27,14 @@ class Batcher:
         self.batches = 0
         self.images = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Warm up with every batch size, then serve. The engine sizes its buffers
+        for each shape now (about a second), so memory does not grow under traffic."""
+        size = self.predictor.preprocessing.input_size
+        loop = asyncio.get_running_loop()
+        for n in range(self.max_batch, 0, -1):
+            warm = np.zeros((n, 3, size, size), np.float32)
+            await loop.run_in_executor(self.inference, self.predictor.predict_proba_arrays, warm)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
