@@ -55,24 +55,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     validation = None
     if args.validation_folder:
         validation = load_images_from_directory(args.validation_folder)
+    fine_tune_options = None
+    if args.fine_tune:
+        from imgclf.finetune import FineTuneOptions
+
+        fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, **(
+            {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs else {}))  # fmt: skip
     early = None
     if args.early_stopping:
         early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
 
     def report(m) -> None:
-        if args.verbose or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
-            print(f"  {m}")
+        if args.verbose or m.phase == "fine-tune" or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
+            print(f"  {m}", flush=True)
 
     trainer = ImageClassificationTrainer(
         args.arch, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         lr_schedule=args.lr_schedule, early_stopping=early, metrics_callback=report, seed=args.seed,
         weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
-        validation_fraction=args.validation_fraction, progress=not args.quiet,
+        validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
+        fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
     )  # fmt: skip
     print(f"Training on {len(train)} images, holding out {len(test)} for evaluation ({args.arch})")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = trainer.fit(train, validation_set=validation)
+        if model.info["training"]["resumed_from"]:
+            print(f"Resumed from the checkpoint after {model.info['training']['resumed_from']}")
         ext = model.info["extraction"]
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
         metrics = model.evaluate(test)
@@ -211,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
     p.add_argument(
+        "--fine-tune",
+        action="store_true",
+        help="after the head, train the backbone too, with augmentation (slower, usually more accurate)",
+    )
+    p.add_argument("--unfreeze", type=int, help="with --fine-tune: train only the last N blocks (default: all)")
+    p.add_argument("--fine-tune-epochs", type=int, help="with --fine-tune: epochs of fine-tuning (default: 10)")
+    p.add_argument("--tta", action="store_true", help="average each prediction with its mirror image")
+    p.add_argument("--class-weight", choices=["balanced"], help="weigh rare labels up (for skewed folders)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument(
         "--seed", type=int, default=1, help="seed for shuffling, splitting and training (default: %(default)s)"
     )
     p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
@@ -258,9 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops training the way Ctrl-C does: checkpoint, message, exit 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        _sigterm_as_interrupt()
     try:
         return args.func(args)
     except ImgclfError as e:

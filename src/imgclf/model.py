@@ -59,7 +59,9 @@ class ImageClassifier(Predictor):
         info: dict[str, Any] | None = None,
         device: str = "cpu",
         engine: str = "auto",
+        tta: bool = False,
     ):
+        self.tta = tta  # average with the horizontally flipped image
         self.backbone = backbone.eval().to(device)
         self.head = head.eval().to(device)
         self.engine = engine
@@ -98,7 +100,13 @@ class ImageClassifier(Predictor):
         return self._eager
 
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
-        features = self._engine_for(len(arrays))(arrays)
+        probs = self._head_probabilities(self._engine_for(len(arrays))(arrays))
+        if self.tta:
+            flipped = np.ascontiguousarray(arrays[..., ::-1])
+            probs = (probs + self._head_probabilities(self._engine_for(len(arrays))(flipped))) / 2
+        return probs
+
+    def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
         weight = self.head.weight.detach().float().cpu().numpy()
         logits = features @ weight.T + self.head.bias.detach().float().cpu().numpy()
         logits -= logits.max(axis=1, keepdims=True)
@@ -122,6 +130,7 @@ class ImageClassifier(Predictor):
             "timm_name": self.timm_name,
             "num_features": int(self.head.in_features),
             "preprocessing": self.preprocessing.to_dict(),
+            "tta": self.tta,
             **self.info,
         }
 
@@ -200,9 +209,9 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> I
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             raise ModelFileError(f"{path}: model weights are incomplete or do not match ({first})") from None
-    info = {k: v for k, v in config.items() if k not in (*_REQUIRED, "format", "format_version")}
+    info = {k: v for k, v in config.items() if k not in (*_REQUIRED, "format", "format_version", "tta")}
     return ImageClassifier(
         backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
         preprocessing=Preprocessing.from_dict(config["preprocessing"]), info=info, device=resolve_device(device),
-        engine=engine,
+        engine=engine, tta=bool(config.get("tta", False)),
     )  # fmt: skip

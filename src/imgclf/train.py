@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.archs import DEFAULT_ARCH, create_backbone, get_architecture, preprocessing_for
+from imgclf.checkpoint import Checkpoint, TrainingInterrupted, run_key
 from imgclf.data import ImageData, check_labels, train_test_split
 from imgclf.engine import create_engine
 from imgclf.errors import DataError, OptionError
 from imgclf.features import ExtractionResult, FeatureExtractor, default_workspace
+from imgclf.finetune import FineTuneOptions
 from imgclf.metrics import compute_metrics
 from imgclf.model import ImageClassifier, library_versions
 
@@ -38,9 +40,10 @@ class EpochMetrics:
     train_loss: float
     validation_accuracy: float | None = None
     validation_loss: float | None = None
+    phase: str = "head"  # or "fine-tune"
 
     def __str__(self) -> str:
-        text = (f"epoch {self.epoch:3d}  lr {self.learning_rate:.5f}  "
+        text = (f"{'fine-tune ' if self.phase == 'fine-tune' else ''}epoch {self.epoch:3d}  lr {self.learning_rate:.5f}  "
                 f"train acc {self.train_accuracy:.4f} loss {self.train_loss:.4f}")  # fmt: skip
         if self.validation_accuracy is not None:
             text += f"  val acc {self.validation_accuracy:.4f} loss {self.validation_loss:.4f}"
@@ -109,6 +112,11 @@ class ImageClassificationTrainer:
         weight_decay: float = 0.0,
         early_stopping: EarlyStopping | None = None,
         validation_fraction: float | None = None,
+        class_weight: str | None = None,
+        fine_tune: bool = False,
+        fine_tune_options: FineTuneOptions | None = None,
+        tta: bool = False,
+        resume: bool = False,
         metrics_callback: Callable[[EpochMetrics], None] | None = None,
         seed: int = 1,
         weights: str | Path | None = None,
@@ -133,6 +141,11 @@ class ImageClassificationTrainer:
         self.weight_decay = weight_decay
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.class_weight = class_weight
+        self.fine_tune = fine_tune
+        self.fine_tune_options = fine_tune_options
+        self.tta = tta
+        self.resume = resume
         self.metrics_callback = metrics_callback
         self.seed = seed
         self.weights = weights
@@ -162,6 +175,11 @@ class ImageClassificationTrainer:
             raise OptionError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise OptionError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.class_weight not in (None, "balanced"):
+            raise OptionError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        ft = self.fine_tune_options
+        if ft is not None and ft.unfreeze is not None and ft.unfreeze < 1:
+            raise OptionError(f"unfreeze must be at least 1 block, got {ft.unfreeze}")
 
     def fit(self, images: Sequence[ImageData], validation_set: Sequence[ImageData] | None = None) -> ImageClassifier:
         """Train on labelled ``images``; returns the trained classifier.
@@ -201,6 +219,7 @@ class ImageClassificationTrainer:
         if empty:
             raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
         x_val = y_val = None
+        val = None
         if validation_set is not None and len(validation_set):
             val = extractor.transform(validation_set)
             skipped += val.failures
@@ -209,28 +228,51 @@ class ImageClassificationTrainer:
         for name, reason in skipped:
             warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=2)
 
-        head, history, best_epoch = self._train_head(x_train, y_train, x_val, y_val, len(labels), device)
-        info = {
+        class_weights = self._class_weights(y_train, len(labels))
+        names = [im.name for im in images] + [im.name for im in validation_set or []]
+        params = {k: v for k, v in self.get_params().items() if k not in ("resume", "workspace", "use_cache", "device")}
+        checkpoint = Checkpoint(self.workspace or default_workspace(), run_key(names, params))
+        saved = checkpoint.load() if self.resume else None
+        resumed_from = None if saved is None else f"{saved['phase']} epoch {saved['epoch']}"
+        try:
+            head, history, best_epoch = self._train_head(
+                x_train, y_train, x_val, y_val, len(labels), device, class_weights, checkpoint, saved
+            )
+            model = ImageClassifier(
+                backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
+                preprocessing=preprocessing, info={}, device=device, engine=self.engine,
+            )  # fmt: skip
+            if self.fine_tune:
+                history_ft, best_epoch = self._fine_tune(model, images, train.kept, y_train, validation_set, val,
+                                                         y_val, device, class_weights, checkpoint, saved, history)  # fmt: skip
+                history += history_ft
+            else:
+                model.features_engine = engine  # reuse the engine that was just built
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"training interrupted; progress up to the last finished epoch is saved in {checkpoint.path}; "
+                "run the same command with --resume to continue"
+            ) from None
+        checkpoint.remove()
+        model.tta = self.tta
+        model.info = {
             "weights_source": weights_source,
             "training": {**self.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
-                         "train_images": int(len(y_train)),
+                         "train_images": int(len(y_train)), "resumed_from": resumed_from,
                          "validation_images": 0 if y_val is None else int(len(y_val))},
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
             "extraction": {"extracted": train.extracted, "cached": train.cached, "engine": engine.name},
             "versions": library_versions(),
         }  # fmt: skip
-        model = ImageClassifier(
-            backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
-            preprocessing=preprocessing, info=info, device=device, engine=self.engine,
-        )  # fmt: skip
-        model.features_engine = engine  # reuse the engine that was just built
         return model
 
     def get_params(self) -> dict:
         """The options, JSON-friendly (recorded in the model file)."""
-        params = {k: v for k, v in vars(self).items() if k not in ("metrics_callback", "progress", "workers")}
+        skip = ("metrics_callback", "progress", "workers", "fine_tune_options")
+        params = {k: v for k, v in vars(self).items() if k not in skip}
         params["early_stopping"] = asdict(self.early_stopping) if self.early_stopping else None
+        params["fine_tune_options"] = asdict(self.fine_tune_options or FineTuneOptions()) if self.fine_tune else None
         for key in ("weights", "workspace"):
             params[key] = None if params[key] is None else str(params[key])
         return params
@@ -240,9 +282,35 @@ class ImageClassificationTrainer:
         y = np.array([labels.index(images[i].label) for i in result.kept], dtype=np.int64)
         return result.features, y
 
-    def _train_head(self, x_train, y_train, x_val, y_val, n_classes: int, device: str):
+    def _class_weights(self, y: np.ndarray, n_classes: int):
+        """``balanced``: each label weighs n / (labels x its count), as scikit-learn does."""
+        if self.class_weight != "balanced":
+            return None
+        import torch
+
+        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+        return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+    def _fine_tune(self, model, images, kept, y_train, validation_set, val, y_val, device, class_weights,
+                   checkpoint, saved, head_history):  # fmt: skip
+        from imgclf.finetune import FineTuner, decode_for_training
+
+        train_images = [images[i] for i in kept]
+        pictures = decode_for_training(train_images, model.preprocessing, self.workers)
+        val_pictures = None
+        if val is not None and len(val.kept):
+            val_pictures = decode_for_training([validation_set[i] for i in val.kept], model.preprocessing, self.workers)
+        tuner = FineTuner(model, self.fine_tune_options or FineTuneOptions(), device=device, seed=self.seed,
+                          tta=self.tta, class_weights=class_weights, callback=self.metrics_callback,
+                          early_stopping=self.early_stopping, checkpoint=checkpoint)  # fmt: skip
+        return tuner.run(pictures, y_train, val_pictures, y_val, saved, prior_history=head_history)
+
+    def _train_head(self, x_train, y_train, x_val, y_val, n_classes: int, device: str, class_weights=None,
+                    checkpoint: Checkpoint | None = None, saved: dict | None = None):  # fmt: skip
         import torch
         import torch.nn.functional as F
+
+        from imgclf.finetune import _Holder
 
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
@@ -250,30 +318,48 @@ class ImageClassificationTrainer:
         yt = torch.from_numpy(y_train).to(device)
         xv = None if x_val is None else torch.from_numpy(x_val).to(device)
         yv = None if y_val is None else torch.from_numpy(y_val).to(device)
+        weight = None if class_weights is None else class_weights.to(device)
         head = torch.nn.Linear(xt.shape[1], n_classes).to(device)
-        torch.nn.init.zeros_(head.weight)  # softmax regression: zero start is optimal-agnostic and deterministic
+        torch.nn.init.zeros_(head.weight)  # softmax regression: a zero start is deterministic and converges
         torch.nn.init.zeros_(head.bias)
         optimizer = torch.optim.SGD(head.parameters(), lr=self.learning_rate, momentum=self.momentum,
                                     nesterov=self.momentum > 0, weight_decay=self.weight_decay)  # fmt: skip
         stop = self.early_stopping
         best_score, best_epoch, best_state, waited = -math.inf, 0, None, 0
         history: list[EpochMetrics] = []
+        start = 0
+        if saved is not None:
+            if saved["phase"] == "fine-tune":  # the head phase had finished: take its result
+                head.load_state_dict({k[5:]: v for k, v in saved["tensors"].items() if k.startswith("head.")})
+                history = [EpochMetrics(**h) for h in saved["history"] if h.get("phase", "head") == "head"]
+                return head.eval(), history, saved["extra"].get("head_best_epoch", len(history))
+            checkpoint.restore(saved, {"head": head}, optimizer, generator)
+            start = saved["epoch"]
+            history = [EpochMetrics(**h) for h in saved["history"]]
+            extra = saved["extra"]
+            best_score, best_epoch, waited = (
+                extra.get("score", -math.inf),
+                extra.get("best_epoch", 0),
+                extra.get("waited", 0),
+            )
+            if any(k.startswith("best_head.") for k in saved["tensors"]):
+                best_state = {k[10:]: v for k, v in saved["tensors"].items() if k.startswith("best_head.")}
 
         def measure(x, y):
             with torch.no_grad():
                 logits = head(x)
                 return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
-        for epoch in range(self.epochs):
+        for epoch in range(start, self.epochs):
             lr = learning_rate_at(epoch, self.learning_rate, self.lr_schedule, self.epochs, self.decay_rate,
                                   self.decay_epochs, self.end_learning_rate, self.power)  # fmt: skip
             for group in optimizer.param_groups:
                 group["lr"] = lr
             head.train()
             order = torch.randperm(len(yt), generator=generator).to(device)
-            for start in range(0, len(yt), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                loss = F.cross_entropy(head(xt[idx]), yt[idx])
+            for start_i in range(0, len(yt), self.batch_size):
+                idx = order[start_i : start_i + self.batch_size]
+                loss = F.cross_entropy(head(xt[idx]), yt[idx], weight=weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -284,6 +370,7 @@ class ImageClassificationTrainer:
             history.append(m)
             if self.metrics_callback is not None:
                 self.metrics_callback(m)
+            done = False
             if stop is not None:
                 acc, loss_value = (
                     (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
@@ -293,8 +380,14 @@ class ImageClassificationTrainer:
                     best_score, best_epoch, best_state, waited = score, epoch + 1, copy.deepcopy(head.state_dict()), 0
                 else:
                     waited += 1
-                    if waited >= stop.patience:
-                        break
+                    done = waited >= stop.patience
+            if checkpoint is not None:
+                modules = {"head": head} if best_state is None else {"head": head, "best_head": _Holder(best_state)}
+                extra = {"score": best_score, "best_epoch": best_epoch, "waited": waited}
+                checkpoint.save("head", epoch + 1 if not done else self.epochs, modules, optimizer, generator,
+                                [asdict(h) for h in history], extra)  # fmt: skip
+            if done:
+                break
         if best_state is not None:
             head.load_state_dict(best_state)
         return head.eval(), history, best_epoch or len(history)

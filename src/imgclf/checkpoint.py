@@ -1,0 +1,97 @@
+"""Per-epoch training checkpoints in the workspace, for ``--resume`` and Ctrl-C.
+
+A checkpoint is a safetensors file (no pickle) holding the trainable modules,
+the optimizer's tensors, the random-number states, and as JSON metadata the
+phase ("head" or "fine-tune"), the last finished epoch and the history so far.
+It is keyed by the run (images and options), so ``--resume`` only ever
+continues the same run, and it is removed once the run finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgclf.atomic import atomic_path
+from imgclf.errors import ImgclfError
+
+
+class TrainingInterrupted(ImgclfError):
+    """Training was stopped (Ctrl-C / SIGTERM) after saving a checkpoint."""
+
+    exit_code = 130
+
+
+def run_key(image_names: list[str], params: dict[str, Any]) -> str:
+    """What identifies a run: its images (name and size) and its options."""
+    h = hashlib.sha256()
+    for name in sorted(image_names):
+        try:
+            size = Path(name).stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{name}\0{size}\n".encode())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+class Checkpoint:
+    def __init__(self, workspace: str | Path, key: str):
+        self.path = Path(workspace) / "checkpoints" / f"{key}.safetensors"
+
+    def save(self, phase: str, epoch: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+             generator: torch.Generator, history: list[dict], extra: dict | None = None) -> None:  # fmt: skip
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, module in modules.items():
+            for k, v in module.state_dict().items():
+                tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
+        opt_state = optimizer.state_dict()
+        for idx, state in opt_state["state"].items():
+            for name, value in state.items():
+                tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"optimizer.{idx}.{name}"] = tensor.detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.generator"] = generator.get_state()
+        meta = {"phase": phase, "epoch": epoch, "history": history, "param_groups": opt_state["param_groups"],
+                "extra": extra or {}}  # fmt: skip
+        with atomic_path(self.path, "checkpoint") as tmp:
+            save_file(tensors, tmp, metadata={"imgclf_checkpoint": json.dumps(meta, default=str)})
+
+    def load(self) -> dict[str, Any] | None:
+        """The checkpoint's contents, or None when there is none (or it is unreadable)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = json.loads(f.metadata()["imgclf_checkpoint"])
+            tensors = load_file(str(self.path))
+        except Exception:
+            return None
+        meta["tensors"] = tensors
+        return meta
+
+    def restore(self, saved: dict, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                generator: torch.Generator) -> None:  # fmt: skip
+        tensors = saved["tensors"]
+        for prefix, module in modules.items():
+            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        generator.set_state(tensors["rng.generator"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

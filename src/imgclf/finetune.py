@@ -1,0 +1,260 @@
+"""Fine-tuning: after the head converges, train the backbone too, with augmentation.
+
+Head-only training on frozen features caps accuracy; with only a few hundred
+photos a fine-tune over-fits easily, so it is done carefully: the backbone
+gets a far lower learning rate than the head, decaying further layer by layer
+towards the input (timm's layer decay), optionally only the last N blocks are
+unfrozen, batch-norm statistics stay frozen, inputs are augmented (random
+resized crop, flip, RandAugment), labels are smoothed, and the learning rate
+warms up then follows a cosine. Decoded photos are cached in memory at the
+network's resize size, so epochs never decode full-size JPEGs again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgclf.data import ImageData
+from imgclf.imaging import Preprocessing, open_image
+from imgclf.parallel import ordered_map
+
+
+@dataclass
+class FineTuneOptions:
+    """Defaults chosen on the bundled flowers by 5-fold CV (benchmarks/accuracy.py)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float = 1e-3  # the head's; the backbone's is backbone_lr_ratio times this
+    backbone_lr_ratio: float = 0.2
+    layer_decay: float = 0.85
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: int = 1
+    unfreeze: int | None = None  # last N blocks; None: the whole backbone
+    randaugment_magnitude: int = 7
+    min_crop: float = 0.3
+
+
+def decode_for_training(images: Sequence[ImageData], prep: Preprocessing, workers: int | None = None) -> list:
+    """Each photo decoded once and resized so its shorter side is ``prep.resize_to``,
+    as uint8 CHW tensors (a few hundred KB each)."""
+    from imgclf.imaging import _RESAMPLING
+
+    def load(im: ImageData) -> torch.Tensor:
+        img = open_image(im.read_bytes(), im.name, draft_size=prep.resize_to)
+        w, h = img.size
+        scale = prep.resize_to / min(w, h)
+        size = (max(prep.resize_to, int(w * scale)), max(prep.resize_to, int(h * scale)))
+        img = img.resize(size, _RESAMPLING[prep.interpolation])
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+    return list(ordered_map(load, images, workers))
+
+
+def trainable_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone's blocks, input to output (what ``unfreeze=N`` counts from the end)."""
+    if hasattr(backbone, "blocks"):
+        blocks = [
+            b for stage in backbone.blocks for b in (stage if isinstance(stage, torch.nn.Sequential) else [stage])
+        ]
+        return blocks
+    return [m for m in backbone.children() if any(p.requires_grad for p in m.parameters())]
+
+
+def freeze_for_fine_tuning(backbone: torch.nn.Module, unfreeze: int | None) -> None:
+    """Make only the last ``unfreeze`` blocks (and what follows them) trainable."""
+    for p in backbone.parameters():
+        p.requires_grad = unfreeze is None
+    if unfreeze is None:
+        return
+    blocks = trainable_blocks(backbone)
+    for block in blocks[max(0, len(blocks) - unfreeze) :]:
+        for p in block.parameters():
+            p.requires_grad = True
+    for name in ("conv_head", "bn2", "head", "norm", "fc_norm", "final_conv"):
+        module = getattr(backbone, name, None)
+        if isinstance(module, torch.nn.Module):
+            for p in module.parameters():
+                p.requires_grad = True
+
+
+def _freeze_batch_norm(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class FineTuner:
+    """Runs the fine-tuning epochs for an ImageClassifier, in place."""
+
+    def __init__(self, model, options: FineTuneOptions, *, device: str, seed: int, tta: bool = False,
+                 class_weights: torch.Tensor | None = None, callback: Callable | None = None,
+                 early_stopping=None, checkpoint=None):  # fmt: skip
+        import torchvision.transforms.v2 as T
+
+        self.model, self.o, self.device, self.tta = model, options, device, tta
+        self.callback, self.early_stopping, self.checkpoint = callback, early_stopping, checkpoint
+        self.class_weights = None if class_weights is None else class_weights.to(device)
+        prep = model.preprocessing
+        self.augment = T.Compose([
+            T.RandomResizedCrop(prep.input_size, scale=(options.min_crop, 1.0), antialias=True,
+                                interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandAugment(num_ops=2, magnitude=options.randaugment_magnitude),
+        ])  # fmt: skip
+        self.center = T.CenterCrop(prep.input_size)
+        self.mean = torch.tensor(prep.mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(prep.std).view(1, 3, 1, 1) * 255
+        self.generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.autocast = device.startswith("cuda")
+
+    def _batch(self, pictures: list[torch.Tensor], train: bool) -> torch.Tensor:
+        crops = [self.augment(p) if train else self.center(p) for p in pictures]
+        x = (torch.stack(crops).float() - self.mean) / self.std
+        return x.to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model.head(self.model.backbone(x)).float()
+
+    @torch.no_grad()
+    def evaluate(self, pictures: list[torch.Tensor], y: torch.Tensor) -> tuple[float, float]:
+        """Accuracy and cross-entropy, centre crops, flip-averaged when ``tta``."""
+        self.model.backbone.eval()
+        probs = []
+        for i in range(0, len(pictures), 32):
+            x = self._batch(pictures[i : i + 32], train=False)
+            p = torch.softmax(self._forward(x), 1)
+            if self.tta:
+                p = (p + torch.softmax(self._forward(torch.flip(x, dims=[3])), 1)) / 2
+            probs.append(p.cpu())
+        p = torch.cat(probs)
+        return float((p.argmax(1) == y).float().mean()), float(F.nll_loss(torch.log(p.clamp_min(1e-15)), y))
+
+    def run(
+        self,
+        pictures,
+        y: np.ndarray,
+        val_pictures=None,
+        y_val: np.ndarray | None = None,
+        saved: dict | None = None,
+        prior_history: list | None = None,
+    ):
+        """Fine-tune for the configured epochs (continuing ``saved`` if given).
+
+        ``prior_history`` (the head phase's epochs) is kept in each checkpoint,
+        so a resumed run reports its whole history.
+        """
+        from timm.optim import create_optimizer_v2
+
+        from imgclf.train import EpochMetrics
+
+        o, model = self.o, self.model
+        backbone, head = model.backbone.to(self.device), model.head.to(self.device)
+        backbone.to(memory_format=torch.channels_last)
+        freeze_for_fine_tuning(backbone, o.unfreeze)
+        optimizer = create_optimizer_v2(backbone, "adamw", lr=o.learning_rate * o.backbone_lr_ratio,
+                                        weight_decay=o.weight_decay, layer_decay=o.layer_decay)  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr_scale"] = group.get("lr_scale", 1.0) * o.backbone_lr_ratio
+        optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": o.weight_decay, "lr_scale": 1.0,
+                                   "lr": o.learning_rate})  # fmt: skip
+        yt = torch.from_numpy(y)
+        yv = None if y_val is None else torch.from_numpy(y_val)
+        steps_per_epoch = math.ceil(len(pictures) / o.batch_size)
+        total, warmup = o.epochs * steps_per_epoch, o.warmup_epochs * steps_per_epoch
+        history: list = []
+        best = {"score": -math.inf, "epoch": 0, "state": None, "waited": 0}
+        start = 0
+        modules = {"backbone": backbone, "head": head}
+        if saved is not None and saved["phase"] == "fine-tune":
+            self.checkpoint.restore(saved, modules, optimizer, self.generator)
+            start = saved["epoch"]
+            history = [EpochMetrics(**h) for h in saved["history"] if h.get("phase") == "fine-tune"]
+            best.update({k: saved["extra"][k] for k in ("score", "epoch", "waited") if k in saved["extra"]})
+            if any(k.startswith("best_head.") for k in saved["tensors"]):
+                best["state"] = self._state_from(saved["tensors"])
+        for epoch in range(start, o.epochs):
+            backbone.train()
+            _freeze_batch_norm(backbone)
+            order = torch.randperm(len(pictures), generator=self.generator)
+            seen = correct = 0
+            loss_sum = 0.0
+            for s, i in enumerate(range(0, len(pictures), o.batch_size)):
+                step = epoch * steps_per_epoch + s
+                factor = (step + 1) / max(1, warmup) if step < warmup else 0.5 * (
+                    1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))  # fmt: skip
+                for group in optimizer.param_groups:
+                    group["lr"] = o.learning_rate * group["lr_scale"] * factor
+                idx = order[i : i + o.batch_size]
+                x = self._batch([pictures[j] for j in idx], train=True)
+                target = yt[idx].to(self.device)
+                logits = self._forward(x)
+                loss = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=o.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                seen += len(idx)
+                correct += int((logits.argmax(1) == target).sum())
+                loss_sum += float(loss.detach()) * len(idx)
+            m = EpochMetrics(epoch + 1, o.learning_rate * factor, correct / seen, loss_sum / seen)
+            if val_pictures is not None and len(val_pictures):
+                m.validation_accuracy, m.validation_loss = self.evaluate(val_pictures, yv)
+            m.phase = "fine-tune"
+            history.append(m)
+            if self.callback is not None:
+                self.callback(m)
+            stop = False
+            if self.early_stopping is not None and m.validation_accuracy is not None:
+                es = self.early_stopping
+                score = m.validation_accuracy if es.metric == "accuracy" else -m.validation_loss
+                if score > best["score"] + es.min_delta:
+                    best.update(score=score, epoch=epoch + 1, waited=0,
+                                state=(copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict())))  # fmt: skip
+                else:
+                    best["waited"] += 1
+                    stop = best["waited"] >= es.patience
+            if self.checkpoint is not None:
+                extra = {k: best[k] for k in ("score", "epoch", "waited")}
+                mods = dict(modules)
+                if best["state"] is not None:
+                    mods["best_backbone"] = _Holder(best["state"][0])
+                    mods["best_head"] = _Holder(best["state"][1])
+                self.checkpoint.save("fine-tune", epoch + 1, mods, optimizer, self.generator,
+                                     [vars(h) for h in (prior_history or []) + history], extra)  # fmt: skip
+            if stop:
+                break
+        if best["state"] is not None:
+            backbone.load_state_dict(best["state"][0])
+            head.load_state_dict(best["state"][1])
+        for p in backbone.parameters():
+            p.requires_grad = False
+        backbone.eval()
+        head.eval()
+        return history, best["epoch"] or len(history)
+
+    @staticmethod
+    def _state_from(tensors: dict) -> tuple[dict, dict]:
+        bb = {k[len("best_backbone.") :]: v for k, v in tensors.items() if k.startswith("best_backbone.")}
+        hd = {k[len("best_head.") :]: v for k, v in tensors.items() if k.startswith("best_head.")}
+        return bb, hd
+
+
+class _Holder(torch.nn.Module):
+    """Lets a plain state dict be checkpointed like a module."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return self._state

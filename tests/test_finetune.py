@@ -1,0 +1,157 @@
+"""Fine-tuning, other architectures via --weights, class weights, TTA, resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from imgclf import ImageClassificationTrainer, OptionError, load_images_from_directory, load_model  # noqa: E402
+from imgclf.cli import main  # noqa: E402
+from imgclf.finetune import FineTuneOptions  # noqa: E402
+
+from .conftest import PREDICT, small_flower_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A small non-Lite timm model with random weights, as a user's local file."""
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+    model = timm.create_model("test_efficientnet", num_classes=1000)
+    save_file(model.state_dict(), str(folder / "test_efficientnet.safetensors"))
+    torch.save(model.state_dict(), folder / "test_efficientnet.pth")
+    return folder
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth"])
+def test_any_timm_model_with_local_weights(tiny_weights, tmp_path, capsys, workspace, suffix):
+    folder = small_flower_folder(tmp_path / "data", per_class=4, labels=("daisy", "tulips"))
+    out = tmp_path / "tiny.imgclf"
+    code = main(["train", str(folder), "--arch", "test_efficientnet", "--weights",
+                 str(tiny_weights / f"test_efficientnet.{suffix}"), "--epochs", "1", "--out", str(out),
+                 "--workspace", str(workspace), "-q", "--fine-tune", "--fine-tune-epochs", "1"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    model = load_model(out)
+    assert model.arch == "test_efficientnet" and model.preprocessing.input_size == 160
+    assert model.predict(PREDICT / "classic-daisy.jpg").label in ("daisy", "tulips")
+
+
+def test_seed_architecture_without_weights_names_three_ways(tmp_path, capsys, workspace, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = small_flower_folder(tmp_path / "data", per_class=2, labels=("daisy", "tulips"))
+    code = main(["train", str(folder), "--arch", "resnet_v2_50", "--workspace", str(workspace)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "(1) install a weights package" in err and "(2) pass a local file with --weights FILE" in err
+    assert "(3) connect to the internet once" in err
+
+
+def test_weights_file_that_does_not_fit(tiny_weights, tmp_path, capsys, workspace):
+    folder = small_flower_folder(tmp_path / "data", per_class=2, labels=("daisy", "tulips"))
+    code = main(["train", str(folder), "--weights", str(tiny_weights / "test_efficientnet.safetensors"),
+                 "--workspace", str(workspace)])  # fmt: skip
+    assert code == 2 and "weights do not fit architecture 'efficientnet_lite0'" in capsys.readouterr().err
+
+
+def test_fine_tune_with_unfreeze_trains_only_the_last_blocks(tmp_path, workspace):
+    from imgclf.archs import create_backbone, get_architecture
+
+    pretrained, _ = create_backbone(get_architecture("efficientnet_lite0"))
+    images = load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=4))
+    options = FineTuneOptions(epochs=1, unfreeze=2)
+    model = ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False, fine_tune=True,
+                                       fine_tune_options=options).fit(images)  # fmt: skip
+    before, after = pretrained.state_dict(), model.backbone.state_dict()
+    assert torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+    assert torch.equal(before["blocks.3.0.conv_pw.weight"], after["blocks.3.0.conv_pw.weight"])
+    assert not torch.equal(before["conv_head.weight"], after["conv_head.weight"])
+    assert [h["phase"] for h in model.info["history"]][-1] == "fine-tune"
+    # the fine-tuned backbone is what gets saved and predicts
+    path = model.save(tmp_path / "ft.imgclf")
+    assert load_model(path).predict(PREDICT / "classic-daisy.jpg").scores == pytest.approx(
+        model.predict(PREDICT / "classic-daisy.jpg").scores, abs=1e-4
+    )
+
+
+def test_tta_averages_the_mirror_image(small_model, tmp_path):
+    from imgclf.imaging import load_array
+
+    x = load_array(PREDICT / "classic-tulip.jpg", small_model.preprocessing)[None]
+    plain = small_model._probabilities(x)
+    mirror = small_model._probabilities(np.ascontiguousarray(x[..., ::-1]))
+    small_model.tta = True
+    try:
+        assert np.allclose(small_model._probabilities(x), (plain + mirror) / 2, atol=1e-6)
+        assert load_model(small_model.save(tmp_path / "tta.imgclf")).tta is True
+    finally:
+        small_model.tta = False
+
+
+def test_balanced_class_weight_lifts_the_rare_label(tmp_path, workspace):
+    folder = small_flower_folder(tmp_path / "data", per_class=8, labels=("daisy", "dandelion"))
+    for f in sorted((folder / "dandelion").glob("*.jpg"))[2:]:
+        f.unlink()  # 8 daisies, 2 dandelions
+    images = load_images_from_directory(folder)
+    rare = [im.source for im in images if im.label == "dandelion"]
+    plain = ImageClassificationTrainer(epochs=3, workspace=workspace, progress=False).fit(images)
+    balanced = ImageClassificationTrainer(epochs=3, workspace=workspace, progress=False,
+                                          class_weight="balanced").fit(images)  # fmt: skip
+    p_plain = np.mean([p.scores["dandelion"] for p in plain.predict_batch(rare)])
+    p_balanced = np.mean([p.scores["dandelion"] for p in balanced.predict_batch(rare)])
+    assert p_balanced > p_plain
+    with pytest.raises(OptionError, match="class_weight"):
+        ImageClassificationTrainer(class_weight="inverse").fit(images)
+
+
+def test_device_that_is_not_there(tmp_path, capsys, workspace):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    folder = small_flower_folder(tmp_path / "data", per_class=2, labels=("daisy", "tulips"))
+    assert main(["train", str(folder), "--device", "cuda", "--workspace", str(workspace)]) == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume(tmp_path):
+    """SIGINT during fine-tuning saves a checkpoint and exits 130; --resume finishes the run."""
+    from safetensors import safe_open
+
+    folder = small_flower_folder(tmp_path / "data", per_class=6)
+    ws = tmp_path / "ws"
+    argv = [sys.executable, "-m", "imgclf.cli", "train", str(folder), "--workspace", str(ws), "-q", "--epochs", "5",
+            "--fine-tune", "--fine-tune-epochs", "6", "--out", str(tmp_path / "m.imgclf")]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    phase = None
+    while time.time() < deadline and proc.poll() is None:
+        for ckpt in (ws / "checkpoints").glob("*.safetensors"):
+            try:
+                with safe_open(str(ckpt), framework="pt") as f:
+                    meta = json.loads(f.metadata()["imgclf_checkpoint"])
+                phase = (meta["phase"], meta["epoch"])
+            except Exception:
+                continue
+        if phase and phase[0] == "fine-tune":
+            break
+        time.sleep(0.1)
+    assert phase and phase[0] == "fine-tune", "no fine-tune checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command with --resume" in err and not (tmp_path / "m.imgclf").exists()
+
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from the checkpoint after fine-tune epoch" in resumed.stdout
+    assert "micro accuracy" in resumed.stdout  # the resumed run's final metrics are reported
+    history = load_model(tmp_path / "m.imgclf").info["history"]
+    assert [h["epoch"] for h in history if h["phase"] == "fine-tune"] == [1, 2, 3, 4, 5, 6]
+    assert not list((ws / "checkpoints").glob("*.safetensors"))  # removed once the run finished
