@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.data import ImageData
-from imgclf.imaging import Preprocessing, open_image
+from imgclf.imaging import Preprocessing, open_image, resize_shorter_side
 from imgclf.parallel import ordered_map
 
 
@@ -46,14 +46,9 @@ class FineTuneOptions:
 def decode_for_training(images: Sequence[ImageData], prep: Preprocessing, workers: int | None = None) -> list:
     """Each photo decoded once and resized so its shorter side is ``prep.resize_to``,
     as uint8 CHW tensors (a few hundred KB each)."""
-    from imgclf.imaging import _RESAMPLING
 
     def load(im: ImageData) -> torch.Tensor:
-        img = open_image(im.read_bytes(), im.name, draft_size=prep.resize_to)
-        w, h = img.size
-        scale = prep.resize_to / min(w, h)
-        size = (max(prep.resize_to, int(w * scale)), max(prep.resize_to, int(h * scale)))
-        img = img.resize(size, _RESAMPLING[prep.interpolation])
+        img = resize_shorter_side(open_image(im.read_bytes(), im.name, draft_size=prep.resize_to), prep)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
     return list(ordered_map(load, images, workers))

@@ -30,7 +30,8 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO
 
 ImageSource = bytes | bytearray | memoryview | str | Path | Image.Image
 
-_RESAMPLING = {
+#: Pillow resampling filters by the names timm configs use.
+RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -146,19 +147,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the shorter side to ``prep.resize_to`` and centre-crop a square."""
+def resize_shorter_side(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize (aspect kept) so the shorter side is ``prep.resize_to``."""
     width, height = img.size
     short = prep.resize_to
     if width <= height:
         new_size = (short, max(1, int(short * height / width)))
     else:
         new_size = (max(1, int(short * width / height)), short)
-    if new_size != img.size:
-        img = img.resize(new_size, _RESAMPLING[prep.interpolation])
+    return img if new_size == img.size else img.resize(new_size, RESAMPLING[prep.interpolation])
+
+
+def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the shorter side to ``prep.resize_to`` and centre-crop a square."""
+    img = resize_shorter_side(img, prep)
     size = prep.input_size
-    left = int(round((new_size[0] - size) / 2.0))
-    top = int(round((new_size[1] - size) / 2.0))
+    left = int(round((img.size[0] - size) / 2.0))
+    top = int(round((img.size[1] - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
