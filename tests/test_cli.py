@@ -83,6 +83,8 @@ def test_evaluate_json(model_file, tmp_path, capsys):
         ("dead_label", ["train", "{tmp}/data"], "label 'roses' has no readable image"),
         ("two_labels", ["train", "{tmp}/data", "--arch", "no_such_net"], "unknown architecture 'no_such_net'"),
         ("two_labels", ["train", "{tmp}/data", "--epochs", "0"], "epochs must be a positive integer"),
+        ("two_labels", ["train", "{tmp}/data", "--fine-tune", "--unfreeze", "0"], "unfreeze must be at least 1"),
+        ("two_labels", ["train", "{tmp}/data", "--fine-tune", "--fine-tune-epochs", "0"], "fine-tune epochs must be"),
         (None, ["predict", "{tmp}/missing.imgclf", str(PREDICT)], "model file not found"),
         ("corrupt_model", ["predict", "{tmp}/bad.imgclf", str(PREDICT)], "not a readable imgclf model"),
         (None, ["evaluate", "{tmp}/missing.imgclf", "{tmp}"], "model file not found"),

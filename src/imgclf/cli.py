@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imgclf.finetune import FineTuneOptions
 
         fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, **(
-            {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs else {}))  # fmt: skip
+            {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs is not None else {}))  # fmt: skip
     early = None
     if args.early_stopping:
         early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = trainer.fit(train, validation_set=validation)
         if model.info["training"]["resumed_from"]:
             print(f"Resumed from the checkpoint after {model.info['training']['resumed_from']}")
+        elif args.resume:
+            print("No checkpoint of this run to resume from; trained from the start")
         ext = model.info["extraction"]
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
         metrics = model.evaluate(test)

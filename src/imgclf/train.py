@@ -180,6 +180,8 @@ class ImageClassificationTrainer:
         ft = self.fine_tune_options
         if ft is not None and ft.unfreeze is not None and ft.unfreeze < 1:
             raise OptionError(f"unfreeze must be at least 1 block, got {ft.unfreeze}")
+        if ft is not None and (not isinstance(ft.epochs, int) or ft.epochs < 1):
+            raise OptionError(f"fine-tune epochs must be a positive integer, got {ft.epochs!r}")
 
     def fit(self, images: Sequence[ImageData], validation_set: Sequence[ImageData] | None = None) -> ImageClassifier:
         """Train on labelled ``images``; returns the trained classifier.
