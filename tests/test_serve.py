@@ -118,3 +118,22 @@ def test_concurrent_clients_get_the_same_answers_as_one_at_a_time(client, small_
     for r, e in zip(responses, expected * 3):
         res = r.json()["results"][0]
         assert res["label"] == e.label and abs(res["probability"] - e.probability) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "{tmp}/missing.imgclf"], "model file not found"),
+        (["serve", "{model}", "--max-batch", "0"], "max_batch must be at least 1"),
+        (["serve", "{model}", "--max-request-mb", "0"], "max_request_bytes must be positive"),
+        (["serve", "{model}", "--port", "70000"], "--port must be between 1 and 65535"),
+    ],
+)
+def test_serve_bad_options_exit_2(argv, message, small_model, tmp_path, capsys):
+    from imgclf.cli import main
+
+    model = small_model.save(tmp_path / "m.imgclf")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1

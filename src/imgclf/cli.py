@@ -157,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from imgclf.serve import create_app
 
+    if not 0 < args.port < 65536:
+        raise ImgclfError(f"--port must be between 1 and 65535, got {args.port}")
+
     app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      max_request_bytes=int(args.max_request_mb * 1024 * 1024))  # fmt: skip
     print(f"Serving {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)")

@@ -85,7 +85,14 @@ def create_app(
 ) -> FastAPI:
     """The app for ``model`` (a path to an .imgclf/.onnx file, or a loaded predictor)."""
     from imgclf import __version__
+    from imgclf.errors import OptionError
 
+    if max_batch < 1:
+        raise OptionError(f"max_batch must be at least 1 (1 turns batching off), got {max_batch}")
+    if max_wait_ms < 0:
+        raise OptionError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+    if max_request_bytes < 1:
+        raise OptionError(f"max_request_bytes must be positive, got {max_request_bytes}")
     predictor = load_predictor(model) if isinstance(model, (str, Path)) else model
     name = Path(model).name if isinstance(model, (str, Path)) else getattr(predictor, "arch", "model")
     state: dict = {}
