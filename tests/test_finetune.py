@@ -37,7 +37,7 @@ def test_any_timm_model_with_local_weights(tiny_weights, tmp_path, capsys, works
     out = tmp_path / "tiny.imgclf"
     code = main(["train", str(folder), "--arch", "test_efficientnet", "--weights",
                  str(tiny_weights / f"test_efficientnet.{suffix}"), "--epochs", "1", "--out", str(out),
-                 "--workspace", str(workspace), "-q", "--fine-tune", "--fine-tune-epochs", "1"])  # fmt: skip
+                 "--workspace", str(workspace), "-q", "--fine-tune", "--fine-tune-epochs", "1", "--device", "cpu"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     model = load_model(out)
     assert model.arch == "test_efficientnet" and model.preprocessing.input_size == 160
