@@ -155,3 +155,29 @@ def test_interrupt_then_resume(tmp_path):
     history = load_model(tmp_path / "m.imgclf").info["history"]
     assert [h["epoch"] for h in history if h["phase"] == "fine-tune"] == [1, 2, 3, 4, 5, 6]
     assert not list((ws / "checkpoints").glob("*.safetensors"))  # removed once the run finished
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, workspace):
+    """Head and fine-tune phases stop `patience` epochs after the best one and keep its weights."""
+    from imgclf import EarlyStopping
+
+    folder = small_flower_folder(tmp_path / "data", per_class=8)
+    images = load_images_from_directory(folder)
+    train = [im for i, im in enumerate(images) if i % 4]
+    val = [im for i, im in enumerate(images) if not i % 4]
+    rule = EarlyStopping(metric="accuracy", patience=3)
+    model = ImageClassificationTrainer(epochs=40, early_stopping=rule, workspace=workspace, progress=False).fit(
+        train, validation_set=val
+    )
+    history, best = model.info["history"], model.info["training"]["best_epoch"]
+    assert len(history) == best + 3 < 40
+    assert max(h["validation_accuracy"] for h in history) == history[best - 1]["validation_accuracy"]
+    assert model.evaluate(val).micro_accuracy == pytest.approx(history[best - 1]["validation_accuracy"])
+
+    tuned = ImageClassificationTrainer(epochs=5, early_stopping=EarlyStopping(patience=1), workspace=workspace,
+                                       progress=False, fine_tune=True,
+                                       fine_tune_options=FineTuneOptions(epochs=4)).fit(train, validation_set=val)  # fmt: skip
+    ft = [h for h in tuned.info["history"] if h["phase"] == "fine-tune"]
+    ft_best = tuned.info["training"]["best_epoch"]
+    assert len(ft) == min(4, ft_best + 1)
+    assert max(h["validation_accuracy"] for h in ft) == ft[ft_best - 1]["validation_accuracy"]
