@@ -43,13 +43,14 @@ class Checkpoint:
     def __init__(self, workspace: str | Path, key: str):
         self.path = Path(workspace) / "checkpoints" / f"{key}.safetensors"
 
-    def save(self, phase: str, epoch: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+    def save(self, phase: str, epoch: int, modules: dict[str, torch.nn.Module | dict], optimizer: torch.optim.Optimizer,
              generator: torch.Generator, history: list[dict], extra: dict | None = None) -> None:  # fmt: skip
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
-        for prefix, module in modules.items():
-            for k, v in module.state_dict().items():
+        for prefix, module in modules.items():  # a module, or a state dict already taken
+            state = module if isinstance(module, dict) else module.state_dict()
+            for k, v in state.items():
                 tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
         opt_state = optimizer.state_dict()
         for idx, state in opt_state["state"].items():

@@ -10,13 +10,10 @@ Both give the same features within 1e-4 (tests/test_engine.py).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 
 import numpy as np
 
 ENGINES = ("auto", "torch", "onnxruntime")
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
 def onnxruntime_available() -> bool:

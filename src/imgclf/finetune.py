@@ -12,7 +12,6 @@ network's resize size, so epochs never decode full-size JPEGs again.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,7 +150,7 @@ class FineTuner:
         """
         from timm.optim import create_optimizer_v2
 
-        from imgclf.train import EpochMetrics
+        from imgclf.train import BestEpoch, EpochMetrics
 
         o, model = self.o, self.model
         backbone, head = model.backbone.to(self.device), model.head.to(self.device)
@@ -168,16 +167,14 @@ class FineTuner:
         steps_per_epoch = math.ceil(len(pictures) / o.batch_size)
         total, warmup = o.epochs * steps_per_epoch, o.warmup_epochs * steps_per_epoch
         history: list = []
-        best = {"score": -math.inf, "epoch": 0, "state": None, "waited": 0}
+        best = BestEpoch(self.early_stopping)
         start = 0
         modules = {"backbone": backbone, "head": head}
         if saved is not None and saved["phase"] == "fine-tune":
             self.checkpoint.restore(saved, modules, optimizer, self.generator)
             start = saved["epoch"]
             history = [EpochMetrics(**h) for h in saved["history"] if h.get("phase") == "fine-tune"]
-            best.update({k: saved["extra"][k] for k in ("score", "epoch", "waited") if k in saved["extra"]})
-            if any(k.startswith("best_head.") for k in saved["tensors"]):
-                best["state"] = self._state_from(saved["tensors"])
+            best.resume(saved)
         for epoch in range(start, o.epochs):
             backbone.train()
             _freeze_batch_norm(backbone)
@@ -208,48 +205,18 @@ class FineTuner:
             history.append(m)
             if self.callback is not None:
                 self.callback(m)
-            stop = False
-            if self.early_stopping is not None and m.validation_accuracy is not None:
-                es = self.early_stopping
-                score = m.validation_accuracy if es.metric == "accuracy" else -m.validation_loss
-                if score > best["score"] + es.min_delta:
-                    best.update(score=score, epoch=epoch + 1, waited=0,
-                                state=(copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict())))  # fmt: skip
-                else:
-                    best["waited"] += 1
-                    stop = best["waited"] >= es.patience
+            stop = m.validation_accuracy is not None and best.update(
+                epoch + 1, m.validation_accuracy, m.validation_loss, modules
+            )
             if self.checkpoint is not None:
-                extra = {k: best[k] for k in ("score", "epoch", "waited")}
-                mods = dict(modules)
-                if best["state"] is not None:
-                    mods["best_backbone"] = _Holder(best["state"][0])
-                    mods["best_head"] = _Holder(best["state"][1])
-                self.checkpoint.save("fine-tune", epoch + 1, mods, optimizer, self.generator,
+                states, extra = best.checkpoint_parts()
+                self.checkpoint.save("fine-tune", epoch + 1, {**modules, **states}, optimizer, self.generator,
                                      [vars(h) for h in (prior_history or []) + history], extra)  # fmt: skip
             if stop:
                 break
-        if best["state"] is not None:
-            backbone.load_state_dict(best["state"][0])
-            head.load_state_dict(best["state"][1])
+        best.restore_best(modules)
         for p in backbone.parameters():
             p.requires_grad = False
         backbone.eval()
         head.eval()
-        return history, best["epoch"] or len(history)
-
-    @staticmethod
-    def _state_from(tensors: dict) -> tuple[dict, dict]:
-        bb = {k[len("best_backbone.") :]: v for k, v in tensors.items() if k.startswith("best_backbone.")}
-        hd = {k[len("best_head.") :]: v for k, v in tensors.items() if k.startswith("best_head.")}
-        return bb, hd
-
-
-class _Holder(torch.nn.Module):
-    """Lets a plain state dict be checkpointed like a module."""
-
-    def __init__(self, state: dict):
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        return self._state
+        return history, best.epoch or len(history)

@@ -75,11 +75,6 @@ class ImageClassifier(Predictor):
         self.info = dict(info or {})
         self.device = device
 
-    @property
-    def metrics_(self) -> dict | None:
-        """Held-out metrics measured at training time, if any."""
-        return self.info.get("metrics")
-
     def network(self):
         """Backbone, head and softmax as one module (for export)."""
         import torch
@@ -100,10 +95,10 @@ class ImageClassifier(Predictor):
         return self._eager
 
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
-        probs = self._head_probabilities(self._engine_for(len(arrays))(arrays))
+        engine = self._engine_for(len(arrays))
+        probs = self._head_probabilities(engine(arrays))
         if self.tta:
-            flipped = np.ascontiguousarray(arrays[..., ::-1])
-            probs = (probs + self._head_probabilities(self._engine_for(len(arrays))(flipped))) / 2
+            probs = (probs + self._head_probabilities(engine(np.ascontiguousarray(arrays[..., ::-1])))) / 2
         return probs
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:

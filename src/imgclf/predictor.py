@@ -44,8 +44,14 @@ class Predictor:
 
     labels: list[str]
     preprocessing: Preprocessing
+    info: dict
     batch_size: int = 32
     workers: int | None = None
+
+    @property
+    def metrics_(self) -> dict | None:
+        """Held-out metrics measured at training time, if the model file has them."""
+        return self.info.get("metrics")
 
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 preprocessed images -> (N, classes) probabilities."""

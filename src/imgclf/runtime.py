@@ -64,10 +64,6 @@ class OnnxClassifier(Predictor):
         self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
         self.info = {k: v for k, v in config.items() if k not in ("labels", "preprocessing")}
 
-    @property
-    def metrics_(self) -> dict | None:
-        return self.config.get("metrics")
-
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         return self.session(arrays)
 

@@ -24,7 +24,6 @@ from imgclf.engine import create_engine
 from imgclf.errors import DataError, OptionError
 from imgclf.features import ExtractionResult, FeatureExtractor, default_workspace
 from imgclf.finetune import FineTuneOptions
-from imgclf.metrics import compute_metrics
 from imgclf.model import ImageClassifier, library_versions
 
 LR_SCHEDULES = ("exponential", "polynomial", "constant")
@@ -67,6 +66,56 @@ class EarlyStopping:
             raise OptionError(f"early stopping metric must be 'accuracy' or 'loss', got '{self.metric}'")
         if self.patience < 1:
             raise OptionError(f"early stopping patience must be at least 1, got {self.patience}")
+
+
+@dataclass
+class BestEpoch:
+    """Early-stopping bookkeeping, shared by the head and fine-tune phases: the
+    best score so far, its epoch, epochs since, and that epoch's weights."""
+
+    rule: EarlyStopping | None
+    score: float = -math.inf
+    epoch: int = 0
+    waited: int = 0
+    states: dict[str, dict] | None = None  # state dict per module name, at the best epoch
+
+    def update(self, epoch: int, accuracy: float, loss: float, modules: dict) -> bool:
+        """Record one epoch's watched metrics; True when patience has run out."""
+        if self.rule is None:
+            return False
+        score = accuracy if self.rule.metric == "accuracy" else -loss
+        if score > self.score + self.rule.min_delta:
+            self.score, self.epoch, self.waited = score, epoch, 0
+            self.states = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+            return False
+        self.waited += 1
+        return self.waited >= self.rule.patience
+
+    def checkpoint_parts(self) -> tuple[dict[str, dict], dict]:
+        """What a checkpoint keeps of this: the best weights and the counters."""
+        states = {f"best_{name}": state for name, state in (self.states or {}).items()}
+        return states, {"score": self.score, "best_epoch": self.epoch, "waited": self.waited}
+
+    def resume(self, saved: dict) -> None:
+        """Continue from what :meth:`checkpoint_parts` stored."""
+        extra = saved["extra"]
+        self.score, self.epoch, self.waited = (
+            extra.get("score", -math.inf),
+            extra.get("best_epoch", 0),
+            extra.get("waited", 0),
+        )
+        states: dict[str, dict] = {}
+        for key, value in saved["tensors"].items():
+            if key.startswith("best_"):
+                name, _, param = key[len("best_") :].partition(".")
+                states.setdefault(name, {})[param] = value
+        self.states = states or None
+
+    def restore_best(self, modules: dict) -> None:
+        """Load the best epoch's weights back into ``modules``, if one was kept."""
+        for name, module in modules.items():
+            if self.states and name in self.states:
+                module.load_state_dict(self.states[name])
 
 
 def learning_rate_at(
@@ -312,8 +361,6 @@ class ImageClassificationTrainer:
         import torch
         import torch.nn.functional as F
 
-        from imgclf.finetune import _Holder
-
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         xt = torch.from_numpy(x_train).to(device)
@@ -326,8 +373,7 @@ class ImageClassificationTrainer:
         torch.nn.init.zeros_(head.bias)
         optimizer = torch.optim.SGD(head.parameters(), lr=self.learning_rate, momentum=self.momentum,
                                     nesterov=self.momentum > 0, weight_decay=self.weight_decay)  # fmt: skip
-        stop = self.early_stopping
-        best_score, best_epoch, best_state, waited = -math.inf, 0, None, 0
+        best = BestEpoch(self.early_stopping)
         history: list[EpochMetrics] = []
         start = 0
         if saved is not None:
@@ -338,14 +384,7 @@ class ImageClassificationTrainer:
             checkpoint.restore(saved, {"head": head}, optimizer, generator)
             start = saved["epoch"]
             history = [EpochMetrics(**h) for h in saved["history"]]
-            extra = saved["extra"]
-            best_score, best_epoch, waited = (
-                extra.get("score", -math.inf),
-                extra.get("best_epoch", 0),
-                extra.get("waited", 0),
-            )
-            if any(k.startswith("best_head.") for k in saved["tensors"]):
-                best_state = {k[10:]: v for k, v in saved["tensors"].items() if k.startswith("best_head.")}
+            best.resume(saved)
 
         def measure(x, y):
             with torch.no_grad():
@@ -372,33 +411,13 @@ class ImageClassificationTrainer:
             history.append(m)
             if self.metrics_callback is not None:
                 self.metrics_callback(m)
-            done = False
-            if stop is not None:
-                acc, loss_value = (
-                    (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
-                )
-                score = acc if stop.metric == "accuracy" else -loss_value
-                if score > best_score + stop.min_delta:
-                    best_score, best_epoch, best_state, waited = score, epoch + 1, copy.deepcopy(head.state_dict()), 0
-                else:
-                    waited += 1
-                    done = waited >= stop.patience
+            watched = (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
+            done = best.update(epoch + 1, *watched, {"head": head})
             if checkpoint is not None:
-                modules = {"head": head} if best_state is None else {"head": head, "best_head": _Holder(best_state)}
-                extra = {"score": best_score, "best_epoch": best_epoch, "waited": waited}
-                checkpoint.save("head", epoch + 1 if not done else self.epochs, modules, optimizer, generator,
-                                [asdict(h) for h in history], extra)  # fmt: skip
+                states, extra = best.checkpoint_parts()
+                checkpoint.save("head", epoch + 1 if not done else self.epochs, {"head": head, **states}, optimizer,
+                                generator, [asdict(h) for h in history], extra)  # fmt: skip
             if done:
                 break
-        if best_state is not None:
-            head.load_state_dict(best_state)
-        return head.eval(), history, best_epoch or len(history)
-
-
-def evaluate_features(model: ImageClassifier, features: np.ndarray, targets: np.ndarray):
-    """Metrics from precomputed features (used by cross-validation benchmarks)."""
-    import torch
-
-    with torch.no_grad():
-        probs = torch.softmax(model.head(torch.from_numpy(features).to(model.device)), 1).cpu().numpy()
-    return compute_metrics(probs, targets, model.labels)
+        best.restore_best({"head": head})
+        return head.eval(), history, best.epoch or len(history)

@@ -157,7 +157,7 @@ def create_app(
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info() -> ModelInfo:
-        metrics = getattr(predictor, "metrics_", None)
+        metrics = predictor.metrics_
         return ModelInfo(name=name, arch=getattr(predictor, "arch", "unknown"), labels=predictor.labels,
                          input_size=predictor.preprocessing.input_size, metrics=metrics, version=__version__)  # fmt: skip
 
