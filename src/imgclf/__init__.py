@@ -36,6 +36,7 @@ _LAZY = {
     "ImageClassificationTrainer": "imgclf.train",
     "EarlyStopping": "imgclf.train",
     "EpochMetrics": "imgclf.train",
+    "FineTuneOptions": "imgclf.finetune",
     "ImageClassifier": "imgclf.model",
     "load_model": "imgclf.model",
     "load_onnx_model": "imgclf.runtime",
@@ -46,6 +47,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from imgclf.archs import ARCHITECTURES
+    from imgclf.finetune import FineTuneOptions
     from imgclf.model import ImageClassifier, load_model
     from imgclf.runtime import OnnxClassifier, load_onnx_model
     from imgclf.sample_data import sample_data_dir
@@ -59,7 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ARCHITECTURES", "ArchitectureError", "DataError", "EarlyStopping", "EpochMetrics",
+    "ARCHITECTURES", "ArchitectureError", "DataError", "EarlyStopping", "EpochMetrics", "FineTuneOptions",
     "ImageClassificationTrainer", "ImageClassifier", "ImageData", "ImageDecodeError", "ImgclfError",
     "ModelFileError", "MulticlassMetrics", "OnnxClassifier", "OptionError", "Prediction", "Preprocessing",
     "WeightsUnavailableError", "compute_metrics", "image_from_bytes", "load_images_from_directory",
