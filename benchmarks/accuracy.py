@@ -62,13 +62,13 @@ def main() -> None:
                         help="FineTuneOptions fields as JSON, to compare a recipe with the defaults")  # fmt: skip
     args = parser.parse_args()
     options = FineTuneOptions(**args.options)
-    if args.options:
-        print(f"fine-tune options: {args.options}")
+    if args.fine_tune:
+        print(f"fine-tune options: {args.options or 'defaults'}")
     images = load_images_from_directory(sample_data_dir("flowers"))
     head_scores, tuned_scores = [], []
     head_wrong: set[str] = set()
     tuned_wrong: set[str] = set()
-    print(f"Stratified {args.folds}-fold CV on {len(images)} flower photos, default options:")
+    print(f"Stratified {args.folds}-fold CV on {len(images)} flower photos:")
     with tempfile.TemporaryDirectory() as ws:
         for i, (train, test) in enumerate(stratified_folds(images, k=args.folds, seed=args.seed), 1):
             started = time.perf_counter()
