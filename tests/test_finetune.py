@@ -81,6 +81,26 @@ def test_fine_tune_with_unfreeze_trains_only_the_last_blocks(tmp_path, workspace
     )
 
 
+def test_augmentation_in_worker_processes_repeats_and_trains(tmp_path, workspace):
+    """The GPU's data path (a DataLoader with worker processes), run on the CPU:
+    the same seed gives the same weights, and the backbone does learn."""
+    from imgclf.finetune import loader_workers
+
+    assert loader_workers(None, "cpu") == 0 and loader_workers(None, "cuda") >= 1 and loader_workers(2, "cpu") == 2
+    images = load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=4))
+    options = FineTuneOptions(epochs=1, unfreeze=2, batch_size=4, loader_workers=2)
+
+    def fine_tuned_backbone() -> dict:
+        return ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False, fine_tune=True,
+                                          fine_tune_options=options, seed=3).fit(images).backbone.state_dict()  # fmt: skip
+
+    first, second = fine_tuned_backbone(), fine_tuned_backbone()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False, fine_tune=True, seed=4,
+                                       fine_tune_options=options).fit(images).backbone.state_dict()  # fmt: skip
+    assert not torch.equal(first["conv_head.weight"], other["conv_head.weight"])  # another seed, another run
+
+
 def test_tta_averages_the_mirror_image(small_model, tmp_path):
     from imgclf.imaging import load_array
 
