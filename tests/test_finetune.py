@@ -101,6 +101,18 @@ def test_augmentation_in_worker_processes_repeats_and_trains(tmp_path, workspace
     assert not torch.equal(first["conv_head.weight"], other["conv_head.weight"])  # another seed, another run
 
 
+@pytest.mark.parametrize("device, bf16, expected", [
+    ("cpu", True, None), ("mps", True, None), ("cuda", True, "bfloat16"), ("cuda:1", False, "float16"),
+])  # fmt: skip
+def test_mixed_precision_follows_the_gpu(device, bf16, expected, monkeypatch):
+    """bfloat16 where the GPU has it, float16 (with loss scaling) on older GPUs, float32 off CUDA."""
+    from imgclf.device import mixed_precision_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    dtype = mixed_precision_dtype(device)
+    assert (None if dtype is None else str(dtype).removeprefix("torch.")) == expected
+
+
 def test_tta_averages_the_mirror_image(small_model, tmp_path):
     from imgclf.imaging import load_array
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from imgclf.errors import OptionError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -24,3 +29,14 @@ def resolve_device(name: str = "auto") -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise OptionError("device 'mps' asked for, but Apple MPS is not available here; use --device cpu or auto")
     return name
+
+
+def mixed_precision_dtype(device: str) -> torch.dtype | None:
+    """The autocast type for training on ``device``: bfloat16 on GPUs that have it
+    (Ampere and later), float16 on older CUDA GPUs (T4, V100; needs loss scaling),
+    none elsewhere: the CPU and MPS train in float32."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16

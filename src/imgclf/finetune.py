@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.data import ImageData
+from imgclf.device import mixed_precision_dtype
 from imgclf.imaging import Preprocessing, open_image, resize_shorter_side
 from imgclf.parallel import ordered_map
 
@@ -134,7 +135,9 @@ class FineTuner:
         self.std = (torch.tensor(prep.std).view(1, 3, 1, 1) * 255).to(device)
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.autocast = device.startswith("cuda")
+        self.amp_dtype = mixed_precision_dtype(device)
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _normalize(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW crops -> normalised float input on the device (moved as uint8: 4x less to copy)."""
@@ -152,7 +155,7 @@ class FineTuner:
         )  # fmt: skip
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast("cuda", dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             return self.model.head(self.model.backbone(x)).float()
 
     @torch.no_grad()
@@ -225,8 +228,9 @@ class FineTuner:
                 logits = self._forward(x)
                 loss = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=o.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
                 seen += len(target)
                 correct += int((logits.argmax(1) == target).sum())
                 loss_sum += float(loss.detach()) * len(target)
