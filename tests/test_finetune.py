@@ -113,6 +113,20 @@ def test_mixed_precision_follows_the_gpu(device, bf16, expected, monkeypatch):
     assert (None if dtype is None else str(dtype).removeprefix("torch.")) == expected
 
 
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 0), ("batch_size", 2.5), ("learning_rate", 0), ("layer_decay", 1.5), ("label_smoothing", 1),
+    ("unfreeze", 0), ("min_crop", 0), ("loader_workers", -1), ("warmup_epochs", -1),
+])  # fmt: skip
+def test_bad_fine_tune_option_is_named(field, value, tmp_path):
+    with pytest.raises(OptionError, match=field.replace("_", ".")):
+        FineTuneOptions(**{field: value})
+    options = FineTuneOptions()
+    setattr(options, field, value)  # changed after construction: fit checks again, before any work
+    trainer = ImageClassificationTrainer(fine_tune=True, fine_tune_options=options, workspace=tmp_path)
+    with pytest.raises(OptionError, match=field.replace("_", ".")):
+        trainer.fit(load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=2)))
+
+
 def test_tta_averages_the_mirror_image(small_model, tmp_path):
     from imgclf.imaging import load_array
 

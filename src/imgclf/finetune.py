@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from imgclf.data import ImageData
 from imgclf.device import mixed_precision_dtype
+from imgclf.errors import OptionError
 from imgclf.imaging import Preprocessing, open_image, resize_shorter_side
 from imgclf.parallel import ordered_map
 
@@ -45,6 +46,31 @@ class FineTuneOptions:
     randaugment_magnitude: int = 7
     min_crop: float = 0.3
     loader_workers: int | None = None  # augmentation processes; None: 0 on the CPU, up to 8 on an accelerator
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise OptionError naming the first field that is out of range."""
+        checks = [
+            ("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "fine-tune epochs must be a positive integer"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1,
+             "fine-tune batch_size must be a positive integer"),
+            ("learning_rate", self.learning_rate > 0, "fine-tune learning_rate must be > 0"),
+            ("backbone_lr_ratio", self.backbone_lr_ratio > 0, "backbone_lr_ratio must be > 0"),
+            ("layer_decay", 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, "fine-tune weight_decay must be >= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            ("warmup_epochs", isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0,
+             "warmup_epochs must be a whole number >= 0"),
+            ("unfreeze", self.unfreeze is None or self.unfreeze >= 1, "unfreeze must be at least 1 block"),
+            ("randaugment_magnitude", 0 <= self.randaugment_magnitude <= 30, "randaugment_magnitude must be 0 to 30"),
+            ("min_crop", 0 < self.min_crop <= 1, "min_crop must be in (0, 1]"),
+            ("loader_workers", self.loader_workers is None or self.loader_workers >= 0, "loader_workers must be >= 0"),
+        ]  # fmt: skip
+        for name, ok, message in checks:
+            if not ok:
+                raise OptionError(f"{message}, got {getattr(self, name)!r}")
 
 
 def decode_for_training(images: Sequence[ImageData], prep: Preprocessing, workers: int | None = None) -> list:

@@ -226,11 +226,8 @@ class ImageClassificationTrainer:
             raise OptionError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.class_weight not in (None, "balanced"):
             raise OptionError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
-        ft = self.fine_tune_options
-        if ft is not None and ft.unfreeze is not None and ft.unfreeze < 1:
-            raise OptionError(f"unfreeze must be at least 1 block, got {ft.unfreeze}")
-        if ft is not None and (not isinstance(ft.epochs, int) or ft.epochs < 1):
-            raise OptionError(f"fine-tune epochs must be a positive integer, got {ft.epochs!r}")
+        if self.fine_tune_options is not None:
+            self.fine_tune_options.validate()  # again: its fields may have been changed since
 
     def fit(self, images: Sequence[ImageData], validation_set: Sequence[ImageData] | None = None) -> ImageClassifier:
         """Train on labelled ``images``; returns the trained classifier.
