@@ -129,3 +129,34 @@ def test_archs_lists_table(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "imgclf.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
+
+
+def test_cache_reports_and_clears_only_its_own_files(tmp_path, capsys):
+    from imgclf import ImageClassificationTrainer, load_images_from_directory
+
+    ws = tmp_path / "ws"
+    images = load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=2))
+    ImageClassificationTrainer(epochs=1, workspace=ws, progress=False).fit(images)
+    (ws / "checkpoints").mkdir(exist_ok=True)
+    (ws / "checkpoints" / ("ab" * 10 + ".safetensors")).write_bytes(b"x" * 1000)  # an unfinished run's
+    keep = [ws / "notes.txt", ws / "features" / "notes.txt", ws / "checkpoints" / "mine.safetensors"]
+    for path in keep:
+        path.write_text("not imgclf's")
+
+    def cache(*argv: str) -> dict:
+        assert main(["cache", "--workspace", str(ws), "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    before = cache()
+    assert (before["feature_files"], before["feature_sets"], before["checkpoints"]) == (len(images), 1, 1)
+    assert before["feature_bytes"] > len(images) * 1280 * 4  # one float32 vector of 1280 per photo
+    assert cache("--clear")["feature_files"] == len(images)
+    after = cache()
+    assert (after["feature_files"], after["checkpoints"]) == (0, 0)
+    assert all(path.read_text() == "not imgclf's" for path in keep)
+    again = ImageClassificationTrainer(epochs=1, workspace=ws, progress=False).fit(images)
+    assert again.info["extraction"]["extracted"] == len(images)  # the cache is re-made on demand
+
+    assert main(["cache", "--workspace", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "workspace folder not found" in err[0]

@@ -27,6 +27,7 @@ EPILOG = """examples:
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf export pets.imgclf --out pets.onnx     portable model for other runtimes
+  imgclf cache --clear                          free the cached features
 """
 
 
@@ -185,6 +186,30 @@ def cmd_archs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from imgclf.errors import OptionError
+    from imgclf.features import default_workspace
+    from imgclf.workspace import clear_workspace, workspace_usage
+
+    workspace = Path(args.workspace) if args.workspace else default_workspace()
+    if args.workspace and not workspace.is_dir():
+        raise OptionError(f"workspace folder not found: {workspace}; give the folder you trained with --workspace")
+    usage = clear_workspace(workspace) if args.clear else workspace_usage(workspace)
+    if args.json:
+        print(json.dumps({**vars(usage), "path": str(usage.path), "cleared": args.clear}, indent=2))
+        return 0
+    mb = 1024 * 1024
+    print(f"Removed from {workspace}:" if args.clear else f"Workspace {workspace}")
+    print(f"  cached features  {usage.feature_files} images, {usage.feature_bytes / mb:.1f} MB, "
+          f"{usage.feature_sets} architecture/preprocessing set(s)")  # fmt: skip
+    print(f"  checkpoints      {usage.checkpoints} unfinished run(s), {usage.checkpoint_bytes / mb:.1f} MB")
+    if not args.clear and usage.feature_files + usage.checkpoints:
+        print(
+            "Neither is needed by trained models; `imgclf cache --clear` removes both (features are re-made on demand)."
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from imgclf import __version__
 
@@ -275,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default: %(default)s)")
     p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cache", help="size of the workspace's cached features and checkpoints; --clear empties it")
+    p.add_argument("--workspace", help="the workspace (default: $IMGCLF_WORKSPACE or ~/.cache/imgclf)")
+    p.add_argument("--clear", action="store_true", help="delete the cached features and unfinished-run checkpoints")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("archs", help="list architectures and whether their weights are here")
     p.add_argument("--json", action="store_true")
