@@ -98,11 +98,18 @@ class AugmentedPictures(torch.utils.data.Dataset):
 
 
 def loader_workers(requested: int | None, device: str) -> int:
-    """Augmentation worker processes: on the CPU they would only compete with the
-    training arithmetic for the same cores, so none unless asked for."""
+    """Augmentation worker processes, unless asked for: none on the CPU (they would
+    compete with the training arithmetic for the same cores) and none where workers
+    are spawned rather than forked (macOS, Windows), since spawning re-imports the
+    caller's script, which breaks scripts without an ``if __name__ == "__main__"``
+    guard; up to 8 for a CUDA GPU on Linux."""
+    import multiprocessing
+
     if requested is not None:
         return requested
-    return 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+    if not device.startswith("cuda") or multiprocessing.get_start_method() != "fork":
+        return 0
+    return min(8, os.cpu_count() or 1)
 
 
 def trainable_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
@@ -172,12 +179,13 @@ class FineTuner:
         return x.contiguous(memory_format=torch.channels_last)
 
     def _loader(self, pictures: list[torch.Tensor], y: torch.Tensor) -> torch.utils.data.DataLoader:
-        """Shuffled, augmented batches. Each epoch's iterator draws its order and its
-        workers' seeds from ``self.generator``, so runs (and resumed runs) repeat."""
+        """Shuffled, augmented batches. The order and the workers' seeds are drawn
+        from ``self.generator``, so a run, or a run resumed from a checkpoint, repeats."""
         workers = loader_workers(self.o.loader_workers, self.device)
         return torch.utils.data.DataLoader(
             AugmentedPictures(pictures, y, self.augment), batch_size=self.o.batch_size, shuffle=True,
             generator=self.generator, num_workers=workers, pin_memory=self.device.startswith("cuda"),
+            persistent_workers=workers > 0,  # start the workers once, not every epoch
         )  # fmt: skip
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
