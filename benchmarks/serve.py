@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from imgclf import ImageClassificationTrainer, load_images_from_directory, sample_data_dir
+from imgclf.serve.process import serve_in_subprocess
 
 
 def rss_mb(pid: int) -> float:
@@ -32,24 +30,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def drive(model: Path, max_batch: int, requests: int, clients: int, photos: list[bytes]) -> dict:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "serve", str(model), "--port", str(port),
-                               "--max-batch", str(max_batch)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve_in_subprocess(model, "--max-batch", str(max_batch)) as (url, server):
         with httpx.Client(timeout=30) as warm:  # warm-up, not counted
             for p in photos[:32]:
                 warm.post(f"{url}/v1/predict", content=p, headers={"content-type": "image/jpeg"})
@@ -79,9 +61,6 @@ def drive(model: Path, max_batch: int, requests: int, clients: int, photos: list
 
         wall = asyncio.run(load())
         after = rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
     q = statistics.quantiles(latencies, n=100)
     return {"rps": requests / wall, "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000,
             "errors": errors[0], "rss_before": before, "rss_after": after}  # fmt: skip

@@ -2,13 +2,11 @@
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from imgclf.serve.process import serve_in_subprocess
 
 from .conftest import PREDICT
 
@@ -21,26 +19,13 @@ def test_page_labels_uploaded_daisy(small_model, tmp_path):
         pytest.skip("Chromium is not installed (Debian package 'chromium')")
     sync_api = pytest.importorskip("playwright.sync_api")
     model = small_model.save(tmp_path / "flowers.imgclf")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "serve", str(model), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        import httpx
-
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve_in_subprocess(model) as (url, _):
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"])  # fmt: skip
             page = browser.new_page(viewport={"width": 1000, "height": 620})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{url}/")
             page.wait_for_selector("text=labels: daisy, dandelion, tulips")
             page.set_input_files("#picker", str(PREDICT / "classic-daisy.jpg"))
             label = page.wait_for_selector(".label", timeout=30_000)
@@ -51,6 +36,3 @@ def test_page_labels_uploaded_daisy(small_model, tmp_path):
             shot = os.environ.get("IMGCLF_SCREENSHOT", str(tmp_path / "page.png"))
             page.screenshot(path=shot, full_page=True)
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(10)

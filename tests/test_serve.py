@@ -137,3 +137,25 @@ def test_serve_bad_options_exit_2(argv, message, small_model, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_server_in_a_child_process_answers_and_stops(small_model, tmp_path):
+    import json
+    import urllib.request
+
+    from imgclf.serve.process import serve_in_subprocess
+
+    path = small_model.save(tmp_path / "small.imgclf")
+    with serve_in_subprocess(path, "--max-batch", "4") as (url, server):
+        request = urllib.request.Request(f"{url}/v1/predict", data=DAISY, headers={"content-type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["results"][0]["label"] == "daisy"
+    assert server.returncode is not None  # stopped when the block ended
+
+
+def test_server_that_dies_while_starting_says_why(tmp_path):
+    from imgclf.serve.process import serve_in_subprocess
+
+    with pytest.raises(RuntimeError, match="exited with code 2: .*model file not found"):
+        with serve_in_subprocess(tmp_path / "missing.imgclf"):
+            pass
