@@ -18,6 +18,7 @@ import torch
 
 from imgclf.atomic import atomic_path
 from imgclf.errors import ImgclfError
+from imgclf.workspace import checkpoint_file
 
 
 class TrainingInterrupted(ImgclfError):
@@ -41,7 +42,7 @@ def run_key(image_names: list[str], params: dict[str, Any]) -> str:
 
 class Checkpoint:
     def __init__(self, workspace: str | Path, key: str):
-        self.path = Path(workspace) / "checkpoints" / f"{key}.safetensors"
+        self.path = checkpoint_file(workspace, key)
 
     def save(self, phase: str, epoch: int, modules: dict[str, torch.nn.Module | dict], optimizer: torch.optim.Optimizer,
              generator: torch.Generator, history: list[dict], extra: dict | None = None) -> None:  # fmt: skip

@@ -24,6 +24,7 @@ from imgclf.data import ImageData, content_hash
 from imgclf.errors import ImageDecodeError
 from imgclf.imaging import Preprocessing, load_array
 from imgclf.parallel import batched, ordered_map
+from imgclf.workspace import feature_file, feature_folder
 
 FEATURE_FORMAT = "v1"
 
@@ -40,10 +41,10 @@ class FeatureCache:
     """Feature vectors on disk, one ``.npy`` per image content hash."""
 
     def __init__(self, workspace: str | Path, key: str):
-        self.folder = Path(workspace) / "features" / key
+        self.folder = feature_folder(workspace, key)
 
     def _path(self, digest: str) -> Path:
-        return self.folder / digest[:2] / f"{digest}.npy"
+        return feature_file(self.folder, digest)
 
     def get(self, digest: str) -> np.ndarray | None:
         path = self._path(digest)

@@ -1,6 +1,8 @@
-"""What training leaves in the workspace, and clearing it.
+"""The workspace's layout, what training leaves there, and clearing it.
 
-The workspace (``~/.cache/imgclf`` unless told otherwise) holds one cached
+The feature cache and the checkpoints name their files through this module,
+so the one place that knows the layout also decides what may be deleted. The
+workspace (``~/.cache/imgclf`` unless told otherwise) holds one cached
 feature vector per image and architecture, and the checkpoint of any run that
 did not finish. Neither is needed to use a trained model, and the cache never
 evicts on its own, so ``imgclf cache`` shows its size and ``--clear`` empties
@@ -14,8 +16,24 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_FEATURE_FILE = re.compile(r"[0-9a-f]{64}\.npy")
-_CHECKPOINT_FILE = re.compile(r"[0-9a-f]{20}\.safetensors")
+FEATURES, CHECKPOINTS = "features", "checkpoints"
+_FEATURE_FILE = re.compile(r"[0-9a-f]{64}\.npy")  # a SHA-256 of the image's bytes
+_CHECKPOINT_FILE = re.compile(r"[0-9a-f]{20}\.safetensors")  # a run key (checkpoint.run_key)
+
+
+def feature_folder(workspace: str | Path, key: str) -> Path:
+    """Where the vectors of one architecture + weights + preprocessing live."""
+    return Path(workspace) / FEATURES / key
+
+
+def feature_file(folder: Path, digest: str) -> Path:
+    """One image's vector in ``folder``, fanned out by the first two hex digits."""
+    return folder / digest[:2] / f"{digest}.npy"
+
+
+def checkpoint_file(workspace: str | Path, key: str) -> Path:
+    """The checkpoint of the run ``key``."""
+    return Path(workspace) / CHECKPOINTS / f"{key}.safetensors"
 
 
 @dataclass
@@ -30,22 +48,17 @@ class WorkspaceUsage:
     checkpoint_bytes: int = 0
 
 
-def _feature_files(workspace: Path) -> list[Path]:
-    """``features/<key>/<xx>/<sha256>.npy``, nothing else."""
-    return [
-        p for p in (workspace / "features").glob("*/*/*.npy")
-        if _FEATURE_FILE.fullmatch(p.name) and p.parent.name == p.name[:2]
+def _own_files(workspace: Path) -> tuple[list[Path], list[Path]]:
+    """The feature vectors and checkpoints in ``workspace`` named as above, nothing else."""
+    features = [
+        p for p in (workspace / FEATURES).glob("*/*/*.npy")
+        if _FEATURE_FILE.fullmatch(p.name) and feature_file(p.parent.parent, p.stem) == p
     ]  # fmt: skip
+    checkpoints = [p for p in (workspace / CHECKPOINTS).glob("*.safetensors") if _CHECKPOINT_FILE.fullmatch(p.name)]
+    return features, checkpoints
 
 
-def _checkpoint_files(workspace: Path) -> list[Path]:
-    return [p for p in (workspace / "checkpoints").glob("*.safetensors") if _CHECKPOINT_FILE.fullmatch(p.name)]
-
-
-def workspace_usage(workspace: str | Path) -> WorkspaceUsage:
-    """What :func:`clear_workspace` would remove."""
-    workspace = Path(workspace)
-    features, checkpoints = _feature_files(workspace), _checkpoint_files(workspace)
+def _usage(workspace: Path, features: list[Path], checkpoints: list[Path]) -> WorkspaceUsage:
     return WorkspaceUsage(
         workspace,
         feature_files=len(features),
@@ -56,19 +69,26 @@ def workspace_usage(workspace: str | Path) -> WorkspaceUsage:
     )
 
 
+def workspace_usage(workspace: str | Path) -> WorkspaceUsage:
+    """What :func:`clear_workspace` would remove."""
+    workspace = Path(workspace)
+    return _usage(workspace, *_own_files(workspace))
+
+
 def clear_workspace(workspace: str | Path) -> WorkspaceUsage:
     """Delete the cached features and leftover checkpoints; returns what was removed.
 
     Folders left empty are removed too; anything else stays.
     """
-    removed = workspace_usage(workspace)
     workspace = Path(workspace)
-    for path in _feature_files(workspace) + _checkpoint_files(workspace):
+    features, checkpoints = _own_files(workspace)
+    removed = _usage(workspace, features, checkpoints)
+    for path in features + checkpoints:
         path.unlink(missing_ok=True)
     for folder in (
-        sorted((workspace / "features").glob("*/*"), reverse=True)
-        + sorted((workspace / "features").glob("*"))
-        + [workspace / "features", workspace / "checkpoints"]
+        sorted((workspace / FEATURES).glob("*/*"), reverse=True)
+        + sorted((workspace / FEATURES).glob("*"))
+        + [workspace / FEATURES, workspace / CHECKPOINTS]
     ):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
