@@ -115,10 +115,7 @@ def loader_workers(requested: int | None, device: str) -> int:
 def trainable_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
     """The backbone's blocks, input to output (what ``unfreeze=N`` counts from the end)."""
     if hasattr(backbone, "blocks"):
-        blocks = [
-            b for stage in backbone.blocks for b in (stage if isinstance(stage, torch.nn.Sequential) else [stage])
-        ]
-        return blocks
+        return [b for stage in backbone.blocks for b in (stage if isinstance(stage, torch.nn.Sequential) else [stage])]
     return [m for m in backbone.children() if any(p.requires_grad for p in m.parameters())]
 
 
@@ -236,7 +233,7 @@ class FineTuner:
                                    "lr": o.learning_rate})  # fmt: skip
         loader = self._loader(pictures, torch.from_numpy(y))
         yv = None if y_val is None else torch.from_numpy(y_val)
-        steps_per_epoch = math.ceil(len(pictures) / o.batch_size)
+        steps_per_epoch = len(loader)
         total, warmup = o.epochs * steps_per_epoch, o.warmup_epochs * steps_per_epoch
         history: list = []
         best = BestEpoch(self.early_stopping)
