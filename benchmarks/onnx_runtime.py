@@ -31,7 +31,7 @@ def timed(argv: list[str], runs: int = 3) -> float:
 
 
 def main() -> None:
-    from imgclf.runtime import load_onnx_model
+    from imgclf.inference.runtime import load_onnx_model
 
     images = load_images_from_directory(sample_data_dir("flowers"))
     train, test = train_test_split(images, 0.2, seed=1)

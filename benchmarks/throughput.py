@@ -29,8 +29,8 @@ def build_model():
     """EfficientNet-Lite0 backbone with a 5-label head (speed does not depend on its weights)."""
     import torch
 
-    from imgclf.archs import create_backbone, get_architecture
-    from imgclf.model import ImageClassifier
+    from imgclf.inference.model import ImageClassifier
+    from imgclf.nets.archs import create_backbone, get_architecture
 
     arch = get_architecture("efficientnet_lite0")
     backbone, _ = create_backbone(arch)
@@ -96,7 +96,7 @@ def decode_change(folders: dict[str, Path], workspace: str) -> None:
     import numpy as np
 
     from imgclf import ImageClassificationTrainer, load_images_from_directory, sample_data_dir
-    from imgclf.imaging import load_array
+    from imgclf.data.imaging import load_array
 
     model = ImageClassificationTrainer(workspace=workspace, progress=False).fit(
         load_images_from_directory(sample_data_dir("flowers")))  # fmt: skip

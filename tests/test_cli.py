@@ -109,9 +109,9 @@ def test_bad_input_exits_2_with_one_line(setup, argv, message, tmp_path, capsys,
 
 
 def test_missing_weights_package_names_three_ways(tmp_path, capsys, monkeypatch, workspace):
-    import imgclf.archs
+    import imgclf.nets.archs
 
-    monkeypatch.setattr(imgclf.archs, "package_weights_file", lambda arch: None)
+    monkeypatch.setattr(imgclf.nets.archs, "package_weights_file", lambda arch: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = small_flower_folder(tmp_path / "data", per_class=2, labels=("daisy", "tulips"))
     code, _, err = run(capsys, "train", folder, "--workspace", workspace)

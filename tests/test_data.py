@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from imgclf import DataError, ImageDecodeError, load_images_from_directory, train_test_split
-from imgclf.data import check_labels, stratified_folds
-from imgclf.imaging import MAX_PIXELS, Preprocessing, load_array, open_image
+from imgclf.data.images import check_labels
+from imgclf.data.imaging import MAX_PIXELS, Preprocessing, load_array, open_image
+from imgclf.data.splits import stratified_folds
 
 from .conftest import FLOWERS, PREDICT
 

@@ -9,9 +9,9 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from imgclf.archs import create_backbone, get_architecture  # noqa: E402
-from imgclf.engine import TorchEngine, create_engine  # noqa: E402
-from imgclf.imaging import load_array  # noqa: E402
+from imgclf.data.imaging import load_array  # noqa: E402
+from imgclf.nets.archs import create_backbone, get_architecture  # noqa: E402
+from imgclf.nets.engines import TorchEngine, create_engine  # noqa: E402
 
 from .conftest import FLOWERS, PREDICT  # noqa: E402
 
@@ -35,7 +35,7 @@ def test_onnxruntime_features_match_eager_torch(backbone):
 def test_fast_and_straightforward_prediction_agree(small_model):
     """ORT engine + reduced-size JPEG decode vs eager torch + full decode, on real
     photos re-encoded at phone size (4032x3024), where draft decoding kicks in."""
-    from imgclf.engine import TorchEngine
+    from imgclf.nets.engines import TorchEngine
 
     photos = [Image.open(f).convert("RGB") for f in sorted((FLOWERS / "daisy").glob("*.jpg"))[:4]]
     photos.append(Image.open(PREDICT / "classic-tulip.jpg").convert("RGB"))

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 from imgclf import ModelFileError  # noqa: E402
 from imgclf.cli import main  # noqa: E402
-from imgclf.runtime import load_onnx_model  # noqa: E402
+from imgclf.inference.runtime import load_onnx_model  # noqa: E402
 
 from .conftest import FLOWERS, PREDICT  # noqa: E402
 
@@ -33,7 +33,7 @@ def exported(small_model, tmp_path_factory):
 def test_parity_with_pytorch(small_model, exported):
     import torch
 
-    from imgclf.imaging import load_array
+    from imgclf.data.imaging import load_array
 
     onnx_model = load_onnx_model(exported[1])
     assert onnx_model.labels == small_model.labels
@@ -63,7 +63,7 @@ def test_predict_cli_with_onnx_file(exported, capsys):
 
 def test_runtime_never_imports_torch(exported):
     code = (
-        "import sys; from imgclf.runtime import load_onnx_model; import imgclf.cli as c; "
+        "import sys; from imgclf.inference.runtime import load_onnx_model; import imgclf.cli as c; "
         f"m = load_onnx_model({str(exported[1])!r}); p = m.predict({str(PREDICT / 'classic-daisy.jpg')!r}); "
         "assert c.main(['predict', " + repr(str(exported[1])) + ", " + repr(str(PREDICT)) + "]) == 0; "
         "print(p.label, 'torch' in sys.modules)"

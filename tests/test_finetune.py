@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from imgclf import ImageClassificationTrainer, OptionError, load_images_from_directory, load_model  # noqa: E402
 from imgclf.cli import main  # noqa: E402
-from imgclf.finetune import FineTuneOptions  # noqa: E402
+from imgclf.training.finetune import FineTuneOptions  # noqa: E402
 
 from .conftest import PREDICT, small_flower_folder  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_weights_file_that_does_not_fit(tiny_weights, tmp_path, capsys, workspac
 
 
 def test_fine_tune_with_unfreeze_trains_only_the_last_blocks(tmp_path, workspace):
-    from imgclf.archs import create_backbone, get_architecture
+    from imgclf.nets.archs import create_backbone, get_architecture
 
     pretrained, _ = create_backbone(get_architecture("efficientnet_lite0"))
     images = load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=4))
@@ -86,7 +86,7 @@ def test_augmentation_in_worker_processes_repeats_and_trains(tmp_path, workspace
     the same seed gives the same weights, and the backbone does learn."""
     import multiprocessing
 
-    from imgclf.finetune import loader_workers
+    from imgclf.training.finetune import loader_workers
 
     forked = multiprocessing.get_start_method() == "fork"
     assert loader_workers(None, "cpu") == loader_workers(None, "mps") == 0 and loader_workers(2, "cpu") == 2
@@ -110,7 +110,7 @@ def test_augmentation_in_worker_processes_repeats_and_trains(tmp_path, workspace
 ])  # fmt: skip
 def test_mixed_precision_follows_the_gpu(device, bf16, expected, monkeypatch):
     """bfloat16 where the GPU has it, float16 (with loss scaling) on older GPUs, float32 off CUDA."""
-    from imgclf.device import mixed_precision_dtype
+    from imgclf.nets.device import mixed_precision_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     dtype = mixed_precision_dtype(device)
@@ -132,7 +132,7 @@ def test_bad_fine_tune_option_is_named(field, value, tmp_path):
 
 
 def test_tta_averages_the_mirror_image(small_model, tmp_path):
-    from imgclf.imaging import load_array
+    from imgclf.data.imaging import load_array
 
     x = load_array(PREDICT / "classic-tulip.jpg", small_model.preprocessing)[None]
     plain = small_model._probabilities(x)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from imgclf.metrics import compute_metrics
+from imgclf.inference.metrics import compute_metrics
 
 LABELS = ["a", "b", "c"]
 # 4 images: true a, a, b, c

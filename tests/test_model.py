@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 
 from imgclf import ModelFileError, load_model  # noqa: E402
-from imgclf.model import read_model_config  # noqa: E402
+from imgclf.inference.model import read_model_config  # noqa: E402
 
 from .conftest import FLOWERS, PREDICT  # noqa: E402
 

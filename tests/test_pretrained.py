@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from imgclf.archs import create_backbone, get_architecture, lukemelas_to_timm, package_weights_file  # noqa: E402
-from imgclf.imaging import Preprocessing, load_array  # noqa: E402
+from imgclf.data.imaging import Preprocessing, load_array  # noqa: E402
+from imgclf.nets.archs import create_backbone, get_architecture, lukemelas_to_timm, package_weights_file  # noqa: E402
 
 from .conftest import SANITY  # noqa: E402
 

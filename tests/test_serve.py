@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("torch")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from imgclf.imaging import MAX_PIXELS  # noqa: E402
+from imgclf.data.imaging import MAX_PIXELS  # noqa: E402
 from imgclf.serve import create_app  # noqa: E402
 
 from .conftest import FLOWERS, PREDICT  # noqa: E402

@@ -9,14 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from imgclf.data import (
-    ImageData,
-    image_from_bytes,
-    load_images_from_directory,
-    shuffle,
-    stratified_folds,
-    train_test_split,
-)
+from imgclf.data.images import ImageData, image_from_bytes, load_images_from_directory
+from imgclf.data.imaging import Preprocessing
+from imgclf.data.splits import shuffle, stratified_folds, train_test_split
 from imgclf.errors import (
     ArchitectureError,
     DataError,
@@ -26,32 +21,31 @@ from imgclf.errors import (
     OptionError,
     WeightsUnavailableError,
 )
-from imgclf.imaging import Preprocessing
-from imgclf.metrics import MulticlassMetrics, compute_metrics
-from imgclf.predictor import Prediction
-
-__version__ = "0.1.0"
+from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
+from imgclf.inference.predictor import Prediction
+from imgclf.version import __version__ as __version__
 
 _LAZY = {
-    "ImageClassificationTrainer": "imgclf.train",
-    "EarlyStopping": "imgclf.train",
-    "EpochMetrics": "imgclf.train",
-    "FineTuneOptions": "imgclf.finetune",
-    "ImageClassifier": "imgclf.model",
-    "load_model": "imgclf.model",
-    "load_onnx_model": "imgclf.runtime",
-    "OnnxClassifier": "imgclf.runtime",
-    "ARCHITECTURES": "imgclf.archs",
+    "ImageClassificationTrainer": "imgclf.training.trainer",
+    "EarlyStopping": "imgclf.training.history",
+    "EpochMetrics": "imgclf.training.history",
+    "FineTuneOptions": "imgclf.training.finetune",
+    "ImageClassifier": "imgclf.inference.model",
+    "load_model": "imgclf.inference.model",
+    "load_onnx_model": "imgclf.inference.runtime",
+    "OnnxClassifier": "imgclf.inference.runtime",
+    "ARCHITECTURES": "imgclf.nets.archs",
     "sample_data_dir": "imgclf.sample_data",
 }
 
 if TYPE_CHECKING:
-    from imgclf.archs import ARCHITECTURES
-    from imgclf.finetune import FineTuneOptions
-    from imgclf.model import ImageClassifier, load_model
-    from imgclf.runtime import OnnxClassifier, load_onnx_model
+    from imgclf.inference.model import ImageClassifier, load_model
+    from imgclf.inference.runtime import OnnxClassifier, load_onnx_model
+    from imgclf.nets.archs import ARCHITECTURES
     from imgclf.sample_data import sample_data_dir
-    from imgclf.train import EarlyStopping, EpochMetrics, ImageClassificationTrainer
+    from imgclf.training.finetune import FineTuneOptions
+    from imgclf.training.history import EarlyStopping, EpochMetrics
+    from imgclf.training.trainer import ImageClassificationTrainer
 
 
 def __getattr__(name: str) -> Any:

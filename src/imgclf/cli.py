@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imgclf.errors import ImgclfError, MissingDependencyError
-from imgclf.predictor import load_predictor
+from imgclf.inference.loading import load_predictor
 
 _EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
                      "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
@@ -43,9 +43,11 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgclf.data import load_images_from_directory, train_test_split
+    from imgclf.data.images import load_images_from_directory
+    from imgclf.data.splits import train_test_split
     from imgclf.sample_data import sample_data_dir
-    from imgclf.train import EarlyStopping, ImageClassificationTrainer
+    from imgclf.training.history import EarlyStopping
+    from imgclf.training.trainer import ImageClassificationTrainer
 
     folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
     started = time.perf_counter()
@@ -58,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         validation = load_images_from_directory(args.validation_folder)
     fine_tune_options = None
     if args.fine_tune:
-        from imgclf.finetune import FineTuneOptions
+        from imgclf.training.finetune import FineTuneOptions
 
         fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, **(
             {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs is not None else {}))  # fmt: skip
@@ -99,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgclf.data import load_images_from_directory
+    from imgclf.data.images import load_images_from_directory
 
     model = load_predictor(args.model, args.device)
     images = load_images_from_directory(args.folder)
@@ -112,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgclf.data import find_image_files
+    from imgclf.data.images import find_image_files
 
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
@@ -140,7 +142,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from imgclf.model import load_model
+    from imgclf.inference.model import load_model
 
     if args.format != "onnx":
         raise ImgclfError(f"unknown export format '{args.format}'; use onnx")
@@ -169,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
-    from imgclf.archs import ARCHITECTURES, preprocessing_for, weights_source
+    from imgclf.nets.archs import ARCHITECTURES, preprocessing_for, weights_source
 
     rows = []
     for arch in ARCHITECTURES.values():
@@ -188,8 +190,7 @@ def cmd_archs(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from imgclf.errors import OptionError
-    from imgclf.features import default_workspace
-    from imgclf.workspace import clear_workspace, workspace_usage
+    from imgclf.nets.workspace import clear_workspace, default_workspace, workspace_usage
 
     workspace = Path(args.workspace) if args.workspace else default_workspace()
     if args.workspace and not workspace.is_dir():
@@ -211,7 +212,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imgclf import __version__
+    from imgclf.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="imgclf", description="Train, evaluate and use image classifiers by transfer learning.",

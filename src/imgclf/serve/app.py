@@ -18,9 +18,10 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
+from imgclf.data.imaging import load_array
 from imgclf.errors import ImageDecodeError, ImgclfError
-from imgclf.imaging import load_array
-from imgclf.predictor import Predictor, load_predictor
+from imgclf.inference.loading import load_predictor
+from imgclf.inference.predictor import Predictor
 from imgclf.serve.batching import Batcher
 
 STATIC = Path(__file__).parent / "static"
@@ -84,8 +85,8 @@ def create_app(
     decode_threads: int = 4,
 ) -> FastAPI:
     """The app for ``model`` (a path to an .imgclf/.onnx file, or a loaded predictor)."""
-    from imgclf import __version__
     from imgclf.errors import OptionError
+    from imgclf.version import __version__
 
     if max_batch < 1:
         raise OptionError(f"max_batch must be at least 1 (1 turns batching off), got {max_batch}")

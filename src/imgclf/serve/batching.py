@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from imgclf.predictor import Prediction, Predictor
+from imgclf.inference.predictor import Prediction, Predictor
 
 
 class Batcher:

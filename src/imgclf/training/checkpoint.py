@@ -18,7 +18,7 @@ import torch
 
 from imgclf.atomic import atomic_path
 from imgclf.errors import ImgclfError
-from imgclf.workspace import checkpoint_file
+from imgclf.nets.workspace import checkpoint_file
 
 
 class TrainingInterrupted(ImgclfError):

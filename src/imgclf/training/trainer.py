@@ -1,121 +1,33 @@
 """Training: ML.NET's ImageClassificationTrainer, done well.
 
 The pretrained backbone stays frozen. Its pooled features are computed once
-per image (and cached, ``imgclf.features``), then a softmax head is trained on
+per image (and cached, ``imgclf.nets.features``), then a softmax head is trained on
 them with mini-batch SGD, a learning-rate schedule and optional early stopping
 that keeps the best epoch's weights.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from imgclf.archs import DEFAULT_ARCH, create_backbone, get_architecture, preprocessing_for
-from imgclf.checkpoint import Checkpoint, TrainingInterrupted, run_key
-from imgclf.data import ImageData, check_labels, train_test_split
-from imgclf.engine import create_engine
+from imgclf.data.images import ImageData, check_labels
+from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError
-from imgclf.features import ExtractionResult, FeatureExtractor, default_workspace
-from imgclf.finetune import FineTuneOptions
-from imgclf.model import ImageClassifier, library_versions
+from imgclf.inference.model import ImageClassifier, library_versions
+from imgclf.nets.archs import DEFAULT_ARCH, create_backbone, get_architecture, preprocessing_for
+from imgclf.nets.engines import create_engine
+from imgclf.nets.features import ExtractionResult, FeatureExtractor
+from imgclf.nets.workspace import default_workspace
+from imgclf.training.checkpoint import Checkpoint, TrainingInterrupted, run_key
+from imgclf.training.finetune import FineTuneOptions
+from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 
 LR_SCHEDULES = ("exponential", "polynomial", "constant")
-
-
-@dataclass
-class EpochMetrics:
-    """What the metrics callback receives after every epoch."""
-
-    epoch: int
-    learning_rate: float
-    train_accuracy: float
-    train_loss: float
-    validation_accuracy: float | None = None
-    validation_loss: float | None = None
-    phase: str = "head"  # or "fine-tune"
-
-    def __str__(self) -> str:
-        text = (f"{'fine-tune ' if self.phase == 'fine-tune' else ''}epoch {self.epoch:3d}  lr {self.learning_rate:.5f}  "
-                f"train acc {self.train_accuracy:.4f} loss {self.train_loss:.4f}")  # fmt: skip
-        if self.validation_accuracy is not None:
-            text += f"  val acc {self.validation_accuracy:.4f} loss {self.validation_loss:.4f}"
-        return text
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` epochs.
-
-    Watches validation metrics when there is a validation set, else training
-    metrics. The best epoch's weights are restored at the end.
-    """
-
-    metric: str = "accuracy"  # or "loss"
-    min_delta: float = 0.0
-    patience: int = 10
-
-    def __post_init__(self) -> None:
-        if self.metric not in ("accuracy", "loss"):
-            raise OptionError(f"early stopping metric must be 'accuracy' or 'loss', got '{self.metric}'")
-        if self.patience < 1:
-            raise OptionError(f"early stopping patience must be at least 1, got {self.patience}")
-
-
-@dataclass
-class BestEpoch:
-    """Early-stopping bookkeeping, shared by the head and fine-tune phases: the
-    best score so far, its epoch, epochs since, and that epoch's weights."""
-
-    rule: EarlyStopping | None
-    score: float = -math.inf
-    epoch: int = 0
-    waited: int = 0
-    states: dict[str, dict] | None = None  # state dict per module name, at the best epoch
-
-    def update(self, epoch: int, accuracy: float, loss: float, modules: dict) -> bool:
-        """Record one epoch's watched metrics; True when patience has run out."""
-        if self.rule is None:
-            return False
-        score = accuracy if self.rule.metric == "accuracy" else -loss
-        if score > self.score + self.rule.min_delta:
-            self.score, self.epoch, self.waited = score, epoch, 0
-            self.states = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
-            return False
-        self.waited += 1
-        return self.waited >= self.rule.patience
-
-    def checkpoint_parts(self) -> tuple[dict[str, dict], dict]:
-        """What a checkpoint keeps of this: the best weights and the counters."""
-        states = {f"best_{name}": state for name, state in (self.states or {}).items()}
-        return states, {"score": self.score, "best_epoch": self.epoch, "waited": self.waited}
-
-    def resume(self, saved: dict) -> None:
-        """Continue from what :meth:`checkpoint_parts` stored."""
-        extra = saved["extra"]
-        self.score, self.epoch, self.waited = (
-            extra.get("score", -math.inf),
-            extra.get("best_epoch", 0),
-            extra.get("waited", 0),
-        )
-        states: dict[str, dict] = {}
-        for key, value in saved["tensors"].items():
-            if key.startswith("best_"):
-                name, _, param = key[len("best_") :].partition(".")
-                states.setdefault(name, {})[param] = value
-        self.states = states or None
-
-    def restore_best(self, modules: dict) -> None:
-        """Load the best epoch's weights back into ``modules``, if one was kept."""
-        for name, module in modules.items():
-            if self.states and name in self.states:
-                module.load_state_dict(self.states[name])
 
 
 def learning_rate_at(
@@ -237,7 +149,7 @@ class ImageClassificationTrainer:
         an error. ``validation_set`` (or ``validation_fraction``) drives early
         stopping and the per-epoch validation metrics.
         """
-        from imgclf.device import resolve_device
+        from imgclf.nets.device import resolve_device
 
         self._check_options()
         labels = check_labels(images)
@@ -341,7 +253,7 @@ class ImageClassificationTrainer:
 
     def _fine_tune(self, model, images, kept, y_train, validation_set, val, y_val, device, class_weights,
                    checkpoint, saved, head_history):  # fmt: skip
-        from imgclf.finetune import FineTuner, decode_for_training
+        from imgclf.training.finetune import FineTuner, decode_for_training
 
         train_images = [images[i] for i in kept]
         pictures = decode_for_training(train_images, model.preprocessing, self.workers)

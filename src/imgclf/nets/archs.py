@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ArchitectureError, MissingDependencyError, WeightsUnavailableError
-from imgclf.imaging import Preprocessing
 
 if TYPE_CHECKING:
     import torch

@@ -20,21 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data import ImageData, content_hash
+from imgclf.data.images import ImageData, content_hash
+from imgclf.data.imaging import Preprocessing, load_array
+from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import ImageDecodeError
-from imgclf.imaging import Preprocessing, load_array
-from imgclf.parallel import batched, ordered_map
-from imgclf.workspace import feature_file, feature_folder
+from imgclf.nets.workspace import feature_file, feature_folder
 
 FEATURE_FORMAT = "v1"
-
-
-def default_workspace() -> Path:
-    """``$IMGCLF_WORKSPACE``, else the user's cache folder."""
-    if os.environ.get("IMGCLF_WORKSPACE"):
-        return Path(os.environ["IMGCLF_WORKSPACE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "imgclf"
 
 
 class FeatureCache:

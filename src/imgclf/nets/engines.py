@@ -10,14 +10,48 @@ Both give the same features within 1e-4 (tests/test_engine.py).
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import numpy as np
+
+from imgclf.errors import MissingDependencyError
 
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
 def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("ONNX prediction needs onnxruntime: pip install 'imgclf[runtime]'") from None
+    return onnxruntime
+
+
+class OnnxSession:
+    """An ONNX Runtime session on the CPU: float32 batch in, first output out."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: bytes | str | Path, threads: int | None = None):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, arrays: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(arrays, dtype=np.float32)})[0]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
 
 class TorchEngine:
@@ -48,7 +82,7 @@ def create_engine(module, input_size: int, device: str = "cpu", engine: str = "a
     use_ort = engine == "onnxruntime" or (engine == "auto" and device == "cpu" and onnxruntime_available())
     if not use_ort:
         return TorchEngine(module, device)
-    from imgclf.onnx_graph import to_onnx_bytes
-    from imgclf.runtime import OnnxSession
+    from imgclf.nets.engines import OnnxSession
+    from imgclf.nets.onnx_graph import to_onnx_bytes
 
     return OnnxSession(to_onnx_bytes(module, input_size))

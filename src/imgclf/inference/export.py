@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from imgclf.atomic import atomic_path
 from imgclf.errors import ModelFileError, OptionError
-from imgclf.runtime import METADATA_KEY
+from imgclf.inference.runtime import METADATA_KEY
 
 if TYPE_CHECKING:
-    from imgclf.model import ImageClassifier
+    from imgclf.inference.model import ImageClassifier
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -32,7 +32,7 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
     """
     import onnx
 
-    from imgclf.onnx_graph import DEFAULT_OPSET, to_onnx_bytes
+    from imgclf.nets.onnx_graph import DEFAULT_OPSET, to_onnx_bytes
 
     if quantize not in (None, "int8"):
         raise OptionError(f"quantize must be 'int8' or none, got '{quantize}'")

@@ -12,6 +12,7 @@ folder with other things in it cannot lose them.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,14 @@ from pathlib import Path
 FEATURES, CHECKPOINTS = "features", "checkpoints"
 _FEATURE_FILE = re.compile(r"[0-9a-f]{64}\.npy")  # a SHA-256 of the image's bytes
 _CHECKPOINT_FILE = re.compile(r"[0-9a-f]{20}\.safetensors")  # a run key (checkpoint.run_key)
+
+
+def default_workspace() -> Path:
+    """``$IMGCLF_WORKSPACE``, else the user's cache folder."""
+    if os.environ.get("IMGCLF_WORKSPACE"):
+        return Path(os.environ["IMGCLF_WORKSPACE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "imgclf"
 
 
 def feature_folder(workspace: str | Path, key: str) -> Path:

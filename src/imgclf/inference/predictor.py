@@ -1,7 +1,7 @@
 """What every trained model answers: predict, predict_batch, evaluate.
 
-The torch model (``imgclf.model``) and the torch-free ONNX model
-(``imgclf.runtime``) differ only in how a batch of preprocessed images becomes
+The torch model (``imgclf.inference.model``) and the torch-free ONNX model
+(``imgclf.inference.runtime``) differ only in how a batch of preprocessed images becomes
 probabilities (``_probabilities``); decoding in parallel threads, batching,
 error reporting and evaluation live here once.
 """
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from imgclf.data import ImageData
+from imgclf.data.images import ImageData
+from imgclf.data.imaging import ImageSource, Preprocessing, load_array
+from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import DataError, ImageDecodeError
-from imgclf.imaging import ImageSource, Preprocessing, load_array
-from imgclf.metrics import MulticlassMetrics, compute_metrics
-from imgclf.parallel import batched, ordered_map
+from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
 
 
 @dataclass
@@ -123,14 +122,3 @@ class Predictor:
         if not probs:
             raise DataError("no readable images to evaluate on")
         return compute_metrics(np.asarray(probs), targets, self.labels)
-
-
-def load_predictor(path: str | Path, device: str = "cpu") -> Predictor:
-    """An imgclf model file, or an exported ``.onnx`` file (the torch-free path)."""
-    if str(path).lower().endswith(".onnx"):
-        from imgclf.runtime import load_onnx_model
-
-        return load_onnx_model(path)
-    from imgclf.model import load_model
-
-    return load_model(path, device=device)

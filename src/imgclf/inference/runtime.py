@@ -8,47 +8,17 @@ and preprocessing in its metadata, so the file alone is enough.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imgclf.errors import MissingDependencyError, ModelFileError
-from imgclf.imaging import Preprocessing
-from imgclf.predictor import Predictor
+from imgclf.data.imaging import Preprocessing
+from imgclf.errors import ModelFileError
+from imgclf.inference.predictor import Predictor
+from imgclf.nets.engines import OnnxSession, _ort
 
 METADATA_KEY = "imgclf"
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MissingDependencyError("ONNX prediction needs onnxruntime: pip install 'imgclf[runtime]'") from None
-    return onnxruntime
-
-
-class OnnxSession:
-    """An ONNX Runtime session on the CPU: float32 batch in, first output out."""
-
-    name = "onnxruntime"
-
-    def __init__(self, model: bytes | str | Path, threads: int | None = None):
-        ort = _ort()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, arrays: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(arrays, dtype=np.float32)})[0]
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self.session.get_modelmeta().custom_metadata_map)
 
 
 class OnnxClassifier(Predictor):

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgclf.data import ImageData
-from imgclf.device import mixed_precision_dtype
+from imgclf.data.images import ImageData
+from imgclf.data.imaging import Preprocessing, open_image, resize_shorter_side
+from imgclf.data.parallel import ordered_map
 from imgclf.errors import OptionError
-from imgclf.imaging import Preprocessing, open_image, resize_shorter_side
-from imgclf.parallel import ordered_map
+from imgclf.nets.device import mixed_precision_dtype
+from imgclf.training.history import BestEpoch, EpochMetrics
 
 
 @dataclass
@@ -218,8 +219,6 @@ class FineTuner:
         so a resumed run reports its whole history.
         """
         from timm.optim import create_optimizer_v2
-
-        from imgclf.train import BestEpoch, EpochMetrics
 
         o, model = self.o, self.model
         backbone, head = model.backbone.to(self.device), model.head.to(self.device)

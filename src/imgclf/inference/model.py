@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from imgclf.atomic import atomic_path
+from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError
-from imgclf.imaging import Preprocessing
-from imgclf.predictor import Predictor
+from imgclf.inference.predictor import Predictor
 
 FORMAT_NAME = "imgclf"
 FORMAT_VERSION = 1
@@ -30,7 +30,7 @@ def library_versions() -> dict[str, str]:
     """Versions that made a model, recorded in its file for reproducibility."""
     import platform
 
-    from imgclf import __version__
+    from imgclf.version import __version__
 
     versions = {"imgclf": __version__, "python": platform.python_version()}
     for mod in ("torch", "timm", "numpy", "PIL"):
@@ -83,8 +83,8 @@ class ImageClassifier(Predictor):
 
     def _engine_for(self, batch: int):
         """The backbone engine: a quick eager one for a few images; the fastest
-        one (``imgclf.engine``), built once, as soon as batches are worth it."""
-        from imgclf.engine import TorchEngine, create_engine
+        one (``imgclf.nets.engines``), built once, as soon as batches are worth it."""
+        from imgclf.nets.engines import TorchEngine, create_engine
 
         if self.features_engine is None and (batch >= 8 or self.engine != "auto"):
             self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, self.engine)
@@ -146,8 +146,8 @@ class ImageClassifier(Predictor):
         return path
 
     def export_onnx(self, path: str | Path, **options) -> Path:
-        """Export the whole network to ONNX (see :func:`imgclf.export.export_onnx`)."""
-        from imgclf.export import export_onnx
+        """Export the whole network to ONNX (see :func:`imgclf.inference.export.export_onnx`)."""
+        from imgclf.inference.export import export_onnx
 
         return export_onnx(self, path, **options)
 
@@ -181,13 +181,13 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> ImageClassifier:
     """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete.
 
-    ``engine``: "auto" (fastest available), "torch" or "onnxruntime" (see ``imgclf.engine``).
+    ``engine``: "auto" (fastest available), "torch" or "onnxruntime" (see ``imgclf.nets.engines``).
     """
     import torch
     from safetensors.torch import load_file
 
-    from imgclf.archs import create_network
-    from imgclf.device import resolve_device
+    from imgclf.nets.archs import create_network
+    from imgclf.nets.device import resolve_device
 
     path = Path(path)
     config = read_model_config(path)

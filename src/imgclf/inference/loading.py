@@ -1,0 +1,18 @@
+"""Loading a model file of either kind: an imgclf model or an exported ONNX file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgclf.inference.predictor import Predictor
+
+
+def load_predictor(path: str | Path, device: str = "cpu") -> Predictor:
+    """An imgclf model file, or an exported ``.onnx`` file (the torch-free path)."""
+    if str(path).lower().endswith(".onnx"):
+        from imgclf.inference.runtime import load_onnx_model
+
+        return load_onnx_model(path)
+    from imgclf.inference.model import load_model
+
+    return load_model(path, device=device)
