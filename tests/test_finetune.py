@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from imgclf import ImageClassificationTrainer, OptionError, load_images_from_dir
 from imgclf.cli import main  # noqa: E402
 from imgclf.training.finetune import FineTuneOptions  # noqa: E402
 
-from .conftest import PREDICT, small_flower_folder  # noqa: E402
+from .conftest import FLOWERS, PREDICT, SANITY, small_flower_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,14 @@ def test_any_timm_model_with_local_weights(tiny_weights, tmp_path, capsys, works
     code = main(["train", str(folder), "--arch", "test_efficientnet", "--weights",
                  str(tiny_weights / f"test_efficientnet.{suffix}"), "--epochs", "1", "--out", str(out),
                  "--workspace", str(workspace), "-q", "--fine-tune", "--fine-tune-epochs", "1", "--device", "cpu"])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     model = load_model(out)
     assert model.arch == "test_efficientnet" and model.preprocessing.input_size == 160
+    # each fine-tune decision is one printed line, and the model file keeps them
+    decisions = model.info["fine_tune"]["decisions"]
+    assert any(line.startswith("batch norm ") for line in decisions)
+    assert all(f"  fine-tune: {line}" in printed.out.splitlines() for line in decisions)
     assert model.predict(PREDICT / "classic-daisy.jpg").label in ("daisy", "tulips")
 
 
@@ -59,6 +65,25 @@ def test_weights_file_that_does_not_fit(tiny_weights, tmp_path, capsys, workspac
     code = main(["train", str(folder), "--weights", str(tiny_weights / "test_efficientnet.safetensors"),
                  "--workspace", str(workspace)])  # fmt: skip
     assert code == 2 and "weights do not fit architecture 'efficientnet_lite0'" in capsys.readouterr().err
+
+
+BRAIN = Path(__file__).parent / "data" / "brain-mri"
+
+
+def test_fine_tune_leaves_the_stem_and_first_blocks_alone(tmp_path, workspace):
+    """By default nothing back-propagates into the stem and the first two blocks."""
+    from imgclf.nets.archs import create_backbone, get_architecture
+
+    pretrained, _ = create_backbone(get_architecture("efficientnet_lite0"))
+    images = load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=3))
+    options = FineTuneOptions(epochs=1, train_size=96, batch_norm="frozen")
+    model = ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False, fine_tune=True,
+                                       fine_tune_options=options).fit(images)  # fmt: skip
+    before, after = pretrained.state_dict(), model.backbone.state_dict()
+    for frozen in ("conv_stem.weight", "blocks.0.0.conv_dw.weight", "blocks.1.0.conv_pw.weight"):
+        assert torch.equal(before[frozen], after[frozen]), frozen
+    for trained in ("blocks.1.1.conv_pw.weight", "blocks.3.0.conv_pw.weight", "conv_head.weight"):
+        assert not torch.equal(before[trained], after[trained]), trained
 
 
 def test_fine_tune_with_unfreeze_trains_only_the_last_blocks(tmp_path, workspace):
@@ -119,7 +144,9 @@ def test_mixed_precision_follows_the_gpu(device, bf16, expected, monkeypatch):
 
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("batch_size", 2.5), ("learning_rate", 0), ("layer_decay", 1.5), ("label_smoothing", 1),
-    ("unfreeze", 0), ("min_crop", 0), ("loader_workers", -1), ("warmup_epochs", -1),
+    ("unfreeze", 0), ("min_crop", 0), ("loader_workers", -1), ("warmup_epochs", -1), ("batch_norm", "train"),
+    ("train_size", 16), ("validation_fraction", 1.0), ("patience", 0), ("frozen_blocks", -1),
+    ("backbone_lr_ratio", -1.0), ("keep_orientation", "yes"),
 ])  # fmt: skip
 def test_bad_fine_tune_option_is_named(field, value, tmp_path):
     with pytest.raises(OptionError, match=field.replace("_", ".")):
@@ -227,7 +254,105 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, workspace):
     tuned = ImageClassificationTrainer(epochs=5, early_stopping=EarlyStopping(patience=1), workspace=workspace,
                                        progress=False, fine_tune=True,
                                        fine_tune_options=FineTuneOptions(epochs=4)).fit(train, validation_set=val)  # fmt: skip
-    ft = [h for h in tuned.info["history"] if h["phase"] == "fine-tune"]
-    ft_best = tuned.info["training"]["best_epoch"]
-    assert len(ft) == min(4, ft_best + 1)
-    assert max(h["validation_accuracy"] for h in ft) == ft[ft_best - 1]["validation_accuracy"]
+    accuracies = [h["validation_accuracy"] for h in tuned.info["history"] if h["phase"] == "fine-tune"]
+    ft_best = tuned.info["fine_tune"]["best_fine_tune_epoch"]
+    assert len(accuracies) == min(4, ft_best + 1) and max(accuracies) == accuracies[ft_best - 1]
+    # the best fine-tune epoch is kept only if it beats head-only on the validation photos
+    head_only = tuned.info["fine_tune"]["head_only_validation"]["accuracy"]
+    kept = tuned.info["training"]["best_epoch"]
+    if accuracies[ft_best - 1] != head_only:
+        assert kept == (ft_best if accuracies[ft_best - 1] > head_only else 0)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Batch-norm distance to ImageNet and grayscale share of real photos: ImageNet
+    photos and MRI slices (8 each), flowers (17), centre crops at the test input."""
+    import torchvision.transforms.v2 as T
+
+    from imgclf.nets.archs import create_backbone, get_architecture, preprocessing_for
+    from imgclf.training.finetune import decode_for_training, grayscale_share, imagenet_distance
+
+    arch = get_architecture("efficientnet_lite0")
+    prep = preprocessing_for(arch)
+    backbone, _ = create_backbone(arch)
+    sets = {
+        "imagenet": load_images_from_directory(SANITY, use_folder_name_as_label=False)[:8],
+        "flowers": load_images_from_directory(FLOWERS)[::12],
+        "brain": load_images_from_directory(BRAIN),
+    }
+    out = {}
+    for name, images in sets.items():
+        pictures = decode_for_training(images, prep)
+        x = torch.stack([T.CenterCrop(prep.input_size)(p) for p in pictures]).float() / 127.5 - 1
+        out[name] = (imagenet_distance(backbone, x), grayscale_share(pictures))
+    return out
+
+
+def test_mri_slices_measure_far_from_imagenet_and_grayscale(measured):
+    from imgclf.training.finetune import IMAGENET_DISTANCE_THRESHOLD
+
+    assert measured["imagenet"][0] < measured["flowers"][0] < IMAGENET_DISTANCE_THRESHOLD < measured["brain"][0]
+    assert measured["brain"][1] == 1.0 and measured["flowers"][1] == measured["imagenet"][1] == 0.0
+
+
+def test_recipe_follows_the_measurements_and_says_why(measured):
+    from imgclf.training.finetune import choose_recipe
+
+    near = choose_recipe(FineTuneOptions(), 224, *measured["flowers"])
+    far = choose_recipe(FineTuneOptions(), 224, *measured["brain"])
+    assert (near.batch_norm, near.backbone_lr_ratio, near.color_augment) == ("frozen", 0.2, True)
+    assert (far.batch_norm, far.backbone_lr_ratio, far.color_augment) == ("adapt", 1.0, False)
+    assert near.train_size == far.train_size == 176
+    for recipe, word in ((near, "like ImageNet"), (far, "unlike ImageNet")):
+        assert len(recipe.decisions) == 7 and all("\n" not in line for line in recipe.decisions)
+        assert sum(word in line for line in recipe.decisions) == 5  # rate, decay, batch norm, magnitude, crop
+    assert "100% of the photos are grayscale" in far.decisions[5]
+    chosen = choose_recipe(FineTuneOptions(batch_norm="frozen", backbone_lr_ratio=0.5, color_augment=True,
+                                           train_size=224), 224, *measured["brain"])  # fmt: skip
+    assert (chosen.batch_norm, chosen.backbone_lr_ratio, chosen.color_augment, chosen.train_size) == (
+        "frozen", 0.5, True, 224)  # fmt: skip
+    assert sum("set by the caller" in line for line in chosen.decisions) == 4
+
+
+@pytest.mark.parametrize("colour, keep_orientation", [(True, False), (False, False), (False, True)])
+def test_augmentation_suits_the_photos(colour, keep_orientation):
+    """No colour operations for grayscale photos; no flips, rotations or shears when orientation matters."""
+    import torchvision.transforms.v2 as T
+
+    from imgclf.training.finetune import COLOUR_OPS, ORIENTATION_OPS, build_augmentation, choose_recipe
+
+    recipe = choose_recipe(FineTuneOptions(color_augment=colour), 224, 0.2, 0.0)
+    augment = build_augmentation(recipe, keep_orientation)
+    ops = augment.transforms[-1].ops
+    assert set(COLOUR_OPS) <= set(ops) if colour else not set(COLOUR_OPS) & set(ops)
+    assert (not set(ORIENTATION_OPS) & set(ops)) == keep_orientation
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in augment.transforms) != keep_orientation
+    picture = torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8)
+    assert augment(picture).shape == (3, 176, 176)
+
+
+def test_fine_tune_that_does_not_pay_keeps_the_head_only_model(tmp_path, workspace):
+    """A validation share is held out; when no fine-tune epoch beats head-only on it,
+    the model is head-only: pretrained backbone, head refitted on every training photo."""
+    from imgclf.nets.archs import create_backbone, get_architecture
+
+    pretrained, _ = create_backbone(get_architecture("efficientnet_lite0"))
+    labels = ("daisy", "roses", "tulips")
+    images = load_images_from_directory(small_flower_folder(tmp_path / "data", per_class=10, labels=labels))
+    options = FineTuneOptions(epochs=1, learning_rate=0.5, train_size=64, batch_size=8)  # a rate that wrecks it
+    model = ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False, fine_tune=True,
+                                       fine_tune_options=options).fit(images)  # fmt: skip
+    info = model.info["fine_tune"]
+    assert model.info["training"]["validation_images"] == 6 and model.info["training"]["best_epoch"] == 0
+    assert info["kept"] == "head-only" and info["decisions"][0].startswith("validation: 6 of the 30 training photos")
+    fine_tuned = model.info["history"][-1]
+    assert (
+        fine_tuned["phase"] == "fine-tune"
+        and fine_tuned["validation_accuracy"] < info["head_only_validation"]["accuracy"]
+    )
+    assert info["decisions"][-1].startswith("kept the head-only model")
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in pretrained.state_dict().items())
+    head_only = ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False).fit(images)
+    daisy = PREDICT / "classic-daisy.jpg"
+    assert model.predict(daisy).scores == pytest.approx(head_only.predict(daisy).scores, abs=0.05)

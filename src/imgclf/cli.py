@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
@@ -42,6 +43,20 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
             print(f"  {line[len('skipped ') :]}", file=sys.stderr)
 
 
+class _PrintHandler(logging.Handler):
+    """Log records as indented lines on whatever ``sys.stdout`` is now."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"  {record.getMessage()}", flush=True)
+
+
+def _print_log_lines(name: str) -> None:
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _PrintHandler) for h in logger.handlers):
+        logger.addHandler(_PrintHandler())
+    logger.setLevel(logging.INFO)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from imgclf.data.images import load_images_from_directory
     from imgclf.data.splits import train_test_split
@@ -62,8 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fine_tune:
         from imgclf.training.finetune import FineTuneOptions
 
-        fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, **(
+        fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, keep_orientation=args.keep_orientation, **(
             {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs is not None else {}))  # fmt: skip
+        _print_log_lines("imgclf")  # the fine-tune's decisions, one line each
     early = None
     if args.early_stopping:
         early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
@@ -256,7 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the head, train the backbone too, with augmentation (slower, usually more accurate)",
     )
     p.add_argument("--unfreeze", type=int, help="with --fine-tune: train only the last N blocks (default: all)")
-    p.add_argument("--fine-tune-epochs", type=int, help="with --fine-tune: epochs of fine-tuning (default: 10)")
+    p.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        help="with --fine-tune: most epochs of fine-tuning; it stops sooner when they stop paying (default: 12)",
+    )
+    p.add_argument(
+        "--keep-orientation",
+        action="store_true",
+        help="with --fine-tune: no flips, rotations or shears (for images whose orientation carries meaning)",
+    )
     p.add_argument("--tta", action="store_true", help="average each prediction with its mirror image")
     p.add_argument("--class-weight", choices=["balanced"], help="weigh rare labels up (for skewed folders)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")

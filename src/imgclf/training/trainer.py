@@ -24,7 +24,7 @@ from imgclf.nets.engines import create_engine
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.workspace import default_workspace
 from imgclf.training.checkpoint import Checkpoint, TrainingInterrupted, run_key
-from imgclf.training.finetune import FineTuneOptions
+from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 
 LR_SCHEDULES = ("exponential", "polynomial", "constant")
@@ -155,6 +155,11 @@ class ImageClassificationTrainer:
         labels = check_labels(images)
         if validation_set is None and self.validation_fraction:
             images, validation_set = train_test_split(images, self.validation_fraction, self.seed)
+        validation_note, held_out = None, False  # fine-tuning holds out its own validation photos if none are given
+        if self.fine_tune and validation_set is None:
+            options = self.fine_tune_options or FineTuneOptions()
+            images, validation_set, validation_note = carve_validation(images, options, self.seed)
+            held_out = validation_set is not None
         if validation_set is not None:
             unknown = sorted({im.label for im in validation_set} - set(labels))
             if unknown:
@@ -202,12 +207,19 @@ class ImageClassificationTrainer:
                 backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
                 preprocessing=preprocessing, info={}, device=device, engine=self.engine,
             )  # fmt: skip
+            tuner = None
             if self.fine_tune:
-                history_ft, best_epoch = self._fine_tune(model, images, train.kept, y_train, validation_set, val,
-                                                         y_val, device, class_weights, checkpoint, saved, history)  # fmt: skip
+                tuner = self._fine_tune(model, images, train.kept, y_train, validation_set, val, y_val, device,
+                                        class_weights, checkpoint, saved, history, validation_note)  # fmt: skip
+                history_ft, best_epoch = tuner.history, tuner.kept_epoch
                 history += history_ft
-            else:
-                model.features_engine = engine  # reuse the engine that was just built
+                if tuner.kept == "head-only" and held_out and x_val is not None:
+                    # the held-out photos were only for choosing: the head-only model learns from them too
+                    model.head, _, _ = self._train_head(np.concatenate([x_train, x_val]),
+                                                        np.concatenate([y_train, y_val]), None, None, len(labels),
+                                                        device, class_weights, report=False)  # fmt: skip
+            if tuner is None or tuner.kept == "head-only":
+                model.features_engine = engine  # the backbone is the one the engine was built from: reuse it
         except KeyboardInterrupt:
             raise TrainingInterrupted(
                 f"training interrupted; progress up to the last finished epoch is saved in {checkpoint.path}; "
@@ -222,6 +234,7 @@ class ImageClassificationTrainer:
                          "validation_images": 0 if y_val is None else int(len(y_val))},
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
+            **({"fine_tune": tuner.summary()} if tuner is not None else {}),
             "extraction": {"extracted": train.extracted, "cached": train.cached, "engine": engine.name},
             "versions": library_versions(),
         }  # fmt: skip
@@ -252,8 +265,8 @@ class ImageClassificationTrainer:
         return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
     def _fine_tune(self, model, images, kept, y_train, validation_set, val, y_val, device, class_weights,
-                   checkpoint, saved, head_history):  # fmt: skip
-        from imgclf.training.finetune import FineTuner, decode_for_training
+                   checkpoint, saved, head_history, validation_note: str | None):  # fmt: skip
+        from imgclf.training.finetune import FineTuner, decode_for_training, log
 
         train_images = [images[i] for i in kept]
         pictures = decode_for_training(train_images, model.preprocessing, self.workers)
@@ -263,10 +276,15 @@ class ImageClassificationTrainer:
         tuner = FineTuner(model, self.fine_tune_options or FineTuneOptions(), device=device, seed=self.seed,
                           tta=self.tta, class_weights=class_weights, callback=self.metrics_callback,
                           early_stopping=self.early_stopping, checkpoint=checkpoint)  # fmt: skip
-        return tuner.run(pictures, y_train, val_pictures, y_val, saved, prior_history=head_history)
+        if validation_note:
+            log.info("fine-tune: %s", validation_note)
+        tuner.run(pictures, y_train, val_pictures, y_val, saved, prior_history=head_history)
+        if validation_note:
+            tuner.recipe.decisions.insert(0, validation_note)
+        return tuner
 
     def _train_head(self, x_train, y_train, x_val, y_val, n_classes: int, device: str, class_weights=None,
-                    checkpoint: Checkpoint | None = None, saved: dict | None = None):  # fmt: skip
+                    checkpoint: Checkpoint | None = None, saved: dict | None = None, report: bool = True):  # fmt: skip
         import torch
         import torch.nn.functional as F
 
@@ -318,7 +336,7 @@ class ImageClassificationTrainer:
             if xv is not None:
                 m.validation_accuracy, m.validation_loss = measure(xv, yv)
             history.append(m)
-            if self.metrics_callback is not None:
+            if self.metrics_callback is not None and report:
                 self.metrics_callback(m)
             watched = (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
             done = best.update(epoch + 1, *watched, {"head": head})
