@@ -31,7 +31,7 @@ _LAZY = {
     "EpochMetrics": "imgclf.training.history",
     "FineTuneOptions": "imgclf.training.finetune",
     "ImageClassifier": "imgclf.inference.model",
-    "load_model": "imgclf.inference.model",
+    "load_model": "imgclf.inference.loading",
     "load_onnx_model": "imgclf.inference.runtime",
     "OnnxClassifier": "imgclf.inference.runtime",
     "ARCHITECTURES": "imgclf.nets.archs",
@@ -39,7 +39,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from imgclf.inference.model import ImageClassifier, load_model
+    from imgclf.inference.loading import load_model
+    from imgclf.inference.model import ImageClassifier
     from imgclf.inference.runtime import OnnxClassifier, load_onnx_model
     from imgclf.nets.archs import ARCHITECTURES
     from imgclf.sample_data import sample_data_dir
