@@ -65,7 +65,9 @@ def test_predict_json_walks_folders_and_reports_bad_images(model_file, tmp_path,
     assert "error" in results["broken.jpg"] and "broken.jpg" in results["broken.jpg"]["error"]
     daisy = results["classic-daisy.jpg"]
     assert daisy["label"] == "daisy" and len(daisy["scores"]) == 2
-    assert daisy["probability"] == max(daisy["scores"].values())
+    # the HTTP API's shape: a list of {label, probability}, most likely first
+    assert daisy["scores"][0] == {"label": "daisy", "probability": daisy["probability"]}
+    assert daisy["scores"][0]["probability"] >= daisy["scores"][1]["probability"]
 
 
 def test_evaluate_json(model_file, tmp_path, capsys):
@@ -148,7 +150,8 @@ def test_cache_reports_and_clears_only_its_own_files(tmp_path, capsys):
         return json.loads(capsys.readouterr().out)
 
     before = cache()
-    assert (before["feature_files"], before["feature_sets"], before["checkpoints"]) == (len(images), 1, 1)
+    # two checkpoints: the fitted (never saved) model's run, kept until a save, and the unfinished run's
+    assert (before["feature_files"], before["feature_sets"], before["checkpoints"]) == (len(images), 1, 2)
     assert before["feature_bytes"] > len(images) * 1280 * 4  # one float32 vector of 1280 per photo
     assert cache("--clear")["feature_files"] == len(images)
     after = cache()

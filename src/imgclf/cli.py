@@ -42,22 +42,57 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
             print(f"  {line[len('skipped ') :]}", file=sys.stderr)
 
 
+def _tsv(text: str) -> str:
+    """A field for tab-separated output: backslash, tab, newline and carriage return escaped
+    (``\\``, ``\t``, ``\n``, ``\r``), so a file name can never break a line or a column."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+#: Options that only mean something with a switch: (option dest, its flag, the switch's dest, its flag).
+_NEEDS_SWITCH = [
+    ("unfreeze", "--unfreeze", "fine_tune", "--fine-tune"),
+    ("fine_tune_epochs", "--fine-tune-epochs", "fine_tune", "--fine-tune"),
+    ("early_stopping_metric", "--early-stopping-metric", "early_stopping", "--early-stopping"),
+    ("patience", "--patience", "early_stopping", "--early-stopping"),
+    ("min_delta", "--min-delta", "early_stopping", "--early-stopping"),
+]
+
+
+def _check_switches(args: argparse.Namespace) -> None:
+    """An option given without its switch would be silently ignored: say so instead."""
+    from imgclf.errors import OptionError
+
+    for dest, flag, switch, switch_flag in _NEEDS_SWITCH:
+        if getattr(args, dest) is not None and not getattr(args, switch):
+            raise OptionError(f"{flag} only applies with {switch_flag}; add {switch_flag} or drop {flag}")
+    if args.validation_folder and args.validation_fraction is not None:
+        raise OptionError("give --validation-folder or --validation-fraction, not both")
+
+
+def _check_train_outputs(args: argparse.Namespace) -> None:
+    """Every file train will write can be written, checked before any work starts."""
+    from imgclf.atomic import check_output_path
+    from imgclf.errors import OptionError
+
+    check_output_path(args.out, "model", option="--out")
+    if args.metrics_json:
+        check_output_path(args.metrics_json, "metrics", option="--metrics-json", stream_ok=True)
+        if Path(args.metrics_json).resolve() == Path(args.out).resolve():
+            raise OptionError(f"--metrics-json {args.metrics_json}: is also --out; give the metrics another file name")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from imgclf.atomic import atomic_write_text, check_not_an_input
     from imgclf.data.images import load_images_from_directory
-    from imgclf.data.splits import train_test_split
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
     from imgclf.training.trainer import ImageClassificationTrainer
 
-    folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
-    started = time.perf_counter()
-    images = load_images_from_directory(folder)
-    train, test = train_test_split(images, test_fraction=args.test_fraction, seed=args.seed)
-    labels = sorted({im.label for im in images})
-    print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
-    validation = None
-    if args.validation_folder:
-        validation = load_images_from_directory(args.validation_folder)
+    # Every option and output first: a mistake must cost a second, not a training run.
+    _check_switches(args)
+    _check_train_outputs(args)
+    if not 0 < args.test_fraction < 1:
+        raise ImgclfError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
     fine_tune_options = None
     if args.fine_tune:
         from imgclf.training.finetune import FineTuneOptions
@@ -66,7 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs is not None else {}))  # fmt: skip
     early = None
     if args.early_stopping:
-        early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
+        early = EarlyStopping(metric=args.early_stopping_metric or "accuracy",
+                              min_delta=0.0 if args.min_delta is None else args.min_delta,
+                              patience=10 if args.patience is None else args.patience)  # fmt: skip
 
     def report(m) -> None:
         if args.verbose or m.phase == "fine-tune" or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
@@ -79,25 +116,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
     )  # fmt: skip
-    print(f"Training on {len(train)} images, holding out {len(test)} for evaluation ({args.arch})")
+    trainer.validate()
+    if args.weights and not Path(args.weights).is_file():
+        raise ImgclfError(f"--weights {args.weights}: weights file not found")
+
+    folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
+    started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = trainer.fit(train, validation_set=validation)
-        if model.info["training"]["resumed_from"]:
-            print(f"Resumed from the checkpoint after {model.info['training']['resumed_from']}")
+        try:
+            images = load_images_from_directory(folder)
+            validation = load_images_from_directory(args.validation_folder) if args.validation_folder else None
+            inputs = [im.source for im in images + (validation or [])] + ([args.weights] if args.weights else [])
+            check_not_an_input(args.out, inputs, "model", option="--out")
+            if args.metrics_json:
+                check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
+            labels = sorted({im.label for im in images})
+            print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
+            print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for evaluation",
+                  flush=True)  # fmt: skip
+            model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation)
+            metrics, out = _evaluate_and_save(model, test, args)
+        finally:
+            _print_skipped(caught)
+    # The model is safe on disk; only now the extras that could still fail.
+    if args.metrics_json:
+        atomic_write_text(args.metrics_json, json.dumps(metrics.to_dict(), indent=2) + "\n", "metrics")
+    print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
+    return 0
+
+
+def _evaluate_and_save(model, test, args: argparse.Namespace):
+    """Report, evaluate on the held-out images, save. The run's checkpoint stays until the
+    save succeeds, so if anything here fails (or is interrupted) --resume finishes in seconds."""
+    from imgclf.errors import ModelFileError
+    from imgclf.training.checkpoint import TrainingInterrupted
+
+    kept = model.checkpoint_path_
+    hint = f"; the trained run is kept in {kept}: run the same command with --resume to save it in seconds"
+    try:
+        training = model.info["training"]
+        if training["resumed_from"]:
+            print(f"Resumed from the checkpoint after {training['resumed_from']}")
         elif args.resume:
             print("No checkpoint of this run to resume from; trained from the start")
         ext = model.info["extraction"]
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
+        print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} held out")
         metrics = model.evaluate(test)
-    model.info["metrics"] = metrics.to_dict()
-    print(metrics)
-    if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(metrics.to_dict(), indent=2))
-    out = model.save(args.out)
-    print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
-    _print_skipped(caught)
-    return 0
+        model.info["metrics"] = metrics.to_dict()
+        print(metrics)
+        return metrics, model.save(args.out)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted" + (hint if kept else "")) from None
+    except ModelFileError as e:
+        raise ModelFileError(f"{e}{hint if kept else ''}") from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -128,13 +201,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             results.append({"file": name, "error": str(outcome)})
             if not args.json:
-                print(f"error: {outcome}", file=sys.stderr)
+                print(f"error: {_tsv(str(outcome))}", file=sys.stderr)
             continue
-        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.json and args.top_k > 1 else None)})
+        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.top_k > 1 else None)})
         if not args.json:
-            line = f"{name}\t{outcome.label}\t{outcome.probability:.4f}"
+            line = f"{_tsv(name)}\t{_tsv(outcome.label)}\t{outcome.probability:.4f}"
             if args.top_k > 1:
-                line += "\t" + ", ".join(f"{lbl} {p:.4f}" for lbl, p in outcome.top(args.top_k))
+                line += "\t" + ", ".join(f"{_tsv(lbl)} {p:.4f}" for lbl, p in outcome.top(args.top_k))
             print(line)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -142,12 +215,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from imgclf.inference.model import load_model
+    from imgclf.atomic import check_not_an_input, check_output_path
+    from imgclf.inference.model import load_model, read_model_config
 
     if args.format != "onnx":
         raise ImgclfError(f"unknown export format '{args.format}'; use onnx")
-    model = load_model(args.model)
+    read_model_config(args.model)  # a missing, corrupt or already-ONNX model is refused first
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    check_not_an_input(out, [args.model], "ONNX file", option="--out" if args.out else None)
+    check_output_path(out, "ONNX file", option="--out" if args.out else None)
+    model = load_model(args.model)
     started = time.perf_counter()
     model.export_onnx(out, quantize=args.quantize)
     size = out.stat().st_size / 1e6
@@ -245,11 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-folder", help="labelled folder used for validation metrics and early stopping")
     p.add_argument("--validation-fraction", type=float, help="split this share of training images off for validation")
     p.add_argument("--early-stopping", action="store_true", help="stop when the watched metric stops improving")
-    p.add_argument("--early-stopping-metric", default="accuracy", choices=["accuracy", "loss"])
-    p.add_argument(
-        "--patience", type=int, default=10, help="epochs without improvement before stopping (default: %(default)s)"
-    )
-    p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
+    p.add_argument("--early-stopping-metric", choices=["accuracy", "loss"],
+                   help="with --early-stopping: the metric watched (default: accuracy)")  # fmt: skip
+    p.add_argument("--patience", type=int,
+                   help="with --early-stopping: epochs without improvement before stopping (default: 10)")  # fmt: skip
+    p.add_argument("--min-delta", type=float,
+                   help="with --early-stopping: smallest change that counts as improvement (default: 0)")  # fmt: skip
     p.add_argument(
         "--fine-tune",
         action="store_true",
@@ -265,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    p.add_argument("--metrics-json", help="also write the held-out metrics as JSON to this file")
+    p.add_argument("--metrics-json", help="also write the held-out metrics as JSON to this file (or /dev/stdout)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="print metrics after every epoch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -323,9 +401,19 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse like ``parse_args``, but an unknown option is reported with the usage of the
+    subcommand it was given to, not the top-level one."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command == "train":
         _sigterm_as_interrupt()
     try:
