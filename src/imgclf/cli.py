@@ -43,9 +43,11 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
 
 
 def _tsv(text: str) -> str:
-    """A field for tab-separated output: backslash, tab, newline and carriage return escaped
-    (``\\``, ``\t``, ``\n``, ``\r``), so a file name can never break a line or a column."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    r"""A field for tab-separated output: backslash, tab, newline and carriage return escaped
+    (``\\``, ``\t``, ``\n``, ``\r``), so a file name can never break a line or a column;
+    bytes of a name that are not UTF-8 are written ``\xNN`` instead of stopping the output."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 #: Options that only mean something with a switch: (option dest, its flag, the switch's dest, its flag).
@@ -280,7 +282,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"Removed from {workspace}:" if args.clear else f"Workspace {workspace}")
     print(f"  cached features  {usage.feature_files} images, {usage.feature_bytes / mb:.1f} MB, "
           f"{usage.feature_sets} architecture/preprocessing set(s)")  # fmt: skip
-    print(f"  checkpoints      {usage.checkpoints} unfinished run(s), {usage.checkpoint_bytes / mb:.1f} MB")
+    print(f"  checkpoints      {usage.checkpoints} unfinished or unsaved run(s), {usage.checkpoint_bytes / mb:.1f} MB")
     if not args.clear and usage.feature_files + usage.checkpoints:
         print(
             "Neither is needed by trained models; `imgclf cache --clear` removes both (features are re-made on demand)."

@@ -159,6 +159,12 @@ def check_labels(images: Sequence[ImageData], what: str = "training set") -> lis
     if unlabeled:
         raise DataError(f"{unlabeled[0]}: image in the {what} has no label")
     labels = label_names(images)
+    for label in labels:
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"label {ascii(label)}: the folder name is not valid UTF-8 text; rename the folder "
+                            "(labels are stored as text in the model file)") from None  # fmt: skip
     if len(labels) < 2:
         found = f"only '{labels[0]}'" if labels else "none"
         raise DataError(f"{what}: need images of at least 2 labels to train a classifier, found {found}")

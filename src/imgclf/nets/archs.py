@@ -214,7 +214,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would go by a ".safetensors" suffix
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise WeightsUnavailableError(f"{path}: cannot read weights ({type(e).__name__}: {first})") from None
