@@ -10,7 +10,6 @@ import pytest
 pytest.importorskip("torch")
 
 from imgclf import ImageClassificationTrainer, load_images_from_directory, load_model  # noqa: E402
-from imgclf.atomic import atomic_path, atomic_write_text  # noqa: E402
 from imgclf.cli import main  # noqa: E402
 
 from .conftest import small_flower_folder  # noqa: E402
@@ -132,6 +131,8 @@ def test_read_only_workspace_folder(folder, tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
 def test_new_files_honour_the_umask(umask, tmp_path):
     """Defect 8: models, exports and metrics were written 0600 (mkstemp), whatever the umask."""
+    from imgclf.atomic import atomic_path, atomic_write_text
+
     previous = os.umask(umask)
     try:
         atomic_write_text(tmp_path / "metrics.json", "{}")
