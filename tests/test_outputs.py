@@ -41,13 +41,14 @@ def folder(tmp_path):
         (["--out", "{tmp}/data/daisy/m.imgclf/x"], "is a file, not a folder"),
         (["--metrics-json", "{tmp}/same", "--out", "{tmp}/same"], "is also --out"),
         (["--out", "{first_image}"], "is also an input"),  # defect 4: was overwritten with the model
-        (["--out", "/dev/null"], "not a regular file"),  # as root, os.replace would swap out /dev/null
+        (["--out", "{tmp}/pipe"], "not a regular file"),  # a device or pipe: os.replace would swap it out
     ],
 )
 def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path, capsys, workspace):
     """Defect 3: a bad --metrics-json or --out was a traceback after training, with the model lost."""
     first_image = sorted((folder / "daisy").glob("*.jpg"))[0]
     (folder / "daisy" / "m.imgclf").write_text("a file where a folder is needed")
+    os.mkfifo(tmp_path / "pipe")  # never a real device here: run against old code, this test would replace it
     before = first_image.read_bytes()
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{first_image}", str(first_image)) for a in argv]
     code, out, err = run(capsys, "train", folder, "--workspace", workspace, *argv)
