@@ -289,11 +289,17 @@ def test_cors_and_host_check(small_model):
     ],
 )
 def test_serve_new_options_are_checked(argv, message, small_model, tmp_path, capsys, monkeypatch):
+    import socket
+
     from imgclf.cli import main
 
     monkeypatch.delenv("IMGCLF_API_KEY", raising=False)
     model = small_model.save(tmp_path / "m.imgclf")
-    assert main([a.replace("{model}", str(model)) for a in argv]) == 2
+    with socket.socket() as taken:  # should a check be missed, serving fails on this port instead of running on
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main([a.replace("{model}", str(model)) for a in argv] + ["--port", port]) == 2
     out = capsys.readouterr()
     assert out.err.startswith(f"imgclf: error: {message}") and len(out.err.strip().splitlines()) == 1
     assert "Serving" not in out.out

@@ -172,15 +172,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OptionError(f"--host {args.host} serves beyond this machine, so an API key is required: "
                           "--api-key KEY or IMGCLF_API_KEY=KEY, or --no-api-key to serve without one")  # fmt: skip
     allowed_hosts = args.allowed_host or (LOOPBACK_HOSTS if loopback else None)
-    sock = bind_socket(args.host, args.port)
-    try:
-        app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                         decode_memory_bytes=int(args.decode_memory_mb * 1024 * 1024), read_timeout=args.read_timeout,
-                         api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts)  # fmt: skip
-    except BaseException:
-        sock.close()
-        raise
+    app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                     decode_memory_bytes=int(args.decode_memory_mb * 1024 * 1024), read_timeout=args.read_timeout,
+                     api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts)  # fmt: skip
+    sock = bind_socket(args.host, args.port)  # before "Serving on": a port in use is one line, exit 2
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     access = "API key required" if api_key else "no API key"
     print(f"Serving {args.model} on http://{url_host}:{args.port}/ (API docs at /docs; {access})", flush=True)

@@ -239,7 +239,9 @@ def create_app(
         problems = []
         for e in exc.errors():
             where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
-            problems.append(f"{where}: {e.get('msg', 'invalid')}" + (f" (got {e['input']!r})" if "input" in e else ""))
+            problems.append(
+                f"{where}: {e.get('msg', 'invalid')}" + (f" (got {str(e['input'])[:40]!r})" if "input" in e else "")
+            )
         return JSONResponse({"error": "; ".join(problems)}, status_code=422)
 
     @app.exception_handler(Exception)
@@ -258,14 +260,20 @@ def create_app(
     protected = [Depends(require_key)] if api_key else []
     error_responses = {401: {"model": ErrorResponse, "description": "missing or wrong API key"}} if api_key else {}
 
-    async def read_body(request: Request) -> bytes:
+    def declared_length(request: Request) -> int | None:
+        """The Content-Length, refused at once if it is not a number or over the limit."""
+        declared = request.headers.get("content-length")
+        if declared is None:
+            return None
+        if not declared.strip().isdigit():
+            raise HTTPError(400, f"Content-Length '{declared}' is not a number", close=True)
+        if int(declared) > max_request_bytes:
+            raise HTTPError(413, f"request is {int(declared):,} bytes; the limit is {max_request_bytes:,}", close=True)
+        return int(declared)
+
+    async def read_body(request: Request, declared: int | None) -> bytes:
         """The body, refused with 413 as soon as it passes the limit and with 408
         if it stops arriving (a body shorter than its Content-Length)."""
-        declared = request.headers.get("content-length")
-        if declared is not None and not declared.strip().isdigit():
-            raise HTTPError(400, f"Content-Length '{declared}' is not a number", close=True)
-        if declared and int(declared) > max_request_bytes:
-            raise HTTPError(413, f"request is {int(declared):,} bytes; the limit is {max_request_bytes:,}", close=True)
         chunks, size = [], 0
         stream = request.stream()
         while True:
@@ -274,7 +282,7 @@ def create_app(
             except StopAsyncIteration:
                 break
             except (asyncio.TimeoutError, TimeoutError):
-                of = f" of {int(declared):,}" if declared else ""
+                of = f" of {declared:,}" if declared is not None else ""
                 raise HTTPError(408, f"request body stopped arriving: nothing for {read_timeout:g} s after "
                                      f"{size:,}{of} bytes", close=True) from None  # fmt: skip
             except ClientDisconnect:
@@ -334,8 +342,15 @@ def create_app(
                     "multipart/form-data": {
                         "schema": {
                             "type": "object",
-                            "properties": {"files": {"type": "array", "maxItems": max_files,
-                                                     "items": {"type": "string", "format": "binary"}}},
+                            "required": ["files"],
+                            "properties": {
+                                "files": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": max_files,
+                                    "items": {"type": "string", "format": "binary"},
+                                }
+                            },
                         }
                     },
                     "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -344,14 +359,13 @@ def create_app(
         },
     )  # fmt: skip
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=100)) -> JSONResponse:
-        """Score images: a multipart upload (field ``files`` or ``file``, one or many, at most 64 files)
+        """Score images: a multipart upload (field ``files`` or ``file``, one or many; 64 at most by default)
         or a raw image body. Each image gets a label and scores, or an error; the others are still scored."""
         started = time.perf_counter()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        declared = request.headers.get("content-length", "")
-        reserve = int(declared) if declared.isdigit() and int(declared) <= max_request_bytes else max_request_bytes
-        async with bodies.reserve(reserve):
-            body = await read_body(request)
+        declared = declared_length(request)
+        async with bodies.reserve(max_request_bytes if declared is None else declared):
+            body = await read_body(request, declared)
             if content_type == "multipart/form-data":
                 uploads = await parse_multipart(request, body)
             elif content_type.startswith("image/") or content_type == "application/octet-stream":
