@@ -176,3 +176,15 @@ def test_image_data_repr_is_short():
     assert (
         repr(ImageData(Path("p/daisy/1.jpg"), "daisy", "p/daisy/1.jpg")) == "ImageData('p/daisy/1.jpg', label='daisy')"
     )
+
+
+def test_extremely_narrow_image_is_refused_before_resizing():
+    """A 1x2000 PNG (a few hundred bytes) was resized to 256x512000 before its centre crop:
+    about 400 MB for one image in `predict` or training, where serve's decode budget does not apply."""
+    from imgclf.errors import ImageTooLargeError
+
+    prep = Preprocessing(224, 0.875, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(ImageTooLargeError, match="1x2000; resizing an image this narrow"):
+        load_array(_encode(Image.new("RGB", (1, 2000)), "PNG"), prep, "strip.png")
+    panorama = load_array(_encode(Image.new("RGB", (3200, 200)), "PNG"), prep, "panorama.png")  # 16:1 is fine
+    assert panorama.shape == (3, 224, 224)
