@@ -41,7 +41,7 @@ MAX_CROP = 0.10  # largest crop per side that verification searches
 STEP = 0.0125  # grid step of the crop search (a fraction of the side)
 REFINE_STEPS = (STEP / 2, STEP / 4, STEP / 8)
 REFINE_ABOVE = 0.97  # coarse score from which a pair's crop window is refined (copies score >= 0.99)
-CALIBRATION_SAMPLE = 40  # images of the folder copied to see what copies score here
+CALIBRATION_SAMPLE = 30  # images of the folder copied to see what copies score here
 COPY_FACTOR, NEIGHBOUR_FACTOR, NEIGHBOUR_QUANTILE = 2.0, 0.4, 0.05
 LOOSEST = 0.02  # the threshold's largest distance (1 - similarity)
 
@@ -146,7 +146,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
         x = np.swapaxes(y, 1, axis)
     x = x - x.mean(axis=(-2, -1), keepdims=True)
     norm = np.sqrt((x * x).sum(axis=(-2, -1), keepdims=True))
-    return np.where(norm > 1e-6, x / np.maximum(norm, 1e-6), 0.0)
+    flat = norm < COMPARE * 0.5  # grey levels varying by less than half a level: rounding noise, no structure
+    return np.where(flat, 0.0, x / np.maximum(norm, 1e-6))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -226,14 +227,19 @@ def _coarse(prep: _Prepared, big: np.ndarray, small: np.ndarray) -> tuple[np.nda
         better = s > best
         best = np.where(better, s, best)
         params[better] = window[better]
-    return _climb(pictures, target, params, (STEP,), best)  # profiles of repetitive textures mislead
+    return _climb(pictures, target, params, (STEP,), best, sweeps=2)  # profiles of repetitive textures mislead
 
 
 def _climb(
-    big: np.ndarray, target: np.ndarray, params: np.ndarray, steps: Sequence[float], best: np.ndarray | None = None
+    big: np.ndarray,
+    target: np.ndarray,
+    params: np.ndarray,
+    steps: Sequence[float],
+    best: np.ndarray | None = None,
+    sweeps: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Coordinate search of the crop window (x0, x1, y0, y1) from ``params``: each edge moves by
-    each of ``steps`` while that raises the score (two sweeps per step).
+    each of ``steps`` where that raises the score (``sweeps`` rounds per step).
 
     While the x edges move the rows stay resampled (and the other way round), so each
     try costs one small resampling.
@@ -241,7 +247,7 @@ def _climb(
     p = params.copy()
     best = _window_score(big, target, p) if best is None else best.copy()
     for step in steps:
-        for _ in range(2):
+        for _ in range(sweeps):
             for axis in (0, 1):
                 lo = 2 * axis
                 if axis == 0:
@@ -263,13 +269,19 @@ def _climb(
     return best, p
 
 
-def _one_way(prep: _Prepared, big: np.ndarray, small: np.ndarray, refine_above: float | None) -> np.ndarray:
-    """Best correlation of image ``small`` with a crop window of image ``big`` (index arrays)."""
-    best, params = _coarse(prep, big, small)
+def _pair_scores(prep: _Prepared, a: np.ndarray, b: np.ndarray, refine_above: float | None) -> np.ndarray:
+    """Both ways round on the coarse grid; the better way is refined when it reaches ``refine_above``."""
+    forward, forward_window = _coarse(prep, a, b)  # b as a crop of a
+    backward, backward_window = _coarse(prep, b, a)
+    flip = backward > forward
+    best = np.where(flip, backward, forward)
     if refine_above is not None:
         todo = np.flatnonzero(best >= refine_above)
         if len(todo):
-            best[todo] = _climb(prep.full[big[todo]], prep.target[small[todo]], params[todo], REFINE_STEPS)[0]
+            big = np.where(flip, b, a)[todo]
+            small = np.where(flip, a, b)[todo]
+            window = np.where(flip[:, None], backward_window, forward_window)[todo]
+            best[todo] = _climb(prep.full[big], prep.target[small], window, REFINE_STEPS, sweeps=2)[0]
     return best
 
 
@@ -288,13 +300,9 @@ def aligned_similarity(
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(-1, 2)
     prep = _prepare(thumbs[used])
-
-    def score(chunk: np.ndarray) -> np.ndarray:
-        a, b = chunk[:, 0], chunk[:, 1]
-        return np.maximum(_one_way(prep, a, b, refine_above), _one_way(prep, b, a, refine_above))
-
     chunks = [local[i : i + batch] for i in range(0, len(local), batch)]
-    return np.clip(np.concatenate(list(ordered_map(score, chunks, prefetch=4))), -1.0, 1.0)
+    scores = ordered_map(lambda chunk: _pair_scores(prep, chunk[:, 0], chunk[:, 1], refine_above), chunks, prefetch=4)
+    return np.clip(np.concatenate(list(scores)), -1.0, 1.0)
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:

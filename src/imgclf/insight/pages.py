@@ -84,7 +84,7 @@ class Thumbnails:
 
 def card(thumbs: Thumbnails, file: str, caption: str = "", missing: str = "cannot be read") -> str:
     url = thumbs(file)
-    picture = (f'<img src="{escape(url)}" alt="{escape(file)}" loading="lazy">' if url
+    picture = (f'<img src="{escape(url)}" alt="{escape(file)}">' if url
                else f'<div class="none">{escape(missing)}</div>')  # fmt: skip
     extra = f"<div>{caption}</div>" if caption else ""
     return f'<div class="card">{picture}<div class="muted">{escape(file)}</div>{extra}</div>'

@@ -15,7 +15,8 @@ import numpy as np
 DPI = 110
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = None):
+    """A figure on its own Agg canvas; margins are set by hand where a layout engine would cost seconds."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -23,7 +24,7 @@ def _figure(width: float, height: float):
         from imgclf.errors import MissingDependencyError
 
         raise MissingDependencyError("the report's charts need matplotlib: pip install 'imgclf[insight]'") from None
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
@@ -39,6 +40,7 @@ def _save(figure, path: Path) -> Path:
 def training_curves(history: Sequence[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, training and validation, head and fine-tune phases one after the other."""
     figure = _figure(10, 3.8)
+    figure.subplots_adjust(left=0.06, right=0.985, bottom=0.13, top=0.91, wspace=0.18)
     loss_ax, acc_ax = figure.subplots(1, 2)
     x = np.arange(1, len(history) + 1)
     phases = [h.get("phase", "head") for h in history]
@@ -63,7 +65,7 @@ def confusion_matrices(matrix: np.ndarray, labels: Sequence[str], path: Path) ->
     matrix = np.asarray(matrix)
     k = len(labels)
     side = max(4.0, 0.55 * k + 2.2)
-    figure = _figure(2 * side, side)
+    figure = _figure(2 * side, side, layout="constrained")  # rotated labels and colour bars: let it place them
     axes = figure.subplots(1, 2)
     rows = matrix.sum(1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
@@ -90,14 +92,16 @@ def confusion_matrices(matrix: np.ndarray, labels: Sequence[str], path: Path) ->
 def reliability_diagram(bins: Sequence[dict], ece: float, path: Path) -> Path:
     """Accuracy against confidence per bin (a calibrated model follows the diagonal), counts below."""
     figure = _figure(5.2, 5.6)
+    figure.subplots_adjust(left=0.13, right=0.97, bottom=0.09, top=0.94, hspace=0.06)
     top, bottom = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     width = 1.0 / len(bins)
     lefts = [b["low"] for b in bins]
     accuracy = [b["accuracy"] if b["count"] else 0 for b in bins]
     confidence = [b["confidence"] if b["count"] else 0 for b in bins]
     top.bar(lefts, accuracy, width=width, align="edge", color="#1f77b4", edgecolor="white", label="accuracy")
-    top.bar(lefts, np.array(confidence) - np.array(accuracy), bottom=accuracy, width=width, align="edge",
-            color="#d62728", alpha=0.3, edgecolor="white", label="gap to confidence")  # fmt: skip
+    low, high = np.minimum(accuracy, confidence), np.maximum(accuracy, confidence)
+    top.bar(lefts, high - low, bottom=low, width=width, align="edge", facecolor="none", edgecolor="#d62728",
+            hatch="//", linewidth=0.8, label="gap to mean confidence")  # fmt: skip
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
     top.set_ylim(0, 1)
     top.set_xlim(0, 1)
@@ -114,6 +118,7 @@ def top_losses(items: Sequence[dict], pictures: Sequence, path: Path, columns: i
     """fastai's plot_top_losses: the worst-scored images with true / predicted label and probability."""
     rows = max(1, int(np.ceil(len(items) / columns)))
     figure = _figure(3.0 * columns, 3.3 * rows)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (3.3 * rows), hspace=0.35, wspace=0.05)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
