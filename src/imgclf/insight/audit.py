@@ -475,7 +475,7 @@ def training_warning(
     with _blas_one_thread():
         found = neardup.find_near_duplicates(
             np.stack([scans[i].thumb for i in ok]), np.stack([scans[i].phash for i in ok]), None,
-            [scans[i].picture for i in sorted(sample) if scans[i].picture is not None],
+            [scans[i].picture for i in sorted(sample) if scans[i].picture is not None], always_calibrate=False,
         )  # fmt: skip
     pairs = {(ok[a], ok[b]) for a, b in found.pairs}
     by_digest: dict[str, list[int]] = defaultdict(list)

@@ -391,10 +391,21 @@ def find_near_duplicates(
     hashes: np.ndarray,
     features: np.ndarray | None,
     calibration_pictures: Sequence[Image.Image],
+    *,
+    always_calibrate: bool = True,
 ) -> NearDuplicates:
-    """Candidates, verification and a threshold calibrated on these images (see the module's doc)."""
+    """Candidates, verification and a threshold calibrated on these images (see the module's doc).
+
+    The threshold is never looser than ``1 - LOOSEST``, so when no pair reaches that the answer is
+    known without calibrating; ``always_calibrate=False`` then skips it (the threshold reported is
+    that bound).
+    """
     pairs = candidate_pairs(features, hashes)
     scores = aligned_similarity(thumbs, pairs)
+    if not always_calibrate and not (scores >= 1.0 - LOOSEST).any():
+        return NearDuplicates(
+            pairs[:0], scores[:0], Threshold(1.0 - LOOSEST, float("nan"), float("nan"), 0), len(pairs)
+        )
     nearest = np.ones(len(thumbs))
     if len(pairs):
         np.minimum.at(nearest, pairs[:, 0], 1.0 - scores)
