@@ -8,6 +8,7 @@ as a file, copied to another machine, or attached to a ticket.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from html import escape
 from pathlib import Path
@@ -28,7 +29,8 @@ h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;border-bott
 table{border-collapse:collapse;background:#fff}td,th{padding:4px 10px;border:1px solid #e2e2e6;text-align:left}
 th{background:#f0f0f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
-.group{background:#fff;border:1px solid #e2e2e6;border-radius:8px;padding:10px;margin:10px 0}
+.groups{display:flex;flex-wrap:wrap;gap:12px}
+.group{background:#fff;border:1px solid #e2e2e6;border-radius:8px;padding:10px}
 .group.alert{border:2px solid #d70015;background:#fff5f5}
 .card{width:168px;background:#fff;border:1px solid #e2e2e6;border-radius:6px;padding:4px;font-size:12px;
 overflow-wrap:anywhere}
@@ -82,12 +84,14 @@ class Thumbnails:
         return self.done[file]
 
 
-def card(thumbs: Thumbnails, file: str, caption: str = "", missing: str = "cannot be read") -> str:
+def card(thumbs: Thumbnails, file: str, caption: str = "", missing: str = "cannot be read", short: str = "") -> str:
+    """One picture with its file (shown as ``short`` if given; the whole path is the tooltip) and a caption."""
     url = thumbs(file)
     picture = (f'<img src="{escape(url)}" alt="{escape(file)}">' if url
                else f'<div class="none">{escape(missing)}</div>')  # fmt: skip
     extra = f"<div>{caption}</div>" if caption else ""
-    return f'<div class="card">{picture}<div class="muted">{escape(file)}</div>{extra}</div>'
+    return (f'<div class="card" title="{escape(file)}">{picture}<div class="muted">{escape(short or file)}</div>'
+            f"{extra}</div>")  # fmt: skip
 
 
 def _section(title: str, count: int, body: str, empty: str) -> str:
@@ -100,6 +104,15 @@ def write_audit_page(result: AuditResult, out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     thumbs = Thumbnails(out)
+    roots = [r for r in (result.folder, result.against) if r]
+
+    def show(file: str, caption: str = "") -> str:
+        """A card naming the file inside its folder (the page says which folders)."""
+        for root in roots:
+            if file.startswith(os.path.join(root, "")):
+                return card(thumbs, file, caption, short=os.path.relpath(file, root))
+        return card(thumbs, file, caption)
+
     parts = [f"<h1>Data audit</h1><p class='muted'>{escape(result.folder)}"
              + (f" against {escape(result.against)}" if result.against else "") + "</p>"]  # fmt: skip
 
@@ -111,20 +124,22 @@ def write_audit_page(result: AuditResult, out: Path) -> Path:
     body = "".join(f'<div class="group"><span class="badge {"red" if d["cross_label"] else "grey"}">'
                    f'{"spans labels: " + escape(" / ".join(d["labels"])) if d["cross_label"] else escape(d["labels"][0])}'
                    f'</span>{d["kind"]} duplicates, similarity {d["similarity"]:.4f}<div class="cards">'
-                   + "".join(card(thumbs, f) for f in d["files"]) + "</div></div>"
+                   + "".join(show(f) for f in d["files"]) + "</div></div>"
                    for d in result.duplicates)  # fmt: skip
+    body = f'<div class="groups">{body}</div>' if body else ""
     parts.append(_section("Duplicates", len(result.duplicates), body, "No duplicates found."))
 
     target = "the test folder" if result.against else "the held-out split `imgclf train` would make"
     body = "".join(f'<div class="group alert"><span class="badge red">{escape(leak["kind"])} copy</span>'
                    f'{escape(leak["between"])}, similarity {leak["similarity"]:.4f}<div class="cards">'
-                   + card(thumbs, leak["file"], "training") + card(thumbs, leak["against_file"], "test")
+                   + show(leak["file"], "training") + show(leak["against_file"], "test")
                    + "</div></div>" for leak in result.leaks)  # fmt: skip
+    body = f'<div class="groups">{body}</div>' if body else ""
     parts.append(_section("Leaks", len(result.leaks), body, f"No copies of training images in {target}."))
 
     shown = result.label_issues[:MAX_LISTED]
     body = '<div class="cards">' + "".join(
-        card(thumbs, issue["file"], f'filed as <b>{escape(issue["given"])}</b>, looks like '
+        show(issue["file"], f'filed as <b>{escape(issue["given"])}</b>, looks like '
              f'<b>{escape(issue["suggested"])}</b> ({issue["confidence"]:.2f})') for issue in shown) + "</div>"  # fmt: skip
     more = len(result.label_issues) - len(shown)
     body += f"<p class='muted'>{more} more in the JSON.</p>" if more > 0 else ""
@@ -133,12 +148,12 @@ def write_audit_page(result: AuditResult, out: Path) -> Path:
 
     shown = result.outliers[:MAX_LISTED]
     body = '<div class="cards">' + "".join(
-        card(thumbs, o["file"], f'{escape(o["label"])}, distance {o["score"]:.3f}') for o in shown) + "</div>"  # fmt: skip
+        show(o["file"], f'{escape(o["label"])}, distance {o["score"]:.3f}') for o in shown) + "</div>"  # fmt: skip
     parts.append(_section("Outliers (far from every label)", len(result.outliers), body if shown else "",
                           "No image stands far from all the others."))  # fmt: skip
 
     body = '<div class="cards">' + "".join(
-        card(thumbs, p["file"], f'<b>{escape(p["problem"])}</b>: {escape(p["detail"])}')
+        show(p["file"], f'<b>{escape(p["problem"])}</b>: {escape(p["detail"])}')
         for p in result.image_problems) + "</div>"  # fmt: skip
     parts.append(_section("Tiny, extreme or blank images", len(result.image_problems),
                           body if result.image_problems else "", "None."))  # fmt: skip
