@@ -29,7 +29,7 @@ from imgclf.data.images import ImageData, content_hash, load_images_from_directo
 from imgclf.data.imaging import open_image
 from imgclf.data.parallel import ordered_map
 from imgclf.data.splits import train_test_split
-from imgclf.errors import DataError, ImageDecodeError, OptionError
+from imgclf.errors import ImageDecodeError, OptionError
 from imgclf.insight import labels as label_model
 from imgclf.insight import neardup
 
@@ -255,6 +255,8 @@ def audit(
 
     if folds < 2:
         raise OptionError(f"folds must be at least 2, got {folds}")
+    if not 0 < test_fraction < 1:
+        raise OptionError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     timing: dict[str, float] = {}
     started = time.perf_counter()
     images = load_images_from_directory(folder)
@@ -447,12 +449,6 @@ def _image_problems(scans, in_folder) -> list[dict]:
             problems.append({"file": s.name, "problem": "nearly blank",
                              "detail": f"grey levels vary by {s.grey_std:.1f} of 255"})  # fmt: skip
     return problems
-
-
-def check_folder(folder: str | Path) -> None:
-    """Raise :class:`DataError` unless ``folder`` is an existing folder (checked before any work)."""
-    if not Path(folder).is_dir():
-        raise DataError(f"{folder}: no such folder; give a folder with one subfolder per label")
 
 
 def training_warning(
