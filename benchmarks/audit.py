@@ -176,7 +176,7 @@ def contact_sheet(groups: list[dict], folder: Path, path: Path, side: int = 150)
             picture.thumbnail((side - 6, side - 6))
             sheet.paste(picture, (x * side + 3, y * side + 3))
     buffer = io.BytesIO()
-    sheet.save(buffer, "PNG", optimize=True)
+    sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
     path.write_bytes(buffer.getvalue())
     print(f"\nWrote {path} ({len(rows)} groups, one per row)")
 
