@@ -205,17 +205,31 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import os
 
+    from imgclf.errors import OptionError
     from imgclf.serve import create_app
+    from imgclf.serve.server import LOOPBACK_HOSTS, bind_socket, is_loopback, run_server
 
     if not 0 < args.port < 65536:
         raise ImgclfError(f"--port must be between 1 and 65535, got {args.port}")
-
+    api_key = args.api_key or os.environ.get("IMGCLF_API_KEY") or None
+    if api_key and args.no_api_key:
+        raise OptionError("--no-api-key contradicts the API key given (--api-key or IMGCLF_API_KEY); drop one")
+    loopback = is_loopback(args.host)
+    if not loopback and not api_key and not args.no_api_key:
+        raise OptionError(f"--host {args.host} serves beyond this machine, so an API key is required: "
+                          "--api-key KEY or IMGCLF_API_KEY=KEY, or --no-api-key to serve without one")  # fmt: skip
+    allowed_hosts = args.allowed_host or (LOOPBACK_HOSTS if loopback else None)
     app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_request_bytes=int(args.max_request_mb * 1024 * 1024))  # fmt: skip
-    print(f"Serving {args.model} on http://{args.host}:{args.port}/ (API docs at /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                     max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                     decode_memory_bytes=int(args.decode_memory_mb * 1024 * 1024), read_timeout=args.read_timeout,
+                     api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts)  # fmt: skip
+    sock = bind_socket(args.host, args.port)  # before "Serving on": a port in use is one line, exit 2
+    url_host = f"[{args.host}]" if ":" in args.host else args.host
+    access = "API key required" if api_key else "no API key"
+    print(f"Serving {args.model} on http://{url_host}:{args.port}/ (API docs at /docs; {access})", flush=True)
+    run_server(app, sock)
     return 0
 
 
@@ -343,13 +357,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="write int8 weights (smaller; check accuracy first)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="web page and HTTP API that score uploaded images")
+    from imgclf.serve.limits import DECODE_MEMORY_BYTES, MB, READ_TIMEOUT, SERVE_MAX_PIXELS
+
+    p = sub.add_parser("serve", help="web page and HTTP API that score uploaded images",
+                       description="Serve MODEL: a page at / and a JSON API under /v1 (documented at /docs). "
+                                   "Binding beyond this machine needs an API key (or --no-api-key).")  # fmt: skip
     p.add_argument("model", help="model file (.imgclf or exported .onnx)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="most images per network call; 1 turns batching off")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default: %(default)s)")
     p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body (default: %(default)s)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=SERVE_MAX_PIXELS,
+        help="refuse larger images from their header, with 413 (default: %(default)s, a 48 MP photo fits)",
+    )
+    p.add_argument(
+        "--decode-memory-mb",
+        type=float,
+        default=DECODE_MEMORY_BYTES // MB,
+        help="memory that concurrent image decodes may use together (default: %(default)s)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=READ_TIMEOUT,
+        help="seconds to wait for more of a request body before answering 408 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require this key in the X-API-Key header (or as a bearer token) for /v1; "
+        "default: $IMGCLF_API_KEY, which keeps it out of the process list",
+    )
+    p.add_argument("--no-api-key", action="store_true", help="serve beyond this machine without an API key")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let pages from ORIGIN (e.g. https://example.com, or *) call the API; repeatable",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="answer requests for this Host name (repeatable; * for any). Default: localhost, "
+        "127.0.0.1 and ::1 when bound to loopback, any host otherwise",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("audit", help="find duplicates, leaks, label errors and odd images in a labelled folder",
