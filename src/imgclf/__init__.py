@@ -36,12 +36,17 @@ _LAZY = {
     "OnnxClassifier": "imgclf.inference.runtime",
     "ARCHITECTURES": "imgclf.nets.archs",
     "sample_data_dir": "imgclf.sample_data",
+    "audit": "imgclf.insight.audit",
+    "AuditResult": "imgclf.insight.audit",
+    "write_report": "imgclf.insight.report",
 }
 
 if TYPE_CHECKING:
     from imgclf.inference.loading import load_model
     from imgclf.inference.model import ImageClassifier
     from imgclf.inference.runtime import OnnxClassifier, load_onnx_model
+    from imgclf.insight.audit import AuditResult, audit
+    from imgclf.insight.report import write_report
     from imgclf.nets.archs import ARCHITECTURES
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.finetune import FineTuneOptions
@@ -61,4 +66,5 @@ __all__ = [
     "ModelFileError", "MulticlassMetrics", "OnnxClassifier", "OptionError", "Prediction", "Preprocessing",
     "WeightsUnavailableError", "compute_metrics", "image_from_bytes", "load_images_from_directory",
     "load_model", "load_onnx_model", "sample_data_dir", "shuffle", "stratified_folds", "train_test_split",
+    "audit", "AuditResult", "write_report",
 ]  # fmt: skip

@@ -108,7 +108,12 @@ def check_output_path(path: str | Path, what: str, *, option: str | None = None,
         if stream_ok:
             return path
         raise OptionError(f"{label}: is not a regular file; give a file name for the {what}")
-    folder = path.parent
+    _check_can_create(path.parent, label, what)
+    return path
+
+
+def _check_can_create(folder: Path, label: str, what: str) -> None:
+    """The nearest existing folder on the way to ``folder`` accepts a new file (it is tried)."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
@@ -117,6 +122,15 @@ def check_output_path(path: str | Path, what: str, *, option: str | None = None,
         _create_temporary(folder, "imgclf-write-test").unlink()
     except OSError as e:
         raise OptionError(f"{label}: cannot write the {what} in {folder} ({e.strerror or e})") from None
+
+
+def check_output_folder(path: str | Path, what: str, *, option: str | None = None) -> Path:
+    """Raises :class:`OptionError` now if ``what`` (a folder of files) could not be written at ``path``."""
+    path = Path(path)
+    label = f"{option} {path}" if option else str(path)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"{label}: exists and is not a folder; give a folder for the {what}")
+    _check_can_create(path, label, what)
     return path
 
 

@@ -20,6 +20,7 @@ from imgclf.inference.loading import load_predictor
 _EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
                      "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
                      "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train"}  # fmt: skip
+_EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scipy": "insight"})
 
 EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
@@ -27,6 +28,8 @@ EPILOG = """examples:
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf export pets.imgclf --out pets.onnx     portable model for other runtimes
+  imgclf audit photos/ --out audit/             duplicates, leaks, label errors: a page to fix them from
+  imgclf report pets.imgclf holdout/ --out r/   curves, confusion matrix, calibration, top losses
   imgclf cache --clear                          free the cached features
 """
 
@@ -73,10 +76,12 @@ def _check_switches(args: argparse.Namespace) -> None:
 
 def _check_train_outputs(args: argparse.Namespace) -> None:
     """Every file train will write can be written, checked before any work starts."""
-    from imgclf.atomic import check_output_path
+    from imgclf.atomic import check_output_folder, check_output_path
     from imgclf.errors import OptionError
 
     check_output_path(args.out, "model", option="--out")
+    if args.report:
+        check_output_folder(args.report, "report", option="--report")
     if args.metrics_json:
         check_output_path(args.metrics_json, "metrics", option="--metrics-json", stream_ok=True)
         if Path(args.metrics_json).resolve() == Path(args.out).resolve():
@@ -138,6 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for evaluation",
                   flush=True)  # fmt: skip
             model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation)
+            held_out = {id(im) for im in test}
+            _warn_about_duplicates([im for im in images if id(im) not in held_out], test, validation)
             metrics, out = _evaluate_and_save(model, test, args)
         finally:
             _print_skipped(caught)
@@ -145,6 +152,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.metrics_json:
         atomic_write_text(args.metrics_json, json.dumps(metrics.to_dict(), indent=2) + "\n", "metrics")
     print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
+    if args.report:
+        from imgclf.insight.report import write_report
+
+        print(f"Report: {write_report(model, test or None, args.report, name=str(out))}")
     return 0
 
 
@@ -173,6 +184,45 @@ def _evaluate_and_save(model, test, args: argparse.Namespace):
         raise TrainingInterrupted("interrupted" + (hint if kept else "")) from None
     except ModelFileError as e:
         raise ModelFileError(f"{e}{hint if kept else ''}") from None
+
+
+def _warn_about_duplicates(train, test, validation) -> None:
+    """One line when the folder has copies under two labels or copies across the held-out images."""
+    try:
+        from imgclf.insight.audit import training_warning
+
+        line = training_warning(train, test, validation or [])
+    except ModuleNotFoundError:  # the insight extra (imagehash) is not installed: the check is optional
+        return
+    if line:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from imgclf.insight.audit import audit
+
+    result = audit(args.folder, args.against, arch=args.arch, weights=args.weights, workspace=args.workspace,
+                   use_cache=not args.no_cache, device=args.device, test_fraction=args.test_fraction,
+                   seed=args.seed, progress=not (args.quiet or args.json))  # fmt: skip
+    page = result.write_html(args.out) if args.out else None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.summary())
+    if page:
+        print(f"Gallery: {page}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from imgclf.data.images import load_images_from_directory
+    from imgclf.insight.report import write_report
+
+    model = load_predictor(args.model, args.device)
+    images = load_images_from_directory(args.folder) if args.folder else None
+    page = write_report(model, images, args.out, name=str(args.model))
+    print(f"Report: {page}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -363,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="print metrics after every epoch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder")
@@ -436,6 +487,35 @@ def build_parser() -> argparse.ArgumentParser:
         "127.0.0.1 and ::1 when bound to loopback, any host otherwise",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("audit", help="find duplicates, leaks, label errors and odd images in a labelled folder",
+                       description="Audit FOLDER (one subfolder per label) before training on it: unreadable, "
+                                   "tiny or blank images, exact and near-duplicates (loudly when they span labels), "
+                                   "copies leaking into --against (or across the split 'train' makes), suspected "
+                                   "label errors and outliers. Exit code 0 whatever it finds.")  # fmt: skip
+    p.add_argument("folder", help="folder with one subfolder of images per label")
+    p.add_argument("--against", metavar="TEST_FOLDER", help="test folder to check for copies of FOLDER's images")
+    p.add_argument("--out", metavar="DIR", help="write an HTML gallery of the findings to DIR/index.html")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.add_argument("--arch", default="efficientnet_lite0", help="backbone for the features (default: %(default)s)")
+    p.add_argument("--weights", help="pretrained weights file for --arch")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of 'train' (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="seed of that split and of the folds (default: %(default)s)")
+    p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("report", help="training report: curves, confusion matrix, calibration, top losses",
+                       description="Write DIR/index.html (an offline page), each chart as PNG and the numbers as "
+                                   "JSON. From MODEL alone: its training curves and held-out confusion matrix; with "
+                                   "a labelled FOLDER it is evaluated there too, adding calibration and top losses.")  # fmt: skip
+    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
+    p.add_argument("folder", nargs="?", help="labelled folder to evaluate on (one subfolder per label)")
+    p.add_argument("--out", default="report", metavar="DIR", help="folder to write to (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cache", help="size of the workspace's cached features and checkpoints; --clear empties it")
     p.add_argument("--workspace", help="the workspace (default: $IMGCLF_WORKSPACE or ~/.cache/imgclf)")
