@@ -41,7 +41,8 @@ def folder(tmp_path):
         (["--out", "{tmp}/data/daisy/m.imgclf/x"], "is a file, not a folder"),
         (["--metrics-json", "{tmp}/same", "--out", "{tmp}/same"], "is also --out"),
         (["--out", "{first_image}"], "is also an input"),  # defect 4: was overwritten with the model
-        (["--out", "{tmp}/pipe"], "not a regular file"),  # a device or pipe: os.replace would swap it out
+        (["--out", "{tmp}/pipe"], "not a regular file"),
+        (["--report", "{tmp}/data/daisy/m.imgclf"], "exists and is not a folder"),  # a device or pipe: os.replace would swap it out
     ],
 )
 def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path, capsys, workspace):
