@@ -38,14 +38,17 @@ class OnnxClassifier(Predictor):
         return self.session(arrays)
 
 
-def load_onnx_model(path: str | Path) -> OnnxClassifier:
-    """Load an ONNX file exported by imgclf; checks it carries imgclf metadata."""
+def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxClassifier:
+    """Load an ONNX file exported by imgclf; checks it carries imgclf metadata.
+
+    ``threads``: ONNX Runtime's threads (default: the CPUs, at most 8).
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: ONNX model file not found")
     ort = _ort()
     try:
-        session = OnnxSession(path)
+        session = OnnxSession(path, threads=threads)
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, RuntimeError) as e:  # fmt: skip
         first = str(e).strip().splitlines()[0][:200]
@@ -63,4 +66,6 @@ def load_onnx_model(path: str | Path) -> OnnxClassifier:
     outputs = session.session.get_outputs()[0].shape
     if isinstance(outputs[-1], int) and outputs[-1] != len(labels):
         raise ModelFileError(f"{path}: ONNX output has {outputs[-1]} classes but metadata names {len(labels)}")
-    return OnnxClassifier(session, config, str(path))
+    model = OnnxClassifier(session, config, str(path))
+    model.threads = threads
+    return model
