@@ -14,6 +14,7 @@ column, and returns a Dataset of result rows, to chain into your own pipeline.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,14 @@ from imgclf.errors import DataError, ImageDecodeError, ImgclfError, MissingDepen
 #: Reading files and writing results wait on storage, not CPUs: they reserve none, so a
 #: pool of actors holding every CPU cannot starve them (and deadlock the pipeline).
 IO_TASK = {"num_cpus": 0}
+#: Rows per results file Ray writes: a crash loses at most this many rows per writer.
+ROWS_PER_FILE = 10_000
+
+
+def io_tasks(workers: int) -> int:
+    """Readers and writers running at once: reading a file costs about 1% of scoring it,
+    so one per 4 actors keeps them fed, without a Ray worker process each to start."""
+    return max(1, workers // 4)
 
 
 def _ray():
@@ -173,34 +182,34 @@ def _read_listed(batch, join, done: PathSet):
                      "read_error": pa.array(errors, pa.string())})  # fmt: skip
 
 
-def _manifest_dataset(ray, manifest: str, done: PathSet):
+def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
     lower = manifest.lower()
     if lower.endswith(".parquet"):
-        listed = ray.data.read_parquet(manifest, columns=["path"], **IO_TASK)
+        listed = ray.data.read_parquet(manifest, columns=["path"], concurrency=readers, **IO_TASK)
     elif lower.endswith(".csv"):
         import pyarrow.csv as pacsv
 
         listed = ray.data.read_csv(manifest, convert_options=pacsv.ConvertOptions(
-            include_columns=["path"], column_types={"path": "string"}), **IO_TASK)  # fmt: skip
+            include_columns=["path"], column_types={"path": "string"}), concurrency=readers, **IO_TASK)  # fmt: skip
     else:
-        listed = ray.data.read_text(manifest, **IO_TASK)
+        listed = ray.data.read_text(manifest, concurrency=readers, **IO_TASK)
     return listed.map_batches(
-        _read_listed, fn_kwargs={"join": manifest_joiner(manifest), "done": done}, batch_format="pyarrow", **IO_TASK
-    )
+        _read_listed, fn_kwargs={"join": manifest_joiner(manifest), "done": done}, batch_format="pyarrow",
+        concurrency=readers, **IO_TASK)  # fmt: skip
 
 
-def _listed_dataset(ray, paths: list[str]):
+def _listed_dataset(ray, paths: list[str], readers: int):
     """Files found by listing: local ones through ``read_binary_files``, URIs read by a task."""
     datasets = []
     local = [p for p in paths if not is_uri(p)]
     remote = [p for p in paths if is_uri(p)]
     if local:
-        read = ray.data.read_binary_files(local, include_paths=True, **IO_TASK)
-        datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", **IO_TASK))
+        read = ray.data.read_binary_files(local, include_paths=True, concurrency=readers, **IO_TASK)
+        datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", concurrency=readers, **IO_TASK))
     if remote:
         items = ray.data.from_items([{"path": p} for p in remote])
         datasets.append(items.map_batches(_read_listed, fn_kwargs={"join": str, "done": PathSet()},
-                                          batch_format="pyarrow", **IO_TASK))  # fmt: skip
+                                          batch_format="pyarrow", concurrency=readers, **IO_TASK))  # fmt: skip
     return datasets
 
 
@@ -237,8 +246,9 @@ def score_with_ray(
     if started_here:
         _init(ray, address)
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        if not progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         started = time.perf_counter()
         with ResultFolder(out, metadata) as folder:
             summary = _run(ray, folder, fmt, sources, model_file, metadata, top_k=top_k, batch_size=batch_size,
@@ -251,8 +261,6 @@ def score_with_ray(
 
 
 def _init(ray, address: str | None) -> None:
-    import logging
-
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -263,27 +271,29 @@ def _init(ray, address: str | None) -> None:
 
 
 def _run(ray, folder: ResultFolder, fmt: str, sources: list[Input], model_file: ModelFile, metadata: dict, **options):
+    if options["workers"] is None:  # every step but scoring reserves no CPU: the pool may hold them all
+        options["workers"] = _max_workers(ray, options["cpus_per_worker"], options["gpus_per_worker"])
+    readers = io_tasks(options["workers"])
     plain = [s for s in sources if s.kind != "manifest"]
-    listed = [p for p in iter_image_paths(plain)]
+    listed = list(iter_image_paths(plain))
     skipped = sum(p in folder.done for p in listed) if len(folder.done) else 0
     listed = [p for p in listed if p not in folder.done] if skipped else listed
-    datasets = _listed_dataset(ray, listed) if listed else []
-    datasets += [_manifest_dataset(ray, s.text, folder.done) for s in sources if s.kind == "manifest"]
+    datasets = _listed_dataset(ray, listed, readers) if listed else []
+    datasets += [_manifest_dataset(ray, s.text, folder.done, readers) for s in sources if s.kind == "manifest"]
     if not datasets:
         return ScoringSummary(folder.path, 0, 0, skipped, 0.0, engine="ray")
     images = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    if options["workers"] is None:  # every step above reserves no CPU: the pool may hold them all
-        options["workers"] = _max_workers(ray, options["cpus_per_worker"], options["gpus_per_worker"])
     results = predict_dataset(model_file, images, metadata=metadata, **options)
+    writing = {"ray_remote_args": IO_TASK, "concurrency": readers, "min_rows_per_file": ROWS_PER_FILE}
     staging = folder.staging_folder()
     try:
         if fmt == "parquet":
-            results.write_parquet(str(staging), schema=arrow_schema(metadata), ray_remote_args=IO_TASK)
+            results.write_parquet(str(staging), schema=arrow_schema(metadata), **writing)
         elif fmt == "csv":
-            results = results.map_batches(_lists_as_json, batch_format="pyarrow", **IO_TASK)
-            results.write_csv(str(staging), ray_remote_args=IO_TASK)
+            results = results.map_batches(_lists_as_json, batch_format="pyarrow", concurrency=readers, **IO_TASK)
+            results.write_csv(str(staging), **writing)
         else:
-            results.write_json(str(staging), ray_remote_args=IO_TASK)
+            results.write_json(str(staging), **writing)
     except Exception as e:
         cause = _imgclf_cause(e)
         if cause is not None:
