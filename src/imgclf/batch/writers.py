@@ -58,7 +58,7 @@ def check_output(out: str | Path) -> str:
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out}: exists and is a file; imgclf writes a folder of parts there, "
                           "so remove it or choose another name")  # fmt: skip
-    if out.is_dir() and not (out / SIDECAR).is_file() and any(out.iterdir()):
+    if out.is_dir() and not (out / SIDECAR).is_file() and any(p.name != LOCK for p in out.iterdir()):
         raise OptionError(f"--out {out}: folder exists and does not hold imgclf results; choose another name")
     parent = out.parent if not out.exists() else out
     while not parent.exists() and parent != parent.parent:
