@@ -194,6 +194,7 @@ def test_stopped_midway_then_rerun_scores_each_input_once(small_onnx_model, tmp_
         (["{model}", "{images}", "--out", "{tmp}/r.parquet", "--workers", "2"], "only with --engine ray"),
         (["{model}", "{images}", "--out", "{tmp}/r.parquet", "--json"], "leave one of them out"),
         (["{model}", "{images}", "--engine", "ray"], "add --out results.parquet"),
+        (["{model}", "{images}", "--commit-every", "1"], "--commit-every: only with --out"),
         (["{model}", "{images}", "--out", "{tmp}/notours.parquet"], "does not hold imgclf results"),
     ],
 )

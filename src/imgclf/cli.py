@@ -120,6 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.out or args.engine != "auto":
         return cmd_predict_to_file(args)
+    _refuse_options_of(args, ("batch_size", "commit_every", "quiet"), "--out")
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
     model = load_predictor(args.model, args.device)
@@ -145,19 +146,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _refuse_options_of(args: argparse.Namespace, names: Sequence[str], switch: str) -> None:
+    """Options that only mean something with ``switch`` are an error without it, not ignored."""
+    from imgclf.errors import OptionError
+
+    given = [
+        f"--{n.replace('_', '-')}" if n != "quiet" else "-q" for n in names if getattr(args, n) not in (None, False)
+    ]
+    if given:
+        raise OptionError(f"{', '.join(given)}: only with {switch}")
+
+
 def cmd_predict_to_file(args: argparse.Namespace) -> int:
     """``predict --out``: batch scoring into a results folder (imgclf.batch), here or on Ray."""
     from imgclf.errors import OptionError
 
-    ray_only = [f"--{n.replace('_', '-')}" for n in ("address", "workers", "cpus_per_worker", "gpus_per_worker")
-                if getattr(args, n) is not None]  # fmt: skip
     if args.engine == "ray" and not args.out:
         raise OptionError("--engine ray writes its results to files: add --out results.parquet (or .csv, .jsonl)")
-    if args.engine != "ray" and ray_only:
-        raise OptionError(f"{', '.join(ray_only)}: only with --engine ray")
+    if args.engine != "ray":
+        _refuse_options_of(args, ("address", "workers", "cpus_per_worker", "gpus_per_worker"), "--engine ray")
     if args.json:
         raise OptionError("--json prints results; with --out they go to the file, so leave one of them out")
-    options = {"top_k": args.top_k, "batch_size": args.batch_size, "progress": not args.quiet}
+    options = {"top_k": args.top_k, "batch_size": args.batch_size or 32, "progress": not args.quiet}
     try:
         if args.engine == "ray":
             from imgclf.batch.ray import score_with_ray
@@ -168,8 +178,9 @@ def cmd_predict_to_file(args: argparse.Namespace) -> int:
         else:
             from imgclf.batch.local import score_to_folder
 
+            commit_every = 30.0 if args.commit_every is None else args.commit_every
             summary = score_to_folder(args.model, args.images, args.out, device=args.device,
-                                      commit_every=args.commit_every, **options)  # fmt: skip
+                                      commit_every=commit_every, **options)  # fmt: skip
     except KeyboardInterrupt as e:
         print(f"imgclf: {e or 'interrupted'}", file=sys.stderr)
         return 130
@@ -326,12 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=["auto", "ray"],
                    help="auto: this process, fastest inference engine here; ray: a Ray cluster "
                         "(needs --out and pip install 'imgclf[ray]') (default: %(default)s)")  # fmt: skip
-    p.add_argument(
-        "--batch-size", type=int, default=32, help="with --out: images per network call (default: %(default)s)"
-    )
-    p.add_argument("--commit-every", type=float, default=30.0,
+    p.add_argument("--batch-size", type=int, help="with --out: images per network call (default: 32)")
+    p.add_argument("--commit-every", type=float,
                    help="with --out: seconds between committed parts; a crash loses at most this much work "
-                        "(default: %(default)s)")  # fmt: skip
+                        "(default: 30)")  # fmt: skip
     p.add_argument(
         "--address", help="with --engine ray: the cluster, auto or ray://HOST:10001 (default: start Ray here)"
     )

@@ -54,8 +54,8 @@ class _ImageScorer:
     def __init__(self, model: list, top_k: int, device: str, threads: int, metadata: dict | None):
         import ray
 
-        model_file = model[0] if isinstance(model[0], ModelFile) else ray.get(model[0])
-        self.predictor = model_file.load(device, threads)
+        # ``model`` is [ObjectRef of the ModelFile]: the bytes sit once in the object store
+        self.predictor = ray.get(model[0]).load(device, threads)
         self.top_k = top_k
         self.threads = threads
         self.schema = arrow_schema(metadata)
@@ -64,14 +64,16 @@ class _ImageScorer:
         names = batch.column_names
         if "bytes" not in names and "path" not in names:
             raise DataError(f"predict_dataset needs a 'bytes' or a 'path' column; the dataset has {', '.join(names)}")
-        rows = batch.num_rows
-        paths = batch.column("path").to_pylist() if "path" in names else [f"<row {i}>" for i in range(rows)]
+        named = "path" in names
+        paths = batch.column("path").to_pylist() if named else ["<image>"] * batch.num_rows
         sources = batch.column("bytes").to_pylist() if "bytes" in names else list(paths)
         if "read_error" in names:
             for i, error in enumerate(batch.column("read_error").to_pylist()):
                 if error:
                     sources[i] = ImageDecodeError(error)
         result = score_sources(self.predictor, paths, sources, self.top_k, workers=self.threads)
+        if not named:
+            result.paths = [None] * len(paths)
         return result.to_arrow(self.schema)
 
 
@@ -123,7 +125,7 @@ def predict_dataset(
             "device": "cuda" if gpus_per_worker else "cpu",
             "threads": threads,
             "metadata": metadata,
-        },  # fmt: skip
+        },
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=pool,
