@@ -15,6 +15,8 @@ ray = pytest.importorskip("ray")
 
 from imgclf.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray Data's own settings
+
 from .conftest import CORRUPT, PREDICT, assert_agrees_with_predict_json, predict_json, scoring_folder  # noqa: E402
 
 

@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("pyspark")
 
+pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
+
 from .conftest import CORRUPT, assert_agrees_with_predict_json, predict_json, scoring_folder  # noqa: E402
 
 
