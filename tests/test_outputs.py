@@ -42,7 +42,8 @@ def folder(tmp_path):
         (["--metrics-json", "{tmp}/same", "--out", "{tmp}/same"], "is also --out"),
         (["--out", "{first_image}"], "is also an input"),  # defect 4: was overwritten with the model
         (["--out", "{tmp}/pipe"], "not a regular file"),
-        (["--report", "{tmp}/data/daisy/m.imgclf"], "exists and is not a folder"),  # a device or pipe: os.replace would swap it out
+        # a file where the report folder should go
+        (["--report", "{tmp}/data/daisy/m.imgclf"], "exists and is not a folder"),
     ],
 )
 def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path, capsys, workspace):

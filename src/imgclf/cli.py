@@ -19,7 +19,8 @@ from imgclf.inference.loading import load_predictor
 
 _EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
                      "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
-                     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train"}  # fmt: skip
+                     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train",
+                     "pyarrow": "batch", "fsspec": "batch", "ray": "ray", "pyspark": "spark"}  # fmt: skip
 _EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scipy": "insight"})
 
 EPILOG = """examples:
@@ -27,6 +28,7 @@ EPILOG = """examples:
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
+  imgclf predict pets.onnx archive/ list.txt --out results.parquet   resumable batch scoring
   imgclf export pets.imgclf --out pets.onnx     portable model for other runtimes
   imgclf audit photos/ --out audit/             duplicates, leaks, label errors: a page to fix them from
   imgclf report pets.imgclf holdout/ --out r/   curves, confusion matrix, calibration, top losses
@@ -241,6 +243,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.data.images import find_image_files
 
+    if args.out or args.engine != "auto":
+        return cmd_predict_to_file(args)
+    _refuse_options_of(args, ("batch_size", "commit_every", "quiet"), "--out")
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
     model = load_predictor(args.model, args.device)
@@ -264,6 +269,48 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0
+
+
+def _refuse_options_of(args: argparse.Namespace, names: Sequence[str], switch: str) -> None:
+    """Options that only mean something with ``switch`` are an error without it, not ignored."""
+    from imgclf.errors import OptionError
+
+    given = [
+        f"--{n.replace('_', '-')}" if n != "quiet" else "-q" for n in names if getattr(args, n) not in (None, False)
+    ]
+    if given:
+        raise OptionError(f"{', '.join(given)}: only with {switch}")
+
+
+def cmd_predict_to_file(args: argparse.Namespace) -> int:
+    """``predict --out``: batch scoring into a results folder (imgclf.batch), here or on Ray."""
+    from imgclf.errors import OptionError
+
+    if args.engine == "ray" and not args.out:
+        raise OptionError("--engine ray writes its results to files: add --out results.parquet (or .csv, .jsonl)")
+    if args.engine != "ray":
+        _refuse_options_of(args, ("address", "workers", "cpus_per_worker", "gpus_per_worker"), "--engine ray")
+    if args.json:
+        raise OptionError("--json prints results; with --out they go to the file, so leave one of them out")
+    options = {"top_k": args.top_k, "batch_size": args.batch_size or 32, "progress": not args.quiet}
+    try:
+        if args.engine == "ray":
+            from imgclf.batch.ray import score_with_ray
+
+            summary = score_with_ray(args.model, args.images, args.out, address=args.address, workers=args.workers,
+                                     cpus_per_worker=args.cpus_per_worker or 1,
+                                     gpus_per_worker=args.gpus_per_worker or 0, **options)  # fmt: skip
+        else:
+            from imgclf.batch.local import score_to_folder
+
+            commit_every = 30.0 if args.commit_every is None else args.commit_every
+            summary = score_to_folder(args.model, args.images, args.out, device=args.device,
+                                      commit_every=commit_every, **options)  # fmt: skip
+    except KeyboardInterrupt as e:
+        print(f"imgclf: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -425,10 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label images with a trained model")
     p.add_argument("model", help="model file (.imgclf or exported .onnx)")
-    p.add_argument("images", nargs="+", help="image files or folders (walked recursively)")
+    p.add_argument("images", nargs="+", help="image files or folders (walked recursively); with --out also globs, "
+                                             "manifests (.txt, .csv or .parquet with a path column) and URIs")  # fmt: skip
     p.add_argument("--top-k", type=int, default=1, help="also show the k most likely labels")
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.add_argument("--out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
+                                 "running the same command again continues where it stopped")  # fmt: skip
+    p.add_argument("--engine", default="auto", choices=["auto", "ray"],
+                   help="auto: this process, fastest inference engine here; ray: a Ray cluster "
+                        "(needs --out and pip install 'imgclf[ray]') (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="with --out: images per network call (default: 32)")
+    p.add_argument("--commit-every", type=float,
+                   help="with --out: seconds between committed parts; a crash loses at most this much work "
+                        "(default: 30)")  # fmt: skip
+    p.add_argument(
+        "--address", help="with --engine ray: the cluster, auto or ray://HOST:10001 (default: start Ray here)"
+    )
+    p.add_argument("--workers", type=int, help="with --engine ray: model replicas (default: CPUs / --cpus-per-worker)")
+    p.add_argument(
+        "--cpus-per-worker", type=float, help="with --engine ray: CPUs of each replica, its threads (default: 1)"
+    )
+    p.add_argument(
+        "--gpus-per-worker", type=float, help="with --engine ray: GPUs of each replica (.imgclf models; default: 0)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="with --out: no progress bar")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX for other languages and runtimes")
@@ -551,7 +619,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
-    if args.command == "train":
+    if args.command == "train" or (args.command == "predict" and args.out):
         _sigterm_as_interrupt()
     try:
         return args.func(args)

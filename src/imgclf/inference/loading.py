@@ -13,12 +13,13 @@ from imgclf.errors import ModelFileError
 from imgclf.inference.predictor import Predictor
 
 
-def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> Predictor:
+def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", *, threads: int | None = None) -> Predictor:
     """Any imgclf model file: a trained ``.imgclf`` model (an :class:`ImageClassifier`,
     needs torch) or an exported ONNX file (an :class:`OnnxClassifier`, torch-free).
 
     Both answer ``predict``, ``predict_batch`` and ``evaluate``. ``device`` and
     ``engine`` apply to the torch model; an ONNX file runs on ONNX Runtime's CPU.
+    ``threads``: threads of the network's engine (ONNX Runtime); default: the CPUs, at most 8.
     """
     from imgclf.filetypes import sniff
 
@@ -34,14 +35,16 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> P
     if kind == "onnx":
         from imgclf.inference.runtime import load_onnx_model
 
-        return load_onnx_model(path)
+        return load_onnx_model(path, threads=threads)
     if kind != "safetensors":
         what = "ONNX model" if path.suffix.lower() == ".onnx" else "imgclf model file"  # wording only
         raise ModelFileError(f"{path}: not a readable {what} ({_WHY[kind]}); expected an imgclf model or an "
                              "exported ONNX file")  # fmt: skip
     from imgclf.inference.model import load_model as load_imgclf_model
 
-    return load_imgclf_model(path, device=device, engine=engine)
+    model = load_imgclf_model(path, device=device, engine=engine)
+    model.threads = threads
+    return model
 
 
 _WHY = {"empty": "the file is empty, 0 bytes", "torch": "it is a PyTorch file; train with --weights FILE instead",

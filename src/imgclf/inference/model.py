@@ -104,7 +104,9 @@ class ImageClassifier(Predictor):
         from imgclf.nets.engines import TorchEngine, create_engine
 
         if self.features_engine is None and (batch >= 8 or self.engine != "auto"):
-            self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, self.engine)
+            self.features_engine = create_engine(
+                self.backbone, self.preprocessing.input_size, self.device, self.engine, threads=self.threads
+            )
         if self.features_engine is not None:
             return self.features_engine
         if self._eager is None:

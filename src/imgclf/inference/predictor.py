@@ -100,6 +100,7 @@ class Predictor:
     info: dict
     batch_size: int = 32
     workers: int | None = None
+    threads: int | None = None  # threads of the network's engine; None: its default
 
     @property
     def metrics_(self) -> dict | None:

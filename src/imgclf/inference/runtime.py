@@ -74,8 +74,11 @@ def _check_graph(path: Path, session: OnnxSession, config: dict[str, Any]) -> No
                              f"(1, {n_labels}) finite probabilities")  # fmt: skip
 
 
-def load_onnx_model(path: str | Path) -> OnnxClassifier:
-    """Load an ONNX file exported by imgclf; checks its metadata and that its graph fits it."""
+def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxClassifier:
+    """Load an ONNX file exported by imgclf; checks its metadata and that its graph fits it.
+
+    ``threads``: ONNX Runtime's threads (default: the CPUs, at most 8).
+    """
     from imgclf.filetypes import sniff
 
     path = Path(path)
@@ -86,7 +89,7 @@ def load_onnx_model(path: str | Path) -> OnnxClassifier:
         raise ModelFileError(f"{path}: not a readable ONNX model (the file is empty, 0 bytes)")
     _ort()  # a missing onnxruntime is an install problem, not a bad file
     try:
-        session = OnnxSession(path)
+        session = OnnxSession(path, threads=threads)
     except Exception as e:  # onnxruntime raises one exception type per failure (Fail, InvalidProtobuf, ...)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelFileError(f"{path}: not a readable ONNX model ({first})") from None
@@ -96,4 +99,6 @@ def load_onnx_model(path: str | Path) -> OnnxClassifier:
                              "'imgclf export'")  # fmt: skip
     config = parse_metadata(raw, path, "onnx")
     _check_graph(path, session, config)
-    return OnnxClassifier(session, config, str(path))
+    model = OnnxClassifier(session, config, str(path))
+    model.threads = threads
+    return model
