@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import tempfile
 import threading
 import time
@@ -21,10 +20,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' PNG maker
-from tests.test_imaging import blank_png  # noqa: E402
-
-from imgclf.serve.process import serve_in_subprocess  # noqa: E402
+from imgclf.serve.process import serve_in_subprocess
+from imgclf.testing import blank_png
 
 MB = 1024 * 1024
 UPLOADS = [  # name, width, height, bit depth, PNG colour type

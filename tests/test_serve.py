@@ -168,8 +168,7 @@ def test_huge_upload_is_refused_by_the_serving_pixel_limit(client):
     """Defect 1: a 300 KB 12000x12000 16-bit PNG took 10 s and gigabytes; the server's
     pixel limit (50 MP by default) refuses it from its header."""
     from imgclf.serve.limits import SERVE_MAX_PIXELS
-
-    from .test_imaging import blank_png
+    from imgclf.testing import blank_png
 
     r = client.post("/v1/predict", content=blank_png(12000, 12000, 16, 0, 117), headers={"content-type": "image/png"})
     assert r.status_code == 413
@@ -177,7 +176,7 @@ def test_huge_upload_is_refused_by_the_serving_pixel_limit(client):
 
 
 def test_image_that_cannot_fit_the_decode_budget_is_413(small_model):
-    from .test_imaging import blank_png
+    from imgclf.testing import blank_png
 
     with TestClient(create_app(small_model, max_batch=1, decode_memory_bytes=16 * 1024 * 1024)) as c:
         r = c.post("/v1/predict", files=[("files", ("wide.png", blank_png(3000, 2000, 8, 6), "image/png")),

@@ -25,9 +25,9 @@ psutil = pytest.importorskip("psutil")
 httpx = pytest.importorskip("httpx")
 
 from imgclf.serve.process import serve_in_subprocess  # noqa: E402
+from imgclf.testing import blank_png  # noqa: E402
 
 from .conftest import PREDICT  # noqa: E402
-from .test_imaging import blank_png  # noqa: E402
 
 MB = 1024 * 1024
 DECODE_BUDGET_MB = 256
