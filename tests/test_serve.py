@@ -159,3 +159,166 @@ def test_server_that_dies_while_starting_says_why(tmp_path):
     with pytest.raises(RuntimeError, match="exited with code 2: .*model file not found"):
         with serve_in_subprocess(tmp_path / "missing.imgclf"):
             pass
+
+
+# --- issue 10: bounded memory (defect 1) and consistent errors (defect 10) ---
+
+
+def test_huge_upload_is_refused_by_the_serving_pixel_limit(client):
+    """Defect 1: a 300 KB 12000x12000 16-bit PNG took 10 s and gigabytes; the server's
+    pixel limit (50 MP by default) refuses it from its header."""
+    from imgclf.serve.limits import SERVE_MAX_PIXELS
+    from imgclf.testing import blank_png
+
+    r = client.post("/v1/predict", content=blank_png(12000, 12000, 16, 0, 117), headers={"content-type": "image/png"})
+    assert r.status_code == 413
+    assert r.json()["error"] == f"upload: image is 12000x12000, more pixels than the {SERVE_MAX_PIXELS:,} allowed"
+
+
+def test_image_that_cannot_fit_the_decode_budget_is_413(small_model):
+    from imgclf.testing import blank_png
+
+    with TestClient(create_app(small_model, max_batch=1, decode_memory_bytes=16 * 1024 * 1024)) as c:
+        r = c.post("/v1/predict", files=[("files", ("wide.png", blank_png(3000, 2000, 8, 6), "image/png")),
+                                         ("files", ("daisy.jpg", DAISY, "image/jpeg"))])  # fmt: skip
+        assert r.status_code == 200
+        wide, daisy = r.json()["results"]
+        assert wide["error"].startswith("wide.png: decoding it needs about") and "16 MB decode budget" in wide["error"]
+        assert daisy["label"] == "daisy"
+        assert c.app.state.decode_budget.peak <= 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "method, path, status, message",
+    [
+        ("GET", "/nope", 404, "no such endpoint: /nope"),
+        ("GET", "/v1/predict", 405, "GET is not allowed on /v1/predict; use POST"),
+        ("DELETE", "/v1/model", 405, "DELETE is not allowed on /v1/model; use GET"),
+        ("POST", "/v1/predict?top_k=0", 422, "top_k: Input should be greater than or equal to 1"),
+        ("POST", "/v1/predict?top_k=many", 422, "top_k: Input should be a valid integer"),
+    ],
+)
+def test_every_error_is_an_error_object(client, method, path, status, message):
+    """Defect 10: 404, 405 and a bad top_k answered {"detail": ...}."""
+    r = client.request(method, path, content=DAISY, headers={"content-type": "image/jpeg"})
+    assert r.status_code == status
+    assert list(r.json()) == ["error"] and r.json()["error"].startswith(message)
+
+
+def test_65_files_are_refused_naming_the_limit(client):
+    """Defect 10: 65 files got 422 'malformed multipart body'."""
+    tiny = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(tiny, "PNG")
+    files = [("files", (f"{i}.png", tiny.getvalue(), "image/png")) for i in range(65)]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 413
+    assert r.json() == {"error": "a request may carry at most 64 files; send the others in further requests"}
+
+
+def test_all_failed_response_has_no_null_fields(client):
+    """Defect 10: when every image failed, the answer carried label/probability/scores: null."""
+    files = [("files", ("a.jpg", b"not an image", "image/jpeg")), ("files", ("b.jpg", b"", "image/jpeg"))]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 415
+    body = r.json()
+    assert body["error"].startswith("a.jpg: not an image") and body["model"] == "small.imgclf"
+
+    def nulls(value):
+        if isinstance(value, dict):
+            return any(v is None or nulls(v) for v in value.values())
+        return isinstance(value, list) and any(nulls(v) for v in value)
+
+    assert not nulls(body)
+    assert [set(x) for x in body["results"]] == [{"file", "error"}, {"file", "error"}]
+
+
+def test_docs_work_offline(client):
+    """Defect 10: /docs loaded Swagger UI from a CDN and was blank offline."""
+    import re
+
+    html = client.get("/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and all(a.startswith("/") for a in assets), assets
+    assert "https://" not in html and "http://" not in html
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 1000, asset
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+
+
+def test_api_key(small_model):
+    with TestClient(create_app(small_model, max_batch=1, api_key="s3cret")) as c:
+        assert c.get("/healthz").status_code == 200 and c.get("/docs").status_code == 200
+        r = c.get("/v1/model")
+        assert r.status_code == 401 and r.json() == {
+            "error": "missing or wrong API key: send it in the X-API-Key header"
+        }
+        assert c.get("/v1/model", headers={"x-api-key": "wrong"}).json() == {"error": "wrong API key"}
+        assert c.get("/v1/model", headers={"x-api-key": "s3cret"}).status_code == 200
+        r = c.post(
+            "/v1/predict", content=DAISY, headers={"content-type": "image/jpeg", "authorization": "Bearer s3cret"}
+        )
+        assert r.status_code == 200 and r.json()["results"][0]["label"] == "daisy"
+        assert c.post("/v1/predict", content=DAISY, headers={"content-type": "image/jpeg"}).status_code == 401
+        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+
+
+def test_cors_and_host_check(small_model):
+    app = create_app(small_model, max_batch=1, cors_origins=["https://photos.example"], allowed_hosts=["localhost"])
+    with TestClient(app, base_url="http://localhost:8000") as c:
+        preflight = {"origin": "https://photos.example", "access-control-request-method": "POST"}
+        r = c.options("/v1/predict", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://photos.example"
+        r = c.get("/v1/model", headers={"origin": "https://elsewhere.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        r = c.get("/v1/model", headers={"host": "rebound.example:8000"})
+        assert r.status_code == 400 and r.json()["error"].startswith("Host 'rebound.example:8000' is not served here")
+        assert c.get("/healthz", headers={"host": "LOCALHOST"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "{model}", "--host", "0.0.0.0"], "--host 0.0.0.0 serves beyond this machine, so an API key is"),
+        (["serve", "{model}", "--max-pixels", "0"], "max_pixels must be between 1 and 150,000,000"),
+        (["serve", "{model}", "--decode-memory-mb", "1"], "decode memory must be at least 16 MB"),
+        (["serve", "{model}", "--read-timeout", "0"], "read_timeout must be positive"),
+        (["serve", "{model}", "--api-key", "k", "--no-api-key"], "--no-api-key contradicts the API key"),
+    ],
+)
+def test_serve_new_options_are_checked(argv, message, small_model, tmp_path, capsys, monkeypatch):
+    import socket
+
+    from imgclf.cli import main
+
+    monkeypatch.delenv("IMGCLF_API_KEY", raising=False)
+    model = small_model.save(tmp_path / "m.imgclf")
+    with socket.socket() as taken:  # should a check be missed, serving fails on this port instead of running on
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main([a.replace("{model}", str(model)) for a in argv] + ["--port", port]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(f"imgclf: error: {message}") and len(out.err.strip().splitlines()) == 1
+    assert "Serving" not in out.out
+
+
+def test_port_in_use_is_one_line_exit_2_before_serving(small_model, tmp_path, capsys):
+    """Defect 10: a port in use exited 3 after printing 'Serving on'."""
+    import socket
+
+    from imgclf.cli import main
+
+    model = small_model.save(tmp_path / "m.imgclf")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(model), "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert (
+        out.err
+        == f"imgclf: error: port {port} on 127.0.0.1 is already in use; stop what uses it or pick another with --port\n"
+    )
+    assert out.out == ""

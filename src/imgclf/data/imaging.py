@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgclf.errors import ImageDecodeError, ImageTooLargeError
 
@@ -23,12 +25,36 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: 12 MP phone photo). Guards servers against decompression bombs.
 MAX_PIXELS = 150_000_000
 
+#: Refuse an image whose resize before the centre crop would need more than this
+#: (for a 224-pixel network an aspect ratio beyond about 1000:1; 16:1 always passes):
+#: a tiny 1-pixel-high strip is otherwise resized to gigabytes outside ``serve``'s decode budget.
+MAX_RESIZE_BYTES = 256 * 2**20
+
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns at this size; we turn its warning into an error
 
 #: Formats we accept; anything else Pillow might open is refused.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
 
 ImageSource = bytes | bytearray | memoryview | str | Path | Image.Image
+
+#: Decoders that hold their own copy of the pixels while filling the image.
+_BUFFERING_DECODERS = frozenset({"TIFF", "WEBP"})
+#: Extra bytes per source pixel to bring a mode to one ``Image.reduce`` averages correctly.
+_REDUCE_CONVERSION_BYTES = {"1": 1, "P": 8, "PA": 8, "LA": 4, "RGBA": 4, "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1}
+#: Bytes per working pixel to reach 8-bit RGB (alpha compositing: RGBA, white, result, RGB).
+_RGB_CONVERSION_BYTES = 16
+#: Grey modes wider than 8 bits, brought to 8 bits a strip of rows at a time.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
+_STRIP_PIXELS = 1 << 20
+_DECODE_OVERHEAD = 4 << 20
+#: Shrink after decoding while the shorter side stays at least this many times
+#: the resize target (Pillow's ``reducing_gap``: from 3 on, Pillow documents the
+#: result as indistinguishable from resampling at full size).
+REDUCING_GAP = 3
+
+#: A hook that holds decode memory: ``with reserve(nbytes): ...`` waits until that
+#: much may be used and raises :class:`ImageTooLargeError` if it never could.
+Reserve = Callable[[int], AbstractContextManager]
 
 #: Pillow resampling filters by the names timm configs use.
 RESAMPLING = {
@@ -78,42 +104,119 @@ class Preprocessing:
         )
 
 
-def open_image(source: ImageSource, name: str = "<image>", *, draft_size: int | None = None) -> Image.Image:
+def open_image(
+    source: ImageSource,
+    name: str = "<image>",
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    reserve: Reserve | None = None,
+) -> Image.Image:
     """Decode ``source`` into an RGB image, upright per its EXIF orientation.
 
-    ``draft_size`` lets JPEG decoding shrink by a power of two (DCT scaling)
-    as long as both sides stay at least that large: far cheaper for a 12 MP
-    photo that will be resized to 256 pixels anyway.
+    ``draft_size`` says the image will be resized so its shorter side is that
+    long: JPEG decoding then shrinks by a power of two (DCT scaling) and other
+    formats are shrunk by a whole factor right after decoding (``Image.reduce``),
+    as long as the shorter side stays well above it. A 12000x12000 PNG then
+    costs its decoded size once, not several times over. ``max_pixels`` refuses
+    larger images from their header, before decoding. ``reserve(nbytes)``, if
+    given, is entered around the decoding with its estimated peak memory, so a
+    server can bound what concurrent decodes may take.
     Raises :class:`ImageDecodeError` naming ``name`` for anything unreadable.
     """
-    if isinstance(source, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(source))
-    if isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except OSError as e:
-            raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from None
+    img = _open_lazily(source, name, draft_size, max_pixels)
+    with _reserved(reserve, decode_bytes(img, draft_size), name), _decode_errors(name):
+        return _decode(img, draft_size)
+
+
+def load_array(
+    source: ImageSource,
+    prep: Preprocessing,
+    name: str = "<image>",
+    *,
+    fast_decode: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    reserve: Reserve | None = None,
+) -> np.ndarray:
+    """Decode and preprocess one image: what the network sees for ``source``.
+
+    ``fast_decode`` decodes large images at reduced size (see :func:`open_image`);
+    ``max_pixels`` and ``reserve`` are as there, the reservation also covering
+    the resize.
+    """
+    draft_size = prep.resize_to if fast_decode else None
+    img = _open_lazily(source, name, draft_size, max_pixels)
+    resized = _resize_bytes(img.size, prep.resize_to)
+    if resized > max(MAX_RESIZE_BYTES, _resize_bytes((1, 16), prep.resize_to)):  # 1x2000 -> 256x512000
+        width, height = img.size
+        raise ImageTooLargeError(f"{name}: image is {width}x{height}; resizing an image this narrow to fill the "
+                                 f"network's input would take {resized // 2**20:,} MB")  # fmt: skip
+    nbytes = decode_bytes(img, draft_size) + resized
+    with _reserved(reserve, nbytes, name), _decode_errors(name):
+        return to_array(_decode(img, draft_size), prep)
+
+
+def decode_bytes(img: Image.Image, draft_size: int | None = None) -> int:
+    """Estimated peak memory, in bytes, to decode an opened (not yet loaded) image
+    into RGB: the decoded pixels at Pillow's bytes per pixel, what converting them
+    takes, and the working copies after any reduction. Deliberately generous."""
+    if not isinstance(img, ImageFile.ImageFile):  # already in memory: nothing more to decode
+        return 0
+    width, height = img.size
+    pixels = width * height
+    native = pixels * _bytes_per_pixel(img.mode)
+    if img.format in _BUFFERING_DECODERS:
+        native *= 2
+    factor = _reduce_factor(img.size, draft_size)
+    if factor > 1:
+        converted = pixels * _REDUCE_CONVERSION_BYTES.get(img.mode, 0)
+        working = -(-width // factor) * -(-height // factor)
     else:
-        data = bytes(source)
-    if not data:
-        raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
+        converted, working = 0, pixels
+    strips = _STRIP_PIXELS * 24 if img.mode in _WIDE_GREY_MODES else 0
+    return native + converted + working * _RGB_CONVERSION_BYTES + strips + _DECODE_OVERHEAD
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel Pillow stores for ``mode`` (RGB is padded to 4)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _resize_bytes(size: tuple[int, int], short: int) -> int:
+    """The resized image before its centre crop (long for a very wide image)."""
+    width, height = size
+    return 4 * short * max(short, int(short * max(width, height) / max(1, min(width, height))))
+
+
+def _reduce_factor(size: tuple[int, int], draft_size: int | None) -> int:
+    if not draft_size:
+        return 1
+    return max(1, min(size) // (REDUCING_GAP * draft_size))
+
+
+@contextmanager
+def _reserved(reserve: Reserve | None, nbytes: int, name: str) -> Iterator[None]:
+    """Hold ``reserve(nbytes)`` for the block; its refusal names the file."""
+    if reserve is None:
+        yield
+        return
+    with ExitStack() as held:
+        try:
+            held.enter_context(reserve(nbytes))
+        except ImageTooLargeError as e:
+            raise ImageTooLargeError(f"{name}: {e}") from None
+        yield
+
+
+@contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """Pillow's many exceptions as one :class:`ImageDecodeError` naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.format not in SUPPORTED_FORMATS:
-                raise ImageDecodeError(
-                    f"{name}: unsupported image format {img.format}; use JPEG, PNG, GIF, BMP, WebP or TIFF"
-                )
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageTooLargeError(
-                    f"{name}: image is {width}x{height}, more pixels than the {MAX_PIXELS:,} allowed"
-                )
-            if draft_size and img.format in ("JPEG", "MPO"):
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            img = ImageOps.exif_transpose(img)
+            yield
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -124,7 +227,98 @@ def open_image(source: ImageSource, name: str = "<image>", *, draft_size: int | 
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"{name}: image data is corrupt or truncated ({e})") from None
+
+
+def _open_lazily(source: ImageSource, name: str, draft_size: int | None, max_pixels: int) -> Image.Image:
+    """Read the header only: format and size checked, JPEG draft mode set, no pixels yet."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from None
+    else:
+        data = bytes(source)
+    if not data:
+        raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
+    with _decode_errors(name):
+        img = Image.open(io.BytesIO(data))
+        if img.format not in SUPPORTED_FORMATS:
+            raise ImageDecodeError(
+                f"{name}: unsupported image format {img.format}; use JPEG, PNG, GIF, BMP, WebP or TIFF"
+            )
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(f"{name}: image is {width}x{height}, more pixels than the {max_pixels:,} allowed")
+        if draft_size and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (draft_size, draft_size))
+    return img
+
+
+#: How to turn each EXIF orientation upright (as ``ImageOps.exif_transpose``).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _decode(img: Image.Image, draft_size: int | None) -> Image.Image:
+    """Load the pixels, shrink early, turn upright, make 8-bit RGB."""
+    if not isinstance(img, ImageFile.ImageFile):  # an image handed over in memory
+        return _to_rgb(ImageOps.exif_transpose(img))
+    img.load()
+    method = _ORIENTATION.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    factor = _reduce_factor(img.size, draft_size)
+    if factor > 1:
+        img = _reduced(img, factor)
+    if method is not None:
+        img = img.transpose(method)
     return _to_rgb(img)
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    """``img`` shrunk by a whole ``factor`` (box average), in a mode that averages
+    correctly: wide grey to 8 bits first, palettes to colours, alpha premultiplied."""
+    if img.mode in _WIDE_GREY_MODES:
+        img = _wide_grey_to_8bit(img)
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(img.mode)
+    if premultiplied:
+        straight = img.mode
+        return img.convert(premultiplied).reduce(factor).convert(straight)
+    return img.reduce(factor)
+
+
+def _wide_grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit grey as 8-bit ``L``, a strip of rows at a time through a
+    lookup table, so no full-size copy wider than 8 bits is made. 16-bit modes
+    scale from 65535; 32-bit ones from 65535 if any value passes 255, else they
+    are taken as 8-bit."""
+    width, height = img.size
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    strips = [(0, top, width, min(top + rows, height)) for top in range(0, height, rows)]
+    sixteen = img.mode.startswith("I;16") or any(np.asarray(img.crop(box)).max() > 255 for box in strips)
+    top = 65535 if sixteen else 255
+    table = _GREY_TABLE if sixteen else np.arange(256, dtype=np.uint8)
+    out = np.empty((height, width), np.uint8)
+    for box in strips:
+        out[box[1] : box[3]] = table[np.clip(np.asarray(img.crop(box)), 0, top)]
+    return Image.fromarray(out)
+
+
+#: 16-bit grey value -> 8 bits, rounded down as ``v * 255 / 65535`` in float64 always was.
+_GREY_TABLE = np.clip(np.arange(65536, dtype=np.float64) * (255.0 / 65535.0), 0, 255).astype(np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -134,10 +328,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    if img.mode in _WIDE_GREY_MODES:
+        img = _wide_grey_to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -173,11 +365,3 @@ def to_array(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     mean = np.asarray(prep.mean, dtype=np.float32) * 255.0
     inv_std = 1.0 / (np.asarray(prep.std, dtype=np.float32) * 255.0)
     return ((arr - mean) * inv_std).transpose(2, 0, 1)
-
-
-def load_array(
-    source: ImageSource, prep: Preprocessing, name: str = "<image>", *, fast_decode: bool = True
-) -> np.ndarray:
-    """Decode and preprocess one image: what the network sees for ``source``."""
-    img = open_image(source, name, draft_size=prep.resize_to if fast_decode else None)
-    return to_array(img, prep)

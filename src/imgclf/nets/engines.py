@@ -73,8 +73,11 @@ class TorchEngine:
             return self.module(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
 
 
-def create_engine(module, input_size: int, device: str = "cpu", engine: str = "auto"):
-    """An engine computing ``module`` on preprocessed (N, 3, size, size) arrays."""
+def create_engine(module, input_size: int, device: str = "cpu", engine: str = "auto", threads: int | None = None):
+    """An engine computing ``module`` on preprocessed (N, 3, size, size) arrays.
+
+    ``threads``: ONNX Runtime's threads (default: the CPUs, at most 8); a Ray actor gives its own CPUs.
+    """
     from imgclf.errors import OptionError
 
     if engine not in ENGINES:
@@ -85,4 +88,4 @@ def create_engine(module, input_size: int, device: str = "cpu", engine: str = "a
     from imgclf.nets.engines import OnnxSession
     from imgclf.nets.onnx_graph import to_onnx_bytes
 
-    return OnnxSession(to_onnx_bytes(module, input_size))
+    return OnnxSession(to_onnx_bytes(module, input_size), threads=threads)

@@ -37,11 +37,15 @@ def _healthy(url: str) -> bool:
 
 @contextmanager
 def serve_in_subprocess(
-    model: str | Path, *options: str, timeout: float = 60.0
+    model: str | Path, *options: str, timeout: float = 60.0, log: str | Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run ``imgclf serve MODEL --port P *options``; yields its base URL and process."""
+    """Run ``imgclf serve MODEL --port P *options``; yields its base URL and process.
+
+    The server's stderr goes to ``log`` if given (to read what it logged), else to a
+    temporary file."""
     port = free_port()
-    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty server never blocks on it
+    # a file, not a pipe: a chatty server never blocks on it
+    with open(log, "w+b") if log else tempfile.TemporaryFile() as stderr:
         server = subprocess.Popen([sys.executable, "-m", "imgclf.cli", "serve", str(model), "--port", str(port),
                                    *options], stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
         url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,117 @@
+"""What bounds the server's memory, whatever arrives.
+
+Three budgets, each a hard ceiling rather than a guess:
+
+- :class:`DecodeBudget`: bytes that image decoding may use at once, across the
+  decode threads. Each decode reserves its estimated peak (from the header,
+  before any pixel is decoded) and waits while the others would pass the
+  budget; an image that could never fit is refused with 413.
+- :class:`BodyBudget`: bytes of request bodies held at once; a request reserves
+  its declared length (or the largest allowed) before reading, and waits.
+- the pending-image semaphore in the app (images decoded but not yet scored).
+
+Waiting instead of failing keeps bursts working; the budgets only change how
+many large things happen at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+from imgclf.errors import ImageTooLargeError
+
+MB = 1024 * 1024
+
+#: Largest image the server decodes, by default: a 48 MP phone photo fits,
+#: a 12000x12000 bomb does not (library calls allow ``imaging.MAX_PIXELS``).
+SERVE_MAX_PIXELS = 50_000_000
+#: Bytes that concurrent decodes may use together, by default.
+DECODE_MEMORY_BYTES = 512 * MB
+#: Files one multipart request may carry.
+MAX_FILES = 64
+#: Request bodies held at once, in multiples of the request size limit.
+BODIES_IN_FLIGHT = 4
+#: Images decoded and waiting for the network, across all requests.
+PENDING_IMAGES = 128
+#: Seconds to wait for the next piece of a request body before answering 408.
+READ_TIMEOUT = 30.0
+
+
+class DecodeBudget:
+    """At most ``capacity`` bytes of image decoding at once (thread-safe).
+
+    Pass :meth:`reserve` to :func:`imgclf.data.imaging.load_array`, which enters
+    it with the decode's estimated peak memory.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        if nbytes > self.capacity:
+            raise ImageTooLargeError(
+                f"decoding it needs about {nbytes / MB:,.0f} MB, more than the server's "
+                f"{self.capacity / MB:,.0f} MB decode budget; send a smaller image"
+            )
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity)
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= nbytes
+                self._changed.notify_all()
+
+
+class BodyBudget:
+    """At most ``capacity`` bytes of request bodies held at once (one event loop)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self._changed: asyncio.Condition | None = None
+
+    @asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
+        nbytes = min(nbytes, self.capacity)
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity)
+            self.in_use += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_use -= nbytes
+                self._changed.notify_all()
+
+
+def tune_malloc(arenas: int = 2, mmap_threshold: int = 1 * MB) -> None:
+    """Make freed memory go back to the system. Decode threads otherwise each keep
+    their own heap (``M_ARENA_MAX``), and glibc raises its mmap threshold after the
+    first large free, so later image buffers come from heaps that are never given
+    back: RSS stays at its peak after one large image. A fixed ``M_MMAP_THRESHOLD``
+    keeps every buffer of ``mmap_threshold`` or more in its own mapping, returned
+    when freed. No-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
