@@ -334,7 +334,7 @@ def test_augmentation_suits_the_photos(colour, keep_orientation):
 
 def test_fine_tune_that_does_not_pay_keeps_the_head_only_model(tmp_path, workspace):
     """A validation share is held out; when no fine-tune epoch beats head-only on it,
-    the model is head-only: pretrained backbone, head refitted on every training photo."""
+    the model is the head-only one: pretrained backbone, head refitted on every training photo."""
     from imgclf.nets.archs import create_backbone, get_architecture
 
     pretrained, _ = create_backbone(get_architecture("efficientnet_lite0"))
@@ -354,5 +354,4 @@ def test_fine_tune_that_does_not_pay_keeps_the_head_only_model(tmp_path, workspa
     assert info["decisions"][-1].startswith("kept the head-only model")
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in pretrained.state_dict().items())
     head_only = ImageClassificationTrainer(epochs=5, workspace=workspace, progress=False).fit(images)
-    daisy = PREDICT / "classic-daisy.jpg"
-    assert model.predict(daisy).scores == pytest.approx(head_only.predict(daisy).scores, abs=0.05)
+    assert torch.equal(model.head.weight, head_only.head.weight) and torch.equal(model.head.bias, head_only.head.bias)

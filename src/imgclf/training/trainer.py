@@ -254,6 +254,7 @@ class ImageClassificationTrainer:
             readable, validation_set = _split_readable(readable, self.validation_fraction, self.seed, "validation")
             val = from_pool(validation_set)
         validation_note, carved = None, False  # fine-tuning holds out its own validation photos if none are given
+        uncarved = readable
         if self.fine_tune and validation_set is None:
             options = self.fine_tune_options or FineTuneOptions()
             readable, validation_set, validation_note = carve_validation(readable, options, self.seed)
@@ -291,11 +292,12 @@ class ImageClassificationTrainer:
                                         class_weights, checkpoint, saved, history, validation_note)  # fmt: skip
                 history_ft, best_epoch = tuner.history, tuner.kept_epoch
                 history += history_ft
-                if tuner.kept == "head-only" and carved and x_val is not None:
-                    # the held-out photos were only for choosing: the head-only model learns from them too
-                    model.head, _, _ = self._train_head(np.concatenate([x_train, x_val]),
-                                                        np.concatenate([y_train, y_val]), None, None, len(labels),
-                                                        device, class_weights, report=False)  # fmt: skip
+                if tuner.kept == "head-only" and carved:
+                    # the held-out photos were only for choosing: the head learns from every training photo,
+                    # in their original order, so the model is the one a head-only run would give
+                    x_all, y_all = self._xy(from_pool(uncarved), uncarved, labels)
+                    model.head, _, _ = self._train_head(x_all, y_all, None, None, len(labels), device,
+                                                        self._class_weights(y_all, len(labels)), report=False)  # fmt: skip
             if tuner is None or tuner.kept == "head-only":
                 model.features_engine = engine  # the backbone is the one the engine was built from: reuse it
         except KeyboardInterrupt:
