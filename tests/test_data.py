@@ -2,13 +2,14 @@
 
 import io
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf import DataError, ImageDecodeError, load_images_from_directory, train_test_split
-from imgclf.data.images import check_labels
+from imgclf import DataError, ImageData, ImageDecodeError, load_images_from_directory, train_test_split
+from imgclf.data.images import check_labels, find_image_files
 from imgclf.data.imaging import MAX_PIXELS, Preprocessing, load_array, open_image
 from imgclf.data.splits import stratified_folds
 
@@ -131,3 +132,59 @@ def test_preprocessing_matches_timm_transform():
         theirs = transform(Image.open(f).convert("RGB")).numpy()
         assert ours.shape == (3, 224, 224)
         assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_hidden_and_tool_folders_are_skipped(tmp_path):
+    """Defect 11: .ipynb_checkpoints became a label, __MACOSX stopped training, ._*.jpg counted as images."""
+    photo = (PREDICT / "classic-daisy.jpg").read_bytes()
+    for rel in ["daisy/a.jpg", "tulips/b.jpg", "tulips/sub/c.jpg",
+                ".ipynb_checkpoints/x.jpg", "__MACOSX/daisy/._a.jpg", "daisy/._a.jpg", "daisy/.hidden/d.jpg",
+                "tulips/.DS_Store", "tulips/@eaDir/b.jpg"]:  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(photo if not rel.rsplit("/", 1)[-1].startswith("._") else b"\x00\x05\x16\x07")
+    images = load_images_from_directory(tmp_path)
+    assert sorted((im.label, Path(im.name).name) for im in images) == [("daisy", "a.jpg"), ("tulips", "b.jpg"),
+                                                                        ("tulips", "c.jpg")]  # fmt: skip
+    assert [p.name for p in find_image_files([tmp_path / "daisy", tmp_path / "daisy" / "._a.jpg"])] == [
+        "a.jpg",
+        "._a.jpg",
+    ]
+
+
+def test_layout_mistakes_say_what_layout_is_expected(tmp_path):
+    """Defect 11: images directly in FOLDER said "no images found"; a file given as FOLDER, "no such folder"."""
+    photo = (PREDICT / "classic-daisy.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(photo)
+    (tmp_path / "b.jpg").write_bytes(photo)
+    with pytest.raises(DataError, match=r"2 image\(s\) lie directly in the folder.*subfolder per label"):
+        load_images_from_directory(tmp_path)
+    with pytest.raises(DataError, match="is a file, not a folder; give a folder with one subfolder per label"):
+        load_images_from_directory(tmp_path / "a.jpg")
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "c.jpg").write_bytes(photo)
+    with pytest.warns(UserWarning, match=r"ignored 2 image\(s\) directly in"):
+        assert [im.label for im in load_images_from_directory(tmp_path)] == ["cats"]
+
+
+def test_image_data_repr_is_short():
+    """Defect 12: the default repr of in-memory images printed every byte."""
+    photo = (PREDICT / "classic-daisy.jpg").read_bytes()
+    assert (
+        repr(ImageData(photo, "daisy", "upload-1"))
+        == f"ImageData(<{len(photo):,} bytes>, name='upload-1', label='daisy')"
+    )
+    assert (
+        repr(ImageData(Path("p/daisy/1.jpg"), "daisy", "p/daisy/1.jpg")) == "ImageData('p/daisy/1.jpg', label='daisy')"
+    )
+
+
+def test_extremely_narrow_image_is_refused_before_resizing():
+    """A 1x2000 PNG (a few hundred bytes) was resized to 256x512000 before its centre crop:
+    about 400 MB for one image in `predict` or training, where serve's decode budget does not apply."""
+    from imgclf.errors import ImageTooLargeError
+
+    prep = Preprocessing(224, 0.875, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(ImageTooLargeError, match="1x2000; resizing an image this narrow"):
+        load_array(_encode(Image.new("RGB", (1, 2000)), "PNG"), prep, "strip.png")
+    panorama = load_array(_encode(Image.new("RGB", (3200, 200)), "PNG"), prep, "panorama.png")  # 16:1 is fine
+    assert panorama.shape == (3, 224, 224)

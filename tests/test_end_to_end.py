@@ -23,7 +23,7 @@ def test_default_train_then_predict_seed_images(tmp_path):
     assert metrics["micro_accuracy"] >= 0.8  # 40 held-out photos, 5 labels
     again = subprocess.run([*env_cmd, "train", "--workspace", ws, "-q", "--out", "second.imgclf"],
                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert "0 images through the network, 160 from the workspace cache" in again.stdout
+    assert "0 images through the network, 200 from the workspace cache" in again.stdout  # held-out ones too
 
     pred = subprocess.run([*env_cmd, "predict", "imageClassifier.imgclf", PREDICT, "--json"],
                           cwd=tmp_path, capture_output=True, text=True)  # fmt: skip

@@ -1,6 +1,7 @@
 """ONNX export, parity with PyTorch, and the torch-free runtime."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -97,10 +98,42 @@ def test_bad_input(argv, message, exported, tmp_path, capsys):
     assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1
 
 
-def test_int8_quantized_export(small_model, exported, tmp_path):
-    path = small_model.export_onnx(tmp_path / "q.onnx", quantize="int8")
+def test_int8_quantized_export(small_model, exported, tmp_path, capfd, caplog):
+    """Defect 13: `export --quantize int8` printed 61 lines of ONNX Runtime warnings."""
+    with caplog.at_level(logging.INFO):
+        path = small_model.export_onnx(tmp_path / "q.onnx", quantize="int8")
+    out, err = capfd.readouterr()
+    assert [r.getMessage()[:60] for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "WARNING" not in out + err and "Please consider" not in out + err
     q = load_onnx_model(path)
     assert path.stat().st_size < exported[1].stat().st_size / 2
     assert q.predict(PREDICT / "classic-daisy.jpg").label == "daisy"
     with pytest.raises(ModelFileError):
         load_onnx_model(tmp_path / "nope.onnx")
+
+
+def test_tta_is_exported_in_the_graph(exported, tmp_path):
+    """Defect 2: a model trained with --tta predicted differently from its export (which dropped the
+    flip-average), and serve of the .onnx did no TTA. Torch, ONNX and serve of the ONNX now agree."""
+    from fastapi.testclient import TestClient
+
+    from imgclf import load_model
+    from imgclf.serve import create_app
+
+    model = load_model(exported[0])
+    model.tta = True
+    onnx_path = model.export_onnx(tmp_path / "tta.onnx")
+    onnx_model = load_onnx_model(onnx_path)
+    assert onnx_model.tta is True and onnx_model.info["tta"] is True
+    images = [PREDICT / "BlackRose.png", PREDICT / "classic-tulip.jpg", IMAGES[-1]]
+    with_tta = np.array([[p.scores[lbl] for lbl in model.labels] for p in model.predict_batch(images)])
+    from_onnx = np.array([[p.scores[lbl] for lbl in model.labels] for p in onnx_model.predict_batch(images)])
+    model.tta = False
+    without = np.array([[p.scores[lbl] for lbl in model.labels] for p in model.predict_batch(images)])
+    assert np.abs(from_onnx - with_tta).max() < 1e-4
+    assert np.abs(with_tta - without).max() > 1e-3  # the flip-average does change the answer
+    with TestClient(create_app(onnx_path, max_batch=1)) as client:
+        for image, expected in zip(images, with_tta):
+            r = client.post("/v1/predict?top_k=3", content=image.read_bytes(), headers={"content-type": "image/png"})
+            served = {s["label"]: s["probability"] for s in r.json()["results"][0]["scores"]}
+            assert max(abs(served[lbl] - p) for lbl, p in zip(model.labels, expected)) < 1e-4

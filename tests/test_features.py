@@ -39,8 +39,10 @@ def test_cache_reuse_and_invalidation(tmp_path):
 def test_no_cache_writes_nothing(tmp_path):
     folder = small_flower_folder(tmp_path / "data", per_class=2, labels=("daisy", "roses"))
     ws = tmp_path / "ws"
-    ImageClassificationTrainer(epochs=1, workspace=ws, use_cache=False, progress=False).fit(
+    model = ImageClassificationTrainer(epochs=1, workspace=ws, use_cache=False, progress=False).fit(
         load_images_from_directory(folder)
     )
     assert not (ws / "features").exists()
-    assert not list(ws.glob("checkpoints/*"))  # the run's checkpoint is gone once it finished
+    assert list(ws.glob("checkpoints/*")) == [model.checkpoint_path_]  # kept until the model is safe on disk
+    model.save(tmp_path / "m.imgclf")
+    assert not list(ws.glob("checkpoints/*")) and model.checkpoint_path_ is None

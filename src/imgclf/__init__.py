@@ -31,16 +31,22 @@ _LAZY = {
     "EpochMetrics": "imgclf.training.history",
     "FineTuneOptions": "imgclf.training.finetune",
     "ImageClassifier": "imgclf.inference.model",
-    "load_model": "imgclf.inference.model",
+    "load_model": "imgclf.inference.loading",
     "load_onnx_model": "imgclf.inference.runtime",
     "OnnxClassifier": "imgclf.inference.runtime",
     "ARCHITECTURES": "imgclf.nets.archs",
     "sample_data_dir": "imgclf.sample_data",
+    "audit": "imgclf.insight.audit",
+    "AuditResult": "imgclf.insight.audit",
+    "write_report": "imgclf.insight.report",
 }
 
 if TYPE_CHECKING:
-    from imgclf.inference.model import ImageClassifier, load_model
+    from imgclf.inference.loading import load_model
+    from imgclf.inference.model import ImageClassifier
     from imgclf.inference.runtime import OnnxClassifier, load_onnx_model
+    from imgclf.insight.audit import AuditResult, audit
+    from imgclf.insight.report import write_report
     from imgclf.nets.archs import ARCHITECTURES
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.finetune import FineTuneOptions
@@ -60,4 +66,5 @@ __all__ = [
     "ModelFileError", "MulticlassMetrics", "OnnxClassifier", "OptionError", "Prediction", "Preprocessing",
     "WeightsUnavailableError", "compute_metrics", "image_from_bytes", "load_images_from_directory",
     "load_model", "load_onnx_model", "sample_data_dir", "shuffle", "stratified_folds", "train_test_split",
+    "audit", "AuditResult", "write_report",
 ]  # fmt: skip

@@ -19,14 +19,19 @@ from imgclf.inference.loading import load_predictor
 
 _EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
                      "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
-                     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train"}  # fmt: skip
+                     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train",
+                     "pyarrow": "batch", "fsspec": "batch", "ray": "ray", "pyspark": "spark"}  # fmt: skip
+_EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scipy": "insight"})
 
 EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
+  imgclf predict pets.onnx archive/ list.txt --out results.parquet   resumable batch scoring
   imgclf export pets.imgclf --out pets.onnx     portable model for other runtimes
+  imgclf audit photos/ --out audit/             duplicates, leaks, label errors: a page to fix them from
+  imgclf report pets.imgclf holdout/ --out r/   curves, confusion matrix, calibration, top losses
   imgclf cache --clear                          free the cached features
 """
 
@@ -42,22 +47,61 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
             print(f"  {line[len('skipped ') :]}", file=sys.stderr)
 
 
+def _tsv(text: str) -> str:
+    r"""A field for tab-separated output: backslash, tab, newline and carriage return escaped
+    (``\\``, ``\t``, ``\n``, ``\r``), so a file name can never break a line or a column;
+    bytes of a name that are not UTF-8 are written ``\xNN`` instead of stopping the output."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+#: Options that only mean something with a switch: (option dest, its flag, the switch's dest, its flag).
+_NEEDS_SWITCH = [
+    ("unfreeze", "--unfreeze", "fine_tune", "--fine-tune"),
+    ("fine_tune_epochs", "--fine-tune-epochs", "fine_tune", "--fine-tune"),
+    ("early_stopping_metric", "--early-stopping-metric", "early_stopping", "--early-stopping"),
+    ("patience", "--patience", "early_stopping", "--early-stopping"),
+    ("min_delta", "--min-delta", "early_stopping", "--early-stopping"),
+]
+
+
+def _check_switches(args: argparse.Namespace) -> None:
+    """An option given without its switch would be silently ignored: say so instead."""
+    from imgclf.errors import OptionError
+
+    for dest, flag, switch, switch_flag in _NEEDS_SWITCH:
+        if getattr(args, dest) is not None and not getattr(args, switch):
+            raise OptionError(f"{flag} only applies with {switch_flag}; add {switch_flag} or drop {flag}")
+    if args.validation_folder and args.validation_fraction is not None:
+        raise OptionError("give --validation-folder or --validation-fraction, not both")
+
+
+def _check_train_outputs(args: argparse.Namespace) -> None:
+    """Every file train will write can be written, checked before any work starts."""
+    from imgclf.atomic import check_output_folder, check_output_path
+    from imgclf.errors import OptionError
+
+    check_output_path(args.out, "model", option="--out")
+    if args.report:
+        check_output_folder(args.report, "report", option="--report")
+    if args.metrics_json:
+        check_output_path(args.metrics_json, "metrics", option="--metrics-json", stream_ok=True)
+        if Path(args.metrics_json).resolve() == Path(args.out).resolve():
+            raise OptionError(f"--metrics-json {args.metrics_json}: is also --out; give the metrics another file name")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from imgclf.atomic import atomic_write_text, check_not_an_input
     from imgclf.data.images import load_images_from_directory
-    from imgclf.data.splits import train_test_split
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
     from imgclf.training.trainer import ImageClassificationTrainer
 
-    folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
-    started = time.perf_counter()
-    images = load_images_from_directory(folder)
-    train, test = train_test_split(images, test_fraction=args.test_fraction, seed=args.seed)
-    labels = sorted({im.label for im in images})
-    print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
-    validation = None
-    if args.validation_folder:
-        validation = load_images_from_directory(args.validation_folder)
+    # Every option and output first: a mistake must cost a second, not a training run.
+    _check_switches(args)
+    _check_train_outputs(args)
+    if not 0 < args.test_fraction < 1:
+        raise ImgclfError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
     fine_tune_options = None
     if args.fine_tune:
         from imgclf.training.finetune import FineTuneOptions
@@ -66,7 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs is not None else {}))  # fmt: skip
     early = None
     if args.early_stopping:
-        early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
+        early = EarlyStopping(metric=args.early_stopping_metric or "accuracy",
+                              min_delta=0.0 if args.min_delta is None else args.min_delta,
+                              patience=10 if args.patience is None else args.patience)  # fmt: skip
 
     def report(m) -> None:
         if args.verbose or m.phase == "fine-tune" or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
@@ -79,24 +125,105 @@ def cmd_train(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
     )  # fmt: skip
-    print(f"Training on {len(train)} images, holding out {len(test)} for evaluation ({args.arch})")
+    trainer.validate()
+    if args.weights and not Path(args.weights).is_file():
+        raise ImgclfError(f"--weights {args.weights}: weights file not found")
+
+    folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
+    started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = trainer.fit(train, validation_set=validation)
-        if model.info["training"]["resumed_from"]:
-            print(f"Resumed from the checkpoint after {model.info['training']['resumed_from']}")
+        try:
+            images = load_images_from_directory(folder)
+            validation = load_images_from_directory(args.validation_folder) if args.validation_folder else None
+            inputs = [im.source for im in images + (validation or [])] + ([args.weights] if args.weights else [])
+            check_not_an_input(args.out, inputs, "model", option="--out")
+            if args.metrics_json:
+                check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
+            labels = sorted({im.label for im in images})
+            print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
+            print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for evaluation",
+                  flush=True)  # fmt: skip
+            model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation)
+            held_out = {id(im) for im in test}
+            _warn_about_duplicates([im for im in images if id(im) not in held_out], test, validation)
+            metrics, out = _evaluate_and_save(model, test, args)
+        finally:
+            _print_skipped(caught)
+    # The model is safe on disk; only now the extras that could still fail.
+    if args.metrics_json:
+        atomic_write_text(args.metrics_json, json.dumps(metrics.to_dict(), indent=2) + "\n", "metrics")
+    print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
+    if args.report:
+        from imgclf.insight.report import write_report
+
+        print(f"Report: {write_report(model, test or None, args.report, name=str(out))}")
+    return 0
+
+
+def _evaluate_and_save(model, test, args: argparse.Namespace):
+    """Report, evaluate on the held-out images, save. The run's checkpoint stays until the
+    save succeeds, so if anything here fails (or is interrupted) --resume finishes in seconds."""
+    from imgclf.errors import ModelFileError
+    from imgclf.training.checkpoint import TrainingInterrupted
+
+    kept = model.checkpoint_path_
+    hint = f"; the trained run is kept in {kept}: run the same command with --resume to save it in seconds"
+    try:
+        training = model.info["training"]
+        if training["resumed_from"]:
+            print(f"Resumed from the checkpoint after {training['resumed_from']}")
         elif args.resume:
             print("No checkpoint of this run to resume from; trained from the start")
         ext = model.info["extraction"]
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
+        print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} held out")
         metrics = model.evaluate(test)
-    model.info["metrics"] = metrics.to_dict()
-    print(metrics)
-    if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(metrics.to_dict(), indent=2))
-    out = model.save(args.out)
-    print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
-    _print_skipped(caught)
+        model.info["metrics"] = metrics.to_dict()
+        print(metrics)
+        return metrics, model.save(args.out)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted" + (hint if kept else "")) from None
+    except ModelFileError as e:
+        raise ModelFileError(f"{e}{hint if kept else ''}") from None
+
+
+def _warn_about_duplicates(train, test, validation) -> None:
+    """One line when the folder has copies under two labels or copies across the held-out images."""
+    try:
+        from imgclf.insight.audit import training_warning
+
+        line = training_warning(train, test, validation or [])
+    except ModuleNotFoundError:  # the insight extra (imagehash) is not installed: the check is optional
+        return
+    if line:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from imgclf.insight.audit import audit
+
+    result = audit(args.folder, args.against, arch=args.arch, weights=args.weights, workspace=args.workspace,
+                   use_cache=not args.no_cache, device=args.device, test_fraction=args.test_fraction,
+                   seed=args.seed, progress=not (args.quiet or args.json))  # fmt: skip
+    page = result.write_html(args.out) if args.out else None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.summary())
+    if page:
+        print(f"Gallery: {page}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from imgclf.data.images import load_images_from_directory
+    from imgclf.insight.report import write_report
+
+    model = load_predictor(args.model, args.device)
+    images = load_images_from_directory(args.folder) if args.folder else None
+    page = write_report(model, images, args.out, name=str(args.model))
+    print(f"Report: {page}")
     return 0
 
 
@@ -116,6 +243,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.data.images import find_image_files
 
+    if args.out or args.engine != "auto":
+        return cmd_predict_to_file(args)
+    _refuse_options_of(args, ("batch_size", "commit_every", "quiet"), "--out")
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
     model = load_predictor(args.model, args.device)
@@ -128,26 +258,72 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             results.append({"file": name, "error": str(outcome)})
             if not args.json:
-                print(f"error: {outcome}", file=sys.stderr)
+                print(f"error: {_tsv(str(outcome))}", file=sys.stderr)
             continue
-        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.json and args.top_k > 1 else None)})
+        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.top_k > 1 else None)})
         if not args.json:
-            line = f"{name}\t{outcome.label}\t{outcome.probability:.4f}"
+            line = f"{_tsv(name)}\t{_tsv(outcome.label)}\t{outcome.probability:.4f}"
             if args.top_k > 1:
-                line += "\t" + ", ".join(f"{lbl} {p:.4f}" for lbl, p in outcome.top(args.top_k))
+                line += "\t" + ", ".join(f"{_tsv(lbl)} {p:.4f}" for lbl, p in outcome.top(args.top_k))
             print(line)
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0
 
 
+def _refuse_options_of(args: argparse.Namespace, names: Sequence[str], switch: str) -> None:
+    """Options that only mean something with ``switch`` are an error without it, not ignored."""
+    from imgclf.errors import OptionError
+
+    given = [
+        f"--{n.replace('_', '-')}" if n != "quiet" else "-q" for n in names if getattr(args, n) not in (None, False)
+    ]
+    if given:
+        raise OptionError(f"{', '.join(given)}: only with {switch}")
+
+
+def cmd_predict_to_file(args: argparse.Namespace) -> int:
+    """``predict --out``: batch scoring into a results folder (imgclf.batch), here or on Ray."""
+    from imgclf.errors import OptionError
+
+    if args.engine == "ray" and not args.out:
+        raise OptionError("--engine ray writes its results to files: add --out results.parquet (or .csv, .jsonl)")
+    if args.engine != "ray":
+        _refuse_options_of(args, ("address", "workers", "cpus_per_worker", "gpus_per_worker"), "--engine ray")
+    if args.json:
+        raise OptionError("--json prints results; with --out they go to the file, so leave one of them out")
+    options = {"top_k": args.top_k, "batch_size": args.batch_size or 32, "progress": not args.quiet}
+    try:
+        if args.engine == "ray":
+            from imgclf.batch.ray import score_with_ray
+
+            summary = score_with_ray(args.model, args.images, args.out, address=args.address, workers=args.workers,
+                                     cpus_per_worker=args.cpus_per_worker or 1,
+                                     gpus_per_worker=args.gpus_per_worker or 0, **options)  # fmt: skip
+        else:
+            from imgclf.batch.local import score_to_folder
+
+            commit_every = 30.0 if args.commit_every is None else args.commit_every
+            summary = score_to_folder(args.model, args.images, args.out, device=args.device,
+                                      commit_every=commit_every, **options)  # fmt: skip
+    except KeyboardInterrupt as e:
+        print(f"imgclf: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from imgclf.inference.model import load_model
+    from imgclf.atomic import check_not_an_input, check_output_path
+    from imgclf.inference.model import load_model, read_model_config
 
     if args.format != "onnx":
         raise ImgclfError(f"unknown export format '{args.format}'; use onnx")
-    model = load_model(args.model)
+    read_model_config(args.model)  # a missing, corrupt or already-ONNX model is refused first
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    check_not_an_input(out, [args.model], "ONNX file", option="--out" if args.out else None)
+    check_output_path(out, "ONNX file", option="--out" if args.out else None)
+    model = load_model(args.model)
     started = time.perf_counter()
     model.export_onnx(out, quantize=args.quantize)
     size = out.stat().st_size / 1e6
@@ -217,7 +393,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"Removed from {workspace}:" if args.clear else f"Workspace {workspace}")
     print(f"  cached features  {usage.feature_files} images, {usage.feature_bytes / mb:.1f} MB, "
           f"{usage.feature_sets} architecture/preprocessing set(s)")  # fmt: skip
-    print(f"  checkpoints      {usage.checkpoints} unfinished run(s), {usage.checkpoint_bytes / mb:.1f} MB")
+    print(f"  checkpoints      {usage.checkpoints} unfinished or unsaved run(s), {usage.checkpoint_bytes / mb:.1f} MB")
     if not args.clear and usage.feature_files + usage.checkpoints:
         print(
             "Neither is needed by trained models; `imgclf cache --clear` removes both (features are re-made on demand)."
@@ -259,11 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-folder", help="labelled folder used for validation metrics and early stopping")
     p.add_argument("--validation-fraction", type=float, help="split this share of training images off for validation")
     p.add_argument("--early-stopping", action="store_true", help="stop when the watched metric stops improving")
-    p.add_argument("--early-stopping-metric", default="accuracy", choices=["accuracy", "loss"])
-    p.add_argument(
-        "--patience", type=int, default=10, help="epochs without improvement before stopping (default: %(default)s)"
-    )
-    p.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as improvement")
+    p.add_argument("--early-stopping-metric", choices=["accuracy", "loss"],
+                   help="with --early-stopping: the metric watched (default: accuracy)")  # fmt: skip
+    p.add_argument("--patience", type=int,
+                   help="with --early-stopping: epochs without improvement before stopping (default: 10)")  # fmt: skip
+    p.add_argument("--min-delta", type=float,
+                   help="with --early-stopping: smallest change that counts as improvement (default: 0)")  # fmt: skip
     p.add_argument(
         "--fine-tune",
         action="store_true",
@@ -279,10 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    p.add_argument("--metrics-json", help="also write the held-out metrics as JSON to this file")
+    p.add_argument("--metrics-json", help="also write the held-out metrics as JSON to this file (or /dev/stdout)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="print metrics after every epoch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder")
@@ -294,10 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="label images with a trained model")
     p.add_argument("model", help="model file (.imgclf or exported .onnx)")
-    p.add_argument("images", nargs="+", help="image files or folders (walked recursively)")
+    p.add_argument("images", nargs="+", help="image files or folders (walked recursively); with --out also globs, "
+                                             "manifests (.txt, .csv or .parquet with a path column) and URIs")  # fmt: skip
     p.add_argument("--top-k", type=int, default=1, help="also show the k most likely labels")
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.add_argument("--out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
+                                 "running the same command again continues where it stopped")  # fmt: skip
+    p.add_argument("--engine", default="auto", choices=["auto", "ray"],
+                   help="auto: this process, fastest inference engine here; ray: a Ray cluster "
+                        "(needs --out and pip install 'imgclf[ray]') (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="with --out: images per network call (default: 32)")
+    p.add_argument("--commit-every", type=float,
+                   help="with --out: seconds between committed parts; a crash loses at most this much work "
+                        "(default: 30)")  # fmt: skip
+    p.add_argument(
+        "--address", help="with --engine ray: the cluster, auto or ray://HOST:10001 (default: start Ray here)"
+    )
+    p.add_argument("--workers", type=int, help="with --engine ray: model replicas (default: CPUs / --cpus-per-worker)")
+    p.add_argument(
+        "--cpus-per-worker", type=float, help="with --engine ray: CPUs of each replica, its threads (default: 1)"
+    )
+    p.add_argument(
+        "--gpus-per-worker", type=float, help="with --engine ray: GPUs of each replica (.imgclf models; default: 0)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="with --out: no progress bar")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX for other languages and runtimes")
@@ -357,6 +556,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("audit", help="find duplicates, leaks, label errors and odd images in a labelled folder",
+                       description="Audit FOLDER (one subfolder per label) before training on it: unreadable, "
+                                   "tiny or blank images, exact and near-duplicates (loudly when they span labels), "
+                                   "copies leaking into --against (or across the split 'train' makes), suspected "
+                                   "label errors and outliers. Exit code 0 whatever it finds.")  # fmt: skip
+    p.add_argument("folder", help="folder with one subfolder of images per label")
+    p.add_argument("--against", metavar="TEST_FOLDER", help="test folder to check for copies of FOLDER's images")
+    p.add_argument("--out", metavar="DIR", help="write an HTML gallery of the findings to DIR/index.html")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.add_argument("--arch", default="efficientnet_lite0", help="backbone for the features (default: %(default)s)")
+    p.add_argument("--weights", help="pretrained weights file for --arch")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of 'train' (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="seed of that split and of the folds (default: %(default)s)")
+    p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("report", help="training report: curves, confusion matrix, calibration, top losses",
+                       description="Write DIR/index.html (an offline page), each chart as PNG and the numbers as "
+                                   "JSON. From MODEL alone: its training curves and held-out confusion matrix; with "
+                                   "a labelled FOLDER it is evaluated there too, adding calibration and top losses.")  # fmt: skip
+    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
+    p.add_argument("folder", nargs="?", help="labelled folder to evaluate on (one subfolder per label)")
+    p.add_argument("--out", default="report", metavar="DIR", help="folder to write to (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("cache", help="size of the workspace's cached features and checkpoints; --clear empties it")
     p.add_argument("--workspace", help="the workspace (default: $IMGCLF_WORKSPACE or ~/.cache/imgclf)")
     p.add_argument("--clear", action="store_true", help="delete the cached features and unfinished-run checkpoints")
@@ -378,10 +606,20 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse like ``parse_args``, but an unknown option is reported with the usage of the
+    subcommand it was given to, not the top-level one."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train":
+    args = _parse(parser, argv)
+    if args.command == "train" or (args.command == "predict" and args.out):
         _sigterm_as_interrupt()
     try:
         return args.func(args)

@@ -9,13 +9,22 @@ decodes pixels; that happens lazily (``imgclf.data.imaging``) so that a folder o
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+
+#: Folders that tools leave beside photos (macOS zips, Synology, Windows, Python); never labels or images.
+TOOL_FOLDERS = frozenset(
+    {"__MACOSX", "__pycache__", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"}
+)
+
+_LAYOUT = "one subfolder per label, named after it, holding that label's images (photos/cat/1.jpg, photos/dog/2.jpg)"
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,21 @@ class ImageData:
     name: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.source, str):
+            object.__setattr__(self, "source", Path(self.source))
         if not self.name:
             object.__setattr__(self, "name", str(self.source) if isinstance(self.source, Path) else "<bytes>")
+
+    def __repr__(self) -> str:
+        if isinstance(self.source, Path):
+            parts = [repr(str(self.source))]
+            if self.name != str(self.source):
+                parts.append(f"name={self.name!r}")
+        else:
+            parts = [f"<{len(self.source):,} bytes>", f"name={self.name!r}"]
+        if self.label is not None:
+            parts.append(f"label={self.label!r}")
+        return f"ImageData({', '.join(parts)})"
 
     def read_bytes(self) -> bytes:
         """The encoded image, read from disk if needed."""
@@ -47,15 +69,44 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files named directly or found at any depth below folders, sorted.
+def is_skipped(name: str) -> bool:
+    """Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``, macOS's ``._photo.jpg``
+    AppleDouble files) and tool folders (``__MACOSX``, ...) are never images or labels."""
+    return name.startswith(".") or name in TOOL_FOLDERS
 
-    Raises :class:`DataError` for a path that does not exist.
+
+def _walk_images(root: Path) -> Iterator[Path]:
+    """Image files at any depth below ``root``, skipping hidden and tool folders.
+
+    Symbolic links to folders are followed, each real folder once (no loops).
+    """
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            subfolders[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subfolders[:] = [d for d in subfolders if not is_skipped(d)]
+        for name in files:
+            if not is_skipped(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield Path(folder, name)
+
+
+def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files named directly, or found at any depth below folders (sorted per folder).
+
+    Hidden files and folders and tool folders below a folder are skipped; a file
+    named directly is always taken. Raises :class:`DataError` for a path that does not exist.
     """
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+            found.extend(sorted(_walk_images(p)))
         elif p.is_file():
             found.append(p)
         else:
@@ -66,23 +117,34 @@ def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
 def load_images_from_directory(folder: str | Path, use_folder_name_as_label: bool = True) -> list[ImageData]:
     """Every image below ``folder``; its label is the top subfolder's name.
 
-    Images may sit at any depth below a class folder. Images directly in
-    ``folder`` have no class and are ignored when labels are wanted.
+    Images may sit at any depth below a label folder. Hidden files and folders
+    (``.ipynb_checkpoints``, ``._*`` AppleDouble files) and tool folders
+    (``__MACOSX``) are skipped. Images directly in ``folder`` have no label: they
+    are ignored with a warning when labels are wanted (and are an error if they
+    are all there is).
     """
     root = Path(folder)
+    if root.is_file():
+        raise DataError(f"{root}: is a file, not a folder; give a folder with {_LAYOUT}")
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; give a folder with one subfolder per label")
-    images = []
+        raise DataError(f"{root}: no such folder; give a folder with {_LAYOUT}")
+    images, loose = [], []
     for f in find_image_files([root]):
         rel = f.relative_to(root)
-        if use_folder_name_as_label:
-            if len(rel.parts) < 2:
-                continue
-            images.append(ImageData(source=f, label=rel.parts[0], name=str(f)))
-        else:
+        if not use_folder_name_as_label:
             images.append(ImageData(source=f, name=str(f)))
+        elif len(rel.parts) < 2:
+            loose.append(f)
+        else:
+            images.append(ImageData(source=f, label=rel.parts[0], name=str(f)))
+    if loose and not images:
+        raise DataError(f"{root}: its {len(loose)} image(s) lie directly in the folder, so they have no label; "
+                        f"labels come from subfolders: make {_LAYOUT}")  # fmt: skip
     if not images:
-        raise DataError(f"{root}: no images found (expected subfolders named by label holding JPEG/PNG/... files)")
+        raise DataError(f"{root}: no images found; expected {_LAYOUT}, as JPEG, PNG, GIF, BMP, WebP or TIFF files")
+    if loose:
+        warnings.warn(f"ignored {len(loose)} image(s) directly in {root} (e.g. {loose[0].name}): only images inside "
+                      "a label subfolder are used", stacklevel=2)  # fmt: skip
     return images
 
 
@@ -97,6 +159,12 @@ def check_labels(images: Sequence[ImageData], what: str = "training set") -> lis
     if unlabeled:
         raise DataError(f"{unlabeled[0]}: image in the {what} has no label")
     labels = label_names(images)
+    for label in labels:
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"label {ascii(label)}: the folder name is not valid UTF-8 text; rename the folder "
+                            "(labels are stored as text in the model file)") from None  # fmt: skip
     if len(labels) < 2:
         found = f"only '{labels[0]}'" if labels else "none"
         raise DataError(f"{what}: need images of at least 2 labels to train a classifier, found {found}")

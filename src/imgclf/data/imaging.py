@@ -25,6 +25,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: 12 MP phone photo). Guards servers against decompression bombs.
 MAX_PIXELS = 150_000_000
 
+#: Refuse an image whose resize before the centre crop would need more than this
+#: (for a 224-pixel network an aspect ratio beyond about 1000:1; 16:1 always passes):
+#: a tiny 1-pixel-high strip is otherwise resized to gigabytes outside ``serve``'s decode budget.
+MAX_RESIZE_BYTES = 256 * 2**20
+
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns at this size; we turn its warning into an error
 
 #: Formats we accept; anything else Pillow might open is refused.
@@ -141,7 +146,12 @@ def load_array(
     """
     draft_size = prep.resize_to if fast_decode else None
     img = _open_lazily(source, name, draft_size, max_pixels)
-    nbytes = decode_bytes(img, draft_size) + _resize_bytes(img.size, prep.resize_to)
+    resized = _resize_bytes(img.size, prep.resize_to)
+    if resized > max(MAX_RESIZE_BYTES, _resize_bytes((1, 16), prep.resize_to)):  # 1x2000 -> 256x512000
+        width, height = img.size
+        raise ImageTooLargeError(f"{name}: image is {width}x{height}; resizing an image this narrow to fill the "
+                                 f"network's input would take {resized // 2**20:,} MB")  # fmt: skip
+    nbytes = decode_bytes(img, draft_size) + resized
     with _reserved(reserve, nbytes, name), _decode_errors(name):
         return to_array(_decode(img, draft_size), prep)
 

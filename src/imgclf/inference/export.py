@@ -6,16 +6,24 @@ batch axis. Labels, architecture and preprocessing go into the ONNX metadata
 language. Input: float32 NCHW ``(N, 3, S, S)``, RGB, resized and
 centre-cropped as the metadata says, then ``(pixel / 255 - mean) / std``.
 Output ``probabilities``: float32 ``(N, classes)``, in metadata label order.
+
+A model trained with test-time augmentation (``tta``) is exported with the
+flip-average in the graph: each image and its mirror image go through the
+network as one batch and their probabilities are averaged, exactly as the
+torch model predicts, so every runtime that loads the file gets the same answer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgclf.atomic import atomic_path
 from imgclf.errors import ModelFileError, OptionError
+from imgclf.inference.metadata import without_non_finite
 from imgclf.inference.runtime import METADATA_KEY
 
 if TYPE_CHECKING:
@@ -23,6 +31,38 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+
+
+def _flip_averaged(network):
+    """``network`` averaged over each image and its horizontal mirror (test-time augmentation)."""
+    import torch
+
+    class FlipAveraged(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            both = self.inner(torch.cat([x, torch.flip(x, dims=[3])], dim=0))
+            return both.reshape(2, -1, both.shape[-1]).mean(dim=0)
+
+    return FlipAveraged(network).eval()
+
+
+@contextmanager
+def _quiet_onnxruntime():
+    """ONNX Runtime's quantizer logs dozens of warnings (tensors it leaves in float) to the root
+    logger and to its C++ logger; they say nothing a user can act on."""
+    import onnxruntime
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+        onnxruntime.set_default_logger_severity(2)
 
 
 def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | None = None) -> Path:
@@ -39,16 +79,18 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
+    network = model.network().cpu()
+    if model.tta:
+        network = _flip_averaged(network)
     graph = onnx.load_from_string(
-        to_onnx_bytes(
-            model.network().cpu(), model.preprocessing.input_size, input_name=INPUT_NAME, output_name=OUTPUT_NAME
-        )  # fmt: skip
+        to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
     )
     config = {
         "labels": model.labels,
         "arch": model.arch,
         "timm_name": model.timm_name,
         "preprocessing": model.preprocessing.to_dict(),
+        "tta": bool(model.tta),  # the graph itself averages each image with its mirror image
         "input": {
             "name": INPUT_NAME,
             "layout": "NCHW",
@@ -64,7 +106,7 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
     }
     del graph.metadata_props[:]
     entry = graph.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(config)
+    entry.key, entry.value = METADATA_KEY, json.dumps(without_non_finite(config))
     graph.producer_name = "imgclf"
     graph.doc_string = f"imgclf image classifier ({model.arch}); labels: {', '.join(model.labels)}"
     with atomic_path(path, "ONNX file") as tmp:
@@ -72,7 +114,8 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
         if quantize == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(tmp, tmp, weight_type=QuantType.QUInt8)
+            with _quiet_onnxruntime():
+                quantize_dynamic(tmp, tmp, weight_type=QuantType.QUInt8)
             quantized = onnx.load(tmp)
             if not any(p.key == METADATA_KEY for p in quantized.metadata_props):
                 quantized.metadata_props.extend(graph.metadata_props)

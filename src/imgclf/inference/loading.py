@@ -1,18 +1,54 @@
-"""Loading a model file of either kind: an imgclf model or an exported ONNX file."""
+"""Loading a model file of either kind, told apart by its first bytes.
+
+An imgclf model file is a safetensors file; an exported model is an ONNX
+protobuf. The suffix is never trusted: ``model.bak`` loads, and an ``.onnx``
+name on a safetensors file does not send it to the wrong parser.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from imgclf.errors import ModelFileError
 from imgclf.inference.predictor import Predictor
 
 
-def load_predictor(path: str | Path, device: str = "cpu") -> Predictor:
-    """An imgclf model file, or an exported ``.onnx`` file (the torch-free path)."""
-    if str(path).lower().endswith(".onnx"):
+def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", *, threads: int | None = None) -> Predictor:
+    """Any imgclf model file: a trained ``.imgclf`` model (an :class:`ImageClassifier`,
+    needs torch) or an exported ONNX file (an :class:`OnnxClassifier`, torch-free).
+
+    Both answer ``predict``, ``predict_batch`` and ``evaluate``. ``device`` and
+    ``engine`` apply to the torch model; an ONNX file runs on ONNX Runtime's CPU.
+    ``threads``: threads of the network's engine (ONNX Runtime); default: the CPUs, at most 8.
+    """
+    from imgclf.filetypes import sniff
+
+    path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        kind = sniff(path)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read model file ({e.strerror or e})") from None
+    if kind == "onnx":
         from imgclf.inference.runtime import load_onnx_model
 
-        return load_onnx_model(path)
-    from imgclf.inference.model import load_model
+        return load_onnx_model(path, threads=threads)
+    if kind != "safetensors":
+        what = "ONNX model" if path.suffix.lower() == ".onnx" else "imgclf model file"  # wording only
+        raise ModelFileError(f"{path}: not a readable {what} ({_WHY[kind]}); expected an imgclf model or an "
+                             "exported ONNX file")  # fmt: skip
+    from imgclf.inference.model import load_model as load_imgclf_model
 
-    return load_model(path, device=device)
+    model = load_imgclf_model(path, device=device, engine=engine)
+    model.threads = threads
+    return model
+
+
+_WHY = {"empty": "the file is empty, 0 bytes", "torch": "it is a PyTorch file; train with --weights FILE instead",
+        "unknown": "its first bytes are neither a safetensors nor an ONNX header"}  # fmt: skip
+
+#: The name the CLI and the server have always used.
+load_predictor = load_model

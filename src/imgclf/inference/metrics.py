@@ -46,6 +46,11 @@ class MulticlassMetrics:
     def __str__(self) -> str:
         return format_metrics(self)
 
+    def __repr__(self) -> str:
+        return (f"MulticlassMetrics(count={self.count}, labels={len(self.labels)}, "
+                f"micro_accuracy={self.micro_accuracy:.4f}, macro_accuracy={self.macro_accuracy:.4f}, "
+                f"log_loss={self.log_loss:.4f})")  # fmt: skip
+
 
 def compute_metrics(probabilities: np.ndarray, targets: Sequence[int], labels: Sequence[str]) -> MulticlassMetrics:
     """All metrics from predicted probabilities (n, classes) and true keys (n,)."""

@@ -18,12 +18,17 @@ import numpy as np
 from imgclf.atomic import atomic_path
 from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError
-from imgclf.inference.predictor import Predictor
+from imgclf.inference.metadata import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    parse_metadata,
+    preprocessing_of,
+    without_non_finite,
+)
+from imgclf.inference.predictor import Predictor, short_list
 
-FORMAT_NAME = "imgclf"
-FORMAT_VERSION = 1
 DEFAULT_MODEL_PATH = "imageClassifier.imgclf"
-_REQUIRED = ("labels", "arch", "timm_name", "preprocessing", "num_features")
+_CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta")
 
 
 def library_versions() -> dict[str, str]:
@@ -74,6 +79,18 @@ class ImageClassifier(Predictor):
         self.preprocessing = preprocessing
         self.info = dict(info or {})
         self.device = device
+        self._checkpoint = None  # the training run's checkpoint, removed once this model is saved
+
+    @property
+    def checkpoint_path_(self) -> Path | None:
+        """Where the run that trained this model is kept until the model is saved (then None)."""
+        return None if self._checkpoint is None else self._checkpoint.path
+
+    def __repr__(self) -> str:
+        accuracy = (self.metrics_ or {}).get("micro_accuracy")
+        held_out = f", held_out_accuracy={accuracy:.4f}" if isinstance(accuracy, float) else ""
+        return (f"ImageClassifier(arch={self.arch!r}, labels={short_list(self.labels)}, "
+                f"input_size={self.preprocessing.input_size}, tta={self.tta}, device={self.device!r}{held_out})")  # fmt: skip
 
     def network(self):
         """Backbone, head and softmax as one module (for export)."""
@@ -87,7 +104,9 @@ class ImageClassifier(Predictor):
         from imgclf.nets.engines import TorchEngine, create_engine
 
         if self.features_engine is None and (batch >= 8 or self.engine != "auto"):
-            self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, self.engine)
+            self.features_engine = create_engine(
+                self.backbone, self.preprocessing.input_size, self.device, self.engine, threads=self.threads
+            )
         if self.features_engine is not None:
             return self.features_engine
         if self._eager is None:
@@ -117,21 +136,25 @@ class ImageClassifier(Predictor):
         return self
 
     def config(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "labels": self.labels,
-            "arch": self.arch,
-            "timm_name": self.timm_name,
-            "num_features": int(self.head.in_features),
-            "preprocessing": self.preprocessing.to_dict(),
-            "tta": self.tta,
-            **self.info,
-        }
+        """The metadata saved with the model (checked by :mod:`imgclf.inference.metadata` on load)."""
+        return without_non_finite(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "labels": self.labels,
+                "arch": self.arch,
+                "timm_name": self.timm_name,
+                "num_features": int(self.head.in_features),
+                "preprocessing": self.preprocessing.to_dict(),
+                "tta": bool(self.tta),
+                **self.info,
+            }
+        )
 
     def save(self, path: str | Path = DEFAULT_MODEL_PATH) -> Path:
         """Write the model to one file, atomically: a crash never leaves a
-        half-written file under ``path``."""
+        half-written file under ``path``. The checkpoint of the run that trained
+        this model is removed only now, once the model is safely written."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -143,6 +166,9 @@ class ImageClassifier(Predictor):
         metadata = {FORMAT_NAME: json.dumps(self.config())}
         with atomic_path(path, "model") as tmp:
             save_file(tensors, tmp, metadata=metadata)
+        if self._checkpoint is not None:
+            self._checkpoint.remove()
+            self._checkpoint = None
         return path
 
     def export_onnx(self, path: str | Path, **options) -> Path:
@@ -153,60 +179,107 @@ class ImageClassifier(Predictor):
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
-    """The metadata of a model file, checked; raises :class:`ModelFileError`."""
+    """The metadata of an imgclf model file, checked field by field; raises :class:`ModelFileError`."""
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
+    kind = file_kind(path)
+    if kind == "onnx":
+        raise ModelFileError(f"{path}: is an exported ONNX model, not an imgclf model file (it predicts and serves "
+                             "as it is; exporting needs the .imgclf file it came from)")  # fmt: skip
+    if kind != "safetensors":
+        raise ModelFileError(f"{path}: not a readable imgclf model file ({_KIND_TEXT[kind]})")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
     except Exception as e:
-        raise ModelFileError(f"{path}: not a readable imgclf model file ({type(e).__name__}: {e})") from None
+        raise ModelFileError(
+            f"{path}: not a readable imgclf model file ({type(e).__name__}: {_first_line(e)})"
+        ) from None
     if FORMAT_NAME not in meta:
         raise ModelFileError(f"{path}: safetensors file without imgclf metadata; it was not saved by imgclf")
+    return parse_metadata(meta[FORMAT_NAME], path, "imgclf")
+
+
+_KIND_TEXT = {"empty": "the file is empty (0 bytes)", "torch": "it is a PyTorch file, not a safetensors model",
+              "unknown": "its first bytes are neither a safetensors nor an ONNX header"}  # fmt: skip
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def file_kind(path: Path) -> str:
+    """What the file at ``path`` holds, from its first bytes; raises if it is missing."""
+    from imgclf.filetypes import sniff
+
+    if not path.is_file():
+        raise ModelFileError(
+            f"{path}: model file not found" if not path.is_dir() else f"{path}: is a folder, not a model file"
+        )
     try:
-        config = json.loads(meta[FORMAT_NAME])
-    except json.JSONDecodeError:
-        raise ModelFileError(f"{path}: imgclf metadata is not valid JSON; the file is corrupt") from None
-    missing = [k for k in _REQUIRED if k not in config]
-    if missing:
-        raise ModelFileError(f"{path}: model file is incomplete, missing {', '.join(missing)}")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: made by a newer imgclf (format {config['format_version']}); upgrade imgclf")
-    return config
+        return sniff(path)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read model file ({e.strerror or e})") from None
+
+
+def _check_tensor_shapes(path: Path, config: dict[str, Any]) -> None:
+    """The head's shape must match the labels and feature count the metadata names (read from the header only)."""
+    from safetensors import safe_open
+
+    n_labels, n_features = len(config["labels"]), config["num_features"]
+    with safe_open(str(path), framework="numpy") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in ("head.weight", "head.bias") if k in f.keys()}
+    if len(shapes) < 2:
+        raise ModelFileError(f"{path}: model weights are incomplete (no classifier head)")
+    if shapes["head.weight"] != [n_labels, n_features] or shapes["head.bias"] != [n_labels]:
+        raise ModelFileError(
+            f"{path}: the classifier weights are for {shapes['head.weight'][0]} labels of "
+            f"{shapes['head.weight'][-1]} features, but the metadata names {n_labels} labels of {n_features}"
+        )
 
 
 def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> ImageClassifier:
-    """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete.
+    """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete and consistent.
 
+    Only the architectures built into timm are built, with random weights that the
+    file's weights then replace: loading a model file never touches the network.
     ``engine``: "auto" (fastest available), "torch" or "onnxruntime" (see ``imgclf.nets.engines``).
     """
     import torch
     from safetensors.torch import load_file
 
-    from imgclf.nets.archs import create_network
+    from imgclf.errors import ArchitectureError
+    from imgclf.nets.archs import create_network, is_builtin_model
     from imgclf.nets.device import resolve_device
 
     path = Path(path)
     config = read_model_config(path)
+    _check_tensor_shapes(path, config)
+    if not is_builtin_model(config["timm_name"]):
+        raise ModelFileError(f"{path}: timm_name '{config['timm_name']}' is not an architecture this timm "
+                             "knows; upgrade timm (a model file never fetches code or weights from the network)")  # fmt: skip
+    try:
+        backbone = create_network(config["timm_name"], num_classes=0)
+    except ArchitectureError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    if getattr(backbone, "num_features", config["num_features"]) != config["num_features"]:
+        raise ModelFileError(f"{path}: metadata says {config['num_features']} features, but "
+                             f"'{config['timm_name']}' gives {backbone.num_features}")  # fmt: skip
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise ModelFileError(f"{path}: model tensors are unreadable ({type(e).__name__}: {e})") from None
-    backbone = create_network(config["timm_name"], num_classes=0)
-    head = torch.nn.Linear(int(config["num_features"]), len(config["labels"]))
+        raise ModelFileError(f"{path}: model tensors are unreadable ({type(e).__name__}: {_first_line(e)})") from None
+    head = torch.nn.Linear(config["num_features"], len(config["labels"]))
     for prefix, module in (("backbone.", backbone), ("head.", head)):
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ModelFileError(f"{path}: model weights are incomplete or do not match ({first})") from None
-    info = {k: v for k, v in config.items() if k not in (*_REQUIRED, "format", "format_version", "tta")}
+            raise ModelFileError(f"{path}: model weights are incomplete or do not match ({_first_line(e)})") from None
+    info = {k: v for k, v in config.items() if k not in _CORE_KEYS}
     return ImageClassifier(
         backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
-        preprocessing=Preprocessing.from_dict(config["preprocessing"]), info=info, device=resolve_device(device),
-        engine=engine, tta=bool(config.get("tta", False)),
+        preprocessing=preprocessing_of(config), info=info, device=resolve_device(device),
+        engine=engine, tta=config.get("tta", False),
     )  # fmt: skip

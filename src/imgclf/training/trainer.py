@@ -8,6 +8,8 @@ that keeps the best epoch's weights.
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.images import ImageData, check_labels
+from imgclf.data.images import ImageData, check_labels, load_images_from_directory
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError
 from imgclf.inference.model import ImageClassifier, library_versions
@@ -28,6 +30,23 @@ from imgclf.training.finetune import FineTuneOptions
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 
 LR_SCHEDULES = ("exponential", "polynomial", "constant")
+
+
+def _as_images(images: Sequence[ImageData] | str | Path) -> list[ImageData]:
+    """Images as given, or those of a folder with one subfolder per label."""
+    if isinstance(images, (str, Path)):
+        return load_images_from_directory(images)
+    return list(images)
+
+
+def _split_readable(images: list[ImageData], fraction: float, seed: int, part: str):
+    """A stratified split of readable images; warns about labels the second part misses."""
+    first, second = train_test_split(images, fraction, seed)
+    missing = sorted({im.label for im in images} - {im.label for im in second})
+    if missing:
+        warnings.warn(f"label(s) {', '.join(map(str, missing))} have too few readable images to keep one in the "
+                      f"{part} set; their accuracy there is not measured", stacklevel=4)  # fmt: skip
+    return first, second
 
 
 def learning_rate_at(
@@ -121,7 +140,9 @@ class ImageClassificationTrainer:
     def _check_options(self) -> None:
         def positive(name: str, integer: bool) -> None:
             value = getattr(self, name)
-            if (integer and not isinstance(value, int)) or not value > 0:
+            if isinstance(value, bool) or (integer and not isinstance(value, int)):
+                raise OptionError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise OptionError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
         for name in ("epochs", "batch_size", "decay_epochs", "extraction_batch_size"):
@@ -134,27 +155,66 @@ class ImageClassificationTrainer:
             raise OptionError(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
         if not 0 <= self.momentum < 1:
             raise OptionError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
+        if not 0 <= self.weight_decay < math.inf:
             raise OptionError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise OptionError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
+        if self.early_stopping is not None and not 0 <= self.early_stopping.min_delta < math.inf:
+            raise OptionError(f"early stopping min_delta must be a number >= 0, got {self.early_stopping.min_delta!r}")
         if self.class_weight not in (None, "balanced"):
             raise OptionError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()  # again: its fields may have been changed since
 
-    def fit(self, images: Sequence[ImageData], validation_set: Sequence[ImageData] | None = None) -> ImageClassifier:
-        """Train on labelled ``images``; returns the trained classifier.
-
-        Unreadable images are skipped with a warning (listed in
-        ``model.info["skipped"]``); a label left without any usable image is
-        an error. ``validation_set`` (or ``validation_fraction``) drives early
-        stopping and the per-epoch validation metrics.
-        """
+    def validate(self) -> None:
+        """Check every option now, before any work (``fit`` checks them again): a caller that
+        loads or prints things first, as the CLI does, wants a bad option to cost nothing."""
         from imgclf.nets.device import resolve_device
 
         self._check_options()
+        get_architecture(self.arch)
+        resolve_device(self.device)
+
+    def fit(
+        self, images: Sequence[ImageData] | str | Path, validation_set: Sequence[ImageData] | str | Path | None = None
+    ) -> ImageClassifier:
+        """Train on labelled ``images`` (or a folder with one subfolder per label); returns the classifier.
+
+        Unreadable images are skipped with a warning (listed in
+        ``model.info["skipped"]``); a label left without any usable image is
+        an error. ``validation_set`` (or ``validation_fraction``, split off after
+        unreadable images are dropped) drives early stopping and the per-epoch
+        validation metrics. The run's checkpoint stays in the workspace until the
+        model is saved, so a run whose model could not be written can be finished
+        with ``resume=True``.
+        """
+        return self._fit(images, validation_set, hold_out=None)[0]
+
+    def fit_and_hold_out(
+        self,
+        images: Sequence[ImageData] | str | Path,
+        test_fraction: float = 0.2,
+        validation_set: Sequence[ImageData] | str | Path | None = None,
+    ) -> tuple[ImageClassifier, list[ImageData]]:
+        """Train on all but a held-out share of ``images``; returns the model and the held-out images.
+
+        What ``imgclf train`` does. Unreadable images are dropped *before* the
+        split (stratified, seeded by ``seed``), so every label with two readable
+        images keeps one in each part; a label with fewer gets a warning, since
+        evaluating on the held-out images cannot measure it. Each image goes
+        through the network once.
+        """
+        if isinstance(test_fraction, bool) or not 0 < test_fraction < 1:
+            raise OptionError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
+        return self._fit(images, validation_set, hold_out=test_fraction)
+
+    def _fit(self, images, validation_set, hold_out: float | None) -> tuple[ImageClassifier, list[ImageData]]:
+        from imgclf.nets.device import resolve_device
+
+        images = _as_images(images)
+        validation_set = None if validation_set is None else _as_images(validation_set)
+        self._check_options()
         labels = check_labels(images)
-        if validation_set is None and self.validation_fraction:
-            images, validation_set = train_test_split(images, self.validation_fraction, self.seed)
         if validation_set is not None:
             unknown = sorted({im.label for im in validation_set} - set(labels))
             if unknown:
@@ -166,33 +226,48 @@ class ImageClassificationTrainer:
         preprocessing = preprocessing_for(arch)
         backbone = backbone.to(device)
         engine = create_engine(backbone, preprocessing.input_size, device, self.engine)
-        workspace = (self.workspace or default_workspace()) if self.use_cache else None
+        workspace, writable = self._workspace()
         extractor = FeatureExtractor(
             engine, preprocessing, f"{arch.name}|{arch.timm_name}|{weights_source}",
-            batch_size=self.extraction_batch_size, workers=self.workers, workspace=workspace, progress=self.progress,
+            batch_size=self.extraction_batch_size, workers=self.workers,
+            workspace=workspace if self.use_cache else None, cache_writable=writable, progress=self.progress,
         )  # fmt: skip
 
-        train = extractor.transform(images)
-        skipped = list(train.failures)
-        x_train, y_train = self._xy(train, images, labels)
-        empty = [lbl for i, lbl in enumerate(labels) if not (y_train == i).any()]
+        # Every image through the network (or the cache) first: only then is it known which
+        # are readable, and the held-out and validation splits are made from those alone.
+        pool = extractor.transform(images)
+        skipped = list(pool.failures)
+        readable = [images[i] for i in pool.kept]
+        row_of = {id(im): r for r, im in enumerate(readable)}
+        empty = [lbl for lbl in labels if not any(im.label == lbl for im in readable)]
         if empty:
             raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
-        x_val = y_val = None
+        held_out: list[ImageData] = []
+        if hold_out:
+            readable, held_out = _split_readable(readable, hold_out, self.seed, "held-out")
         val = None
-        if validation_set is not None and len(validation_set):
+        if validation_set is None and self.validation_fraction:
+            readable, validation_set = _split_readable(readable, self.validation_fraction, self.seed, "validation")
+            val = ExtractionResult(
+                pool.features[[row_of[id(im)] for im in validation_set]], list(range(len(validation_set)))
+            )
+        images = readable
+        train = ExtractionResult(pool.features[[row_of[id(im)] for im in images]], list(range(len(images))))
+        x_train, y_train = self._xy(train, images, labels)
+        x_val = y_val = None
+        if val is None and validation_set is not None and len(validation_set):
             val = extractor.transform(validation_set)
             skipped += val.failures
-            if len(val.kept):
-                x_val, y_val = self._xy(val, validation_set, labels)
+        if val is not None and len(val.kept):
+            x_val, y_val = self._xy(val, validation_set, labels)
         for name, reason in skipped:
-            warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=2)
+            warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=3)
 
         class_weights = self._class_weights(y_train, len(labels))
         names = [im.name for im in images] + [im.name for im in validation_set or []]
         params = {k: v for k, v in self.get_params().items() if k not in ("resume", "workspace", "use_cache", "device")}
-        checkpoint = Checkpoint(self.workspace or default_workspace(), run_key(names, params))
-        saved = checkpoint.load() if self.resume else None
+        checkpoint = Checkpoint(workspace, run_key(names, params)) if writable else None
+        saved = checkpoint.load() if self.resume and checkpoint is not None else None
         resumed_from = None if saved is None else f"{saved['phase']} epoch {saved['epoch']}"
         try:
             head, history, best_epoch = self._train_head(
@@ -209,23 +284,46 @@ class ImageClassificationTrainer:
             else:
                 model.features_engine = engine  # reuse the engine that was just built
         except KeyboardInterrupt:
+            if checkpoint is None:
+                raise TrainingInterrupted("training interrupted; the workspace is not writable, so no checkpoint "
+                                          "was kept and --resume cannot continue") from None  # fmt: skip
             raise TrainingInterrupted(
                 f"training interrupted; progress up to the last finished epoch is saved in {checkpoint.path}; "
                 "run the same command with --resume to continue"
             ) from None
-        checkpoint.remove()
+        model._checkpoint = checkpoint  # removed by model.save(), once the result is safe
         model.tta = self.tta
         model.info = {
             "weights_source": weights_source,
             "training": {**self.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
                          "train_images": int(len(y_train)), "resumed_from": resumed_from,
+                         "held_out_images": len(held_out) if hold_out else None,
                          "validation_images": 0 if y_val is None else int(len(y_val))},
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
-            "extraction": {"extracted": train.extracted, "cached": train.cached, "engine": engine.name},
+            "extraction": {"extracted": pool.extracted, "cached": pool.cached, "engine": engine.name},
             "versions": library_versions(),
         }  # fmt: skip
-        return model
+        return model, held_out
+
+    def _workspace(self) -> tuple[Path, bool]:
+        """The workspace, and whether files can be written there.
+
+        A read-only workspace (a container's read-only file system, a shared
+        cache) is not an error: training goes on without writing features or
+        checkpoints, reading any features already cached there, after one warning.
+        """
+        workspace = Path(self.workspace or default_workspace())
+        try:
+            workspace.mkdir(parents=True, exist_ok=True)
+            probe = workspace / f".imgclf-write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+            return workspace, True
+        except OSError as e:
+            warnings.warn(f"workspace {workspace} is not writable ({e.strerror or e}): training without writing "
+                          "cached features or checkpoints, so --resume cannot continue this run", stacklevel=4)  # fmt: skip
+            return workspace, False
 
     def get_params(self) -> dict:
         """The options, JSON-friendly (recorded in the model file)."""
@@ -315,6 +413,9 @@ class ImageClassificationTrainer:
                 optimizer.step()
             head.eval()
             m = EpochMetrics(epoch + 1, lr, *measure(xt, yt))
+            if not math.isfinite(m.train_loss):
+                raise OptionError(f"training diverged in epoch {epoch + 1} (the loss is not a finite number); "
+                                  f"lower the learning rate (now {self.learning_rate:g})")  # fmt: skip
             if xv is not None:
                 m.validation_accuracy, m.validation_loss = measure(xv, yv)
             history.append(m)

@@ -1,0 +1,329 @@
+"""Scoring on a Ray cluster (or all of this machine) with Ray Data.
+
+Ray Data reads the bytes (``read_binary_files`` for files, folders and globs;
+the manifest's own reader, then a read step, for manifests); a pool of actors,
+each holding the model once (loaded by :func:`load_scoring_model`, with ONNX
+Runtime's threads set to the actor's CPUs), decodes, preprocesses and scores
+batches; Ray's Parquet (or CSV, JSON) writer writes the results. Only this module
+imports Ray: ``pip install 'imgclf[ray]'``.
+
+Python: :func:`predict_dataset` takes a Ray Dataset with a ``bytes`` column (as
+``ray.data.read_binary_files(..., include_paths=True)`` makes) or a ``path``
+column, and returns a Dataset of result rows, to chain into your own pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from imgclf.batch.local import ScoringSummary, check_options
+from imgclf.batch.results import arrow_schema
+from imgclf.batch.scoring import ModelFile, load_scoring_model, score_sources
+from imgclf.batch.sources import Input, classify_inputs, is_uri, iter_image_paths, manifest_joiner, read_image_bytes
+from imgclf.batch.writers import PathSet, ResultFolder, check_output, count_rows
+from imgclf.errors import DataError, ImageDecodeError, ImgclfError, MissingDependencyError, OptionError
+
+#: Reading files and writing results wait on storage, not CPUs: they reserve none, so a
+#: pool of actors holding every CPU cannot starve them (and deadlock the pipeline).
+IO_TASK = {"num_cpus": 0}
+#: Rows per results file Ray writes: a crash loses at most this many rows per writer.
+ROWS_PER_FILE = 10_000
+
+
+def io_tasks(workers: int) -> int:
+    """Readers and writers running at once: reading a file costs about 1% of scoring it,
+    so one per 4 actors keeps them fed, without a Ray worker process each to start."""
+    return max(1, workers // 4)
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("--engine ray needs Ray Data: pip install 'imgclf[ray]'") from None
+    return ray
+
+
+class _ImageScorer:
+    """One actor: the model loaded once; each call scores a batch of images."""
+
+    def __init__(self, model: list, top_k: int, device: str, threads: int, metadata: dict | None):
+        import ray
+
+        # ``model`` is [ObjectRef of the ModelFile]: the bytes sit once in the object store
+        self.predictor = ray.get(model[0]).load(device, threads)
+        self.top_k = top_k
+        self.threads = threads
+        self.schema = arrow_schema(metadata)
+
+    def __call__(self, batch):
+        names = batch.column_names
+        if "bytes" not in names and "path" not in names:
+            raise DataError(f"predict_dataset needs a 'bytes' or a 'path' column; the dataset has {', '.join(names)}")
+        named = "path" in names
+        paths = batch.column("path").to_pylist() if named else ["<image>"] * batch.num_rows
+        sources = batch.column("bytes").to_pylist() if "bytes" in names else list(paths)
+        if "read_error" in names:
+            for i, error in enumerate(batch.column("read_error").to_pylist()):
+                if error:
+                    sources[i] = ImageDecodeError(error)
+        result = score_sources(self.predictor, paths, sources, self.top_k, workers=self.threads)
+        if not named:
+            result.paths = [None] * len(paths)
+        return result.to_arrow(self.schema)
+
+
+def predict_dataset(
+    model,
+    dataset,
+    *,
+    top_k: int = 1,
+    batch_size: int = 32,
+    workers: int | tuple[int, int] | None = None,
+    cpus_per_worker: float = 1,
+    gpus_per_worker: float = 0,
+    metadata: dict | None = None,
+):
+    """A Ray Dataset of result rows for a Ray Dataset of images.
+
+    ``model``: a model file path (``.onnx``, or ``.imgclf`` for a GPU) or a
+    :class:`ModelFile`; its bytes travel to the actors, so no shared storage is needed.
+    ``dataset``: rows with ``bytes`` (and ``path`` to name them), or with ``path``
+    only (read by the actors; local paths or fsspec URIs).
+    ``workers``: actors in the pool: a number, or ``(min, max)`` for a pool Ray Data
+    grows while upstream steps keep their share of the cluster. Default: ``(1, the
+    cluster's CPUs / cpus_per_worker)`` (or GPUs / ``gpus_per_worker``). A fixed pool
+    that holds every CPU leaves none for upstream steps that need one (Ray's readers
+    reserve a CPU each by default), and the pipeline then waits forever. Each actor
+    gets ``cpus_per_worker`` CPUs, which set its ONNX Runtime and decoding threads.
+    Lazy, like every Ray Dataset.
+    """
+    ray = _ray()
+    check_options(top_k, batch_size)
+    model_file = model if isinstance(model, ModelFile) else ModelFile.read(model)
+    if cpus_per_worker <= 0 or gpus_per_worker < 0:
+        raise OptionError("--cpus-per-worker must be above 0 and --gpus-per-worker at least 0")
+    if gpus_per_worker and model_file.name.lower().endswith(".onnx"):
+        raise OptionError("--gpus-per-worker needs an .imgclf model: the exported ONNX model runs on CPUs")
+    if workers is None:
+        workers = (1, _max_workers(ray, cpus_per_worker, gpus_per_worker))
+    sizes = workers if isinstance(workers, tuple) else (workers, workers)
+    if sizes[0] < 1 or sizes[1] < sizes[0]:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    pool = ray.data.ActorPoolStrategy(size=sizes[0]) if sizes[0] == sizes[1] else ray.data.ActorPoolStrategy(
+        min_size=sizes[0], max_size=sizes[1])  # fmt: skip
+    threads = max(1, int(cpus_per_worker))
+    return dataset.map_batches(
+        _ImageScorer,
+        fn_constructor_kwargs={
+            "model": [ray.put(model_file)],
+            "top_k": top_k,
+            "device": "cuda" if gpus_per_worker else "cpu",
+            "threads": threads,
+            "metadata": metadata,
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=pool,
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker or None,
+    )
+
+
+def _max_workers(ray, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """As many actors as the cluster's CPUs (or GPUs) hold."""
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    if gpus_per_worker:
+        workers = int(resources.get("GPU", 0) // gpus_per_worker)
+    else:
+        workers = int(resources.get("CPU", 1) // cpus_per_worker)
+    if workers < 1:
+        raise OptionError(f"the Ray cluster has too few resources for one worker ({resources.get('CPU', 0)} CPUs, "
+                          f"{resources.get('GPU', 0)} GPUs)")  # fmt: skip
+    return workers
+
+
+# --- the CLI's run: inputs in, a results folder out ---
+
+
+def _with_read_error(batch):
+    import pyarrow as pa
+
+    return batch.append_column("read_error", pa.nulls(batch.num_rows, pa.string()))
+
+
+def _read_listed(batch, join, done: PathSet):
+    """A manifest's rows: paths joined to its folder, those done dropped, bytes read.
+
+    A ``.txt`` manifest arrives as ``text`` lines: blank ones and ``#`` comments are dropped.
+    One step, and no CPU reserved, so the actor pool can hold every CPU without
+    starving the manifest's side of the pipeline.
+    """
+    import pyarrow as pa
+
+    column = "path" if "path" in batch.column_names else "text"
+    entries = [(e or "").strip() for e in batch.column(column).to_pylist()]
+    paths = [join(e) for e in entries if e and not (column == "text" and e.startswith("#"))]
+    keep = ~done.mask(paths)
+    paths = [p for p, k in zip(paths, keep) if k]
+    data, errors = [], []
+    for path in paths:
+        try:
+            data.append(read_image_bytes(path))
+            errors.append(None)
+        except ImageDecodeError as e:
+            data.append(None)
+            errors.append(str(e))
+    return pa.table({"path": pa.array(paths, pa.string()), "bytes": pa.array(data, pa.binary()),
+                     "read_error": pa.array(errors, pa.string())})  # fmt: skip
+
+
+def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
+    lower = manifest.lower()
+    if lower.endswith(".parquet"):
+        listed = ray.data.read_parquet(manifest, columns=["path"], concurrency=readers, **IO_TASK)
+    elif lower.endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        listed = ray.data.read_csv(manifest, convert_options=pacsv.ConvertOptions(
+            include_columns=["path"], column_types={"path": "string"}), concurrency=readers, **IO_TASK)  # fmt: skip
+    else:
+        listed = ray.data.read_text(manifest, concurrency=readers, **IO_TASK)
+    return listed.map_batches(
+        _read_listed, fn_kwargs={"join": manifest_joiner(manifest), "done": done}, batch_format="pyarrow",
+        concurrency=readers, **IO_TASK)  # fmt: skip
+
+
+def _listed_dataset(ray, paths: list[str], readers: int):
+    """Files found by listing: local ones through ``read_binary_files``, URIs read by a task."""
+    datasets = []
+    local = [p for p in paths if not is_uri(p)]
+    remote = [p for p in paths if is_uri(p)]
+    if local:
+        read = ray.data.read_binary_files(local, include_paths=True, concurrency=readers, **IO_TASK)
+        datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", concurrency=readers, **IO_TASK))
+    if remote:
+        items = ray.data.from_items([{"path": p} for p in remote])
+        datasets.append(items.map_batches(_read_listed, fn_kwargs={"join": str, "done": PathSet()},
+                                          batch_format="pyarrow", concurrency=readers, **IO_TASK))  # fmt: skip
+    return datasets
+
+
+def score_with_ray(
+    model: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    top_k: int = 1,
+    batch_size: int = 32,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = 1,
+    gpus_per_worker: float = 0,
+    progress: bool = True,
+) -> ScoringSummary:
+    """``imgclf predict --engine ray``: score ``inputs`` on a Ray cluster into ``out``.
+
+    Uses the Ray session already started in this process, else connects to
+    ``address`` (``auto``, ``ray://host:10001``) or starts Ray on this machine (and
+    stops it at the end). Ray's writer writes into a staging folder inside ``out``
+    whose complete files move in when it finishes, so ``out`` only ever holds whole
+    parts, and a re-run skips what is already there, as the local engine does.
+    On a cluster, ``out`` must be on storage the driver and every node see.
+    """
+    check_options(top_k, batch_size)
+    fmt = check_output(out)
+    sources = classify_inputs(inputs)
+    ray = _ray()
+    model_file = ModelFile.read(model)
+    labels = load_scoring_model(model).labels  # a bad model file fails here, before any work
+    metadata = model_file.metadata(labels, top_k)
+    started_here = not ray.is_initialized()
+    if started_here:
+        _init(ray, address)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        if not progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        started = time.perf_counter()
+        with ResultFolder(out, metadata) as folder:
+            summary = _run(ray, folder, fmt, sources, model_file, metadata, top_k=top_k, batch_size=batch_size,
+                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)  # fmt: skip
+        summary.seconds = time.perf_counter() - started
+        return summary
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _init(ray, address: str | None) -> None:
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise OptionError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
+
+
+def _run(ray, folder: ResultFolder, fmt: str, sources: list[Input], model_file: ModelFile, metadata: dict, **options):
+    if options["workers"] is None:  # every step but scoring reserves no CPU: the pool may hold them all
+        options["workers"] = _max_workers(ray, options["cpus_per_worker"], options["gpus_per_worker"])
+    readers = io_tasks(options["workers"])
+    plain = [s for s in sources if s.kind != "manifest"]
+    listed = list(iter_image_paths(plain))
+    skipped = sum(p in folder.done for p in listed) if len(folder.done) else 0
+    listed = [p for p in listed if p not in folder.done] if skipped else listed
+    datasets = _listed_dataset(ray, listed, readers) if listed else []
+    datasets += [_manifest_dataset(ray, s.text, folder.done, readers) for s in sources if s.kind == "manifest"]
+    if not datasets:
+        return ScoringSummary(folder.path, 0, 0, skipped, 0.0, engine="ray")
+    images = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    results = predict_dataset(model_file, images, metadata=metadata, **options)
+    writing = {"ray_remote_args": IO_TASK, "concurrency": readers, "min_rows_per_file": ROWS_PER_FILE}
+    staging = folder.staging_folder()
+    try:
+        if fmt == "parquet":
+            results.write_parquet(str(staging), schema=arrow_schema(metadata), **writing)
+        elif fmt == "csv":
+            results = results.map_batches(_lists_as_json, batch_format="pyarrow", concurrency=readers, **IO_TASK)
+            results.write_csv(str(staging), **writing)
+        else:
+            results.write_json(str(staging), **writing)
+    except Exception as e:
+        cause = _imgclf_cause(e)
+        if cause is not None:
+            raise cause from None
+        raise
+    adopted = folder.adopt(staging)
+    rows, failed = (sum(x) for x in zip((0, 0), *(count_rows(p, fmt) for p in adopted)))
+    return ScoringSummary(folder.path, rows - failed, failed, skipped, 0.0, engine="ray")
+
+
+def _lists_as_json(batch):
+    """CSV has no lists: the top-k columns become JSON arrays, as the local CSV writer writes them."""
+    import json
+
+    import pyarrow as pa
+
+    for name in ("top_labels", "top_probabilities"):
+        values = [None if v is None else json.dumps(v) for v in batch.column(name).to_pylist()]
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return batch
+
+
+def _imgclf_cause(error: BaseException) -> ImgclfError | None:
+    """The imgclf error inside a Ray task error, if that is what failed."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, ImgclfError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+        seen += 1
+    return None

@@ -1,0 +1,200 @@
+"""The training report: one offline page that shows how a model learned and where it fails.
+
+From the model file alone: training curves (its per-epoch history) and the
+confusion matrix of its held-out evaluation. Given labelled images, the model
+is evaluated on them, which adds per-image results: the confusion matrix of
+those images, calibration (a reliability diagram and the expected calibration
+error) and the top losses (fastai's ``plot_top_losses``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.data.images import ImageData
+from imgclf.errors import DataError, ImageDecodeError
+from imgclf.inference.metrics import compute_metrics
+from imgclf.inference.predictor import Predictor
+from imgclf.insight.pages import Thumbnails, card, page, write_page
+
+CALIBRATION_BINS = 10
+TOP_LOSSES = 16
+
+
+@dataclass
+class Evaluated:
+    """Per-image results of a model on labelled images."""
+
+    files: list[str]
+    probabilities: np.ndarray  # (n, classes)
+    targets: np.ndarray  # (n,)
+    skipped: list[dict]
+
+
+def evaluate_images(model: Predictor, images: Sequence[ImageData]) -> Evaluated:
+    """Probabilities for every readable labelled image; unreadable ones are listed, not fatal."""
+    unknown = sorted({im.label for im in images if im.label not in model.labels})
+    if unknown:
+        raise DataError(f"the images have labels the model does not know: {', '.join(map(str, unknown))}")
+    files, probs, targets, skipped = [], [], [], []
+    for im, (name, outcome) in zip(images, model.iter_predictions((im.source, im.name) for im in images)):
+        if isinstance(outcome, ImageDecodeError):
+            skipped.append({"file": name, "reason": str(outcome)})
+            continue
+        files.append(name)
+        probs.append([outcome.scores[label] for label in model.labels])
+        targets.append(model.labels.index(im.label))
+    if not files:
+        raise DataError("no readable images to evaluate the model on")
+    return Evaluated(files, np.asarray(probs), np.asarray(targets), skipped)
+
+
+def calibration(probabilities: np.ndarray, targets: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Reliability bins of the top probability and the expected calibration error (their weighted gap)."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == targets
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        count = int(inside.sum())
+        acc = float(correct[inside].mean()) if count else None
+        conf = float(confidence[inside].mean()) if count else None
+        if count:
+            ece += count / len(targets) * abs(acc - conf)
+        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
+                      "accuracy": acc, "confidence": conf})  # fmt: skip
+    return {"expected_calibration_error": float(ece), "bins": table}
+
+
+def most_confused(matrix: Sequence[Sequence[int]], labels: Sequence[str], top: int = 5) -> list[dict]:
+    """The largest off-diagonal cells: (true, predicted, images)."""
+    cells = [(int(matrix[i][j]), labels[i], labels[j]) for i in range(len(labels)) for j in range(len(labels))
+             if i != j and matrix[i][j] > 0]  # fmt: skip
+    return [
+        {"true": t, "predicted": p, "images": n} for n, t, p in sorted(cells, key=lambda c: (-c[0], c[1], c[2]))[:top]
+    ]
+
+
+def top_losses(evaluated: Evaluated, labels: Sequence[str], top: int = TOP_LOSSES) -> list[dict]:
+    """The images with the highest cross-entropy loss, worst first."""
+    p_true = evaluated.probabilities[np.arange(len(evaluated.targets)), evaluated.targets]
+    losses = -np.log(np.clip(p_true, 1e-15, 1.0))
+    order = np.argsort(-losses, kind="stable")[:top]
+    return [{"file": evaluated.files[i], "true": labels[evaluated.targets[i]],
+             "predicted": labels[int(evaluated.probabilities[i].argmax())],
+             "probability": float(evaluated.probabilities[i].max()), "true_probability": float(p_true[i]),
+             "loss": float(losses[i])} for i in order]  # fmt: skip
+
+
+def write_report(
+    model: Predictor, images: Sequence[ImageData] | None = None, out: str | Path = "report", *, name: str = "model"
+) -> Path:
+    """Write ``out/index.html``, its charts as PNG and the numbers as ``out/report.json``; returns the page.
+
+    Without ``images`` the page shows what the model file holds (history, held-out metrics).
+    """
+    from imgclf.data.imaging import open_image
+    from imgclf.insight import plots
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; give a folder for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = list(model.labels)
+    history = list(model.info.get("history") or [])
+    evaluated = evaluate_images(model, images) if images else None
+    if evaluated is not None:
+        metrics = compute_metrics(evaluated.probabilities, evaluated.targets, labels).to_dict()
+        source = f"{len(evaluated.files)} images given to the report"
+    else:
+        metrics = model.info.get("metrics")
+        source = "the held-out images of training (from the model file)"
+    data: dict[str, Any] = {"model": name, "labels": labels, "metrics_from": source if metrics else None,
+                            "history": history, "metrics": metrics}  # fmt: skip
+    charts: dict[str, str] = {}
+    if history:
+        charts["curves"] = plots.training_curves(history, out / "curves.png").name
+    if metrics:
+        charts["confusion"] = plots.confusion_matrices(np.array(metrics["confusion_matrix"]), labels,
+                                                       out / "confusion.png").name  # fmt: skip
+        data["most_confused"] = most_confused(metrics["confusion_matrix"], labels)
+    if evaluated is not None:
+        data["calibration"] = calibration(evaluated.probabilities, evaluated.targets)
+        charts["calibration"] = plots.reliability_diagram(data["calibration"]["bins"],
+                                                          data["calibration"]["expected_calibration_error"],
+                                                          out / "calibration.png").name  # fmt: skip
+        data["top_losses"] = top_losses(evaluated, labels)
+        data["skipped"] = evaluated.skipped
+        pictures = []
+        for item in data["top_losses"]:
+            try:
+                picture = open_image(item["file"], item["file"], draft_size=256)
+                picture.thumbnail((256, 256))
+            except ImageDecodeError:
+                picture = None
+            pictures.append(picture)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            charts["top_losses"] = plots.top_losses(data["top_losses"], pictures, out / "top_losses.png").name
+    data["charts"] = charts
+    (out / "report.json").write_text(json.dumps(data, indent=2))
+    return write_page(out / "index.html", page(f"imgclf report: {name}", _body(data, Thumbnails(out))))
+
+
+def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
+    charts, metrics = data["charts"], data["metrics"]
+    parts = [f"<h1>Training report</h1><p class='muted'>{escape(data['model'])}: "
+             f"{len(data['labels'])} labels ({escape(', '.join(data['labels']))})</p>"]  # fmt: skip
+    parts.append("<h2>Training curves</h2>")
+    if "curves" in charts:
+        phases = {h.get("phase", "head") for h in data["history"]}
+        parts.append(f"<img class='chart' src='{charts['curves']}' alt='training curves'>"
+                     f"<p class='muted'>{len(data['history'])} epochs ({escape(', '.join(sorted(phases)))}).</p>")  # fmt: skip
+    else:
+        parts.append("<p class='muted'>This model file holds no per-epoch history.</p>")
+    parts.append("<h2>Evaluation</h2>")
+    if not metrics:
+        parts.append("<p class='muted'>No evaluation: the model file holds no held-out metrics; give a labelled "
+                     "FOLDER to evaluate on.</p>")  # fmt: skip
+    else:
+        parts.append(f"<p>On {escape(data['metrics_from'])}: accuracy <b>{metrics['micro_accuracy']:.4f}</b> "
+                     f"(macro {metrics['macro_accuracy']:.4f}), log-loss {metrics['log_loss']:.4f}.</p>")  # fmt: skip
+        rows = "".join(f"<tr><td>{escape(label)}</td><td class='num'>{c['precision']:.3f}</td>"
+                       f"<td class='num'>{c['recall']:.3f}</td><td class='num'>{c['f1']:.3f}</td>"
+                       f"<td class='num'>{c['support']}</td></tr>" for label, c in metrics["per_class"].items())  # fmt: skip
+        confused = "".join(f"<tr><td>{escape(c['true'])}</td><td>{escape(c['predicted'])}</td>"
+                           f"<td class='num'>{c['images']}</td></tr>" for c in data.get("most_confused", []))  # fmt: skip
+        parts.append(f"<div class='charts'><img class='chart' src='{charts['confusion']}' alt='confusion matrix'>"
+                     f"<div><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>images</th>"
+                     f"</tr>{rows}</table><h3>Most confused</h3>"
+                     + (f"<table><tr><th>true</th><th>predicted as</th><th>images</th></tr>{confused}</table>"
+                        if confused else "<p class='muted'>No mistakes.</p>") + "</div></div>")  # fmt: skip
+    parts.append("<h2>Calibration</h2>")
+    if "calibration" in charts:
+        ece = data["calibration"]["expected_calibration_error"]
+        parts.append(f"<img class='chart' src='{charts['calibration']}' alt='reliability diagram'>"
+                     f"<p>Expected calibration error <b>{ece:.3f}</b>: on average the predicted label's "
+                     f"probability is {ece * 100:.1f} points away from how often it is right.</p>")  # fmt: skip
+    else:
+        parts.append("<p class='muted'>Needs per-image results: give a labelled FOLDER.</p>")
+    parts.append("<h2>Top losses</h2>")
+    if data.get("top_losses"):
+        parts.append("<div class='cards'>" + "".join(
+            card(thumbs, t["file"], f"true <b>{escape(t['true'])}</b>, predicted <b>{escape(t['predicted'])}</b> "
+                 f"{t['probability']:.2f}<br>p(true) {t['true_probability']:.2f}, loss {t['loss']:.2f}")
+            for t in data["top_losses"]) + "</div>")  # fmt: skip
+        parts.append(f"<p class='muted'>As one picture: <a href='{charts['top_losses']}'>top_losses.png</a>; "
+                     "the numbers: <a href='report.json'>report.json</a>.</p>")  # fmt: skip
+    else:
+        parts.append("<p class='muted'>Needs per-image results: give a labelled FOLDER.</p>")
+    return "".join(parts)

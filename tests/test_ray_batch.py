@@ -1,0 +1,64 @@
+"""Ray Data engine: `imgclf predict --engine ray` and `imgclf.batch.predict_dataset`
+agree with plain predict, on one shared Ray session of 2 CPUs for the whole run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pq = pytest.importorskip("pyarrow.parquet")
+ray = pytest.importorskip("ray")
+
+from imgclf.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray Data's own settings
+
+from .conftest import CORRUPT, PREDICT, assert_agrees_with_predict_json, predict_json, scoring_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray of 2 CPUs for every Ray test (its workers inherit this environment)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def test_engine_ray_agrees_with_predict_json(ray_session, small_onnx_model, tmp_path, capsys):
+    folder = scoring_folder(tmp_path / "images")
+    listed = tmp_path / "lists"
+    listed.mkdir()
+    (listed / "more.txt").write_text(f"{PREDICT / 'classic-tulip.jpg'}\n# a comment\n{tmp_path / 'gone.jpg'}\n")
+    out = tmp_path / "results.parquet"
+    argv = ["predict", small_onnx_model, folder, listed / "more.txt", "--engine", "ray", "--out", out,
+            "--workers", 2, "--top-k", 2, "-q"]  # fmt: skip
+    code = main([str(a) for a in argv])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Scored 9 image(s), 4 unreadable (error rows)" in stdout and "ray" in stdout
+    table = pq.read_table(out)
+    rows = table.to_pylist()
+    expected = predict_json(small_onnx_model, folder, PREDICT / "classic-tulip.jpg")
+    expected[str(tmp_path / "gone.jpg")] = {"error": "missing"}
+    assert_agrees_with_predict_json(rows, expected)
+    assert {Path(r["path"]).name for r in rows if r["error"]} == CORRUPT | {"gone.jpg"}
+    meta = json.loads(table.schema.metadata[b"imgclf"])  # Ray's writer kept the key-value metadata
+    assert meta["labels"] == ["daisy", "dandelion", "tulips"] and meta["top_k"] == 2
+    assert not [p for p in out.iterdir() if p.name.startswith("_staging-")]
+
+    # Python: predict_dataset on a Dataset of your own (its reader keeps one CPU: one actor here)
+    from imgclf.batch import predict_dataset
+
+    images = ray.data.read_binary_files([str(folder / "classic-daisy.jpg"), str(folder / "truncated.jpg")],
+                                        include_paths=True)  # fmt: skip
+    chained = predict_dataset(small_onnx_model, images, workers=1).take_all()
+    by_path = {r["path"]: r for r in chained}
+    daisy = by_path[str(folder / "classic-daisy.jpg")]
+    assert daisy["label"] == "daisy"
+    assert abs(daisy["probability"] - expected[str(folder / "classic-daisy.jpg")]["probability"]) < 1e-5
+    assert "corrupt or truncated" in by_path[str(folder / "truncated.jpg")]["error"]
