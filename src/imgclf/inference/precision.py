@@ -1,19 +1,19 @@
-"""Precisions beyond fp32: the int8 model, where it is kept, and honest accuracy.
+"""Precisions beyond fp32: calibrating the int8 network, and honest held-out accuracy.
 
 int8 is static post-training quantization with ONNX Runtime's quantizer: the
 exported network becomes a QDQ graph (int8 weights per channel, uint8
 activations whose ranges come from running the model's own training images
-through it, MinMax). Measured against NNCF on the OpenVINO model (README,
-Speed): the QDQ graph ran 1.7x faster under OpenVINO on this CPU where NNCF's ran
-at fp32 speed, with the same held-out accuracy, and it needs no further package.
-Calibrating takes seconds, so it is done once and kept in the workspace under
-``engines/``, named by :func:`network_digest` (the weights, input size and
-test-time augmentation), where both the ``.imgclf`` model and its exported
-``.onnx`` file (which records the digest) find it.
+through it, MinMax). Measured on this project's CPU (README, "Engines and
+precision"), OpenVINO runs that graph 1.7x faster than ONNX Runtime runs fp32,
+ONNX Runtime 1.5x; it needs no package beyond ``onnx`` and ``onnxruntime``,
+which export already uses (NNCF was not installed: it would add a dependency
+for the same QDQ graph). Calibrating takes seconds, so it is done once, at
+training, and the graph is kept in the model file (``int8.onnx``).
 
 :func:`measure_precisions` gives held-out metrics under each precision this
-machine runs; training records them in the model file, and ``auto`` does not
-take a precision whose accuracy moved by more than half a point.
+machine runs; training records them in the model file (``precision_metrics``),
+and ``precision="auto"`` takes a precision only where its accuracy stayed within
+half a point of fp32 with top labels equal on at least 99% of the images.
 """
 
 from __future__ import annotations
@@ -28,56 +28,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgclf.atomic import atomic_path
 from imgclf.data.images import ImageData
 from imgclf.data.imaging import load_array
 from imgclf.data.parallel import ordered_map
 from imgclf.errors import DataError, ImageDecodeError, OptionError
 from imgclf.inference.metrics import compute_metrics
-from imgclf.nets.workspace import default_workspace, int8_model_file
 
 if TYPE_CHECKING:
     from imgclf.inference.model import ImageClassifier
-    from imgclf.inference.predictor import Predictor
 
 #: Training images used to calibrate int8 (spread over the set); more moves MinMax ranges little.
 CALIBRATION_IMAGES = 128
-_DIGEST_VERSION = "imgclf-network-v1"
-
-
-def network_digest(model: ImageClassifier) -> str:
-    """SHA-256 of what the exported network computes: every tensor of the backbone
-    and head, the input size and test-time augmentation. Metadata is left out, so
-    the digest survives re-saving the model with new metrics."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256(f"{_DIGEST_VERSION}|{model.preprocessing.input_size}|tta={bool(model.tta)}".encode())
-    for prefix, module in (("backbone.", model.backbone), ("head.", model.head)):
-        for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{prefix}{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def find_int8(digest: str | None, workspaces: Sequence[str | Path | None] = ()) -> Path | None:
-    """The calibrated int8 graph of the network ``digest``, if one was made: looked for
-    in ``workspaces``, then in the default workspace."""
-    if not digest:
-        return None
-    for folder in (*[w for w in workspaces if w], default_workspace()):
-        path = int8_model_file(folder, digest)
-        if path.is_file():
-            return path
-    return None
-
-
-def int8_missing(name: str) -> OptionError:
-    """The error for an int8 request on a model that was never calibrated."""
-    return OptionError(f"{name}: no int8 calibration of this model here; train it with --precision int8 (which "
-                       "calibrates on its training images), or call imgclf.calibrate_int8(model, images)")  # fmt: skip
+CALIBRATION_METHOD = "static QDQ, MinMax, per-channel int8 weights, uint8 activations"
 
 
 def _decode(images: Sequence[ImageData], preprocessing, workers: int | None = None):
@@ -111,18 +73,14 @@ def _quiet_quantizer():
         onnxruntime.set_default_logger_severity(2)
 
 
-def calibrate_int8(
-    model: ImageClassifier,
-    images: Sequence[ImageData],
-    *,
-    workspace: str | Path | None = None,
-    limit: int = CALIBRATION_IMAGES,
-) -> Path:
+def calibrate_int8(model: ImageClassifier, images: Sequence[ImageData], *, limit: int = CALIBRATION_IMAGES) -> bytes:
     """Quantize ``model`` to int8, calibrated on ``images`` (its training images), and
-    keep the result in ``workspace`` (default: the default workspace); returns its path.
+    keep the graph in the model (``model.int8_graph_``, saved with it); returns it.
 
-    The int8 file is a complete exported model (metadata included) whose graph
-    is static QDQ: it runs on OpenVINO (fastest) or ONNX Runtime.
+    The graph is the complete exported network (head, softmax, test-time
+    augmentation, metadata with ``precision: int8``) as a static QDQ graph: it
+    runs on OpenVINO (fastest) or ONNX Runtime, and ``imgclf export --precision
+    int8`` writes it as it is.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -137,10 +95,13 @@ def calibrate_int8(
     from imgclf.inference.export import export_onnx
     from imgclf.inference.runtime import METADATA_KEY
 
-    if limit < 1:
-        raise OptionError(f"limit must be at least 1, got {limit}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise OptionError(f"limit must be a positive integer, got {limit!r}")
+    images = list(images)
+    if not images:
+        raise DataError("no images to calibrate int8 on; give the model's training images")
     step = max(1, len(images) // limit)
-    arrays, _ = _decode(list(images)[::step][:limit], model.preprocessing)
+    arrays, _ = _decode(images[::step][:limit], model.preprocessing)
 
     class Batches(CalibrationDataReader):
         def __init__(self):
@@ -149,7 +110,6 @@ def calibrate_int8(
         def get_next(self):
             return next(self.batches, None)
 
-    dest = int8_model_file(workspace or default_workspace(), network_digest(model))
     with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as tmp:
         fp32, pre, int8 = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         export_onnx(model, fp32)
@@ -161,47 +121,55 @@ def calibrate_int8(
                             calibrate_method=CalibrationMethod.MinMax, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8)  # fmt: skip
         quantized = onnx.load(str(int8))
-        config.update(precision="int8", quantized="int8",
-                      calibration={"images": len(arrays), "method": "static QDQ, MinMax, per-channel weights"})  # fmt: skip
-        del quantized.metadata_props[:]
-        entry = quantized.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(config)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dest, "int8 model") as out:
-            onnx.save(quantized, out)
-    return dest
+    config.update(precision="int8", calibration={"images": len(arrays), "method": CALIBRATION_METHOD})
+    del quantized.metadata_props[:]
+    entry = quantized.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(config)
+    model.int8_graph_ = quantized.SerializeToString()
+    model.info["calibration"] = config["calibration"]
+    model.features_engine = None  # the next batch goes through choose_engine again
+    return model.int8_graph_
+
+
+def available_precisions(model) -> list[str]:
+    """The precisions ``model`` can run here: fp32; bf16 where the CPU has it natively
+    (and OpenVINO is installed); int8 where the model carries a calibrated graph."""
+    from imgclf.nets.engines import installed, native_bf16
+
+    found = ["fp32"]
+    if getattr(model, "device", "cpu") == "cpu" and installed("openvino") and native_bf16():
+        found.append("bf16")
+    if getattr(model, "int8_graph_", None) is not None:
+        found.append("int8")
+    return found
 
 
 def measure_precisions(
-    model: Predictor, images: Sequence[ImageData], precisions: Sequence[str] | None = None
+    model: ImageClassifier, images: Sequence[ImageData], precisions: Sequence[str] | None = None
 ) -> dict[str, dict]:
-    """Held-out metrics of ``model`` on labelled ``images`` under each precision.
+    """Held-out metrics of ``model`` on labelled ``images`` under each precision
+    (default: :func:`available_precisions`).
 
-    Default precisions: fp32, bf16 where this CPU has it natively, int8 where the
-    model has been calibrated. Each entry has ``micro_accuracy``, ``macro_accuracy``,
-    ``log_loss``, ``engine`` and ``images``; those other than fp32 also have
-    ``top_label_agreement`` (share of images whose top label equals fp32's) and
-    ``largest_probability_change``. The model's engine settings are restored after.
+    Each entry has ``micro_accuracy``, ``macro_accuracy``, ``log_loss``, ``engine`` and
+    ``images``; those other than fp32 also have ``top_label_agreement`` (share of
+    images whose top label equals fp32's) and ``largest_probability_change``.
+    The model's engine settings are restored after.
     """
-    from imgclf.nets.engines import installed, native_bf16
-
     labelled = [im for im in images if im.label is not None]
     if not labelled:
         raise DataError("no labelled images to measure precisions on")
-    if precisions is None:
-        precisions = ["fp32"]
-        if installed("openvino") and native_bf16():
-            precisions.append("bf16")
-        if model.int8_available():
-            precisions.append("int8")
+    precisions = list(precisions or available_precisions(model))
+    if precisions[0] != "fp32":
+        precisions = ["fp32", *(p for p in precisions if p != "fp32")]  # the reference comes first
     arrays, kept = _decode(labelled, model.preprocessing)
     targets = [model.labels.index(labelled[i].label) for i in kept]
-    saved = (model.engine, model.precision)
+    saved = (model.engine, model.precision, model.features_engine)
     results: dict[str, dict] = {}
     reference = None
     try:
         for precision in precisions:
-            choice = model.use_engine("auto", precision)
+            engine = "auto" if model.device == "cpu" or precision != "fp32" else "torch"
+            choice = model.use_engine(engine, precision)
             probs = model.predict_proba_arrays(arrays)
             metrics = compute_metrics(probs, targets, model.labels)
             entry = {"micro_accuracy": metrics.micro_accuracy, "macro_accuracy": metrics.macro_accuracy,
@@ -213,5 +181,29 @@ def measure_precisions(
                 entry["largest_probability_change"] = float(np.abs(probs - reference).max())
             results[precision] = entry
     finally:
-        model.use_engine(*saved)
+        model.engine, model.precision, model.features_engine = saved
     return results
+
+
+def record_precisions(
+    model: ImageClassifier,
+    train_images: Sequence[ImageData],
+    held_out: Sequence[ImageData],
+    precision: str = "auto",
+) -> dict[str, dict]:
+    """What ``imgclf train`` does after training: calibrate int8 on ``train_images``
+    (unless ``precision`` is fp32 or bf16), measure the held-out metrics under every
+    precision this machine runs, and record them in ``model.info["precision_metrics"]``
+    (the fp32 metrics stay in ``metrics``, marked ``precision: fp32``)."""
+    from imgclf.nets.engines import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision in ("auto", "int8") and model.device == "cpu":
+        calibrate_int8(model, train_images)
+    measured = measure_precisions(model, held_out)
+    model.info["precision_metrics"] = measured
+    if isinstance(model.info.get("metrics"), dict):
+        model.info["metrics"]["precision"] = "fp32"
+    model.features_engine = None
+    return measured

@@ -1,25 +1,29 @@
 """Which engine runs the network, at which precision: one table, one choice.
 
 Every path that runs the network (feature extraction in training, ``predict``,
-``evaluate``, ``serve``, batch scoring) asks :func:`choose_engine`, and nothing
-else decides. What each engine can do is data in :data:`ENGINES`; which one
-``auto`` prefers at each precision is :data:`AUTO_ORDER`, set by measurement
-(``benchmarks/throughput.py``):
+``evaluate``, batch scoring here and in Ray actors, ``serve``) asks
+:func:`choose_engine`, and nothing else decides. What each engine can do is data
+in :data:`ENGINES`; which one ``auto`` prefers at each precision is
+:data:`AUTO_ORDER`, set by measurement (``benchmarks/throughput.py``, README
+"Engines and precision"):
 
-- fp32 on a CPU: ONNX Runtime. OpenVINO fp32 is no faster on EfficientNet-Lite
-  (0.8 to 1.0x), and eager PyTorch is about 3x slower.
+- fp32 on a CPU: ONNX Runtime. OpenVINO fp32 is slower on EfficientNet-Lite
+  (0.8x on an AMD EPYC), eager PyTorch about 3x slower.
 - bf16: OpenVINO, only where the CPU multiplies bf16 natively (AVX-512 bf16 or
   AMX; OpenVINO lists ``BF16`` in its optimization capabilities). Elsewhere
-  OpenVINO would run fp32 anyway, so ``auto`` stays at fp32.
-- int8 (a static QDQ graph, see :mod:`imgclf.inference.quantize`): OpenVINO runs
-  it faster than ONNX Runtime (1.1 to 1.2x), ONNX Runtime when OpenVINO is absent.
+  OpenVINO would silently run fp32, so asking for it is an error.
+- int8 (the model's own static QDQ graph, calibrated on its training images, see
+  :mod:`imgclf.inference.precision`): OpenVINO (1.7x ONNX Runtime fp32 on the
+  AMD EPYC, which has no VNNI), ONNX Runtime when OpenVINO is absent.
 - GPUs: eager PyTorch.
 
-``precision="auto"`` never picks int8 (its labels differ from fp32 on a few
-percent of images, see the README), and picks bf16 only where it is native,
-the job is large enough to repay OpenVINO's start-up, and the model's recorded
-held-out accuracy at bf16 is within half a point of fp32. All engines read
-the same exported ONNX graph (:mod:`imgclf.nets.onnx_graph`).
+``precision="auto"`` takes, in this order: int8 when the model carries an int8
+graph whose recorded held-out accuracy is within half a point of fp32 with top
+labels equal on at least 99% of the held-out images; bf16 where the CPU does it
+natively, under the same rule; fp32 otherwise. A job known to be small (under
+:data:`COMPILE_MIN_IMAGES` images) stays at fp32, since compiling a second graph
+would cost more than it saves. All engines read the same exported ONNX graph
+(:mod:`imgclf.nets.onnx_graph`); OpenVINO is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -72,13 +76,15 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "int8": ("openvino", "onnxruntime"),
 }
 
-#: Below this many images, ``auto`` stays at fp32 on ONNX Runtime even where bf16 is
-#: native: importing OpenVINO and compiling the graph costs about 0.9 s here, which a
-#: 1.7x faster network (5 ms -> 2.9 ms an image at batch 32) repays only after ~400 images.
-BF16_MIN_IMAGES = 400
+#: Below this many images, ``auto`` stays at fp32: importing OpenVINO and compiling a
+#: second graph costs 1 to 2.5 s here, which a 1.7x faster network repays only after
+#: some 400 to 500 images (10.7 ms -> 6.3 ms an image at batch 32 on 2 cores).
+COMPILE_MIN_IMAGES = 400
 
 #: Largest change of held-out accuracy (fraction) at which ``auto`` still takes a precision.
 ACCURACY_TOLERANCE = 0.005
+#: Smallest share of held-out images whose top label must equal fp32's for ``auto`` to take a precision.
+AGREEMENT_MINIMUM = 0.99
 
 
 @dataclass(frozen=True)
@@ -156,29 +162,52 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _accuracy_change(accuracy: dict | None, precision: str) -> float | None:
-    """Held-out accuracy at ``precision`` minus at fp32, from a model's recorded metrics."""
+def _measured(accuracy: dict | None, precision: str) -> tuple[float, float | None] | None:
+    """(held-out accuracy change against fp32, top-label agreement) recorded for ``precision``."""
     try:
-        return float(accuracy[precision]["micro_accuracy"]) - float(accuracy["fp32"]["micro_accuracy"])
+        entry, reference = accuracy[precision], accuracy["fp32"]
+        change = float(entry["micro_accuracy"]) - float(reference["micro_accuracy"])
     except (KeyError, TypeError, ValueError):
         return None
+    agreement = entry.get("top_label_agreement")
+    return change, None if agreement is None else float(agreement)
 
 
-def _auto_precision(engine: str, images: int | None, accuracy: dict | None) -> tuple[str, str]:
-    """fp32 or bf16 for ``precision="auto"``, with the reason; cheapest checks first."""
-    if engine != "auto" and "bf16" not in ENGINES[engine].precisions:
-        return "fp32", f"{engine} runs fp32"
+def _passes(accuracy: dict | None, precision: str) -> tuple[bool, str]:
+    """Whether the recorded held-out metrics let ``auto`` take ``precision``, and why."""
+    measured = _measured(accuracy, precision)
+    if measured is None:
+        return False, f"{precision} held-out accuracy not recorded in the model"
+    change, agreement = measured
+    said = f"held-out accuracy {100 * change:+.1f} points"
+    if agreement is not None:
+        said += f", top labels {100 * agreement:.1f}% equal to fp32"
+    ok = abs(change) <= ACCURACY_TOLERANCE + 1e-9 and (agreement is None or agreement >= AGREEMENT_MINIMUM)
+    return ok, said
+
+
+def _auto_precision(engine: str, images: int | None, accuracy: dict | None, int8_ready: bool) -> tuple[str, str]:
+    """int8, bf16 or fp32 for ``precision="auto"``, with the reason; cheapest checks first."""
+    if images is not None and images < COMPILE_MIN_IMAGES:
+        return "fp32", f"{images} image(s): compiling a faster graph would cost more than it saves"
+    notes = []
+    if int8_ready and (engine == "auto" or "int8" in ENGINES[engine].precisions):
+        ok, said = _passes(accuracy, "int8")
+        if ok:
+            return "int8", f"calibrated int8 graph, {said}"
+        notes.append(f"int8 not taken: {said}")
+    if engine not in ("auto", "openvino"):
+        return "fp32", "; ".join(notes) or f"{engine} runs fp32"
     if not installed("openvino"):
-        return "fp32", "bf16 would need OpenVINO: pip install 'imgclf[openvino]'"
-    if images is not None and images < BF16_MIN_IMAGES:
-        return "fp32", f"{images} image(s): compiling for bf16 would cost more than it saves"
-    if not native_bf16():
-        return "fp32", "this CPU has no native bf16"
-    change = _accuracy_change(accuracy, "bf16")
-    if change is not None and abs(change) > ACCURACY_TOLERANCE:
-        return "fp32", f"bf16 changed this model's held-out accuracy by {100 * change:+.1f} points"
-    measured = "held-out accuracy unchanged" if change is not None else "held-out accuracy not measured at bf16"
-    return "bf16", f"this CPU has native bf16; {measured}"
+        notes.append("bf16 would need OpenVINO: pip install 'imgclf[openvino]'")
+    elif not native_bf16():
+        notes.append("this CPU has no native bf16")
+    else:
+        ok, said = _passes(accuracy, "bf16")
+        if ok:
+            return "bf16", f"this CPU has native bf16; {said}"
+        notes.append(f"bf16 not taken: {said}")
+    return "fp32", "; ".join(notes) or "the default"
 
 
 def choose_engine(
@@ -189,13 +218,15 @@ def choose_engine(
     images: int | None = None,
     accuracy: dict | None = None,
     onnx_file: bool = False,
+    int8_ready: bool = False,
 ) -> EngineChoice:
     """The one place that decides which engine runs the network, at which precision.
 
     ``images``: how many images the job has, if known (small jobs stay on ONNX
     Runtime); ``accuracy``: the model's recorded held-out metrics per precision
     (``precision_metrics``), which keep ``auto`` off a precision that moved
-    accuracy; ``onnx_file``: the network is an exported file, so torch cannot run it.
+    accuracy; ``onnx_file``: the network is an exported file, so torch cannot run it;
+    ``int8_ready``: the model carries a calibrated int8 graph (or is one).
     Raises :class:`OptionError` for a combination that cannot run and
     :class:`MissingDependencyError` (naming the extra) for an engine not installed.
     """
@@ -212,17 +243,22 @@ def choose_engine(
         raise OptionError("an exported ONNX file runs on onnxruntime or openvino, not torch; load the .imgclf model")
     reason = "asked for"
     if precision == "auto":
-        precision, reason = _auto_precision(engine, images, accuracy)
+        precision, reason = _auto_precision(engine, images, accuracy, int8_ready)
     elif precision == "bf16" and installed("openvino") and not native_bf16():
         caps = ", ".join(openvino_capabilities()) or "none"
         raise OptionError(f"this CPU ({cpu_name()}) has no native bf16 (OpenVINO reports {caps}), so bf16 would "
                           "run as fp32; use --precision fp32 or auto")  # fmt: skip
     elif precision == "int8":
-        change = _accuracy_change(accuracy, "int8")
-        if change is not None:
-            reason += f"; held-out accuracy {100 * change:+.1f} points against fp32"
+        if not int8_ready:
+            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 or auto "
+                              "(calibrated on its training images), or call imgclf.calibrate_int8(model, images)")  # fmt: skip
+        if _measured(accuracy, "int8") is not None:
+            reason += "; " + _passes(accuracy, "int8")[1]
     if engine == "auto":
-        usable = [n for n in AUTO_ORDER[precision] if _runs(n, onnx_file)]
+        order = AUTO_ORDER[precision]
+        if images is not None and images < COMPILE_MIN_IMAGES and "onnxruntime" in order:
+            order = ("onnxruntime", *(n for n in order if n != "onnxruntime"))  # no OpenVINO start-up for a few
+        usable = [n for n in order if _runs(n, onnx_file)]
         if not usable:
             needed = [ENGINES[n] for n in AUTO_ORDER[precision] if ENGINES[n].runs_onnx_files or not onnx_file]
             raise MissingDependencyError(f"{precision} needs {' or '.join(s.name for s in needed)}: "
@@ -283,6 +319,27 @@ class OnnxSession:
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
+    def signature(self) -> Signature:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        return Signature(
+            inputs=len(inputs),
+            input_shape=[d if isinstance(d, int) else None for d in inputs[0].shape] if inputs else [],
+            input_float32=bool(inputs) and inputs[0].type == "tensor(float)",
+            input_type=inputs[0].type if inputs else "none",
+            classes=outputs[0].shape[-1] if outputs and isinstance(outputs[0].shape[-1], int) else None,
+        )
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a compiled graph takes and gives, for checking a model file against its metadata."""
+
+    inputs: int
+    input_shape: list[int | None]  # None: a dynamic axis
+    input_float32: bool
+    input_type: str
+    classes: int | None  # the output's last axis, None where dynamic
+
 
 class OpenVinoEngine:
     """An OpenVINO model compiled for the CPU at one precision.
@@ -301,10 +358,24 @@ class OpenVinoEngine:
         source = model if isinstance(model, bytes) else str(model)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self._HINTS[precision],
                   "INFERENCE_NUM_THREADS": threads or default_threads()}  # fmt: skip
-        self.compiled = core.compile_model(core.read_model(source), "CPU", config)
+        self.graph = core.read_model(source) if isinstance(source, str) else core.read_model(source, b"")
+        self.compiled = core.compile_model(self.graph, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = precision
         self._lock = threading.Lock()
+
+    def metadata(self) -> dict[str, str]:
+        """The ONNX file's metadata properties (OpenVINO keeps them under ``framework``)."""
+        if not self.graph.has_rt_info(["framework"]):
+            return {}
+        return {k: v.astype(str) for k, v in dict(self.graph.get_rt_info()["framework"]).items()}
+
+    def signature(self) -> Signature:
+        inputs, outputs = self.compiled.inputs, self.compiled.outputs
+        shape = [d.get_length() if d.is_static else None for d in inputs[0].get_partial_shape()] if inputs else []
+        last = outputs[0].get_partial_shape()[-1] if outputs else None
+        kind = inputs[0].get_element_type().get_type_name() if inputs else "none"
+        return Signature(len(inputs), shape, kind == "f32", kind, last.get_length() if last and last.is_static else None)
 
     def __call__(self, arrays: np.ndarray) -> np.ndarray:
         with self._lock:
@@ -335,7 +406,7 @@ class TorchEngine:
 def open_engine(choice: EngineChoice, graph: bytes | str | Path, threads: int | None = None):
     """The engine ``choice`` names, running the ONNX ``graph`` (bytes or a file).
 
-    For int8, ``graph`` is the quantized graph (:mod:`imgclf.inference.quantize`).
+    For int8, ``graph`` is the model's calibrated QDQ graph (:mod:`imgclf.inference.precision`).
     """
     if choice.engine == "onnxruntime":
         return OnnxSession(graph, threads, choice.precision)
@@ -349,7 +420,7 @@ def create_engine(
     input_size: int,
     device: str = "cpu",
     engine: str | EngineChoice = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     *,
     threads: int | None = None,
     images: int | None = None,
@@ -357,9 +428,9 @@ def create_engine(
     """An engine computing the torch ``module`` on preprocessed (N, 3, size, size) arrays.
 
     ``engine`` is a name (chosen here with ``precision``) or a choice already made.
-    int8 needs a calibrated graph, which a bare module does not have: the
-    frozen backbone is run at fp32 then (training extracts features before
-    the int8 model exists). The engine's ``choice`` says what runs.
+    Training extracts its features at fp32 (the default), so the feature cache
+    never mixes precisions. int8 needs a calibrated graph, which a bare module
+    does not have: the module runs at fp32 then. The engine's ``choice`` says what runs.
     """
     if isinstance(engine, EngineChoice):
         choice = engine

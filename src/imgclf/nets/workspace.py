@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-FEATURES, CHECKPOINTS, ENGINES = "features", "checkpoints", "engines"
+FEATURES, CHECKPOINTS = "features", "checkpoints"
 _FEATURE_FILE = re.compile(r"[0-9a-f]{64}\.npy")  # a SHA-256 of the image's bytes
 _CHECKPOINT_FILE = re.compile(r"[0-9a-f]{20}\.safetensors")  # a run key (checkpoint.run_key)
 
@@ -38,12 +38,6 @@ def feature_folder(workspace: str | Path, key: str) -> Path:
 def feature_file(folder: Path, digest: str) -> Path:
     """One image's vector in ``folder``, fanned out by the first two hex digits."""
     return folder / digest[:2] / f"{digest}.npy"
-
-
-def int8_model_file(workspace: str | Path, digest: str) -> Path:
-    """The int8 model calibrated for the network ``digest`` (imgclf.inference.precision).
-    Not a cache: remaking it needs the training images, so ``clear_workspace`` keeps it."""
-    return Path(workspace) / ENGINES / f"{digest[:32]}-int8.onnx"
 
 
 def checkpoint_file(workspace: str | Path, key: str) -> Path:
