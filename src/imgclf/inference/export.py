@@ -87,7 +87,9 @@ def export_onnx(
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
     if precision == "int8":
         if quantize:
-            raise OptionError("--quantize and --precision int8 both quantize; give one (--precision int8 is calibrated)")
+            raise OptionError(
+                "--quantize and --precision int8 both quantize; give one (--precision int8 is calibrated)"
+            )
         if model.int8_graph_ is None:
             raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 or auto, "
                               "or call imgclf.calibrate_int8(model, training_images) and save it")  # fmt: skip

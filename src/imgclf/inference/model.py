@@ -128,7 +128,7 @@ class ImageClassifier(Predictor):
         from imgclf.nets.engines import TorchEngine, create_engine, open_engine
 
         asked = self.engine != "auto" or self.precision != "auto"
-        if self.features_engine is None and (batch >= 8 or asked or force):
+        if self.features_engine is None and (batch >= 8 or asked or force or self.job_size is not None):
             choice = self.engine_choice()
             if choice.precision == "int8":
                 self.features_engine = open_engine(choice, self.int8_graph_, self.threads)
@@ -275,9 +275,7 @@ def _check_tensor_shapes(path: Path, config: dict[str, Any]) -> None:
         )
 
 
-def load_model(
-    path: str | Path, device: str = "cpu", engine: str = "auto", precision: str = "auto"
-) -> ImageClassifier:
+def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", precision: str = "auto") -> ImageClassifier:
     """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete and consistent.
 
     Only the architectures built into timm are built, with random weights that the

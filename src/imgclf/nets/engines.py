@@ -12,9 +12,10 @@ in :data:`ENGINES`; which one ``auto`` prefers at each precision is
 - bf16: OpenVINO, only where the CPU multiplies bf16 natively (AVX-512 bf16 or
   AMX; OpenVINO lists ``BF16`` in its optimization capabilities). Elsewhere
   OpenVINO would silently run fp32, so asking for it is an error.
-- int8 (the model's own static QDQ graph, calibrated on its training images, see
-  :mod:`imgclf.inference.precision`): OpenVINO (1.7x ONNX Runtime fp32 on the
-  AMD EPYC, which has no VNNI), ONNX Runtime when OpenVINO is absent.
+- int8 (the model's own static QDQ graph, calibrated by NNCF on its training
+  images, see :mod:`imgclf.inference.precision`): OpenVINO (1.7x ONNX Runtime fp32
+  on the AMD EPYC, which has no VNNI). ONNX Runtime runs that graph too, but
+  slower than fp32, so ``auto`` takes int8 only where OpenVINO is installed.
 - GPUs: eager PyTorch.
 
 ``precision="auto"`` takes, in this order: int8 when the model carries an int8
@@ -191,7 +192,7 @@ def _auto_precision(engine: str, images: int | None, accuracy: dict | None, int8
     if images is not None and images < COMPILE_MIN_IMAGES:
         return "fp32", f"{images} image(s): compiling a faster graph would cost more than it saves"
     notes = []
-    if int8_ready and (engine == "auto" or "int8" in ENGINES[engine].precisions):
+    if int8_ready and engine in ("auto", "openvino") and installed("openvino"):
         ok, said = _passes(accuracy, "int8")
         if ok:
             return "int8", f"calibrated int8 graph, {said}"
@@ -239,6 +240,8 @@ def choose_engine(
             raise OptionError(f"on {device} the network runs on torch in fp32; use --device cpu for "
                               f"--engine {engine} --precision {precision}")  # fmt: skip
         return EngineChoice("torch", "fp32", f"{device}: eager PyTorch")
+    if engine == "auto" and precision == "auto" and not onnx_file and images is not None and images < 8:
+        return EngineChoice("torch", "fp32", f"{images} image(s): eager PyTorch, no graph to build")
     if engine == "torch" and onnx_file:
         raise OptionError("an exported ONNX file runs on onnxruntime or openvino, not torch; load the .imgclf model")
     reason = "asked for"
@@ -255,10 +258,7 @@ def choose_engine(
         if _measured(accuracy, "int8") is not None:
             reason += "; " + _passes(accuracy, "int8")[1]
     if engine == "auto":
-        order = AUTO_ORDER[precision]
-        if images is not None and images < COMPILE_MIN_IMAGES and "onnxruntime" in order:
-            order = ("onnxruntime", *(n for n in order if n != "onnxruntime"))  # no OpenVINO start-up for a few
-        usable = [n for n in order if _runs(n, onnx_file)]
+        usable = [n for n in AUTO_ORDER[precision] if _runs(n, onnx_file)]
         if not usable:
             needed = [ENGINES[n] for n in AUTO_ORDER[precision] if ENGINES[n].runs_onnx_files or not onnx_file]
             raise MissingDependencyError(f"{precision} needs {' or '.join(s.name for s in needed)}: "
@@ -375,7 +375,9 @@ class OpenVinoEngine:
         shape = [d.get_length() if d.is_static else None for d in inputs[0].get_partial_shape()] if inputs else []
         last = outputs[0].get_partial_shape()[-1] if outputs else None
         kind = inputs[0].get_element_type().get_type_name() if inputs else "none"
-        return Signature(len(inputs), shape, kind == "f32", kind, last.get_length() if last and last.is_static else None)
+        return Signature(
+            len(inputs), shape, kind == "f32", kind, last.get_length() if last and last.is_static else None
+        )
 
     def __call__(self, arrays: np.ndarray) -> np.ndarray:
         with self._lock:
