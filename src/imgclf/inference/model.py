@@ -80,6 +80,7 @@ class ImageClassifier(Predictor):
         self.int8_graph_ = int8_graph  # the calibrated int8 network (imgclf.inference.precision)
         self.features_engine = None  # built on first use, see _engine_for
         self._eager = None
+        self._backbone_graph = None  # the backbone exported once, whichever engine then runs it
         self.labels = list(labels)
         self.classes_ = self.labels
         self.arch = arch
@@ -133,10 +134,15 @@ class ImageClassifier(Predictor):
             if choice.precision == "int8":
                 self.features_engine = open_engine(choice, self.int8_graph_, self.threads)
                 self.features_engine.choice = choice
+            elif choice.engine == "torch":
+                self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
             else:
-                self.features_engine = create_engine(
-                    self.backbone, self.preprocessing.input_size, self.device, choice, threads=self.threads
-                )
+                from imgclf.nets.onnx_graph import to_onnx_bytes
+
+                if self._backbone_graph is None:
+                    self._backbone_graph = to_onnx_bytes(self.backbone, self.preprocessing.input_size)
+                self.features_engine = open_engine(choice, self._backbone_graph, self.threads)
+                self.features_engine.choice = choice
         if self.features_engine is not None:
             return self.features_engine
         if self._eager is None:
@@ -164,7 +170,7 @@ class ImageClassifier(Predictor):
         self.backbone.to(device)
         self.head.to(device)
         self.device = device
-        self.features_engine = self._eager = None
+        self.features_engine = self._eager = self._backbone_graph = None
         return self
 
     def config(self) -> dict[str, Any]:
