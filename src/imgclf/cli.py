@@ -253,8 +253,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.data.images import load_images_from_directory
 
+    model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     images = load_images_from_directory(args.folder)
-    model = load_predictor(args.model, args.device, args.engine, precision=args.precision, images=len(images))
+    model.job_size = len(images)  # a small job skips compiling a faster graph (a torch model decides on use)
     _engine_line(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -272,10 +273,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _refuse_options_of(args, ("batch_size", "commit_every", "quiet"), "--out")
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
+    model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     files = find_image_files(args.images)
     if not files:
         raise ImgclfError(f"no images found in {', '.join(args.images)}")
-    model = load_predictor(args.model, args.device, args.engine, precision=args.precision, images=len(files))
+    model.job_size = len(files)  # a small job skips compiling a faster graph (a torch model decides on use)
     _engine_line(model)
     results, failed = [], 0
     for name, outcome in model.iter_predictions((f, str(f)) for f in files):
