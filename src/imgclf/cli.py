@@ -180,7 +180,7 @@ def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
         print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} held out")
         metrics = model.evaluate(test)
-        model.info["metrics"] = metrics.to_dict()
+        model.info["metrics"] = {**metrics.to_dict(), "precision": "fp32"}
         print(metrics)
         if args.precision != "fp32" and test and model.device == "cpu":
             _record_precisions(model, train_images, test, args.precision)

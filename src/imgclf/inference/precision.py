@@ -39,8 +39,11 @@ from imgclf.inference.metrics import compute_metrics
 if TYPE_CHECKING:
     from imgclf.inference.model import ImageClassifier
 
-#: Training images used to calibrate int8 (spread over the set); more moves MinMax ranges little.
+#: Training images used to calibrate int8 (spread over the set); more moves the ranges little.
 CALIBRATION_IMAGES = 128
+#: ``precision="auto"`` calibrates int8 only from this many training images: fewer give
+#: thin activation statistics (``precision="int8"`` calibrates on any number).
+AUTO_CALIBRATION_MIN_IMAGES = 32
 CALIBRATION_METHOD = "NNCF post-training quantization, static QDQ, fast bias correction"
 
 
@@ -189,14 +192,17 @@ def record_precisions(
     precision: str = "auto",
 ) -> dict[str, dict]:
     """What ``imgclf train`` does after training: calibrate int8 on ``train_images``
-    (``precision`` int8, or auto where NNCF is installed), measure the held-out metrics under every
+    (``precision`` int8, or auto from 32 training images where NNCF is installed), measure the held-out metrics under every
     precision this machine runs, and record them in ``model.info["precision_metrics"]``
     (the fp32 metrics stay in ``metrics``, marked ``precision: fp32``)."""
     from imgclf.nets.engines import PRECISIONS
 
     if precision not in PRECISIONS:
         raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    if model.device == "cpu" and (precision == "int8" or precision == "auto" and int8_calibration_available()):
+    enough = len(train_images) >= AUTO_CALIBRATION_MIN_IMAGES
+    if model.device == "cpu" and (
+        precision == "int8" or precision == "auto" and enough and int8_calibration_available()
+    ):
         calibrate_int8(model, train_images)
     measured = measure_precisions(model, held_out)
     model.info["precision_metrics"] = measured
