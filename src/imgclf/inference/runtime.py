@@ -23,7 +23,7 @@ METADATA_KEY = "imgclf"
 
 
 class OnnxClassifier(Predictor):
-    """An exported imgclf model run by ONNX Runtime; same API as ImageClassifier.
+    """An exported imgclf model run by ONNX Runtime or OpenVINO; same API as ImageClassifier.
 
     A model exported with test-time augmentation averages each image with its
     mirror image inside the graph, so nothing here needs to know about it.
@@ -45,7 +45,8 @@ class OnnxClassifier(Predictor):
 
     def engine_choice(self, images: int | None = None) -> EngineChoice:
         """The engine and precision running this file (chosen when it was loaded)."""
-        return self.session.choice
+        choice = getattr(self.session, "choice", None)
+        return choice or EngineChoice(self.session.name, getattr(self.session, "precision", "fp32"), "given")
 
     def __repr__(self) -> str:
         return (f"OnnxClassifier({self.path!r}, arch={self.arch!r}, labels={short_list(self.labels)}, "
