@@ -1,9 +1,13 @@
-"""The web API under load: batching on against `--max-batch 1`, in one run.
+"""The web API under load: today's engine against the default one, batching on and off, in one run.
 
-Starts `imgclf serve` on loopback twice (a model trained on the bundled flowers,
-exported to ONNX by default), drives each with concurrent clients posting the
-bundled flower photos as raw image bodies, and prints requests/s, latency
-percentiles, errors and the server's resident memory before and after.
+Starts `imgclf serve` on loopback three times with one model (trained on the
+bundled flowers as `imgclf train` does: held-out split, int8 calibrated on the
+training images, held-out metrics per precision): ONNX Runtime fp32 (the engine
+before OpenVINO), the default (`--engine auto --precision auto`, the fastest the
+model's recorded accuracy allows here), and the default with `--max-batch 1`.
+Drives each with concurrent clients posting the bundled flower photos as raw
+image bodies, and prints requests/s, latency percentiles, errors and the
+server's resident memory before and after.
 
     python benchmarks/serve.py [--requests 2000] [--clients 16] [--model FILE]
 """
@@ -30,8 +34,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def drive(model: Path, max_batch: int, requests: int, clients: int, photos: list[bytes]) -> dict:
-    with serve_in_subprocess(model, "--max-batch", str(max_batch)) as (url, server):
+def drive(model: Path, options: tuple[str, ...], requests: int, clients: int, photos: list[bytes]) -> dict:
+    with serve_in_subprocess(model, *options) as (url, server):
         with httpx.Client(timeout=30) as warm:  # warm-up, not counted
             for p in photos[:32]:
                 warm.post(f"{url}/v1/predict", content=p, headers={"content-type": "image/jpeg"})
@@ -70,25 +74,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--model", help="model file to serve (default: train on the flowers and export ONNX)")
+    parser.add_argument("--model", help="model file to serve (default: train on the flowers, as imgclf train does)")
     args = parser.parse_args()
     photos = [f.read_bytes() for f in sorted(sample_data_dir("flowers").glob("*/*.jpg"))]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else None
         if model is None:
+            from imgclf.inference.precision import record_precisions
+
             images = load_images_from_directory(sample_data_dir("flowers"))
-            trained = ImageClassificationTrainer(workspace=f"{tmp}/ws", progress=False).fit(images)
-            model = trained.export_onnx(f"{tmp}/flowers.onnx")
-        print(f"{args.requests} requests, {args.clients} concurrent clients, model {model.name}\n")
-        print(f"{'mode':<16} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} {'RSS before':>10} "
+            trainer = ImageClassificationTrainer(workspace=f"{tmp}/ws", progress=False)
+            trained, held_out = trainer.fit_and_hold_out(images)
+            held = {id(im) for im in held_out}
+            trained.info["metrics"] = trained.evaluate(held_out).to_dict()
+            record_precisions(trained, [im for im in images if id(im) not in held], held_out)
+            model = trained.save(f"{tmp}/flowers.imgclf")
+        from imgclf.inference.loading import load_predictor
+
+        default = load_predictor(model).engine_choice().describe()
+        print(f"{args.requests} requests, {args.clients} concurrent clients, model {model.name}")
+        print(f"default here: {default}\n")
+        print(f"{'mode':<34} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} {'RSS before':>10} "
               f"{'RSS after':>9}")  # fmt: skip
         results = {}
-        for mode, max_batch in (("batching (16)", 16), ("--max-batch 1", 1)):
-            r = results[mode] = drive(model, max_batch, args.requests, args.clients, photos)
-            print(f"{mode:<16} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['errors']:>6d} "
-                  f"{r['rss_before']:>8.0f}MB {r['rss_after']:>7.0f}MB")  # fmt: skip
-        ratio = results["batching (16)"]["rps"] / results["--max-batch 1"]["rps"]
-        print(f"\nbatching / no batching: {ratio:.2f}x requests/s")
+        modes = {"onnxruntime fp32, batching (16)": ("--engine", "onnxruntime", "--precision", "fp32"),
+                 "default, batching (16)": (), "default, --max-batch 1": ("--max-batch", "1")}  # fmt: skip
+        for mode, options in modes.items():
+            r = results[mode] = drive(model, options, args.requests, args.clients, photos)
+            print(f"{mode:<34} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['errors']:>6d} "
+                  f"{r['rss_before']:>8.0f}MB {r['rss_after']:>7.0f}MB", flush=True)  # fmt: skip
+        rps = {m: r["rps"] for m, r in results.items()}
+        print(
+            f"\ndefault / onnxruntime fp32: {rps['default, batching (16)'] / rps['onnxruntime fp32, batching (16)']:.2f}x"
+            f" requests/s; batching / no batching: {rps['default, batching (16)'] / rps['default, --max-batch 1']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

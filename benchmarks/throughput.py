@@ -9,6 +9,22 @@ Paths, each run in its own process so peak RSS is its own:
   ceiling the engine alone on pre-decoded tensors (batch 32): the most any path could reach
 
     python benchmarks/throughput.py [--limit 200]
+
+Engines x precisions (``--engines [FOLDER ...]``, default: the bundled flowers and
+../shared/data/brain-mri-600 when it is there): for each set, trains a model as
+``imgclf train`` does (80/20 held-out split, int8 calibrated on the training
+images, held-out metrics per precision), then scores every image of the set with
+each engine and precision, side by side in one process:
+  batch img/s    ``predict_batch``-style streaming over the files (decode + network), as
+                 ``imgclf predict --out`` scores them
+  network img/s  the engine alone on pre-decoded batches of 32 (8 batches)
+  held-out acc   accuracy on the 20% held out at training (fp32 on ONNX Runtime is today's)
+  agreement      share of ALL the set's images whose top label equals ONNX Runtime fp32's
+The row ``auto`` is what ``precision="auto"`` picks for this model on this machine (when it
+is the same as another row, the two show the run's noise). Files are read once before the
+first row, so every row finds them in the page cache.
+
+    python benchmarks/throughput.py --engines [FOLDER ...]
 """
 
 from __future__ import annotations
@@ -112,6 +128,59 @@ def decode_change(folders: dict[str, Path], workspace: str) -> None:
               f"labels changed {changed} of {len(files)}")  # fmt: skip
 
 
+def engine_table(folders: list[Path], workspace: str) -> None:
+    """Engines x precisions for a model trained on each folder (see the module docstring)."""
+    import numpy as np
+
+    from imgclf import ImageClassificationTrainer, load_images_from_directory
+    from imgclf.data.imaging import load_array
+    from imgclf.inference.precision import available_precisions, record_precisions
+    from imgclf.nets.engines import cpu_name, installed, native_bf16
+
+    print(f"CPU: {cpu_name()}, {__import__('os').cpu_count()} cores; native bf16: "
+          f"{installed('openvino') and native_bf16()}")  # fmt: skip
+    for folder in folders:
+        images = load_images_from_directory(folder)
+        t = time.perf_counter()
+        model, held_out = ImageClassificationTrainer(workspace=workspace, progress=False).fit_and_hold_out(images)
+        model.info["metrics"] = model.evaluate(held_out).to_dict()
+        held = {id(im) for im in held_out}
+        record_precisions(model, [im for im in images if id(im) not in held], held_out)
+        print(f"\n{folder.name}: {len(images)} images, {len(held_out)} held out; trained, calibrated and measured "
+              f"in {time.perf_counter() - t:.0f} s")  # fmt: skip
+        auto = model.engine_choice()
+        print(f"  auto picks: {auto.describe()}")
+        files = [im.source for im in images]
+        for f in files:  # in the page cache for every row alike (the first row would pay the disk)
+            Path(f).read_bytes()
+        arrays = np.stack([load_array(f, model.preprocessing) for f in files[:32]])
+        rows = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+        rows += [("openvino", "bf16")] if "bf16" in available_precisions(model) else []
+        rows += [("onnxruntime", "int8"), ("openvino", "int8")] if model.int8_graph_ is not None else []
+        rows += [("auto", "auto")]
+        print(f"  {'engine':<12} {'precision':<9} {'batch img/s':>11} {'x ORT fp32':>10} {'network img/s':>13} "
+              f"{'held-out acc':>12} {'agreement':>9}")  # fmt: skip
+        base = reference = None
+        for engine, precision in rows:
+            model.use_engine(engine, precision)
+            model._probabilities(arrays)  # compiled and warm before the clock starts
+            started = time.perf_counter()
+            for _ in range(8):
+                model._probabilities(arrays)
+            network = 8 * len(arrays) / (time.perf_counter() - started)
+            started = time.perf_counter()
+            labels = [p.label for p in model.predict_batch(files)]
+            batch = len(files) / (time.perf_counter() - started)
+            accuracy = model.evaluate(held_out).micro_accuracy
+            base = base or batch
+            reference = reference or labels
+            agreement = np.mean([a == b for a, b in zip(labels, reference)])
+            name = f"auto ({model.engine_choice().engine})" if engine == "auto" else engine
+            print(f"  {name:<12} {model.engine_choice().precision:<9} {batch:>11.1f} {batch / base:>9.2f}x "
+                  f"{network:>13.1f} {accuracy:>12.4f} {100 * agreement:>8.1f}%", flush=True)  # fmt: skip
+            model.features_engine = None
+
+
 def measure(path: str, folder: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", path, str(folder)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -123,7 +192,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200, help="images per workload")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engines",
+        nargs="*",
+        metavar="FOLDER",
+        help="engines x precisions on these labelled folders instead (default: flowers, brain MRI)",
+    )
     args = parser.parse_args()
+    if args.engines is not None:
+        from imgclf import sample_data_dir
+
+        brain = [b / "shared/data/brain-mri-600" for b in Path(__file__).resolve().parents]
+        default = [sample_data_dir("flowers"), *[b for b in brain if b.is_dir()][:1]]
+        with tempfile.TemporaryDirectory() as tmp:
+            engine_table([Path(f) for f in args.engines] or default, f"{tmp}/ws")
+        return
     if args.child:
         path, folder = args.child
         print(json.dumps(run_path(path, sorted(Path(folder).glob("**/*.jpg")))))

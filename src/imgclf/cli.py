@@ -141,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
+        engine=args.engine,
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
@@ -164,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation)
             held_out = {id(im) for im in test}
             _warn_about_duplicates([im for im in images if id(im) not in held_out], test, validation)
-            metrics, out = _evaluate_and_save(model, test, args)
+            metrics, out = _evaluate_and_save(model, test, args, [im for im in images if id(im) not in held_out])
         finally:
             _print_skipped(caught)
     # The model is safe on disk; only now the extras that could still fail.
@@ -178,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_and_save(model, test, args: argparse.Namespace):
+def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):
     """Report, evaluate on the held-out images, save. The run's checkpoint stays until the
     save succeeds, so if anything here fails (or is interrupted) --resume finishes in seconds."""
     from imgclf.errors import ModelFileError
@@ -196,13 +197,35 @@ def _evaluate_and_save(model, test, args: argparse.Namespace):
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
         print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} held out")
         metrics = model.evaluate(test)
-        model.info["metrics"] = metrics.to_dict()
+        model.info["metrics"] = {**metrics.to_dict(), "precision": "fp32"}
         print(metrics)
+        if args.precision != "fp32" and test and model.device == "cpu":
+            _record_precisions(model, train_images, test, args.precision)
         return metrics, model.save(args.out)
     except KeyboardInterrupt:
         raise TrainingInterrupted("interrupted" + (hint if kept else "")) from None
     except ModelFileError as e:
         raise ModelFileError(f"{e}{hint if kept else ''}") from None
+
+
+def _record_precisions(model, train_images, test, precision: str) -> None:
+    """Calibrate int8 on the training images (unless --precision bf16) and print the
+    held-out accuracy at every precision this machine runs (recorded in the model)."""
+    from imgclf.inference.precision import record_precisions
+
+    measured = record_precisions(model, train_images, test, precision)
+    for name, m in measured.items():
+        line = f"  {name:<5} {m['engine']:<12} held-out accuracy {m['micro_accuracy']:.4f}"
+        if "top_label_agreement" in m:
+            line += f", top labels equal to fp32 on {100 * m['top_label_agreement']:.1f}% of images"
+        print(line)
+    choice = model.engine_choice()
+    print(f"Predicting with this model on this machine: {choice.describe()}")
+
+
+def _engine_line(model) -> None:
+    """The one start-up line saying which engine and precision run the network, and why."""
+    print(f"imgclf: {model.engine_choice().describe()}", file=sys.stderr, flush=True)
 
 
 def _warn_about_duplicates(train, test, validation) -> None:
@@ -247,8 +270,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.data.images import load_images_from_directory
 
-    model = load_predictor(args.model, args.device)
+    model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     images = load_images_from_directory(args.folder)
+    model.job_size = len(images)  # a small job skips compiling a faster graph (a torch model decides on use)
+    _engine_line(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = model.evaluate(images)
@@ -260,15 +285,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.data.images import find_image_files
 
-    if args.out or args.engine != "auto":
+    if args.out or args.engine == "ray":
         return cmd_predict_to_file(args)
     _refuse_options_of(args, ("batch_size", "commit_every", "quiet"), "--out")
     if args.top_k < 1:
         raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
-    model = load_predictor(args.model, args.device)
+    model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     files = find_image_files(args.images)
     if not files:
         raise ImgclfError(f"no images found in {', '.join(args.images)}")
+    model.job_size = len(files)  # a small job skips compiling a faster graph (a torch model decides on use)
+    _engine_line(model)
     results, failed = [], 0
     for name, outcome in model.iter_predictions((f, str(f)) for f in files):
         if isinstance(outcome, ImgclfError):
@@ -315,14 +342,14 @@ def cmd_predict_to_file(args: argparse.Namespace) -> int:
             from imgclf.batch.ray import score_with_ray
 
             summary = score_with_ray(args.model, args.images, args.out, address=args.address, workers=args.workers,
-                                     cpus_per_worker=args.cpus_per_worker or 1,
+                                     cpus_per_worker=args.cpus_per_worker or 1, precision=args.precision,
                                      gpus_per_worker=args.gpus_per_worker or 0, **options)  # fmt: skip
         else:
             from imgclf.batch.local import score_to_folder
 
             commit_every = 30.0 if args.commit_every is None else args.commit_every
-            summary = score_to_folder(args.model, args.images, args.out, device=args.device,
-                                      commit_every=commit_every, **options)  # fmt: skip
+            summary = score_to_folder(args.model, args.images, args.out, device=args.device, engine=args.engine,
+                                      precision=args.precision, commit_every=commit_every, **options)  # fmt: skip
     except KeyboardInterrupt as e:
         print(f"imgclf: {e or 'interrupted'}", file=sys.stderr)
         return 130
@@ -342,7 +369,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output_path(out, "ONNX file", option="--out" if args.out else None)
     model = load_model(args.model)
     started = time.perf_counter()
-    model.export_onnx(out, quantize=args.quantize)
+    model.export_onnx(out, quantize=args.quantize, precision=args.precision)
     size = out.stat().st_size / 1e6
     print(f"Exported {args.model} to {out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s)")
     return 0
@@ -368,13 +395,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                      max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels,
                      decode_memory_bytes=int(args.decode_memory_mb * 1024 * 1024), read_timeout=args.read_timeout,
-                     api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts)  # fmt: skip
+                     api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts,
+                     engine=args.engine, precision=args.precision)  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before "Serving on": a port in use is one line, exit 2
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     access = "API key required" if api_key else "no API key"
-    print(f"Serving {args.model} on http://{url_host}:{args.port}/ (API docs at /docs; {access})", flush=True)
+    print(f"Serving {args.model} on http://{url_host}:{args.port}/ (API docs at /docs; {access}); "
+          f"{app.state.predictor.engine_choice().describe()}", flush=True)  # fmt: skip
     run_server(app, sock)
     return 0
+
+
+#: The inference engines and precisions (imgclf.nets.engines; spelled out so --help imports nothing).
+ENGINE_CHOICES = ("auto", "onnxruntime", "openvino", "torch")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
+
+
+def _add_engine_options(p: argparse.ArgumentParser, *, ray: bool = False, training: bool = False) -> None:
+    """--engine and --precision, the same on every command that runs the network."""
+    engines = (*ENGINE_CHOICES, "ray") if ray else ENGINE_CHOICES
+    what = "the engine extracting features" if training else "the inference engine"
+    extra = "; ray: score on a Ray cluster (needs --out and pip install 'imgclf[ray]'), each worker " \
+            "picking its inference engine as auto does" if ray else ""  # fmt: skip
+    p.add_argument("--engine", default="auto", choices=engines,
+                   help=f"{what}: auto picks the fastest here for the precision (see the README's engine "
+                        f"table){extra} (default: %(default)s)")  # fmt: skip
+    if training:
+        p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                       help="precisions to prepare and measure on the held-out images: auto and int8 calibrate "
+                            "int8 on the training images; auto also measures bf16 where the CPU has it; fp32 "
+                            "neither (default: %(default)s)")  # fmt: skip
+    else:
+        p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                       help="auto: int8 (or native bf16) where the model's recorded held-out accuracy stayed "
+                            "within 0.5 point of fp32 and the job is large, else fp32 (default: %(default)s)")  # fmt: skip
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
@@ -488,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print metrics after every epoch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR")
+    _add_engine_options(p, training=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder")
@@ -495,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder with one subfolder of images per label")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    _add_engine_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label images with a trained model")
@@ -506,9 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
     p.add_argument("--out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
                                  "running the same command again continues where it stopped")  # fmt: skip
-    p.add_argument("--engine", default="auto", choices=["auto", "ray"],
-                   help="auto: this process, fastest inference engine here; ray: a Ray cluster "
-                        "(needs --out and pip install 'imgclf[ray]') (default: %(default)s)")  # fmt: skip
+    _add_engine_options(p, ray=True)
     p.add_argument("--batch-size", type=int, help="with --out: images per network call (default: 32)")
     p.add_argument("--commit-every", type=float,
                    help="with --out: seconds between committed parts; a crash loses at most this much work "
@@ -531,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="export format (default: %(default)s)")
     p.add_argument("--out", help="output file (default: MODEL with .onnx suffix)")
     p.add_argument("--quantize", choices=["int8"], help="write int8 weights (smaller; check accuracy first)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="int8: write the model's calibrated static int8 graph (faster; trained with --precision "
+                        "auto or int8) (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     from imgclf.serve.limits import DECODE_MEMORY_BYTES, MB, READ_TIMEOUT, SERVE_MAX_PIXELS
@@ -581,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer requests for this Host name (repeatable; * for any). Default: localhost, "
         "127.0.0.1 and ::1 when bound to loopback, any host otherwise",
     )
+    _add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("audit", help="find duplicates, leaks, label errors and odd images in a labelled folder",

@@ -50,22 +50,29 @@ def result_type():
     ])  # fmt: skip
 
 
-def predict_udf(model_path: str | Path, top_k: int = 1, batch_size: int = 32, threads: int | None = None):
+def predict_udf(
+    model_path: str | Path,
+    top_k: int = 1,
+    batch_size: int = 32,
+    threads: int | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
+):
     """A pandas UDF scoring a column of image bytes (``binaryFile``'s ``content``).
 
     The model file is read and checked here, on the driver, so a bad one fails
     before any Spark job starts. ``threads``: ONNX Runtime threads per Python worker
     (default: the executor's CPUs, at most 8; set it to ``spark.task.cpus`` when
-    several tasks share an executor).
+    several tasks share an executor). ``engine`` and ``precision``: as ``imgclf predict``.
     """
     ml_functions, _ = _pyspark()
     check_options(top_k, batch_size)
     model_file = ModelFile.read(model_path)
-    labels = load_scoring_model(model_path).labels
+    labels = load_scoring_model(model_path, "cpu", None, engine, precision).labels
     k = min(top_k, len(labels))
 
     def make_predict_fn():
-        predictor = model_file.load("cpu", threads)
+        predictor = model_file.load("cpu", threads, engine, precision)
 
         def predict(contents: np.ndarray) -> dict[str, np.ndarray]:
             names = [f"image {i}" for i in range(len(contents))]

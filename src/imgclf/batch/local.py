@@ -9,6 +9,7 @@ of inputs, apart from 16 bytes for each row already in the output when resuming.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -71,6 +72,8 @@ def score_to_folder(
     batch_size: int = 32,
     device: str = "cpu",
     threads: int | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
     decode_workers: int | None = None,
     progress: bool = True,
     commit_every: float = 30.0,
@@ -86,7 +89,10 @@ def score_to_folder(
     check_output(out)
     sources = classify_inputs(inputs)
     model_file = ModelFile.read(model)
-    predictor = load_scoring_model(model, device, threads)
+    predictor = load_scoring_model(model, device, threads, engine, precision)
+    choice = predictor.engine_choice()
+    if progress:
+        print(f"imgclf: {choice.describe()}", file=sys.stderr, flush=True)
     metadata = model_file.metadata(predictor.labels, top_k)
     started = time.perf_counter()
     scored = failed = 0

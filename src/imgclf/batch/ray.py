@@ -51,11 +51,13 @@ def _ray():
 class _ImageScorer:
     """One actor: the model loaded once; each call scores a batch of images."""
 
-    def __init__(self, model: list, top_k: int, device: str, threads: int, metadata: dict | None):
+    def __init__(
+        self, model: list, top_k: int, device: str, threads: int, metadata: dict | None, precision: str = "auto"
+    ):
         import ray
 
         # ``model`` is [ObjectRef of the ModelFile]: the bytes sit once in the object store
-        self.predictor = ray.get(model[0]).load(device, threads)
+        self.predictor = ray.get(model[0]).load(device, threads, "auto", precision)
         self.top_k = top_k
         self.threads = threads
         self.schema = arrow_schema(metadata)
@@ -87,6 +89,7 @@ def predict_dataset(
     cpus_per_worker: float = 1,
     gpus_per_worker: float = 0,
     metadata: dict | None = None,
+    precision: str = "auto",
 ):
     """A Ray Dataset of result rows for a Ray Dataset of images.
 
@@ -99,8 +102,9 @@ def predict_dataset(
     cluster's CPUs / cpus_per_worker)`` (or GPUs / ``gpus_per_worker``). A fixed pool
     that holds every CPU leaves none for upstream steps that need one (Ray's readers
     reserve a CPU each by default), and the pipeline then waits forever. Each actor
-    gets ``cpus_per_worker`` CPUs, which set its ONNX Runtime and decoding threads.
-    Lazy, like every Ray Dataset.
+    gets ``cpus_per_worker`` CPUs, which set its engine's and decoding threads; each
+    picks its inference engine as ``imgclf.nets.engines.choose_engine`` says, at
+    ``precision``. Lazy, like every Ray Dataset.
     """
     ray = _ray()
     check_options(top_k, batch_size)
@@ -125,6 +129,7 @@ def predict_dataset(
             "device": "cuda" if gpus_per_worker else "cpu",
             "threads": threads,
             "metadata": metadata,
+            "precision": precision,
         },
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -227,6 +232,7 @@ def score_with_ray(
     cpus_per_worker: float = 1,
     gpus_per_worker: float = 0,
     progress: bool = True,
+    precision: str = "auto",
 ) -> ScoringSummary:
     """``imgclf predict --engine ray``: score ``inputs`` on a Ray cluster into ``out``.
 
@@ -242,7 +248,7 @@ def score_with_ray(
     sources = classify_inputs(inputs)
     ray = _ray()
     model_file = ModelFile.read(model)
-    labels = load_scoring_model(model).labels  # a bad model file fails here, before any work
+    labels = load_scoring_model(model, precision=precision).labels  # a bad model or precision fails here
     metadata = model_file.metadata(labels, top_k)
     started_here = not ray.is_initialized()
     if started_here:
@@ -254,7 +260,8 @@ def score_with_ray(
         started = time.perf_counter()
         with ResultFolder(out, metadata) as folder:
             summary = _run(ray, folder, fmt, sources, model_file, metadata, top_k=top_k, batch_size=batch_size,
-                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)  # fmt: skip
+                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                           precision=precision)  # fmt: skip
         summary.seconds = time.perf_counter() - started
         return summary
     finally:

@@ -2,7 +2,7 @@
 
 The local engine, every Ray actor and every Spark executor load the model through
 :func:`load_scoring_model`, so a choice about how the network runs (device,
-threads; later the inference engine and precision) reaches all of them at once.
+threads, the inference engine and precision) reaches all of them at once.
 Ray actors and Spark executors get the model file's bytes (:class:`ModelFile`),
 so a cluster needs no shared storage for it.
 """
@@ -27,13 +27,20 @@ from imgclf.inference.loading import load_predictor
 from imgclf.inference.predictor import Predictor
 
 
-def load_scoring_model(path: str | Path, device: str = "cpu", threads: int | None = None) -> Predictor:
-    """Load a model for batch scoring (``.imgclf`` or exported ``.onnx``).
+def load_scoring_model(
+    path: str | Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
+) -> Predictor:
+    """Load a model for batch scoring (``.imgclf`` or exported ``.onnx``), on the
+    inference ``engine`` at ``precision`` that :func:`imgclf.nets.engines.choose_engine` picks.
 
     ``threads``: threads of the network's engine; a Ray actor passes its CPUs, since
     ONNX Runtime's default pool ignores Ray's limits and oversubscribes the machine.
     """
-    predictor = load_predictor(path, device, threads=threads)
+    predictor = load_predictor(path, device, engine, threads=threads, precision=precision)
     if threads and device == "cpu" and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)  # a torch model's eager path has its own pool
     return predictor
@@ -60,12 +67,14 @@ class ModelFile:
             raise ModelFileError(f"{path}: cannot read model file ({e.strerror or e})") from None
         return cls(path.name, data, hashlib.sha256(data).hexdigest())
 
-    def load(self, device: str = "cpu", threads: int | None = None) -> Predictor:
+    def load(
+        self, device: str = "cpu", threads: int | None = None, engine: str = "auto", precision: str = "auto"
+    ) -> Predictor:
         """The model, loaded from a private temporary copy of the bytes."""
         with tempfile.TemporaryDirectory(prefix="imgclf-model-") as folder:
             copy = Path(folder) / self.name
             copy.write_bytes(self.data)
-            return load_scoring_model(copy, device, threads)
+            return load_scoring_model(copy, device, threads, engine, precision)
 
     def metadata(self, labels: Sequence[str], top_k: int) -> dict:
         """The results' metadata: this model's name, SHA-256 and ``labels``, and ``top_k``."""

@@ -65,10 +65,14 @@ def _quiet_onnxruntime():
         onnxruntime.set_default_logger_severity(2)
 
 
-def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | None = None) -> Path:
+def export_onnx(
+    model: ImageClassifier, path: str | Path, *, quantize: str | None = None, precision: str = "fp32"
+) -> Path:
     """Write ``model`` as an ONNX file at ``path`` (atomically); returns the path.
 
     ``quantize="int8"`` writes dynamically quantized int8 weights instead.
+    ``precision="int8"`` writes the model's calibrated static int8 graph
+    (``imgclf.inference.precision``), which runs 1.5 to 1.7x faster than fp32.
     """
     import onnx
 
@@ -76,9 +80,28 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
 
     if quantize not in (None, "int8"):
         raise OptionError(f"quantize must be 'int8' or none, got '{quantize}'")
+    if precision not in ("fp32", "int8"):
+        raise OptionError(f"an exported graph is fp32 or int8 (bf16 is chosen when it runs), got '{precision}'")
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
+    if precision == "int8":
+        if quantize:
+            raise OptionError(
+                "--quantize and --precision int8 both quantize; give one (--precision int8 is calibrated)"
+            )
+        if model.int8_graph_ is None:
+            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 or auto, "
+                              "or call imgclf.calibrate_int8(model, training_images) and save it")  # fmt: skip
+        graph = onnx.load_from_string(model.int8_graph_)
+        config = json.loads({p.key: p.value for p in graph.metadata_props}[METADATA_KEY])
+        config.update(metrics=model.info.get("metrics"), precision_metrics=model.info.get("precision_metrics"))
+        del graph.metadata_props[:]
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(without_non_finite(config))
+        with atomic_path(path, "ONNX file") as tmp:
+            onnx.save(graph, tmp)
+        return path
     network = model.network().cpu()
     if model.tta:
         network = _flip_averaged(network)
@@ -100,6 +123,8 @@ def export_onnx(model: ImageClassifier, path: str | Path, *, quantize: str | Non
         },  # fmt: skip
         "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities in label order"},
         "metrics": model.info.get("metrics"),
+        "precision": "fp32",
+        "precision_metrics": model.info.get("precision_metrics"),
         "versions": model.info.get("versions"),
         "opset": DEFAULT_OPSET,
         "quantized": quantize,

@@ -13,13 +13,23 @@ from imgclf.errors import ModelFileError
 from imgclf.inference.predictor import Predictor
 
 
-def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", *, threads: int | None = None) -> Predictor:
+def load_model(
+    path: str | Path,
+    device: str = "cpu",
+    engine: str = "auto",
+    *,
+    threads: int | None = None,
+    precision: str = "auto",
+    images: int | None = None,
+) -> Predictor:
     """Any imgclf model file: a trained ``.imgclf`` model (an :class:`ImageClassifier`,
     needs torch) or an exported ONNX file (an :class:`OnnxClassifier`, torch-free).
 
-    Both answer ``predict``, ``predict_batch`` and ``evaluate``. ``device`` and
-    ``engine`` apply to the torch model; an ONNX file runs on ONNX Runtime's CPU.
-    ``threads``: threads of the network's engine (ONNX Runtime); default: the CPUs, at most 8.
+    Both answer ``predict``, ``predict_batch`` and ``evaluate``. ``engine`` (auto,
+    onnxruntime, openvino, torch) and ``precision`` (auto, fp32, bf16, int8) are decided
+    by :func:`imgclf.nets.engines.choose_engine`, the one place for every command;
+    ``device`` applies to the torch model. ``threads``: threads of the network's
+    engine; default: the CPUs, at most 8. ``images``: the job's size, if known.
     """
     from imgclf.filetypes import sniff
 
@@ -35,15 +45,17 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", *, t
     if kind == "onnx":
         from imgclf.inference.runtime import load_onnx_model
 
-        return load_onnx_model(path, threads=threads)
+        return load_onnx_model(path, threads=threads, engine=engine, precision=precision, images=images)
     if kind != "safetensors":
         what = "ONNX model" if path.suffix.lower() == ".onnx" else "imgclf model file"  # wording only
         raise ModelFileError(f"{path}: not a readable {what} ({_WHY[kind]}); expected an imgclf model or an "
                              "exported ONNX file")  # fmt: skip
     from imgclf.inference.model import load_model as load_imgclf_model
 
-    model = load_imgclf_model(path, device=device, engine=engine)
+    model = load_imgclf_model(path, device=device, engine=engine, precision=precision)
     model.threads = threads
+    model.job_size = images
+    model.engine_choice()  # a bad engine or precision is refused at load, before any image
     return model
 
 

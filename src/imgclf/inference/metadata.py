@@ -55,6 +55,15 @@ class PreprocessingSpec(BaseModel):
         return Preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std)
 
 
+class PrecisionMetrics(BaseModel):
+    """Held-out metrics at one precision (``imgclf.inference.precision``); ``auto`` reads them."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    micro_accuracy: _Unit
+    top_label_agreement: _Unit | None = None
+
+
 class _CommonMetadata(BaseModel):
     """Fields both kinds of file carry. Unknown fields are kept (newer minor versions add some)."""
 
@@ -66,6 +75,8 @@ class _CommonMetadata(BaseModel):
     tta: bool = False
     metrics: dict[str, Any] | None = None
     versions: dict[str, str] | None = None
+    precision_metrics: dict[Literal["fp32", "bf16", "int8"], PrecisionMetrics] | None = None
+    calibration: dict[str, Any] | None = None
 
     @field_validator("labels")
     @classmethod
@@ -106,6 +117,7 @@ class OnnxMetadata(_CommonMetadata):
     timm_name: str | None = None
     opset: int | None = None
     quantized: Literal["int8"] | None = None
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: the calibrated static graph
     input: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
 

@@ -4,7 +4,10 @@ The file is a safetensors file (tensors only, never pickle, so loading an
 untrusted model cannot run code). The backbone's tensors are stored under
 ``backbone.``, the head's under ``head.``, and everything else a user needs
 (labels, architecture, preprocessing, training options, metrics, library
-versions) is JSON in the safetensors metadata under ``imgclf``.
+versions) is JSON in the safetensors metadata under ``imgclf``. A model calibrated
+for int8 also carries its int8 graph (an ONNX QDQ graph, data, not code) as the
+uint8 tensor ``int8.onnx``, so it is calibrated once and travels with the file
+(to Ray actors, Spark executors, another machine).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from imgclf.inference.metadata import (
 from imgclf.inference.predictor import Predictor, short_list
 
 DEFAULT_MODEL_PATH = "imageClassifier.imgclf"
+INT8_TENSOR = "int8.onnx"
 _CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta")
 
 
@@ -65,13 +69,18 @@ class ImageClassifier(Predictor):
         device: str = "cpu",
         engine: str = "auto",
         tta: bool = False,
+        precision: str = "auto",
+        int8_graph: bytes | None = None,
     ):
         self.tta = tta  # average with the horizontally flipped image
         self.backbone = backbone.eval().to(device)
         self.head = head.eval().to(device)
         self.engine = engine
+        self.precision = precision
+        self.int8_graph_ = int8_graph  # the calibrated int8 network (imgclf.inference.precision)
         self.features_engine = None  # built on first use, see _engine_for
         self._eager = None
+        self._backbone_graph = None  # the backbone exported once, whichever engine then runs it
         self.labels = list(labels)
         self.classes_ = self.labels
         self.arch = arch
@@ -98,15 +107,42 @@ class ImageClassifier(Predictor):
 
         return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
 
-    def _engine_for(self, batch: int):
-        """The backbone engine: a quick eager one for a few images; the fastest
-        one (``imgclf.nets.engines``), built once, as soon as batches are worth it."""
-        from imgclf.nets.engines import TorchEngine, create_engine
+    def engine_choice(self, images: int | None = None):
+        """The engine and precision :func:`imgclf.nets.engines.choose_engine` picks for this
+        model's ``engine`` and ``precision`` (``images``: the job's size, if known)."""
+        from imgclf.nets.engines import choose_engine
 
-        if self.features_engine is None and (batch >= 8 or self.engine != "auto"):
-            self.features_engine = create_engine(
-                self.backbone, self.preprocessing.input_size, self.device, self.engine, threads=self.threads
-            )
+        images = self.job_size if images is None else images
+        return choose_engine(self.engine, self.precision, device=self.device, images=images,
+                             accuracy=self.info.get("precision_metrics"), int8_ready=self.int8_graph_ is not None)  # fmt: skip
+
+    def use_engine(self, engine: str = "auto", precision: str = "auto"):
+        """Run the network on ``engine`` at ``precision`` from now on; returns the choice made."""
+        self.engine, self.precision = engine, precision
+        self.features_engine = None
+        return self._engine_for(self.batch_size, force=True).choice
+
+    def _engine_for(self, batch: int, force: bool = False):
+        """The network's engine: a quick eager one for a few images; the one
+        ``choose_engine`` names, built once, as soon as batches are worth it.
+        At int8 it runs the whole calibrated network, otherwise the backbone."""
+        from imgclf.nets.engines import TorchEngine, create_engine, open_engine
+
+        asked = self.engine != "auto" or self.precision != "auto"
+        if self.features_engine is None and (batch >= 8 or asked or force or self.job_size is not None):
+            choice = self.engine_choice()
+            if choice.precision == "int8":
+                self.features_engine = open_engine(choice, self.int8_graph_, self.threads)
+                self.features_engine.choice = choice
+            elif choice.engine == "torch":
+                self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
+            else:
+                from imgclf.nets.onnx_graph import to_onnx_bytes
+
+                if self._backbone_graph is None:
+                    self._backbone_graph = to_onnx_bytes(self.backbone, self.preprocessing.input_size)
+                self.features_engine = open_engine(choice, self._backbone_graph, self.threads)
+                self.features_engine.choice = choice
         if self.features_engine is not None:
             return self.features_engine
         if self._eager is None:
@@ -115,6 +151,8 @@ class ImageClassifier(Predictor):
 
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         engine = self._engine_for(len(arrays))
+        if getattr(engine, "precision", "fp32") == "int8":
+            return engine(arrays)  # the calibrated graph holds head, softmax and test-time augmentation
         probs = self._head_probabilities(engine(arrays))
         if self.tta:
             probs = (probs + self._head_probabilities(engine(np.ascontiguousarray(arrays[..., ::-1])))) / 2
@@ -132,7 +170,7 @@ class ImageClassifier(Predictor):
         self.backbone.to(device)
         self.head.to(device)
         self.device = device
-        self.features_engine = self._eager = None
+        self.features_engine = self._eager = self._backbone_graph = None
         return self
 
     def config(self) -> dict[str, Any]:
@@ -163,6 +201,10 @@ class ImageClassifier(Predictor):
         tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if self.int8_graph_ is not None:
+            import torch
+
+            tensors[INT8_TENSOR] = torch.frombuffer(bytearray(self.int8_graph_), dtype=torch.uint8)
         metadata = {FORMAT_NAME: json.dumps(self.config())}
         with atomic_path(path, "model") as tmp:
             save_file(tensors, tmp, metadata=metadata)
@@ -239,12 +281,13 @@ def _check_tensor_shapes(path: Path, config: dict[str, Any]) -> None:
         )
 
 
-def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> ImageClassifier:
+def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", precision: str = "auto") -> ImageClassifier:
     """Load a model saved by :meth:`ImageClassifier.save`; checks it is complete and consistent.
 
     Only the architectures built into timm are built, with random weights that the
     file's weights then replace: loading a model file never touches the network.
-    ``engine``: "auto" (fastest available), "torch" or "onnxruntime" (see ``imgclf.nets.engines``).
+    ``engine`` (auto, onnxruntime, openvino, torch) and ``precision`` (auto, fp32,
+    bf16, int8): see :func:`imgclf.nets.engines.choose_engine`.
     """
     import torch
     from safetensors.torch import load_file
@@ -278,8 +321,10 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto") -> I
         except RuntimeError as e:
             raise ModelFileError(f"{path}: model weights are incomplete or do not match ({_first_line(e)})") from None
     info = {k: v for k, v in config.items() if k not in _CORE_KEYS}
+    int8 = tensors.get(INT8_TENSOR)
     return ImageClassifier(
         backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
         preprocessing=preprocessing_of(config), info=info, device=resolve_device(device),
-        engine=engine, tta=config.get("tta", False),
+        engine=engine, tta=config.get("tta", False), precision=precision,
+        int8_graph=None if int8 is None else int8.numpy().tobytes(),
     )  # fmt: skip

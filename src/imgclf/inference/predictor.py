@@ -101,6 +101,11 @@ class Predictor:
     batch_size: int = 32
     workers: int | None = None
     threads: int | None = None  # threads of the network's engine; None: its default
+    job_size: int | None = None  # images the caller will score, if known: a small job skips compiling
+
+    def engine_choice(self, images: int | None = None):
+        """The :class:`imgclf.nets.engines.EngineChoice` running (or about to run) the network."""
+        raise NotImplementedError
 
     @property
     def metrics_(self) -> dict | None:

@@ -1,8 +1,10 @@
 """Torch-free prediction from an exported ONNX model.
 
-Needs only onnxruntime, numpy and Pillow (``pip install 'imgclf[runtime]'``):
-importing this module never imports torch. The ONNX file carries its labels
-and preprocessing in its metadata, so the file alone is enough.
+Needs only onnxruntime (or OpenVINO), numpy and Pillow (``pip install
+'imgclf[runtime]'``): importing this module never imports torch, nor OpenVINO
+unless it runs the model. The ONNX file carries its labels and preprocessing in
+its metadata, so the file alone is enough. A file exported with ``--precision
+int8`` is the model's calibrated int8 graph (metadata ``precision: int8``).
 """
 
 from __future__ import annotations
@@ -12,23 +14,23 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.errors import ModelFileError
+from imgclf.errors import ModelFileError, OptionError
 from imgclf.inference.metadata import parse_metadata, preprocessing_of
 from imgclf.inference.predictor import Predictor, short_list
-from imgclf.nets.engines import OnnxSession, _ort
+from imgclf.nets.engines import EngineChoice, OnnxSession, choose_engine, open_engine
 
 METADATA_KEY = "imgclf"
 
 
 class OnnxClassifier(Predictor):
-    """An exported imgclf model run by ONNX Runtime; same API as ImageClassifier.
+    """An exported imgclf model run by ONNX Runtime or OpenVINO; same API as ImageClassifier.
 
     A model exported with test-time augmentation averages each image with its
     mirror image inside the graph, so nothing here needs to know about it.
     """
 
     def __init__(self, session: OnnxSession, config: dict[str, Any], path: str = "<memory>"):
-        self.session = session
+        self.session = session  # an engine of imgclf.nets.engines (ONNX Runtime or OpenVINO)
         self.config = config
         self.path = path
         self.labels = list(config["labels"])
@@ -41,6 +43,11 @@ class OnnxClassifier(Predictor):
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         return self.session(arrays)
 
+    def engine_choice(self, images: int | None = None) -> EngineChoice:
+        """The engine and precision running this file (chosen when it was loaded)."""
+        choice = getattr(self.session, "choice", None)
+        return choice or EngineChoice(self.session.name, getattr(self.session, "precision", "fp32"), "given")
+
     def __repr__(self) -> str:
         return (f"OnnxClassifier({self.path!r}, arch={self.arch!r}, labels={short_list(self.labels)}, "
                 f"input_size={self.preprocessing.input_size}, tta={self.tta})")  # fmt: skip
@@ -49,21 +56,20 @@ class OnnxClassifier(Predictor):
 def _check_graph(path: Path, session: OnnxSession, config: dict[str, Any]) -> None:
     """The graph's input and output agree with the metadata, and it runs on one image."""
     size, n_labels = config["preprocessing"]["input_size"], len(config["labels"])
-    inputs, outputs = session.session.get_inputs(), session.session.get_outputs()
-    if len(inputs) != 1 or not outputs:
+    signature = session.signature()
+    if signature.inputs != 1:
         raise ModelFileError(
-            f"{path}: the ONNX graph takes {len(inputs)} inputs; an imgclf model takes one image batch"
+            f"{path}: the ONNX graph takes {signature.inputs} inputs; an imgclf model takes one image batch"
         )
-    shape = list(inputs[0].shape)
+    shape = ["?" if d is None else d for d in signature.input_shape]
     wanted = [None, 3, size, size]
     if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, wanted)):
         raise ModelFileError(f"{path}: the ONNX input is {shape} but its metadata says (N, 3, {size}, {size}); "
                              "the file was altered after export")  # fmt: skip
-    if inputs[0].type != "tensor(float)":
-        raise ModelFileError(f"{path}: the ONNX input is {inputs[0].type}, not float32")
-    out_shape = outputs[0].shape
-    if isinstance(out_shape[-1], int) and out_shape[-1] != n_labels:
-        raise ModelFileError(f"{path}: ONNX output has {out_shape[-1]} classes but metadata names {n_labels}")
+    if not signature.input_float32:
+        raise ModelFileError(f"{path}: the ONNX input is {signature.input_type}, not float32")
+    if signature.classes is not None and signature.classes != n_labels:
+        raise ModelFileError(f"{path}: ONNX output has {signature.classes} classes but metadata names {n_labels}")
     try:
         probe = session(np.zeros((1, 3, size, size), np.float32))
     except Exception as e:
@@ -74,10 +80,20 @@ def _check_graph(path: Path, session: OnnxSession, config: dict[str, Any]) -> No
                              f"(1, {n_labels}) finite probabilities")  # fmt: skip
 
 
-def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxClassifier:
+def load_onnx_model(
+    path: str | Path,
+    threads: int | None = None,
+    *,
+    engine: str = "auto",
+    precision: str = "auto",
+    images: int | None = None,
+) -> OnnxClassifier:
     """Load an ONNX file exported by imgclf; checks its metadata and that its graph fits it.
 
-    ``threads``: ONNX Runtime's threads (default: the CPUs, at most 8).
+    ``threads``: the engine's threads (default: the CPUs, at most 8). ``engine``
+    (auto, onnxruntime, openvino) and ``precision`` (auto, fp32, bf16, int8) are
+    decided by :func:`imgclf.nets.engines.choose_engine`; an int8 export runs at int8.
+    ``images``: how many images the job has, if known (a small one stays on ONNX Runtime).
     """
     from imgclf.filetypes import sniff
 
@@ -87,18 +103,86 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxClassif
     kind = sniff(path)
     if kind == "empty":
         raise ModelFileError(f"{path}: not a readable ONNX model (the file is empty, 0 bytes)")
-    _ort()  # a missing onnxruntime is an install problem, not a bad file
+    config = _read_metadata(path)
+    accuracy = config.get("precision_metrics")
+    if config.get("precision") == "int8":
+        if precision not in ("auto", "int8"):
+            raise OptionError(f"{path}: is an int8 export and runs at int8 only; export the model again without "
+                              f"--precision int8 to run it at {precision}")  # fmt: skip
+        choice = choose_engine(engine, "int8", images=images, accuracy=accuracy, onnx_file=True, int8_ready=True)
+        if precision == "auto":
+            choice = EngineChoice(choice.engine, "int8", "the file is an int8 export")
+    else:
+        choice = choose_engine(engine, precision, images=images, accuracy=accuracy, onnx_file=True)
     try:
-        session = OnnxSession(path, threads=threads)
-    except Exception as e:  # onnxruntime raises one exception type per failure (Fail, InvalidProtobuf, ...)
+        session = open_engine(choice, path, threads)
+    except Exception as e:  # both engines raise one exception type per failure (Fail, InvalidProtobuf, ...)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelFileError(f"{path}: not a readable ONNX model ({first})") from None
-    raw = session.metadata().get(METADATA_KEY)
-    if raw is None:
-        raise ModelFileError(f"{path}: ONNX file has no imgclf metadata (labels, preprocessing); export it with "
-                             "'imgclf export'")  # fmt: skip
-    config = parse_metadata(raw, path, "onnx")
+    session.choice = choice
     _check_graph(path, session, config)
     model = OnnxClassifier(session, config, str(path))
     model.threads = threads
     return model
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The file's imgclf metadata, checked, read before any engine is built (the
+    precision the file was exported at decides which engine runs it)."""
+    try:
+        props = onnx_metadata(path)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read ONNX model ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ModelFileError(f"{path}: not a readable ONNX model ({e})") from None
+    raw = props.get(METADATA_KEY)
+    if raw is None:
+        raise ModelFileError(f"{path}: ONNX file has no imgclf metadata (labels, preprocessing); export it with "
+                             "'imgclf export'")  # fmt: skip
+    return parse_metadata(raw, path, "onnx")
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read straight from the protobuf's top level
+    (field 14 of ModelProto), skipping the graph: no onnx package, no engine.
+    Raises ValueError where the bytes are not a well-formed protobuf."""
+    import mmap
+
+    def varint(buf, i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(buf) or shift > 63:
+                raise ValueError("truncated or malformed protobuf")
+            byte = buf[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+
+    def fields(buf, start: int, end: int):
+        i = start
+        while i < end:
+            tag, i = varint(buf, i)
+            kind = tag & 7
+            if kind == 0:
+                value, i = varint(buf, i)
+                yield tag >> 3, value
+            elif kind == 2:
+                size, i = varint(buf, i)
+                if i + size > end:
+                    raise ValueError("a field runs past the end of the file")
+                yield tag >> 3, (i, i + size)
+                i += size
+            elif kind in (1, 5):
+                i += 8 if kind == 1 else 4
+            else:
+                raise ValueError(f"unexpected protobuf wire type {kind}")
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        props = {}
+        for number, value in fields(buf, 0, len(buf)):
+            if number == 14 and isinstance(value, tuple):
+                entry = {n: bytes(buf[v[0] : v[1]]).decode("utf-8", "replace")
+                         for n, v in fields(buf, *value) if isinstance(v, tuple)}  # fmt: skip
+                props[entry.get(1, "")] = entry.get(2, "")
+        return props

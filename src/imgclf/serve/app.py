@@ -150,6 +150,8 @@ def create_app(
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
     allowed_hosts: Sequence[str] | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
 ) -> FastAPI:
     """The app for ``model`` (a path to an .imgclf/.onnx file, or a loaded predictor).
 
@@ -159,6 +161,8 @@ def create_app(
     makes ``/v1/*`` require ``X-API-Key: KEY`` (or ``Authorization: Bearer
     KEY``); ``cors_origins`` lets pages from those origins call the API
     (``*``: any); ``allowed_hosts`` limits the Host header (None: any).
+    ``engine`` and ``precision``: as :func:`imgclf.nets.engines.choose_engine` (a
+    server is a long job, so ``auto`` takes the fastest precision the model allows).
     """
     from imgclf.version import __version__
 
@@ -183,7 +187,10 @@ def create_app(
         raise OptionError(f"read_timeout must be positive, got {read_timeout}")
     if api_key is not None and not api_key.strip():
         raise OptionError("the API key is empty; give a non-empty key or none")
-    predictor = load_predictor(model) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        predictor = load_predictor(model, engine=engine, precision=precision)
+    else:
+        predictor = model
     name = Path(model).name if isinstance(model, (str, Path)) else getattr(predictor, "arch", "model")
     state: dict = {}
     decode_budget = DecodeBudget(decode_memory_bytes)
