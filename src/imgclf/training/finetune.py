@@ -28,6 +28,7 @@ from imgclf.data.imaging import Preprocessing, open_image, resize_shorter_side
 from imgclf.data.parallel import ordered_map
 from imgclf.errors import OptionError
 from imgclf.nets.device import mixed_precision_dtype
+from imgclf.training import distributed
 from imgclf.training.history import BestEpoch, EpochMetrics
 
 
@@ -151,7 +152,7 @@ class FineTuner:
                  early_stopping=None, checkpoint=None):  # fmt: skip
         import torchvision.transforms.v2 as T
 
-        self.model, self.o, self.device, self.tta = model, options, device, tta
+        self.model, self.o, self.device, self.tta, self.seed = model, options, device, tta, seed
         self.callback, self.early_stopping, self.checkpoint = callback, early_stopping, checkpoint
         self.class_weights = None if class_weights is None else class_weights.to(device)
         prep = model.preprocessing
@@ -180,28 +181,34 @@ class FineTuner:
         """Shuffled, augmented batches. The order and the workers' seeds are drawn
         from ``self.generator``, so a run, or a run resumed from a checkpoint, repeats."""
         workers = loader_workers(self.o.loader_workers, self.device)
+        if self.o.loader_workers is None:  # photos streamed from disk are decoded in workers
+            workers = max(workers, getattr(pictures, "loader_workers", 0))
+        dataset = AugmentedPictures(pictures, y, self.augment)
+        sampler = distributed.train_sampler(dataset, self.seed)  # under torchrun: this rank's shard
         return torch.utils.data.DataLoader(
-            AugmentedPictures(pictures, y, self.augment), batch_size=self.o.batch_size, shuffle=True,
+            dataset, batch_size=self.o.batch_size, shuffle=sampler is None, sampler=sampler,
             generator=self.generator, num_workers=workers, pin_memory=self.device.startswith("cuda"),
             persistent_workers=workers > 0,  # start the workers once, not every epoch
         )  # fmt: skip
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
         with torch.autocast("cuda", dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
-            return self.model.head(self.model.backbone(x)).float()
+            return (net(x) if net is not None else self.model.head(self.model.backbone(x))).float()
 
     @torch.no_grad()
     def evaluate(self, pictures: list[torch.Tensor], y: torch.Tensor) -> tuple[float, float]:
         """Accuracy and cross-entropy, centre crops, flip-averaged when ``tta``."""
         self.model.backbone.eval()
         probs = []
-        for i in range(0, len(pictures), 32):
-            x = self._normalize(torch.stack([self.center(p) for p in pictures[i : i + 32]]))
+        mine = distributed.shard_indices(len(pictures))  # under torchrun: every N-th photo, none twice
+        for i in range(0, len(mine), 32):
+            x = self._normalize(torch.stack([self.center(pictures[j]) for j in mine[i : i + 32]]))
             p = torch.softmax(self._forward(x), 1)
             if self.tta:
                 p = (p + torch.softmax(self._forward(torch.flip(x, dims=[3])), 1)) / 2
             probs.append(p.cpu())
-        p = torch.cat(probs)
+        mine_p = torch.cat(probs) if probs else torch.zeros((0, self.model.head.out_features))
+        p = distributed.gather_rows(mine_p, len(pictures))
         return float((p.argmax(1) == y).float().mean()), float(F.nll_loss(torch.log(p.clamp_min(1e-15)), y))
 
     def run(
@@ -243,7 +250,10 @@ class FineTuner:
             start = saved["epoch"]
             history = [EpochMetrics(**h) for h in saved["history"] if h.get("phase") == "fine-tune"]
             best.resume(saved)
+        net = distributed.wrap_for_training(backbone, head, self.device)  # DDP under torchrun, else None
         for epoch in range(start, o.epochs):
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
             backbone.train()
             _freeze_batch_norm(backbone)
             seen = correct = 0
@@ -255,7 +265,7 @@ class FineTuner:
                 for group in optimizer.param_groups:
                     group["lr"] = o.learning_rate * group["lr_scale"] * factor
                 x, target = self._normalize(crops), target.to(self.device, non_blocking=True)
-                logits = self._forward(x)
+                logits = self._forward(x, net)
                 loss = F.cross_entropy(logits, target, weight=self.class_weights, label_smoothing=o.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -264,6 +274,8 @@ class FineTuner:
                 seen += len(target)
                 correct += int((logits.argmax(1) == target).sum())
                 loss_sum += float(loss.detach()) * len(target)
+            distributed.sync_buffers(backbone)
+            seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)
             m = EpochMetrics(epoch + 1, o.learning_rate * factor, correct / seen, loss_sum / seen)
             if val_pictures is not None and len(val_pictures):
                 m.validation_accuracy, m.validation_loss = self.evaluate(val_pictures, yv)
