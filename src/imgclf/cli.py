@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -142,7 +144,9 @@ def _train(args: argparse.Namespace, distributed) -> int:
     if args.weights and not Path(args.weights).is_file():
         raise ImgclfError(f"--weights {args.weights}: weights file not found")
     if args.nproc_per_node is not None:
-        if not distributed.is_distributed():  # start N ranks of this same command under torchrun
+        if args.nproc_per_node < 1:
+            raise OptionError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+        if args.nproc_per_node > 1 and not distributed.under_torchrun():  # N ranks of this command, torchrun
             return distributed.launch(args.argv, args.nproc_per_node)
         if args.nproc_per_node != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node)):
             raise OptionError(f"--nproc-per-node {args.nproc_per_node}: already running under torchrun with "
@@ -638,16 +642,16 @@ _stopping = False  # a stop signal arrived: under torchrun, what fails after it 
 
 
 def _stop(*_) -> None:
+    """The first stop signal interrupts; later ones (torchrun stopping a rank that is already
+    stopping or exiting) change nothing."""
     global _stopping
-    _stopping = True
-    raise KeyboardInterrupt
+    if not _stopping:
+        _stopping = True
+        raise KeyboardInterrupt
 
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM stops training the way Ctrl-C does: checkpoint, message, exit 130."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
         if "WORLD_SIZE" in os.environ:  # a rank of a torchrun job: torchrun stops ranks with SIGINT or SIGTERM
@@ -674,6 +678,18 @@ def _should_print_failure(message: str, interrupted: bool) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _stopping
+    if "WORLD_SIZE" not in os.environ:
+        return _main(argv)
+    try:  # a rank of a torchrun job: a stop signal that lands while it reports a failure ends it quietly
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _stopping = True  # exiting now: a stop signal from here on is ignored
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node starts again on each rank
@@ -699,11 +715,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception:
-        if _stopping and "WORLD_SIZE" in os.environ:  # a collective broken by a stopped rank: part of the stop
+    except Exception as e:
+        if "WORLD_SIZE" not in os.environ:
+            raise
+        from imgclf.training.distributed import peer_stopped
+
+        if _stopping:  # a collective broken by the stop: part of it
             if _should_print_failure("interrupted", True):
                 print("imgclf: interrupted", file=sys.stderr)
             return 130
+        if peer_stopped(e):  # another rank failed first: its message is the one to read
+            if _should_print_failure("another rank stopped", True):
+                print("imgclf: error: another rank stopped; torchrun's failure summary names it", file=sys.stderr)
+            return 1
         raise
 
 

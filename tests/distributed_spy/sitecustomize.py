@@ -5,7 +5,8 @@ folder on PYTHONPATH and names a folder in IMGCLF_TEST_SPY_DIR, so every rank
 that torchrun (or ``imgclf train --nproc-per-node``) starts records, in
 ``rank<N>.json`` and ``rank<N>-*.safetensors``: the images it ran through the
 backbone, the training indices its sampler gave each epoch, the head after the
-head phase and the whole network after fine-tuning. Nothing is changed.
+head phase and the whole network after fine-tuning. Nothing is changed, except
+that IMGCLF_TEST_FAIL_RANK=N makes rank N fail as fine-tuning starts.
 """
 
 import json
@@ -64,6 +65,10 @@ def _install() -> None:
     run = finetune.FineTuner.run
 
     def spied_run(self, *args, **kwargs):
+        if os.environ.get("IMGCLF_TEST_FAIL_RANK") == rank:  # one rank failing on its own
+            from imgclf.errors import DataError
+
+            raise DataError(f"a failure on rank {rank} alone")
         result = run(self, *args, **kwargs)
         state = {f"backbone.{k}": v for k, v in self.model.backbone.state_dict().items()}
         state.update({f"head.{k}": v for k, v in self.model.head.state_dict().items()})

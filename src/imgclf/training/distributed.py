@@ -67,6 +67,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or ``launch``) started, even a job of one."""
+    return "LOCAL_RANK" in os.environ
+
+
 def launched_by_imgclf() -> bool:
     return os.environ.get(LAUNCHED_ENV) == "1"
 
@@ -74,7 +79,13 @@ def launched_by_imgclf() -> bool:
 def local_device(device: str) -> str:
     """``--device`` for this rank: a plain ``cuda`` becomes this rank's GPU (``LOCAL_RANK``)."""
     if device == "cuda" and is_distributed():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        import torch
+
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise OptionError(f"local rank {local_rank} has no GPU of its own: this machine has {gpus}; "
+                              f"start at most {gpus} processes per node, or use --device cpu")  # fmt: skip
+        return f"cuda:{local_rank}"
     return device
 
 
@@ -245,6 +256,17 @@ def report_failure(message: str, interrupted: bool = False) -> bool:
     return not is_distributed() or (is_main_process() and not launched_by_imgclf())
 
 
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is a collective broken because another rank stopped (its own
+    error, or a signal, is the cause to report; this is a consequence)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "remote worker")
+    )
+
+
 class DistributedRunError(ImgclfError):
     """A rank of a ``--nproc-per-node`` run failed; the others were stopped."""
 
@@ -269,7 +291,7 @@ def launch(argv: Sequence[str], nproc_per_node: int) -> int:
         raise OptionError(f"--nproc-per-node must be a positive integer, got {nproc_per_node!r}")
     for name in list(logging.root.manager.loggerDict):  # each has its own level: the failure is our one line
         if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # One thread per rank unless asked: N ranks of all-core arithmetic on N cores thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     os.environ[LAUNCHED_ENV] = "1"
