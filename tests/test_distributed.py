@@ -64,46 +64,6 @@ def _train_args(folder: Path, weights: Path, out: Path, ws: Path, fine_tune_epoc
             "-q"]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_nproc_per_node_two_ranks_shard_the_work_and_agree(tmp_path, small_net):
-    """``imgclf train --nproc-per-node 2``: the ranks extract and fine-tune on disjoint shards, end
-    with identical weights, the head equals a one-process run's, and rank 0 alone writes and reports."""
-    folder = small_flower_folder(tmp_path / "data", per_class=5)  # 15 photos: 12 train (6 a rank), 3 held out
-    spy, out, ws = tmp_path / "spy", tmp_path / "out", tmp_path / "ws"
-    spy.mkdir()
-    out.mkdir()
-    argv = [sys.executable, "-m", "imgclf", *_train_args(folder, small_net, out, ws, 2), "--nproc-per-node", "2"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=_env(spy))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("Saved model to") == 1 and done.stdout.count("Found 15 images") == 1  # rank 0 reports
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.imgclf"]
-    model = load_model(out / "model.imgclf")
-    assert model.info["distributed"] == {"world_size": 2, "backend": "gloo"}
-
-    ranks = [json.loads((spy / f"rank{r}.json").read_text()) for r in (0, 1)]
-    extracted = [set(r["extracted"]) for r in ranks]
-    assert not extracted[0] & extracted[1]  # each photo through the backbone once, on one rank
-    assert extracted[0] | extracted[1] == {str(p) for p in folder.rglob("*.jpg")}
-    assert [e["epoch"] for e in ranks[0]["epochs"]] == [0, 1]  # set_epoch: a new shuffle each epoch
-    for e0, e1 in zip(ranks[0]["epochs"], ranks[1]["epochs"]):
-        assert e0["of"] == 12 and len(e0["indices"]) == len(e1["indices"]) == 6
-        assert sorted(e0["indices"] + e1["indices"]) == list(range(12))  # disjoint shards covering the set
-    assert ranks[0]["epochs"][0]["indices"] != ranks[0]["epochs"][1]["indices"]
-
-    net0, net1 = _load(spy / "rank0-network.safetensors"), _load(spy / "rank1-network.safetensors")
-    assert all(torch.equal(net0[k], net1[k]) for k in net0)  # DDP kept the ranks identical
-    assert torch.equal(net0["head.weight"], model.head.weight.detach().cpu())  # and rank 0's is the one saved
-    assert not torch.equal(net0["head.weight"], _load(spy / "rank0-head.safetensors")["weight"])  # it did train
-
-    # The head phase on gathered features is the one-process result (features come from the cache).
-    single = ImageClassificationTrainer("test_efficientnet", weights=small_net, epochs=3, batch_size=4, device="cpu",
-                                        workspace=ws, progress=False).fit_and_hold_out(folder, 0.2)[0]  # fmt: skip
-    for r in (0, 1):
-        head = _load(spy / f"rank{r}-head.safetensors")
-        assert torch.allclose(head["weight"], single.head.weight.detach(), atol=1e-6)
-        assert torch.allclose(head["bias"], single.head.bias.detach(), atol=1e-6)
-
-
 def _checkpoint_phase(ws: Path) -> tuple[str, int] | None:
     from safetensors import safe_open
 
@@ -117,43 +77,85 @@ def _checkpoint_phase(ws: Path) -> tuple[str, int] | None:
     return None
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_rank_with_one_message_then_torchrun_resumes(tmp_path, small_net):
-    """Ctrl-C on ``--nproc-per-node 2`` after a fine-tune epoch: one message, exit 130, rank 0's
-    checkpoint kept; the same command under torchrun with --resume finishes the run."""
-    folder = small_flower_folder(tmp_path / "data", per_class=4, labels=("daisy", "tulips"))
-    spy, out, ws = tmp_path / "spy", tmp_path / "out", tmp_path / "ws"
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory, small_net) -> dict:
+    """``imgclf train --nproc-per-node 2`` stopped by Ctrl-C after fine-tune epoch 1, then the
+    same command with --resume under torchrun (``python -m torch.distributed.run``)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    folder = small_flower_folder(tmp / "data", per_class=5)  # 15 photos: 12 train (6 a rank), 3 held out
+    spy, out, ws = tmp / "spy", tmp / "out", tmp / "ws"
     spy.mkdir()
     out.mkdir()
     args = _train_args(folder, small_net, out, ws, 3)
-    launcher = subprocess.Popen([sys.executable, "-m", "imgclf", *args, "--nproc-per-node", "2"], env=_env(spy),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    launcher = subprocess.Popen([sys.executable, "-m", "imgclf", *args, "--nproc-per-node", "2"],
+                                env=dict(_env(spy), IMGCLF_TEST_PAUSE_AFTER="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 180
-    while time.time() < deadline and launcher.poll() is None:
-        phase = _checkpoint_phase(ws)
-        if phase and phase[0] == "fine-tune":
-            break
+    while time.time() < deadline and launcher.poll() is None and not (spy / "paused").exists():
         time.sleep(0.05)
-    assert phase and phase[0] == "fine-tune", "no fine-tune checkpoint appeared"
     os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     stdout, stderr = launcher.communicate(timeout=120)
-    assert launcher.returncode == 130, stderr
-    errors = [line for line in stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and "interrupted" in errors[0] and "--resume" in errors[0], stderr
-    assert not list(out.iterdir())  # nothing written
-    stopped_at = _checkpoint_phase(ws)
-    assert stopped_at[0] == "fine-tune" and 1 <= stopped_at[1] < 3
-
+    first = {"code": launcher.returncode, "stdout": stdout, "stderr": stderr, "written": sorted(out.iterdir()),
+             "checkpoint": _checkpoint_phase(ws),
+             "ranks": [json.loads((spy / f"rank{r}.json").read_text()) for r in (0, 1)],
+             "heads": [_load(spy / f"rank{r}-head.safetensors") for r in (0, 1)]}  # fmt: skip
     resumed = subprocess.run([*TORCHRUN, "-m", "imgclf", *args, "--resume"], capture_output=True, text=True,
                              timeout=240, env=_env(spy))  # fmt: skip
+    return {"folder": folder, "out": out, "ws": ws, "spy": spy, "first": first, "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_nproc_per_node_ranks_share_the_work_and_ctrl_c_stops_all_with_one_line(
+    interrupted_then_resumed, small_net, tmp_path
+):
+    """``imgclf train --nproc-per-node 2``: the ranks extract and fine-tune on disjoint shards, the
+    head equals a one-process run's; Ctrl-C stops every rank with one line, rank 0's checkpoint kept."""
+    run = interrupted_then_resumed
+    first = run["first"]
+    assert first["code"] == 130, first["stderr"]
+    lines = [line for line in first["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], first["stderr"]
+    assert first["stdout"].count("Found 15 images") == 1 and "fine-tune epoch   1" in first["stdout"]  # rank 0
+    assert first["written"] == [] and first["checkpoint"] == ("fine-tune", 1)
+
+    ranks = first["ranks"]
+    extracted = [set(r["extracted"]) for r in ranks]
+    assert not extracted[0] & extracted[1]  # each photo through the backbone once, on one rank
+    assert extracted[0] | extracted[1] == {str(p) for p in run["folder"].rglob("*.jpg")}
+    e0, e1 = ranks[0]["epochs"][0], ranks[1]["epochs"][0]
+    assert e0["of"] == 12 and len(e0["indices"]) == len(e1["indices"]) == 6
+    assert sorted(e0["indices"] + e1["indices"]) == list(range(12))  # disjoint shards that cover the set
+
+    # The head phase on gathered features is the one-process result (features come from the cache).
+    single = ImageClassificationTrainer("test_efficientnet", weights=small_net, epochs=3, batch_size=4, device="cpu",
+                                        workspace=run["ws"], progress=False).fit_and_hold_out(run["folder"], 0.2)[0]  # fmt: skip
+    single.save(tmp_path / "single.imgclf")  # which removes its checkpoint from the shared workspace
+    for head in first["heads"]:
+        assert torch.allclose(head["weight"], single.head.weight.detach(), atol=1e-6)
+        assert torch.allclose(head["bias"], single.head.bias.detach(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_to_one_model_with_identical_ranks(interrupted_then_resumed):
+    """The interrupted run, resumed under torchrun: every rank continues from rank 0's
+    checkpoint, the ranks end identical, and exactly one model and one metrics file appear."""
+    run = interrupted_then_resumed
+    resumed, spy, out = run["resumed"], run["spy"], run["out"]
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.count(f"Resumed from the checkpoint after fine-tune epoch {stopped_at[1]}") == 1
-    epochs = [e["epoch"] for e in json.loads((spy / "rank1.json").read_text())["epochs"]]
-    assert epochs == list(range(stopped_at[1], 3))  # rank 1 continued too, from rank 0's checkpoint
+    assert resumed.stdout.count("Resumed from the checkpoint after fine-tune epoch 1") == 1
+    assert resumed.stdout.count("Saved model to") == 1  # rank 0 alone reports
+    for r in (0, 1):  # the spy's record of this run (written afresh): epochs 2 and 3, reshuffled by set_epoch
+        epochs = json.loads((spy / f"rank{r}.json").read_text())["epochs"]
+        assert [e["epoch"] for e in epochs] == [1, 2] and epochs[0]["indices"] != epochs[1]["indices"]
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.imgclf"]
-    history = load_model(out / "model.imgclf").info["history"]
-    assert [h["epoch"] for h in history if h["phase"] == "fine-tune"] == [1, 2, 3]
-    assert _checkpoint_phase(ws) is None  # removed once the model was saved
+    model = load_model(out / "model.imgclf")
+    assert model.info["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert [h["epoch"] for h in model.info["history"] if h["phase"] == "fine-tune"] == [1, 2, 3]
+    assert _checkpoint_phase(run["ws"]) is None  # removed once the model was saved
+
+    net0, net1 = _load(spy / "rank0-network.safetensors"), _load(spy / "rank1-network.safetensors")
+    assert all(torch.equal(net0[k], net1[k]) for k in net0)  # DDP kept the ranks identical
+    assert torch.equal(net0["head.weight"], model.head.weight.detach().cpu())  # and rank 0's is the one saved
 
 
 def test_streamed_pictures_are_the_decoded_ones(tmp_path):

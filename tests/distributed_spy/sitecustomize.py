@@ -6,11 +6,14 @@ that torchrun (or ``imgclf train --nproc-per-node``) starts records, in
 ``rank<N>.json`` and ``rank<N>-*.safetensors``: the images it ran through the
 backbone, the training indices its sampler gave each epoch, the head after the
 head phase and the whole network after fine-tuning. Nothing is changed, except
-that IMGCLF_TEST_FAIL_RANK=N makes rank N fail as fine-tuning starts.
+that IMGCLF_TEST_FAIL_RANK=N makes rank N fail as fine-tuning starts, and
+IMGCLF_TEST_PAUSE_AFTER=E makes rank 0 wait after writing the checkpoint of
+fine-tune epoch E, so a test can interrupt the run there, every time.
 """
 
 import json
 import os
+import time
 
 SPY_DIR = os.environ.get("IMGCLF_TEST_SPY_DIR")
 
@@ -21,7 +24,7 @@ def _install() -> None:
     from safetensors.torch import save_file
 
     from imgclf.nets import features
-    from imgclf.training import distributed, finetune, trainer
+    from imgclf.training import checkpoint, distributed, finetune, trainer
 
     rank = os.environ.get("RANK", "0")
     folder = Path(SPY_DIR)
@@ -76,6 +79,16 @@ def _install() -> None:
                   str(folder / f"rank{rank}-network.safetensors"))  # fmt: skip
         return result
 
+    save = checkpoint.Checkpoint.save
+    pause_after = int(os.environ.get("IMGCLF_TEST_PAUSE_AFTER", "0"))
+
+    def paused_save(self, phase, epoch, *args, **kwargs):
+        save(self, phase, epoch, *args, **kwargs)
+        if rank == "0" and phase == "fine-tune" and epoch == pause_after:
+            (folder / "paused").touch()
+            time.sleep(120)
+
+    checkpoint.Checkpoint.save = paused_save
     features.FeatureExtractor.transform = spied_transform
     distributed.train_sampler = spied_sampler
     trainer.ImageClassificationTrainer._train_head = spied_train_head
