@@ -8,6 +8,7 @@ keeps them quick; tests/distributed_spy records what each rank did.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from imgclf.data.streaming import StreamedPictures, decode_picture, memory_budge
 from imgclf.errors import OptionError  # noqa: E402
 from imgclf.training.finetune import decode_for_training  # noqa: E402
 
-from .conftest import small_flower_folder  # noqa: E402
+from .conftest import FLOWERS, small_flower_folder  # noqa: E402
 
 SPY = Path(__file__).parent / "distributed_spy"
 SRC = Path(__file__).parents[1] / "src"
@@ -58,7 +59,7 @@ def _load(path: Path) -> dict:
 
 
 def _train_args(folder: Path, weights: Path, out: Path, ws: Path, fine_tune_epochs: int) -> list[str]:
-    return ["train", str(folder), "--arch", "test_efficientnet", "--weights", str(weights), "--epochs", "3",
+    return ["train", str(folder / "train"), "--validation-folder", str(folder / "val"), "--arch", "test_efficientnet", "--weights", str(weights), "--epochs", "3",
             "--batch-size", "4", "--fine-tune", "--fine-tune-epochs", str(fine_tune_epochs), "--device", "cpu",
             "--workspace", str(ws), "--out", str(out / "model.imgclf"), "--metrics-json", str(out / "metrics.json"),
             "-q"]  # fmt: skip
@@ -82,7 +83,11 @@ def interrupted_then_resumed(tmp_path_factory, small_net) -> dict:
     """``imgclf train --nproc-per-node 2`` stopped by Ctrl-C after fine-tune epoch 1, then the
     same command with --resume under torchrun (``python -m torch.distributed.run``)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    folder = small_flower_folder(tmp / "data", per_class=5)  # 15 photos: 12 train (6 a rank), 3 held out
+    folder = tmp / "data"
+    small_flower_folder(folder / "train", per_class=5)  # 15 photos: 12 train (6 a rank), 3 held out
+    for label in ("daisy", "dandelion", "tulips"):  # and 3 others to validate on (2 on rank 0, 1 on rank 1)
+        (folder / "val" / label).mkdir(parents=True)
+        shutil.copy(sorted((FLOWERS / label).glob("*.jpg"))[5], folder / "val" / label)
     spy, out, ws = tmp / "spy", tmp / "out", tmp / "ws"
     spy.mkdir()
     out.mkdir()
@@ -121,14 +126,15 @@ def test_nproc_per_node_ranks_share_the_work_and_ctrl_c_stops_all_with_one_line(
     ranks = first["ranks"]
     extracted = [set(r["extracted"]) for r in ranks]
     assert not extracted[0] & extracted[1]  # each photo through the backbone once, on one rank
-    assert extracted[0] | extracted[1] == {str(p) for p in run["folder"].rglob("*.jpg")}
+    assert extracted[0] | extracted[1] == {str(p) for p in run["folder"].rglob("*.jpg")}  # train and validation
     e0, e1 = ranks[0]["epochs"][0], ranks[1]["epochs"][0]
     assert e0["of"] == 12 and len(e0["indices"]) == len(e1["indices"]) == 6
     assert sorted(e0["indices"] + e1["indices"]) == list(range(12))  # disjoint shards that cover the set
 
     # The head phase on gathered features is the one-process result (features come from the cache).
-    single = ImageClassificationTrainer("test_efficientnet", weights=small_net, epochs=3, batch_size=4, device="cpu",
-                                        workspace=run["ws"], progress=False).fit_and_hold_out(run["folder"], 0.2)[0]  # fmt: skip
+    trainer = ImageClassificationTrainer("test_efficientnet", weights=small_net, epochs=3, batch_size=4,
+                                         device="cpu", workspace=run["ws"], progress=False)  # fmt: skip
+    single = trainer.fit_and_hold_out(run["folder"] / "train", 0.2, validation_set=run["folder"] / "val")[0]
     single.save(tmp_path / "single.imgclf")  # which removes its checkpoint from the shared workspace
     for head in first["heads"]:
         assert torch.allclose(head["weight"], single.head.weight.detach(), atol=1e-6)
@@ -156,6 +162,17 @@ def test_torchrun_resumes_to_one_model_with_identical_ranks(interrupted_then_res
     net0, net1 = _load(spy / "rank0-network.safetensors"), _load(spy / "rank1-network.safetensors")
     assert all(torch.equal(net0[k], net1[k]) for k in net0)  # DDP kept the ranks identical
     assert torch.equal(net0["head.weight"], model.head.weight.detach().cpu())  # and rank 0's is the one saved
+
+    # Validation was split 2 + 1 across the ranks and gathered: the one-process figures, no photo twice.
+    from imgclf.training.finetune import FineTuneOptions, FineTuner
+
+    val = load_images_from_directory(run["folder"] / "val")
+    y = torch.tensor([model.labels.index(im.label) for im in val])
+    accuracy, loss = FineTuner(model, FineTuneOptions(), device="cpu", seed=1).evaluate(
+        decode_for_training(val, model.preprocessing), y
+    )
+    last = model.info["history"][-1]
+    assert last["validation_accuracy"] == pytest.approx(accuracy) and last["validation_loss"] == pytest.approx(loss)
 
 
 def test_streamed_pictures_are_the_decoded_ones(tmp_path):
