@@ -274,8 +274,8 @@ class FineTuner:
                 seen += len(target)
                 correct += int((logits.argmax(1) == target).sum())
                 loss_sum += float(loss.detach()) * len(target)
-            distributed.sync_buffers(backbone)
-            seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)
+            distributed.sync_buffers(backbone)  # under torchrun: rank 0's batch-norm statistics on every rank
+            seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)  # and every rank's shard
             m = EpochMetrics(epoch + 1, o.learning_rate * factor, correct / seen, loss_sum / seen)
             if val_pictures is not None and len(val_pictures):
                 m.validation_accuracy, m.validation_loss = self.evaluate(val_pictures, yv)
