@@ -30,6 +30,7 @@ _EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scip
 EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
+  imgclf train photos/ --fine-tune --nproc-per-node 4   one process per GPU (torchrun; README for machines)
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf predict pets.onnx archive/ list.txt --out results.parquet   resumable batch scoring
