@@ -64,6 +64,7 @@ def _tsv(text: str) -> str:
 _NEEDS_SWITCH = [
     ("unfreeze", "--unfreeze", "fine_tune", "--fine-tune"),
     ("fine_tune_epochs", "--fine-tune-epochs", "fine_tune", "--fine-tune"),
+    ("max_memory_gb", "--max-memory-gb", "fine_tune", "--fine-tune"),
     ("early_stopping_metric", "--early-stopping-metric", "early_stopping", "--early-stopping"),
     ("patience", "--patience", "early_stopping", "--early-stopping"),
     ("min_delta", "--min-delta", "early_stopping", "--early-stopping"),
@@ -147,8 +148,6 @@ def _train(args: argparse.Namespace, distributed) -> int:
     if args.nproc_per_node is not None:
         if args.nproc_per_node < 1:
             raise OptionError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
-        if args.nproc_per_node > 1 and not distributed.under_torchrun():  # N ranks of this command, torchrun
-            return distributed.launch(args.argv, args.nproc_per_node)
         if args.nproc_per_node != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node)):
             raise OptionError(f"--nproc-per-node {args.nproc_per_node}: already running under torchrun with "
                               f"{os.environ['LOCAL_WORLD_SIZE']} processes per node; give one or the other")  # fmt: skip
@@ -165,6 +164,8 @@ def _train(args: argparse.Namespace, distributed) -> int:
             check_not_an_input(args.out, inputs, "model", option="--out")
             if args.metrics_json:
                 check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
+            if (args.nproc_per_node or 1) > 1 and not distributed.under_torchrun():
+                return distributed.launch(args.argv, args.nproc_per_node)  # N ranks of this command, torchrun
             labels = sorted({im.label for im in images})
             print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
             print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for evaluation",

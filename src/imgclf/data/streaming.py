@@ -48,8 +48,8 @@ def memory_budget_bytes(max_memory_gb: float | None, processes_on_machine: int =
     quarter of its memory, shared by the training processes running on it."""
     if max_memory_gb is None:
         total = total_memory_bytes() * DEFAULT_MEMORY_SHARE
-    elif isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float)) or not max_memory_gb > 0:
-        raise OptionError(f"max_memory_gb must be a positive number of gigabytes, got {max_memory_gb!r}")
+    elif isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float)) or not 0 < max_memory_gb < 1e9:
+        raise OptionError(f"max_memory_gb must be a positive number of gigabytes (below 1e9), got {max_memory_gb!r}")
     else:
         total = max_memory_gb * 2**30
     return int(total / max(1, processes_on_machine))
