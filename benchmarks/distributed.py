@@ -10,10 +10,12 @@ extract features): held-out accuracy, wall time, peak RSS per process.
     python benchmarks/distributed.py scaling [--data ../shared/data/brain-mri-600] [--fine-tune-epochs 2]
 
 ``memory``: one fine-tune epoch on 500, 2,000 and 8,000 photos (re-encoded copies
-of the bundled flowers, generated once into /tmp) with a small ``--max-memory-gb``
+of the bundled flowers, generated once into /tmp) with a small ``max_memory_gb``
 (photos streamed from disk) and, for contrast, a large one (all decoded into
-memory). timm's ``test_efficientnet`` with random weights keeps the network's
-share of the time small: what is measured is the data path.
+memory). Each is ``ImageClassificationTrainer.fit_and_hold_out`` in a fresh
+process (the training alone: not the CLI's evaluation, duplicate check or report).
+timm's ``test_efficientnet`` with random weights keeps the network's share of the
+time small: what is measured is the data path.
 
     python benchmarks/distributed.py memory [--sizes 500 2000 8000] [--budget-gb 0.05]
 """
@@ -144,18 +146,15 @@ def memory(args: argparse.Namespace) -> None:
         root.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         save_file(timm.create_model("test_efficientnet", num_classes=1000).state_dict(), str(weights))
-    print(f"one fine-tune epoch (test_efficientnet, 160 px input), {os.cpu_count()} CPU cores; peak RSS per process",
-          flush=True)  # fmt: skip
+    print(f"one head and one fine-tune epoch (test_efficientnet, 160 px input, batch 16), {os.cpu_count()} CPU "
+          "cores; peak RSS per process", flush=True)  # fmt: skip
     for budget in args.budgets:
         mode = "streamed from disk" if budget < 1 else "decoded in memory"
         print(f"--max-memory-gb {budget:g} ({mode}):", flush=True)
         for count in args.sizes:
             folder = make_photos(count, root)
             with tempfile.TemporaryDirectory() as tmp:
-                argv = imgclf("train", str(folder), "--arch", "test_efficientnet", "--weights", str(weights),
-                              "--epochs", "1", "--fine-tune", "--fine-tune-epochs", "1", "--max-memory-gb",
-                              str(budget), "--workspace", str(Path(tmp) / "ws"), "--no-cache", "--device", "cpu",
-                              "--out", str(Path(tmp) / "m.imgclf"), "-q")  # fmt: skip
+                argv = [sys.executable, __file__, "fit-once", str(folder), str(weights), str(budget), tmp]
                 done, wall, peaks = run_watched(argv)
             if done.returncode != 0:
                 sys.exit(f"{count} photos failed:\n{done.stderr}")
@@ -163,6 +162,16 @@ def memory(args: argparse.Namespace) -> None:
             in_workers = f"max {max(workers):.0f} MiB ({len(workers)})" if workers else "none"
             print(f"  {count:5d} photos: main {peaks['main']:6.0f} MiB  loader workers {in_workers}  "
                   f"wall {wall:6.1f} s", flush=True)  # fmt: skip
+
+
+def fit_once(args: argparse.Namespace) -> None:
+    """The measured process of ``memory``: one head epoch and one fine-tune epoch."""
+    from imgclf import FineTuneOptions, ImageClassificationTrainer
+
+    trainer = ImageClassificationTrainer("test_efficientnet", weights=args.weights, epochs=1, device="cpu",
+                                         use_cache=False, workspace=args.workspace, progress=False, fine_tune=True,
+                                         fine_tune_options=FineTuneOptions(epochs=1), max_memory_gb=args.budget)  # fmt: skip
+    trainer.fit_and_hold_out(args.folder, 0.2)
 
 
 def main() -> None:
@@ -176,10 +185,16 @@ def main() -> None:
     p.set_defaults(func=scaling)
     p = sub.add_parser("memory", help="peak RSS of a fine-tune epoch as the folder grows")
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 8000])
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 64],
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 64],
                    help="--max-memory-gb values: below the set's size streams, above holds it in memory")  # fmt: skip
     p.add_argument("--photos", default=str(Path(tempfile.gettempdir()) / "imgclf-streaming-photos"))
     p.set_defaults(func=memory)
+    p = sub.add_parser("fit-once", help="(the process that memory measures)")
+    p.add_argument("folder")
+    p.add_argument("weights")
+    p.add_argument("budget", type=float)
+    p.add_argument("workspace")
+    p.set_defaults(func=fit_once)
     args = parser.parse_args()
     args.func(args)
 

@@ -101,10 +101,12 @@ def setup(device: str) -> None:
     import torch
     import torch.distributed as dist
 
-    if not is_distributed() or dist.is_initialized():
+    if not is_distributed():
         return
     if not dist.is_available():
         raise OptionError("this PyTorch build has no torch.distributed; train in one process")
+    if dist.is_initialized():  # the caller's own group (a script run under torchrun)
+        return
     backend = "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
