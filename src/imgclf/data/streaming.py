@@ -93,7 +93,8 @@ class StreamedPictures(Sequence):
 
     def __init__(self, images: Sequence[ImageData], prep: Preprocessing):
         self.images, self.prep = list(images), prep
-        self.loader_workers = min(4, os.cpu_count() or 1) if multiprocessing.get_start_method() == "fork" else 0
+        cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # shared by this machine's ranks
+        self.loader_workers = max(1, min(4, cores)) if multiprocessing.get_start_method() == "fork" else 0
 
     def __len__(self) -> int:
         return len(self.images)
