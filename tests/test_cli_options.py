@@ -27,9 +27,11 @@ OPTIONS = {
     "--min-delta": (float, lambda v: 0 <= v < math.inf, ("min_delta", "--min-delta")),
     "--unfreeze": (int, lambda v: v >= 1, ("unfreeze",)),
     "--fine-tune-epochs": (int, lambda v: v >= 1, ("fine-tune epochs", "--fine-tune-epochs")),
+    "--max-memory-gb": (float, lambda v: 0 < v < 1e9, ("max_memory_gb",)),
+    "--nproc-per-node": (int, lambda v: v >= 1, ("--nproc-per-node",)),
 }
 SWITCH_OF = {"--patience": "--early-stopping", "--min-delta": "--early-stopping", "--unfreeze": "--fine-tune",
-             "--fine-tune-epochs": "--fine-tune"}  # fmt: skip
+             "--fine-tune-epochs": "--fine-tune", "--max-memory-gb": "--fine-tune"}  # fmt: skip
 
 NUMBER = (
     st.integers(-(2**70), 2**70)

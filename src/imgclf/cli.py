@@ -7,9 +7,13 @@ one line on stderr with the error's exit code (2 for bad input).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,6 +31,7 @@ _EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scip
 EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
+  imgclf train photos/ --fine-tune --nproc-per-node 4   one process per GPU (torchrun; README for machines)
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf predict pets.onnx archive/ list.txt --out results.parquet   resumable batch scoring
@@ -75,6 +80,7 @@ _NEEDS_SWITCH = [
     ("unfreeze", "--unfreeze", "fine_tune", "--fine-tune"),
     ("fine_tune_epochs", "--fine-tune-epochs", "fine_tune", "--fine-tune"),
     ("keep_orientation", "--keep-orientation", "fine_tune", "--fine-tune"),
+    ("max_memory_gb", "--max-memory-gb", "fine_tune", "--fine-tune"),
     ("early_stopping_metric", "--early-stopping-metric", "early_stopping", "--early-stopping"),
     ("patience", "--patience", "early_stopping", "--early-stopping"),
     ("min_delta", "--min-delta", "early_stopping", "--early-stopping"),
@@ -107,8 +113,18 @@ def _check_train_outputs(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from imgclf.training import distributed
+
+    if distributed.is_main_process():
+        return _train(args, distributed)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # rank 0 alone reports
+        return _train(args, distributed)
+
+
+def _train(args: argparse.Namespace, distributed) -> int:
     from imgclf.atomic import atomic_write_text, check_not_an_input
     from imgclf.data.images import load_images_from_directory
+    from imgclf.errors import OptionError
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
     from imgclf.training.trainer import ImageClassificationTrainer
@@ -141,11 +157,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
-        engine=args.engine,
+        engine=args.engine, max_memory_gb=args.max_memory_gb,
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
         raise ImgclfError(f"--weights {args.weights}: weights file not found")
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise OptionError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+        if args.nproc_per_node != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node)):
+            raise OptionError(f"--nproc-per-node {args.nproc_per_node}: already running under torchrun with "
+                              f"{os.environ['LOCAL_WORLD_SIZE']} processes per node; give one or the other")  # fmt: skip
+    trainer.progress = trainer.progress and distributed.is_main_process()
 
     folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
     started = time.perf_counter()
@@ -158,11 +181,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             check_not_an_input(args.out, inputs, "model", option="--out")
             if args.metrics_json:
                 check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
+            if (args.nproc_per_node or 1) > 1 and not distributed.under_torchrun():
+                return distributed.launch(args.argv, args.nproc_per_node)  # N ranks of this command, torchrun
             labels = sorted({im.label for im in images})
             print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
             print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for evaluation",
                   flush=True)  # fmt: skip
             model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation)
+            if not distributed.is_main_process():
+                caught.clear()  # rank 0 reports the warnings, evaluates, saves
+                return 0
             held_out = {id(im) for im in test}
             _warn_about_duplicates([im for im in images if id(im) not in held_out], test, validation)
             metrics, out = _evaluate_and_save(model, test, args, [im for im in images if id(im) not in held_out])
@@ -543,6 +571,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR")
     _add_engine_options(p, training=True)
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="train in N processes on this machine (one per GPU; on the CPU, cores are shared) under "
+        "torchrun, PyTorch's launcher; for several machines run torchrun yourself (see README)",
+    )
+    p.add_argument(
+        "--max-memory-gb",
+        type=float,
+        metavar="GB",
+        help="with --fine-tune: hold decoded photos in memory only up to this much for the machine, "
+        "else stream them from disk each epoch (default: a quarter of its memory)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder")
@@ -682,13 +724,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_stopping = False  # a stop signal arrived: under torchrun, what fails after it is part of stopping
+
+
+def _stop(*_) -> None:
+    """The first stop signal interrupts; later ones (torchrun stopping a rank that is already
+    stopping or exiting) change nothing."""
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        raise KeyboardInterrupt
+
+
 def _sigterm_as_interrupt() -> None:
     """SIGTERM stops training the way Ctrl-C does: checkpoint, message, exit 130."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _stop)
+        if "WORLD_SIZE" in os.environ:  # a rank of a torchrun job: torchrun stops ranks with SIGINT or SIGTERM
+            signal.signal(signal.SIGINT, _stop)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -701,15 +754,38 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
+def _should_print_failure(message: str, interrupted: bool) -> bool:
+    """Under torchrun one rank prints (see imgclf.training.distributed.report_failure)."""
+    if "WORLD_SIZE" not in os.environ:
+        return True
+    from imgclf.training.distributed import report_failure
+
+    return report_failure(message, interrupted)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _stopping
+    if "WORLD_SIZE" not in os.environ:
+        return _main(argv)
+    try:  # a rank of a torchrun job: a stop signal that lands while it reports a failure ends it quietly
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _stopping = True  # exiting now: a stop signal from here on is ignored
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node starts again on each rank
     if args.command == "train" or (args.command == "predict" and args.out):
         _sigterm_as_interrupt()
     try:
         return args.func(args)
     except ImgclfError as e:
-        print(f"imgclf: error: {e}", file=sys.stderr)
+        if _should_print_failure(str(e), e.exit_code == 130):
+            print(f"imgclf: error: {e}", file=sys.stderr)
         return e.exit_code
     except ModuleNotFoundError as e:
         root = (e.name or "").split(".")[0]
@@ -719,13 +795,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgclf: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("imgclf: interrupted", file=sys.stderr)
+        if _should_print_failure("interrupted", True):
+            print("imgclf: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:
+        if "WORLD_SIZE" not in os.environ:
+            raise
+        from imgclf.training.distributed import peer_stopped
+
+        if _stopping:  # a collective broken by the stop: part of it
+            if _should_print_failure("interrupted", True):
+                print("imgclf: interrupted", file=sys.stderr)
+            return 130
+        if peer_stopped(e):  # another rank failed first: its message is the one to read
+            if _should_print_failure("another rank stopped", True):
+                print("imgclf: error: another rank stopped; torchrun's failure summary names it", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

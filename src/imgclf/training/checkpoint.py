@@ -23,6 +23,7 @@ import torch
 from imgclf.atomic import atomic_path
 from imgclf.errors import ImgclfError
 from imgclf.nets.workspace import checkpoint_file
+from imgclf.training.distributed import is_main_process
 
 
 class TrainingInterrupted(ImgclfError):
@@ -53,7 +54,7 @@ class Checkpoint:
              generator: torch.Generator, history: list[dict], extra: dict | None = None) -> None:  # fmt: skip
         from safetensors.torch import save_file
 
-        if self.failed:
+        if self.failed or not is_main_process():  # under torchrun, rank 0 alone writes it
             return
         tensors: dict[str, torch.Tensor] = {}
         for prefix, module in modules.items():  # a module, or a state dict already taken

@@ -47,6 +47,7 @@ from imgclf.data.imaging import Preprocessing, open_image, resize_shorter_side
 from imgclf.data.parallel import ordered_map
 from imgclf.errors import OptionError
 from imgclf.nets.device import mixed_precision_dtype
+from imgclf.training import distributed
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 
 log = logging.getLogger("imgclf")
@@ -406,7 +407,7 @@ class FineTuner:
                  early_stopping=None, checkpoint=None):  # fmt: skip
         import torchvision.transforms.v2 as T
 
-        self.model, self.o, self.device, self.tta = model, options, device, tta
+        self.model, self.o, self.device, self.tta, self.seed = model, options, device, tta, seed
         self.callback, self.early_stopping, self.checkpoint = callback, early_stopping, checkpoint
         self.class_weights = None if class_weights is None else class_weights.to(device)
         prep = model.preprocessing
@@ -456,8 +457,12 @@ class FineTuner:
         """Shuffled, augmented batches. The order and the workers' seeds are drawn
         from ``self.generator``, so a run, or a run resumed from a checkpoint, repeats."""
         workers = loader_workers(self.o.loader_workers, self.device)
+        if self.o.loader_workers is None:  # photos streamed from disk are decoded in workers
+            workers = max(workers, getattr(pictures, "loader_workers", 0))
+        dataset = AugmentedPictures(pictures, y, augment)
+        sampler = distributed.train_sampler(dataset, self.seed)  # under torchrun: this rank's shard
         return torch.utils.data.DataLoader(
-            AugmentedPictures(pictures, y, augment), batch_size=self.o.batch_size, shuffle=True,
+            dataset, batch_size=self.o.batch_size, shuffle=sampler is None, sampler=sampler,
             generator=self.generator, num_workers=workers, pin_memory=self.device.startswith("cuda"),
             persistent_workers=workers > 0,  # start the workers once, not every epoch
         )  # fmt: skip
@@ -485,6 +490,8 @@ class FineTuner:
     def train_epoch(self, loader, optimizer, epoch: int, total_steps: int) -> EpochMetrics:
         """One pass over the training photos; returns its metrics (without validation)."""
         o, backbone = self.o, self.model.backbone
+        if hasattr(loader.sampler, "set_epoch"):  # under torchrun: a new shuffle of the shards
+            loader.sampler.set_epoch(epoch)
         backbone.train()
         set_batch_norm(backbone, self.recipe.batch_norm)
         steps, warmup = len(loader), o.warmup_epochs * len(loader)
@@ -506,6 +513,8 @@ class FineTuner:
             correct += int((logits.argmax(1) == target).sum())
             loss_sum += float(loss.detach()) * len(target)
         self.images_per_second.append(seen / max(1e-9, time.perf_counter() - started))
+        distributed.sync_buffers(backbone)  # under torchrun: rank 0's batch-norm statistics on every rank
+        seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)  # and every rank's shard
         m = EpochMetrics(epoch + 1, o.learning_rate * factor, correct / seen, loss_sum / seen)
         m.phase = "fine-tune"
         return m
@@ -521,13 +530,15 @@ class FineTuner:
         """Accuracy and cross-entropy, centre crops, flip-averaged when ``tta``."""
         self.model.backbone.eval()
         probs = []
-        for i in range(0, len(pictures), 32):
-            x = self._normalize(torch.stack([self.center(p) for p in pictures[i : i + 32]]))
+        mine = distributed.shard_indices(len(pictures))  # under torchrun: every N-th photo, none twice
+        for i in range(0, len(mine), 32):
+            x = self._normalize(torch.stack([self.center(pictures[j]) for j in mine[i : i + 32]]))
             p = torch.softmax(self._forward(x), 1)
             if self.tta:
                 p = (p + torch.softmax(self._forward(torch.flip(x, dims=[3])), 1)) / 2
             probs.append(p.cpu())
-        p = torch.cat(probs)
+        mine_p = torch.cat(probs) if probs else torch.zeros((0, self.model.head.out_features))
+        p = distributed.gather_rows(mine_p, len(pictures))
         return float((p.argmax(1) == y).float().mean()), float(F.nll_loss(torch.log(p.clamp_min(1e-15)), y))
 
     def prepare(self, pictures: list[torch.Tensor], y: np.ndarray):
@@ -540,8 +551,10 @@ class FineTuner:
         freeze_for_fine_tuning(backbone, o.unfreeze, o.frozen_blocks)
         optimizer = self._optimizer(backbone, head)
         loader = self._loader(pictures, torch.from_numpy(y), build_augmentation(recipe, o.keep_orientation))
+        net = distributed.wrap_for_training(backbone, head, self.device)  # DDP under torchrun, else None
         if o.compile:
-            self._net = torch.compile(torch.nn.Sequential(backbone, head))
+            net = torch.compile(net if net is not None else torch.nn.Sequential(backbone, head))
+        self._net = net
         return loader, optimizer
 
     # -- the run --------------------------------------------------------------------------------------

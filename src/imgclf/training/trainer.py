@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from imgclf.nets.archs import DEFAULT_ARCH, create_backbone, get_architecture, p
 from imgclf.nets.engines import create_engine
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.workspace import default_workspace
+from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, TrainingInterrupted, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
@@ -107,6 +109,7 @@ class ImageClassificationTrainer:
         extraction_batch_size: int = 32,
         workers: int | None = None,
         progress: bool = True,
+        max_memory_gb: float | None = None,
     ):
         self.arch = arch
         self.epochs = epochs
@@ -136,6 +139,7 @@ class ImageClassificationTrainer:
         self.extraction_batch_size = extraction_batch_size
         self.workers = workers
         self.progress = progress
+        self.max_memory_gb = max_memory_gb
 
     def _check_options(self) -> None:
         def positive(name: str, integer: bool) -> None:
@@ -163,6 +167,10 @@ class ImageClassificationTrainer:
             raise OptionError(f"early stopping min_delta must be a number >= 0, got {self.early_stopping.min_delta!r}")
         if self.class_weight not in (None, "balanced"):
             raise OptionError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        if self.max_memory_gb is not None:
+            from imgclf.data.streaming import memory_budget_bytes
+
+            memory_budget_bytes(self.max_memory_gb)  # raises OptionError naming it when it is not a size
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()  # again: its fields may have been changed since
 
@@ -220,7 +228,8 @@ class ImageClassificationTrainer:
             if unknown:
                 raise DataError(f"validation set has labels not in the training set: {', '.join(map(str, unknown))}")
 
-        device = resolve_device(self.device)
+        device = distributed.local_device(resolve_device(self.device))  # under torchrun: LOCAL_RANK's GPU
+        distributed.setup(device)
         arch = get_architecture(self.arch)
         backbone, weights_source = create_backbone(arch, self.weights)
         preprocessing = preprocessing_for(arch)
@@ -230,12 +239,13 @@ class ImageClassificationTrainer:
         extractor = FeatureExtractor(
             engine, preprocessing, f"{arch.name}|{arch.timm_name}|{weights_source}",
             batch_size=self.extraction_batch_size, workers=self.workers,
-            workspace=workspace if self.use_cache else None, cache_writable=writable, progress=self.progress,
+            workspace=workspace if self.use_cache else None, cache_writable=writable,
+            progress=self.progress and distributed.is_main_process(),
         )  # fmt: skip
 
         # Every image through the network (or the cache) first: only then is it known which
         # are readable, and the held-out and validation splits are made from those alone.
-        pool = extractor.transform(images)
+        pool = distributed.extract_sharded(extractor, images)  # under torchrun each rank runs a share
         skipped = list(pool.failures)
         readable = [images[i] for i in pool.kept]
         row_of = {id(im): r for r, im in enumerate(readable)}
@@ -265,7 +275,7 @@ class ImageClassificationTrainer:
         x_train, y_train = self._xy(train, images, labels)
         x_val = y_val = None
         if val is None and validation_set is not None and len(validation_set):
-            val = extractor.transform(validation_set)
+            val = distributed.extract_sharded(extractor, validation_set)
             skipped += val.failures
         if val is not None and len(val.kept):
             x_val, y_val = self._xy(val, validation_set, labels)
@@ -274,9 +284,11 @@ class ImageClassificationTrainer:
 
         class_weights = self._class_weights(y_train, len(labels))
         names = [im.name for im in images] + [im.name for im in validation_set or []]
-        params = {k: v for k, v in self.get_params().items() if k not in ("resume", "workspace", "use_cache", "device")}
+        ignored = ("resume", "workspace", "use_cache", "device", "max_memory_gb")
+        params = {k: v for k, v in self.get_params().items() if k not in ignored}
         checkpoint = Checkpoint(workspace, run_key(names, params)) if writable else None
-        saved = checkpoint.load() if self.resume and checkpoint is not None else None
+        # under torchrun every rank continues from rank 0's checkpoint (only rank 0 writes one)
+        saved = distributed.broadcast_object(checkpoint.load() if self.resume and checkpoint is not None else None)
         resumed_from = None if saved is None else f"{saved['phase']} epoch {saved['epoch']}"
         try:
             head, history, best_epoch = self._train_head(
@@ -320,6 +332,7 @@ class ImageClassificationTrainer:
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
             **({"fine_tune": tuner.summary()} if tuner is not None else {}),
             "extraction": {"extracted": pool.extracted, "cached": pool.cached, "engine": engine.name},
+            "distributed": {"world_size": distributed.world_size(), "backend": distributed.backend_name()},
             "versions": library_versions(),
         }  # fmt: skip
         return model, held_out
@@ -369,13 +382,19 @@ class ImageClassificationTrainer:
 
     def _fine_tune(self, model, images, kept, y_train, validation_set, val, y_val, device, class_weights,
                    checkpoint, saved, head_history, validation_note: str | None):  # fmt: skip
+        from imgclf.data.streaming import training_pictures
         from imgclf.training.finetune import FineTuner, decode_for_training, log
 
-        train_images = [images[i] for i in kept]
-        pictures = decode_for_training(train_images, model.preprocessing, self.workers)
+        decode = partial(decode_for_training, prep=model.preprocessing, workers=self.workers)
+
+        def pictures_of(chosen):  # decoded in memory, or streamed from disk when over max_memory_gb
+            return training_pictures(chosen, model.preprocessing, decode, self.max_memory_gb,
+                                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # fmt: skip
+
+        pictures = pictures_of([images[i] for i in kept])
         val_pictures = None
         if val is not None and len(val.kept):
-            val_pictures = decode_for_training([validation_set[i] for i in val.kept], model.preprocessing, self.workers)
+            val_pictures = pictures_of([validation_set[i] for i in val.kept])
         tuner = FineTuner(model, self.fine_tune_options or FineTuneOptions(), device=device, seed=self.seed,
                           tta=self.tta, class_weights=class_weights, callback=self.metrics_callback,
                           early_stopping=self.early_stopping, checkpoint=checkpoint)  # fmt: skip
