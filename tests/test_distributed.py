@@ -171,8 +171,17 @@ def test_torchrun_resumes_to_one_model_with_identical_ranks(interrupted_then_res
     accuracy, loss = FineTuner(model, FineTuneOptions(), device="cpu", seed=1).evaluate(
         decode_for_training(val, model.preprocessing), y
     )
-    last = model.info["history"][-1]
-    assert last["validation_accuracy"] == pytest.approx(accuracy) and last["validation_loss"] == pytest.approx(loss)
+    tuned = model.info["fine_tune"]  # the model kept is the best epoch's, or the head-only one
+    if tuned["kept"] == "head-only":
+        kept = tuned["head_only_validation"]
+        kept = {"validation_accuracy": kept["accuracy"], "validation_loss": kept["loss"]}
+    else:
+        kept = next(h for h in model.info["history"]
+                    if h["phase"] == "fine-tune" and h["epoch"] == tuned["best_fine_tune_epoch"])  # fmt: skip
+    # 3 photos: an accuracy of k/3 cannot come from 4 rows. The loss only approximately: the run scored
+    # them in channels-last batches of 2 + 1, the check in one contiguous batch.
+    assert kept["validation_accuracy"] == pytest.approx(accuracy), tuned
+    assert kept["validation_loss"] == pytest.approx(loss, rel=1e-3), tuned
 
 
 def test_streamed_pictures_are_the_decoded_ones(tmp_path):
