@@ -16,12 +16,15 @@ many large things happen at the same time.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
 
 from imgclf.errors import ImageTooLargeError
+
+if TYPE_CHECKING:
+    import asyncio
 
 MB = 1024 * 1024
 
@@ -84,6 +87,8 @@ class BodyBudget:
     async def reserve(self, nbytes: int) -> AsyncIterator[None]:
         nbytes = min(nbytes, self.capacity)
         if self._changed is None:
+            import asyncio  # here, not at the top: the CLI reads this module's limits for --help
+
             self._changed = asyncio.Condition()
         async with self._changed:
             await self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity)
