@@ -91,9 +91,9 @@ class StreamedPictures(Sequence):
     workers should decode them, so decoding overlaps the training steps.
     """
 
-    def __init__(self, images: Sequence[ImageData], prep: Preprocessing):
+    def __init__(self, images: Sequence[ImageData], prep: Preprocessing, processes_on_machine: int = 1):
         self.images, self.prep = list(images), prep
-        cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # shared by this machine's ranks
+        cores = (os.cpu_count() or 1) // max(1, processes_on_machine)  # shared by this machine's ranks
         self.loader_workers = max(1, min(4, cores)) if multiprocessing.get_start_method() == "fork" else 0
 
     def __len__(self) -> int:
@@ -116,4 +116,4 @@ def training_pictures(
     photos streamed from disk (:class:`StreamedPictures`)."""
     if decoded_bytes(images, prep) <= memory_budget_bytes(max_memory_gb, processes_on_machine):
         return decode_all(images)
-    return StreamedPictures(images, prep)
+    return StreamedPictures(images, prep, processes_on_machine)

@@ -37,14 +37,16 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from imgclf.data.images import ImageData
-from imgclf.data.imaging import Preprocessing, open_image, resize_shorter_side
+from imgclf.data.imaging import Preprocessing
 from imgclf.data.parallel import ordered_map
+from imgclf.data.streaming import decode_picture
 from imgclf.errors import OptionError
 from imgclf.nets.device import mixed_precision_dtype
 from imgclf.training import distributed
@@ -198,13 +200,8 @@ def choose_recipe(options: FineTuneOptions, input_size: int, distance: float | N
 
 def decode_for_training(images: Sequence[ImageData], prep: Preprocessing, workers: int | None = None) -> list:
     """Each photo decoded once and resized so its shorter side is ``prep.resize_to``,
-    as uint8 CHW tensors (a few hundred KB each)."""
-
-    def load(im: ImageData) -> torch.Tensor:
-        img = resize_shorter_side(open_image(im.read_bytes(), im.name, draft_size=prep.resize_to), prep)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
-
-    return list(ordered_map(load, images, workers))
+    as uint8 CHW tensors (a few hundred KB each): the photos a streamed run decodes one by one."""
+    return list(ordered_map(partial(decode_picture, prep=prep), images, workers))
 
 
 def grayscale_share(pictures: Sequence[torch.Tensor], tolerance: float = 2.0) -> float:
