@@ -1,16 +1,22 @@
 """Engines and precisions: one choice (choose_engine), parity with torch, int8 made once.
 
-Tolerances (documented in the README, "Engines and precision"):
-- fp32 on any engine: probabilities within 1e-4 of eager PyTorch.
-- bf16: top labels equal to fp32, probabilities within 0.05 (bf16 keeps 8 bits of mantissa).
-- int8 (static QDQ by NNCF, calibrated on the training images): top labels equal to fp32
-  on all but at most one of these images, probabilities within 0.35; the same int8 graph gives
-  the same probabilities (1e-4) whichever file (.imgclf or exported .onnx) carries it.
+Every choice is tested both ways on any machine: ``IMGCLF_CPU_CAPABILITIES`` (read in
+one place, imgclf.nets.cpu) pretends a CPU has or lacks native bf16 / VNNI.
+
+Tolerances (docs, "Engines and precision"):
+- fp32 on any engine: probabilities within 1e-4 of eager PyTorch (measured 2e-6).
+- bf16 (only on a CPU with native bf16): top labels equal to fp32, probabilities within 0.05.
+- int8 (static QDQ by NNCF, calibrated on the training images): on these 12 images probabilities
+  within 0.1 of fp32 and at most one top label flipped, only where fp32's two best nearly tie
+  (measured: ONNX Runtime 0.020, no flip; OpenVINO 0.031 and no flip on an AVX-512 VNNI CPU,
+  0.073 and one flip on an image scored 0.44 on an AVX2-only Zen 3); the same int8 graph gives the same probabilities (1e-4) whichever file
+  (.imgclf or exported .onnx) carries it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,42 +25,111 @@ import pytest
 
 from imgclf.cli import main
 from imgclf.errors import ModelFileError, OptionError
-from imgclf.nets.engines import (
-    ACCURACY_TOLERANCE,
-    COMPILE_MIN_IMAGES,
-    choose_engine,
-    installed,
-    native_bf16,
-)
+from imgclf.nets.cpu import cpu_capabilities
+from imgclf.nets.engines import choose_engine, installed
 
 from .conftest import FLOWERS, PREDICT, small_flower_folder
 
 needs_openvino = pytest.mark.skipif(not installed("openvino"), reason="OpenVINO is not installed")
+NATIVE_BF16 = cpu_capabilities().bf16 if "IMGCLF_CPU_CAPABILITIES" not in os.environ else False
 needs_bf16 = pytest.mark.skipif(
-    not (installed("openvino") and native_bf16()),
-    reason="this CPU has no native bf16 (no AVX-512 bf16 or AMX), so OpenVINO would run bf16 as fp32",
+    not (installed("openvino") and NATIVE_BF16),
+    reason="this CPU has no native bf16 (no AVX-512 bf16 or AMX), so OpenVINO would run bf16 as fp32; "
+    "the choice itself is tested both ways with IMGCLF_CPU_CAPABILITIES",
 )
 
 
-def _measured(int8_change: float = 0.0, agreement: float = 1.0) -> dict:
-    return {"fp32": {"micro_accuracy": 0.9}, "int8": {"micro_accuracy": 0.9 + int8_change,
-                                                      "top_label_agreement": agreement}}  # fmt: skip
+@pytest.fixture(params=["none", "bf16,vnni"], ids=["avx2-like", "bf16-vnni-like"])
+def cpu(request, monkeypatch):
+    """Run the test as on a CPU without, then with, native bf16 and VNNI."""
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", request.param)
+    return cpu_capabilities()
 
 
-def test_choose_engine_decides_by_the_table_and_the_recorded_accuracy():
-    assert choose_engine().engine == "onnxruntime" and choose_engine().precision == "fp32"
-    assert choose_engine(images=3).engine == "torch"  # a few images: no graph to build
-    ok = choose_engine(accuracy=_measured(), int8_ready=True)
-    if installed("openvino"):  # int8 runs fast on OpenVINO only
-        assert (ok.engine, ok.precision) == ("openvino", "int8") and "held-out accuracy +0.0 points" in ok.reason
-    moved = choose_engine(accuracy=_measured(-2 * ACCURACY_TOLERANCE), int8_ready=True)
-    assert moved.precision == "fp32" and "int8 not taken: held-out accuracy -1.0 points" in moved.reason
-    assert choose_engine(accuracy=_measured(agreement=0.98), int8_ready=True).precision == "fp32"
-    assert choose_engine(int8_ready=True).precision == "fp32"  # never measured: not taken
-    small = choose_engine(images=COMPILE_MIN_IMAGES - 1, accuracy=_measured(), int8_ready=True)
-    assert (small.engine, small.precision) == ("onnxruntime", "fp32")
-    assert choose_engine("torch", "auto", accuracy=_measured(), int8_ready=True).precision == "fp32"
+def _certificate(agreement=1.0, unseen=300, change=0.0, cpu="bf16+vnni") -> dict:
+    """A certificate as training or ``imgclf certify`` records it (the thresholds are the docs': 300
+    unseen images, 99% of top labels equal to fp32, accuracy within 0.5 point)."""
+    return {"top_label_agreement": agreement, "images": unseen, "unseen_images": unseen,
+            "accuracy_change": change, "cpu": cpu}  # fmt: skip
+
+
+def _metrics(**certificates) -> dict:
+    return {"fp32": {"micro_accuracy": 0.9}, **certificates}
+
+
+def test_the_capability_override_is_read_in_one_place(monkeypatch):
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16,vnni")
+    assert (cpu_capabilities().bf16, cpu_capabilities().vnni, cpu_capabilities().key) == (True, True, "bf16+vnni")
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "none")
+    assert cpu_capabilities().key == "none" and cpu_capabilities().source == "IMGCLF_CPU_CAPABILITIES"
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "avx9000")
+    with pytest.raises(OptionError, match="IMGCLF_CPU_CAPABILITIES='avx9000': use a comma-separated list"):
+        cpu_capabilities()
+
+
+def test_fp32_engines_by_job_size_never_change_the_precision(cpu):
+    """Job size may pick between engines of one precision, never between precisions."""
+    certified = _metrics(bf16=_certificate(), int8=_certificate())
+    precisions = {choose_engine(images=n, accuracy=certified, int8_ready=True).precision for n in (1, 4, 300, 1800)}
+    assert len(precisions) == 1
+    plain = [choose_engine(images=n) for n in (1, 4, 7, 8, 300, 1800, None)]
+    assert {c.precision for c in plain} == {"fp32"}
+    assert [c.engine for c in plain] == ["torch"] * 3 + ["onnxruntime"] * 4
+    assert {choose_engine(images=n, onnx_file=True).engine for n in (1, 4, 1800)} == {"onnxruntime"}
     assert choose_engine(device="cuda").engine == "torch"
+
+
+@needs_openvino
+def test_auto_takes_certified_bf16_first_only_on_a_cpu_with_native_bf16(cpu):
+    certified = _metrics(bf16=_certificate(), int8=_certificate(cpu=cpu.key))
+    choice = choose_engine(accuracy=certified, int8_ready=True, images=1)
+    if cpu.bf16:
+        assert (choice.engine, choice.precision, choice.cpu) == ("openvino", "bf16", "bf16+vnni")
+        assert "certified: top labels 100.0% equal to fp32 on 300 unseen images" in choice.reason
+    else:  # int8 is next; bf16 is never chosen where it would run as fp32
+        assert (choice.engine, choice.precision, choice.cpu) == ("openvino", "int8", "none")
+        assert "no native bf16" in choice.reason
+    onnx = choose_engine(accuracy=certified, int8_ready=True, onnx_file=True)
+    assert onnx.precision == ("bf16" if cpu.bf16 else "int8")
+
+
+@needs_openvino
+@pytest.mark.parametrize(
+    "certificate, why",
+    [
+        (None, "bf16 not certified for this model"),
+        (_certificate(unseen=299), "bf16 measured on 299 images the head did not see (299 in all): too few"),
+        (_certificate(agreement=0.985), "bf16 not taken: top labels 98.5% equal to fp32 on 300 unseen images"),
+        (_certificate(change=-0.01), "accuracy -1.0 points (needs within 0.5)"),
+        (_certificate(cpu="none"), "bf16 was not measured on a CPU with native bf16"),
+        ({"micro_accuracy": 0.9, "top_label_agreement": 1.0, "images": 40},  # a model made before certificates
+         "bf16 measured on 0 images the head did not see (40 in all): too few"),
+    ],
+)
+def test_auto_stays_on_fp32_without_enough_evidence_and_says_why(monkeypatch, certificate, why):
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16")
+    metrics = _metrics(**({"bf16": certificate} if certificate else {}))
+    choice = choose_engine(accuracy=metrics, images=2000)
+    assert (choice.engine, choice.precision) == ("onnxruntime", "fp32") and why in choice.reason
+
+
+@needs_openvino
+def test_int8_certified_on_a_cpu_of_the_other_vnni_kind_is_not_taken(monkeypatch):
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "none")
+    measured_with_vnni = _metrics(int8=_certificate(cpu="vnni"))
+    choice = choose_engine(accuracy=measured_with_vnni, int8_ready=True)
+    assert choice.precision == "fp32" and "int8 was measured on a CPU with VNNI" in choice.reason
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "vnni")
+    assert choose_engine(accuracy=measured_with_vnni, int8_ready=True).precision == "int8"
+
+
+def test_explicit_bf16_is_refused_without_native_bf16_and_taken_with_it(monkeypatch):
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "vnni")
+    with pytest.raises(OptionError, match="has no native bf16"):
+        choose_engine("openvino", "bf16")
+    if installed("openvino"):
+        monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16")
+        assert choose_engine("auto", "bf16").engine == "openvino"
 
 
 @pytest.mark.parametrize(
@@ -71,13 +146,6 @@ def test_choose_engine_decides_by_the_table_and_the_recorded_accuracy():
 def test_impossible_combinations_are_one_line_errors(kwargs, message):
     with pytest.raises(OptionError, match=message.replace("(", r"\(")):
         choose_engine(**kwargs)
-
-
-@needs_openvino
-@pytest.mark.skipif(native_bf16() if installed("openvino") else True, reason="this CPU has native bf16")
-def test_bf16_without_native_support_is_refused_not_faked():
-    with pytest.raises(OptionError, match="has no native bf16"):
-        choose_engine("openvino", "bf16")
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +211,11 @@ def test_int8_keeps_labels_within_the_documented_tolerance(calibrated, arrays, e
     reference, _ = _probs(model, "torch", "fp32", arrays)
     probs, ran = _probs(model, engine, "int8", arrays)
     assert ran == engine
-    assert (probs.argmax(1) != reference.argmax(1)).sum() <= 1
-    assert np.abs(probs - reference).max() < 0.35
+    flipped = probs.argmax(1) != reference.argmax(1)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    assert (top2[flipped, 1] - top2[flipped, 0] < 0.1).all()  # a flip only where fp32 itself nearly ties
+    assert flipped.sum() <= 1
+    assert np.abs(probs - reference).max() < 0.1
     assert np.allclose(probs.sum(1), 1, atol=1e-3)
 
 
@@ -162,23 +233,26 @@ def test_int8_export_is_the_same_graph_and_runs_torch_free(calibrated, arrays, t
         load_onnx_model(out, precision="fp32")
 
 
-def test_held_out_metrics_per_precision_are_recorded_and_read_by_auto(calibrated, tmp_path):
+def test_measured_certificates_are_recorded_and_read_by_auto(calibrated, tmp_path, monkeypatch):
     from imgclf import load_images_from_directory
     from imgclf.inference.model import load_model
-    from imgclf.inference.precision import measure_precisions
+    from imgclf.inference.precision import measure_precisions, record_certificate
 
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "none")
     model, _ = calibrated
     held_out = load_images_from_directory(small_flower_folder(tmp_path / "held", per_class=9))[::3]
-    measured = measure_precisions(model, held_out)
-    assert list(measured)[:1] == ["fp32"] and "int8" in measured
-    assert measured["fp32"]["images"] == len(held_out) and 0 <= measured["int8"]["top_label_agreement"] <= 1
-    model.info["precision_metrics"] = measured
+    measured = measure_precisions(model, held_out, ["fp32", "int8"])
+    entry = measured["int8"]
+    assert measured["fp32"]["images"] == len(held_out) == entry["images"] == entry["unseen_images"] == 9
+    assert entry["cpu"] == "none" and entry["labelled_images"] == 9 and entry["top_label_agreement"] == 1.0
+    record_certificate(model, "int8", entry)
     model.save(tmp_path / "measured.imgclf")
     again = load_model(tmp_path / "measured.imgclf")
-    assert again.info["precision_metrics"] == json.loads(json.dumps(measured))
-    change = measured["int8"]["micro_accuracy"] - measured["fp32"]["micro_accuracy"]
-    kept = abs(change) <= ACCURACY_TOLERANCE and measured["int8"]["top_label_agreement"] >= 0.99
-    assert again.engine_choice().precision == ("int8" if kept else "fp32")
+    assert again.info["precision_metrics"]["int8"] == json.loads(json.dumps(entry))
+    choice = again.engine_choice()  # 9 images cannot certify: fp32, and it says why
+    assert choice.precision == "fp32" and "int8 measured on 9 images the head did not see" in choice.reason
+    unlabelled = measure_precisions(model, [im.__class__(im.source, None, im.name) for im in held_out], ["int8"])
+    assert "accuracy_change" not in unlabelled["int8"] and unlabelled["int8"]["images"] == 9
 
 
 def test_precision_metrics_in_a_model_file_are_checked(calibrated, tmp_path):
@@ -234,6 +308,8 @@ def test_torch_free_runtime_imports_openvino_only_when_it_runs(small_onnx_model)
         f"m = load_onnx_model({str(small_onnx_model)!r}); m.predict({str(PREDICT / 'classic-daisy.jpg')!r}); "
         "print(m.engine_choice().engine, 'openvino' in sys.modules, 'torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["onnxruntime", "False", "False"]
+    for caps in ("none", "bf16,vnni"):  # a bf16 CPU, too: nothing certified, so nothing else is imported
+        env = {**os.environ, "IMGCLF_CPU_CAPABILITIES": caps}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["onnxruntime", "False", "False"], caps

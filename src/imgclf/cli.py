@@ -157,7 +157,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
         weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
-        engine=args.engine, max_memory_gb=args.max_memory_gb,
+        engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb,
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
@@ -224,31 +224,19 @@ def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):
         ext = model.info["extraction"]
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
         print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} held out")
-        metrics = model.evaluate(test)
-        model.info["metrics"] = {**metrics.to_dict(), "precision": "fp32"}
+        from_features = model.held_out_features_ is not None and not model.tta
+        ran = model.engine_choice(len(test))
+        metrics = model.evaluate_held_out(test)
+        model.info["metrics"] = {**metrics.to_dict(), "precision": "fp32" if from_features else ran.precision}
         print(metrics)
-        if args.precision != "fp32" and test and model.device == "cpu":
-            _record_precisions(model, train_images, test, args.precision)
+        decision = model.info.get("precision_decision") or {}
+        if decision.get("line"):
+            print(f"Precision: {decision['line']}")
         return metrics, model.save(args.out)
     except KeyboardInterrupt:
         raise TrainingInterrupted("interrupted" + (hint if kept else "")) from None
     except ModelFileError as e:
         raise ModelFileError(f"{e}{hint if kept else ''}") from None
-
-
-def _record_precisions(model, train_images, test, precision: str) -> None:
-    """Calibrate int8 on the training images (unless --precision bf16) and print the
-    held-out accuracy at every precision this machine runs (recorded in the model)."""
-    from imgclf.inference.precision import record_precisions
-
-    measured = record_precisions(model, train_images, test, precision)
-    for name, m in measured.items():
-        line = f"  {name:<5} {m['engine']:<12} held-out accuracy {m['micro_accuracy']:.4f}"
-        if "top_label_agreement" in m:
-            line += f", top labels equal to fp32 on {100 * m['top_label_agreement']:.1f}% of images"
-        print(line)
-    choice = model.engine_choice()
-    print(f"Predicting with this model on this machine: {choice.describe()}")
 
 
 def _engine_line(model) -> None:

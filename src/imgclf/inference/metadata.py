@@ -56,12 +56,17 @@ class PreprocessingSpec(BaseModel):
 
 
 class PrecisionMetrics(BaseModel):
-    """Held-out metrics at one precision (``imgclf.inference.precision``); ``auto`` reads them."""
+    """Measurements at one precision (``imgclf.inference.precision``): fp32's accuracy, or a
+    lossy precision's certificate, which ``auto`` reads (:func:`imgclf.nets.engines.certificate_verdict`)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    micro_accuracy: _Unit
+    micro_accuracy: _Unit | None = None
     top_label_agreement: _Unit | None = None
+    images: Annotated[int, Field(ge=0)] | None = None
+    unseen_images: Annotated[int, Field(ge=0)] | None = None
+    accuracy_change: Annotated[float, Field(ge=-1, le=1)] | None = None
+    cpu: Annotated[str, StringConstraints(pattern=r"^(none|bf16|vnni|bf16\+vnni)$")] | None = None
 
 
 class _CommonMetadata(BaseModel):

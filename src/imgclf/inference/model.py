@@ -38,14 +38,15 @@ _CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "f
 def library_versions() -> dict[str, str]:
     """Versions that made a model, recorded in its file for reproducibility."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     from imgclf.version import __version__
 
     versions = {"imgclf": __version__, "python": platform.python_version()}
-    for mod in ("torch", "timm", "numpy", "PIL"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
+    for mod, dist in (("torch", "torch"), ("timm", "timm"), ("numpy", "numpy"), ("PIL", "pillow")):
+        try:  # from the installed metadata: importing timm only to read its version costs 2.5 s
+            versions[mod] = version(dist)
+        except PackageNotFoundError:
             pass
     return versions
 
@@ -73,8 +74,15 @@ class ImageClassifier(Predictor):
         int8_graph: bytes | None = None,
     ):
         self.tta = tta  # average with the horizontally flipped image
-        self.backbone = backbone.eval().to(device)
+        self.device = device
+        self.timm_name = timm_name
+        self._backbone = self._backbone_tensors = None
+        if isinstance(backbone, dict):  # tensors only: the network is built on first use (see backbone)
+            self._backbone_tensors = backbone
+        else:
+            self._backbone = backbone.eval().to(device)
         self.head = head.eval().to(device)
+        self.held_out_features_ = None  # the held-out images' pooled features, set by training (evaluate_held_out)
         self.engine = engine
         self.precision = precision
         self.int8_graph_ = int8_graph  # the calibrated int8 network (imgclf.inference.precision)
@@ -84,11 +92,43 @@ class ImageClassifier(Predictor):
         self.labels = list(labels)
         self.classes_ = self.labels
         self.arch = arch
-        self.timm_name = timm_name
         self.preprocessing = preprocessing
         self.info = dict(info or {})
-        self.device = device
         self._checkpoint = None  # the training run's checkpoint, removed once this model is saved
+
+    @property
+    def backbone(self):
+        """The pretrained (or fine-tuned) network up to its pooled features. A model trained
+        on cached features holds only its tensors until something needs the network: a
+        run that saves it never imports timm."""
+        if self._backbone is None:
+            from imgclf.nets.archs import create_network
+
+            network = create_network(self.timm_name, num_classes=0)
+            network.load_state_dict(self._backbone_tensors, strict=True)
+            self._backbone, self._backbone_tensors = network.eval().to(self.device), None
+        return self._backbone
+
+    @backbone.setter
+    def backbone(self, module) -> None:
+        self._backbone, self._backbone_tensors = module, None
+        self.held_out_features_ = None  # a new backbone makes other features
+
+    def _backbone_state(self) -> dict:
+        return self._backbone_tensors if self._backbone is None else self._backbone.state_dict()
+
+    def evaluate_held_out(self, images):
+        """Metrics on the held-out ``images`` training set aside. Their pooled features
+        are already known (``held_out_features_``), so a head-only model without test-time
+        augmentation is scored from them, the same numbers to 1e-5 as :meth:`evaluate`
+        and no network pass; otherwise this is :meth:`evaluate`."""
+        features = self.held_out_features_
+        if features is None or self.tta or len(features) != len(images):
+            return self.evaluate(images)
+        from imgclf.inference.metrics import compute_metrics
+
+        targets = [self.labels.index(im.label) for im in images]
+        return compute_metrics(self._head_probabilities(features), targets, self.labels)
 
     @property
     def checkpoint_path_(self) -> Path | None:
@@ -123,31 +163,36 @@ class ImageClassifier(Predictor):
         return self._engine_for(self.batch_size, force=True).choice
 
     def _engine_for(self, batch: int, force: bool = False):
-        """The network's engine: a quick eager one for a few images; the one
-        ``choose_engine`` names, built once, as soon as batches are worth it.
-        At int8 it runs the whole calibrated network, otherwise the backbone."""
-        from imgclf.nets.engines import TorchEngine, create_engine, open_engine
+        """The network's engine, as :func:`~imgclf.nets.engines.choose_engine` names it for a
+        job of this size (the job's, when known, else this batch's): the precision never
+        depends on it, only whether a few images on fp32 run eagerly (no graph to build)
+        or on a graph engine built once. At int8 it runs the whole calibrated network,
+        otherwise the backbone."""
+        from imgclf.nets.engines import EAGER_MAX_IMAGES, TorchEngine, create_engine, open_engine
 
-        asked = self.engine != "auto" or self.precision != "auto"
-        if self.features_engine is None and (batch >= 8 or asked or force or self.job_size is not None):
-            choice = self.engine_choice()
-            if choice.precision == "int8":
-                self.features_engine = open_engine(choice, self.int8_graph_, self.threads)
-                self.features_engine.choice = choice
-            elif choice.engine == "torch":
-                self.features_engine = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
-            else:
-                from imgclf.nets.onnx_graph import to_onnx_bytes
-
-                if self._backbone_graph is None:
-                    self._backbone_graph = to_onnx_bytes(self.backbone, self.preprocessing.input_size)
-                self.features_engine = open_engine(choice, self._backbone_graph, self.threads)
-                self.features_engine.choice = choice
         if self.features_engine is not None:
             return self.features_engine
-        if self._eager is None:
-            self._eager = TorchEngine(self.backbone, self.device)
-        return self._eager
+        images = None if force else (self.job_size if self.job_size is not None else batch)
+        choice = self.engine_choice(images)
+        eager_for_size = choice.engine == "torch" and images is not None and images < EAGER_MAX_IMAGES
+        if eager_for_size and self.engine == "auto":
+            if self._eager is None:
+                self._eager = TorchEngine(self.backbone, self.device)
+            self._eager.choice = choice
+            return self._eager
+        if choice.precision == "int8":
+            built = open_engine(choice, self.int8_graph_, self.threads)
+        elif choice.engine == "torch":
+            built = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
+        else:
+            from imgclf.nets.onnx_graph import to_onnx_bytes
+
+            if self._backbone_graph is None:
+                self._backbone_graph = to_onnx_bytes(self.backbone, self.preprocessing.input_size)
+            built = open_engine(choice, self._backbone_graph, self.threads)
+        built.choice = choice
+        self.features_engine = built
+        return built
 
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         engine = self._engine_for(len(arrays))
@@ -167,7 +212,8 @@ class ImageClassifier(Predictor):
 
     def to(self, device: str) -> ImageClassifier:
         """Move to ``device`` ("cpu", "cuda", ...) and return self."""
-        self.backbone.to(device)
+        if self._backbone is not None:
+            self._backbone.to(device)
         self.head.to(device)
         self.device = device
         self.features_engine = self._eager = self._backbone_graph = None
@@ -198,7 +244,7 @@ class ImageClassifier(Predictor):
         path = Path(path)
         if path.is_dir():
             raise ModelFileError(f"{path}: is a folder; give a file name such as {path / DEFAULT_MODEL_PATH}")
-        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        tensors = {f"backbone.{k}": v for k, v in self._backbone_state().items()}
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         if self.int8_graph_ is not None:

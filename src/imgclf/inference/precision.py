@@ -145,35 +145,66 @@ def calibrate_int8(model: ImageClassifier, images: Sequence[ImageData], *, limit
 def available_precisions(model) -> list[str]:
     """The precisions ``model`` can run here: fp32; bf16 where the CPU has it natively
     (and OpenVINO is installed); int8 where the model carries a calibrated graph."""
-    from imgclf.nets.engines import installed, native_bf16
+    from imgclf.nets.cpu import cpu_capabilities
+    from imgclf.nets.engines import installed
 
     found = ["fp32"]
-    if getattr(model, "device", "cpu") == "cpu" and installed("openvino") and native_bf16():
+    if getattr(model, "device", "cpu") == "cpu" and installed("openvino") and cpu_capabilities().bf16:
         found.append("bf16")
     if getattr(model, "int8_graph_", None) is not None:
         found.append("int8")
     return found
 
 
-def measure_precisions(
-    model: ImageClassifier, images: Sequence[ImageData], precisions: Sequence[str] | None = None
-) -> dict[str, dict]:
-    """Held-out metrics of ``model`` on labelled ``images`` under each precision
-    (default: :func:`available_precisions`).
+def compare_to_fp32(reference: np.ndarray, probs: np.ndarray, targets: Sequence[int] | None, unseen: int) -> dict:
+    """A certificate entry for one lossy precision: how its answers compare with fp32's
+    on the same images (``targets``: their label indices where known, else None;
+    ``unseen``: how many of them the head was not fitted on)."""
+    from imgclf.nets.cpu import cpu_capabilities
 
-    Each entry has ``micro_accuracy``, ``macro_accuracy``, ``log_loss``, ``engine`` and
-    ``images``; those other than fp32 also have ``top_label_agreement`` (share of
-    images whose top label equals fp32's) and ``largest_probability_change``.
-    The model's engine settings are restored after.
+    entry = {
+        "images": int(len(probs)),
+        "unseen_images": int(unseen),
+        "top_label_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()) if len(probs) else 0.0,
+        "largest_probability_change": float(np.abs(probs - reference).max()) if len(probs) else 0.0,
+        "cpu": cpu_capabilities().key,
+    }
+    if targets is not None and len(targets):
+        t = np.asarray(targets)
+        accuracy = float((probs.argmax(1) == t).mean())
+        entry.update(micro_accuracy=accuracy, labelled_images=int(len(t)),
+                     accuracy_change=accuracy - float((reference.argmax(1) == t).mean()))  # fmt: skip
+    return entry
+
+
+def measure_precisions(
+    model: ImageClassifier,
+    images: Sequence[ImageData],
+    precisions: Sequence[str] | None = None,
+    *,
+    unseen: bool = True,
+) -> dict[str, dict]:
+    """Metrics of ``model`` on ``images`` under each precision (default:
+    :func:`available_precisions`), compared with fp32 on the same images.
+
+    Images need no label: top-label agreement with fp32 is what certifies a lossy
+    precision (:func:`imgclf.nets.engines.certificate_verdict`); labelled ones add the
+    accuracy change. ``unseen``: the head was not fitted on these images (held-out or
+    new ones); agreement on training images overstates it, so those do not count.
+    The fp32 entry has the accuracy where labels exist; the others are certificate
+    entries (:func:`compare_to_fp32`). The model's engine settings are restored after.
     """
-    labelled = [im for im in images if im.label is not None]
-    if not labelled:
-        raise DataError("no labelled images to measure precisions on")
+    images = list(images)
+    if not images:
+        raise DataError("no images to measure precisions on")
     precisions = list(precisions or available_precisions(model))
     if precisions[0] != "fp32":
         precisions = ["fp32", *(p for p in precisions if p != "fp32")]  # the reference comes first
-    arrays, kept = _decode(labelled, model.preprocessing)
-    targets = [model.labels.index(labelled[i].label) for i in kept]
+    arrays, kept = _decode(images, model.preprocessing)
+    labelled = all(images[i].label is not None for i in kept)
+    targets = [model.labels.index(images[i].label) for i in kept] if labelled else None
+    if labelled and any(images[i].label not in model.labels for i in kept):
+        raise DataError("images have labels the model does not know")
     saved = (model.engine, model.precision, model.features_engine)
     results: dict[str, dict] = {}
     reference = None
@@ -182,42 +213,23 @@ def measure_precisions(
             engine = "auto" if model.device == "cpu" or precision != "fp32" else "torch"
             choice = model.use_engine(engine, precision)
             probs = model.predict_proba_arrays(arrays)
-            metrics = compute_metrics(probs, targets, model.labels)
-            entry = {"micro_accuracy": metrics.micro_accuracy, "macro_accuracy": metrics.macro_accuracy,
-                     "log_loss": metrics.log_loss, "engine": choice.engine, "images": len(targets)}  # fmt: skip
             if reference is None:
                 reference = probs
+                entry = {"engine": choice.engine, "images": len(kept)}
+                if targets is not None:
+                    metrics = compute_metrics(probs, targets, model.labels)
+                    entry.update(micro_accuracy=metrics.micro_accuracy, macro_accuracy=metrics.macro_accuracy,
+                                 log_loss=metrics.log_loss)  # fmt: skip
             else:
-                entry["top_label_agreement"] = float((probs.argmax(1) == reference.argmax(1)).mean())
-                entry["largest_probability_change"] = float(np.abs(probs - reference).max())
+                entry = {"engine": choice.engine, **compare_to_fp32(reference, probs, targets, len(kept) if unseen else 0)}
             results[precision] = entry
     finally:
         model.engine, model.precision, model.features_engine = saved
     return results
 
 
-def record_precisions(
-    model: ImageClassifier,
-    train_images: Sequence[ImageData],
-    held_out: Sequence[ImageData],
-    precision: str = "auto",
-) -> dict[str, dict]:
-    """What ``imgclf train`` does after training: calibrate int8 on ``train_images``
-    (``precision`` int8, or auto from 32 training images where NNCF is installed), measure the held-out metrics under every
-    precision this machine runs, and record them in ``model.info["precision_metrics"]``
-    (the fp32 metrics stay in ``metrics``, marked ``precision: fp32``)."""
-    from imgclf.nets.engines import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    enough = len(train_images) >= AUTO_CALIBRATION_MIN_IMAGES
-    if model.device == "cpu" and (
-        precision == "int8" or precision == "auto" and enough and int8_calibration_available()
-    ):
-        calibrate_int8(model, train_images)
-    measured = measure_precisions(model, held_out)
-    model.info["precision_metrics"] = measured
-    if isinstance(model.info.get("metrics"), dict):
-        model.info["metrics"]["precision"] = "fp32"
-    model.features_engine = None
-    return measured
+def record_certificate(model, precision: str, entry: dict) -> None:
+    """Keep ``entry`` as the model's certificate for ``precision`` (saved with the model)."""
+    metrics = model.info.get("precision_metrics")
+    model.info["precision_metrics"] = {**(metrics if isinstance(metrics, dict) else {}), precision: entry}
+    model.features_engine = None  # the next batch goes through choose_engine again

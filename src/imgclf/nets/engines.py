@@ -1,38 +1,33 @@
 """Which engine runs the network, at which precision: one table, one choice.
 
 Every path that runs the network (feature extraction in training, ``predict``,
-``evaluate``, batch scoring here and in Ray actors, ``serve``) asks
-:func:`choose_engine`, and nothing else decides. What each engine can do is data
-in :data:`ENGINES`; which one ``auto`` prefers at each precision is
-:data:`AUTO_ORDER`, set by measurement (``benchmarks/throughput.py``, README
+``evaluate``, batch scoring here and in Ray actors and Spark executors, ``serve``)
+asks :func:`choose_engine`, and nothing else decides. What each engine can do is
+data in :data:`ENGINES`; which one ``auto`` prefers at each precision is
+:data:`AUTO_ORDER`, set by measurement (``benchmarks/throughput.py``, docs
 "Engines and precision"):
 
-- fp32 on a CPU: ONNX Runtime. OpenVINO fp32 is slower on EfficientNet-Lite
-  (0.8x on an AMD EPYC), eager PyTorch about 3x slower.
-- bf16: OpenVINO, only where the CPU multiplies bf16 natively (AVX-512 bf16 or
-  AMX; OpenVINO lists ``BF16`` in its optimization capabilities). Elsewhere
-  OpenVINO would silently run fp32, so asking for it is an error.
-- int8 (the model's own static QDQ graph, calibrated by NNCF on its training
-  images, see :mod:`imgclf.inference.precision`): OpenVINO (1.7x ONNX Runtime fp32
-  on the AMD EPYC, which has no VNNI). ONNX Runtime runs that graph too, but
-  slower than fp32, so ``auto`` takes int8 only where OpenVINO is installed.
+- fp32 on a CPU: ONNX Runtime (eager PyTorch for a job of a few images on a torch
+  model: no graph to build). They compute the same fp32 network: answers agree to 1e-4.
+- bf16: OpenVINO, only where the CPU multiplies bf16 natively (:mod:`imgclf.nets.cpu`).
+- int8 (the model's calibrated static QDQ graph, :mod:`imgclf.inference.precision`): OpenVINO.
 - GPUs: eager PyTorch.
 
-``precision="auto"`` takes, in this order: int8 when the model carries an int8
-graph whose recorded held-out accuracy is within half a point of fp32 with top
-labels equal on at least 99% of the held-out images; bf16 where the CPU does it
-natively, under the same rule; fp32 otherwise. A job known to be small (under
-:data:`COMPILE_MIN_IMAGES` images) stays at fp32, since compiling a second graph
-would cost more than it saves. All engines read the same exported ONNX graph
-(:mod:`imgclf.nets.onnx_graph`); OpenVINO is imported only when it runs.
+One model, one answer: the precision depends on the model file, this CPU's
+capabilities and the options given, never on how many images a job has, so the
+same image gets the same answer from every path. ``precision="auto"`` takes a
+lossy precision only where the model file carries a certificate for it measured
+on a CPU like this one (:func:`certificate_verdict`): top labels equal to fp32 on
+at least 99% of at least :data:`CERTIFY_MIN_IMAGES` images the head was not fitted
+on, held-out accuracy within half a point. bf16 is tried first (closer to fp32 and,
+where native, faster), then int8; otherwise fp32, and the reason is one line.
+OpenVINO is imported only when it runs.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import MissingDependencyError, OptionError
+from imgclf.nets.cpu import CpuCapabilities, cpu_capabilities, cpu_name
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+LOSSY_PRECISIONS = ("bf16", "int8")  # auto's order: bf16 first (closer to fp32 where native)
 
 
 @dataclass(frozen=True)
@@ -77,15 +74,17 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "int8": ("openvino", "onnxruntime"),
 }
 
-#: Below this many images, ``auto`` stays at fp32: importing OpenVINO and compiling a
-#: second graph costs 1 to 2.5 s here, which a 1.7x faster network repays only after
-#: some 400 to 500 images (10.7 ms -> 6.3 ms an image at batch 32 on 2 cores).
-COMPILE_MIN_IMAGES = 400
+#: Below this many images a torch model runs eagerly at fp32 (no graph to build);
+#: both engines compute the same fp32 network, so only the speed differs.
+EAGER_MAX_IMAGES = 8
 
-#: Largest change of held-out accuracy (fraction) at which ``auto`` still takes a precision.
-ACCURACY_TOLERANCE = 0.005
-#: Smallest share of held-out images whose top label must equal fp32's for ``auto`` to take a precision.
+#: What a certificate needs before ``auto`` takes a lossy precision: this many images the
+#: head was not fitted on (with 0 flips in 300 the 95% upper bound on the flip rate is 1%),
+CERTIFY_MIN_IMAGES = 300
+#: top labels equal to fp32 on at least this share of them,
 AGREEMENT_MINIMUM = 0.99
+#: and accuracy (on those with labels) within this much of fp32's.
+ACCURACY_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,14 @@ class EngineChoice:
     engine: str
     precision: str
     reason: str
+    cpu: str = ""  # the capabilities that chose it (imgclf.nets.cpu), e.g. "bf16+vnni" or "none"
 
     def describe(self) -> str:
         return f"engine {self.engine}, {self.precision} ({self.reason})"
+
+    def to_dict(self) -> dict:
+        """What ran, as every output records it (--json, results metadata, /v1/model, the report)."""
+        return {"engine": self.engine, "precision": self.precision, "cpu": self.cpu, "reason": self.reason}
 
 
 def installed(engine: str) -> bool:
@@ -118,96 +122,61 @@ def _runs(engine: str, onnx_file: bool) -> bool:
     return installed(engine) and (engine == "torch" or importlib.util.find_spec("onnx") is not None)
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags on Linux x86 (from /proc/cpuinfo); None where unknown."""
-    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return None
-
-
-@functools.cache
-def openvino_capabilities() -> tuple[str, ...]:
-    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (e.g. FP32, BF16, INT8); () without OpenVINO."""
-    if not installed("openvino"):
-        return ()
-    return tuple(_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-
-
-@functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively, as OpenVINO sees it.
-
-    On Linux x86 the CPU flags answer "no" without importing OpenVINO (0.4 s),
-    which keeps a small job's start-up short; OpenVINO has the last word.
-    """
-    flags = _cpu_flags()
-    if flags is not None and not flags & {"avx512_bf16", "amx_bf16"}:
-        return False
-    return "BF16" in openvino_capabilities()
+    """Whether this CPU multiplies bf16 natively (:func:`imgclf.nets.cpu.cpu_capabilities`)."""
+    return cpu_capabilities().bf16
 
 
-def cpu_name() -> str:
-    """The CPU's model name, for reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def certificate_verdict(metrics: dict | None, precision: str, caps: CpuCapabilities) -> tuple[bool, str]:
+    """Whether the model's recorded measurements let ``auto`` take ``precision`` on a CPU
+    with ``caps``, and why (short). ``metrics``: the model's ``precision_metrics``."""
+    entry = (metrics or {}).get(precision) if isinstance(metrics, dict) else None
+    if not isinstance(entry, dict) or entry.get("top_label_agreement") is None:
+        return False, f"{precision} not certified for this model"
+    images = int(entry.get("images") or 0)
+    unseen = int(entry.get("unseen_images") or 0)
+    recorded = str(entry.get("cpu") or "")
+    if unseen < CERTIFY_MIN_IMAGES:
+        return False, (f"{precision} measured on {unseen} images the head did not see ({images} in all): too few "
+                       f"to certify (needs {CERTIFY_MIN_IMAGES})")  # fmt: skip
+    if precision == "bf16" and "bf16" not in recorded.split("+"):
+        return False, f"bf16 was not measured on a CPU with native bf16 (recorded: {recorded or 'unknown'})"
+    if precision == "int8" and ("vnni" in recorded.split("+")) != caps.vnni:
+        return False, f"int8 was measured on a CPU {'with' if not caps.vnni else 'without'} VNNI, not one like this"
+    agreement = float(entry["top_label_agreement"])
+    said = f"top labels {100 * agreement:.1f}% equal to fp32 on {unseen} unseen images"
+    change = entry.get("accuracy_change")
+    if change is not None:
+        said += f", accuracy {100 * float(change):+.1f} points"
+    if agreement < AGREEMENT_MINIMUM:
+        return False, f"{precision} not taken: {said} (needs {100 * AGREEMENT_MINIMUM:.0f}%)"
+    if change is not None and abs(float(change)) > ACCURACY_TOLERANCE + 1e-9:
+        return False, f"{precision} not taken: {said} (needs within {100 * ACCURACY_TOLERANCE:.1f})"
+    return True, f"certified: {said}"
 
 
-def _measured(accuracy: dict | None, precision: str) -> tuple[float, float | None] | None:
-    """(held-out accuracy change against fp32, top-label agreement) recorded for ``precision``."""
-    try:
-        entry, reference = accuracy[precision], accuracy["fp32"]
-        change = float(entry["micro_accuracy"]) - float(reference["micro_accuracy"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    agreement = entry.get("top_label_agreement")
-    return change, None if agreement is None else float(agreement)
-
-
-def _passes(accuracy: dict | None, precision: str) -> tuple[bool, str]:
-    """Whether the recorded held-out metrics let ``auto`` take ``precision``, and why."""
-    measured = _measured(accuracy, precision)
-    if measured is None:
-        return False, f"{precision} held-out accuracy not recorded in the model"
-    change, agreement = measured
-    said = f"held-out accuracy {100 * change:+.1f} points"
-    if agreement is not None:
-        said += f", top labels {100 * agreement:.1f}% equal to fp32"
-    ok = abs(change) <= ACCURACY_TOLERANCE + 1e-9 and (agreement is None or agreement >= AGREEMENT_MINIMUM)
-    return ok, said
-
-
-def _auto_precision(engine: str, images: int | None, accuracy: dict | None, int8_ready: bool) -> tuple[str, str]:
-    """int8, bf16 or fp32 for ``precision="auto"``, with the reason; cheapest checks first."""
-    if images is not None and images < COMPILE_MIN_IMAGES:
-        return "fp32", f"{images} image(s): compiling a faster graph would cost more than it saves"
-    notes = []
-    if int8_ready and engine in ("auto", "openvino") and installed("openvino"):
-        ok, said = _passes(accuracy, "int8")
-        if ok:
-            return "int8", f"calibrated int8 graph, {said}"
-        notes.append(f"int8 not taken: {said}")
+def _auto_precision(engine: str, metrics: dict | None, int8_ready: bool, caps: CpuCapabilities) -> tuple[str, str]:
+    """bf16, int8 or fp32 for ``precision="auto"``, with the reason. Never depends on the job's size."""
     if engine not in ("auto", "openvino"):
-        return "fp32", "; ".join(notes) or f"{engine} runs fp32"
-    if not installed("openvino"):
-        notes.append("bf16 would need OpenVINO: pip install 'imgclf[openvino]'")
-    elif not native_bf16():
-        notes.append("this CPU has no native bf16")
+        return "fp32", f"{engine} runs fp32"
+    notes = []
+    if not caps.bf16:
+        notes.append("no native bf16")
+    elif not installed("openvino"):
+        notes.append("bf16 needs OpenVINO: pip install 'imgclf[openvino]'")
     else:
-        ok, said = _passes(accuracy, "bf16")
+        ok, said = certificate_verdict(metrics, "bf16", caps)
         if ok:
-            return "bf16", f"this CPU has native bf16; {said}"
-        notes.append(f"bf16 not taken: {said}")
+            return "bf16", f"native bf16, {said}"
+        notes.append(said)
+    if int8_ready:
+        if not installed("openvino"):
+            notes.append("int8 needs OpenVINO: pip install 'imgclf[openvino]'")
+        else:
+            ok, said = certificate_verdict(metrics, "int8", caps)
+            if ok:
+                return "int8", "; ".join([*notes, f"calibrated int8 graph, {said}"])
+            notes.append(said)
     return "fp32", "; ".join(notes) or "the default"
 
 
@@ -223,47 +192,49 @@ def choose_engine(
 ) -> EngineChoice:
     """The one place that decides which engine runs the network, at which precision.
 
-    ``images``: how many images the job has, if known (small jobs stay on ONNX
-    Runtime); ``accuracy``: the model's recorded held-out metrics per precision
-    (``precision_metrics``), which keep ``auto`` off a precision that moved
-    accuracy; ``onnx_file``: the network is an exported file, so torch cannot run it;
-    ``int8_ready``: the model carries a calibrated int8 graph (or is one).
-    Raises :class:`OptionError` for a combination that cannot run and
-    :class:`MissingDependencyError` (naming the extra) for an engine not installed.
+    ``images``: how many images the job has, if known: it may pick between engines
+    computing the same precision (a few images on a torch model run eagerly), never
+    between precisions. ``accuracy``: the model's ``precision_metrics`` (the
+    certificates ``auto`` needs for a lossy precision); ``onnx_file``: the network is
+    an exported file, so torch cannot run it; ``int8_ready``: the model carries a
+    calibrated int8 graph (or is one). Raises :class:`OptionError` for a combination
+    that cannot run and :class:`MissingDependencyError` (naming the extra) for an
+    engine not installed.
     """
     if engine not in ENGINE_NAMES:
         raise OptionError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got '{engine}'")
     if precision not in PRECISIONS:
         raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    caps = cpu_capabilities()
     if device != "cpu":
         if engine not in ("auto", "torch") or precision not in ("auto", "fp32"):
             raise OptionError(f"on {device} the network runs on torch in fp32; use --device cpu for "
                               f"--engine {engine} --precision {precision}")  # fmt: skip
-        return EngineChoice("torch", "fp32", f"{device}: eager PyTorch")
-    if engine == "auto" and precision == "auto" and not onnx_file and images is not None and images < 8:
-        return EngineChoice("torch", "fp32", f"{images} image(s): eager PyTorch, no graph to build")
+        return EngineChoice("torch", "fp32", f"{device}: eager PyTorch", caps.key)
     if engine == "torch" and onnx_file:
         raise OptionError("an exported ONNX file runs on onnxruntime or openvino, not torch; load the .imgclf model")
     reason = "asked for"
     if precision == "auto":
-        precision, reason = _auto_precision(engine, images, accuracy, int8_ready)
-    elif precision == "bf16" and installed("openvino") and not native_bf16():
-        caps = ", ".join(openvino_capabilities()) or "none"
-        raise OptionError(f"this CPU ({cpu_name()}) has no native bf16 (OpenVINO reports {caps}), so bf16 would "
-                          "run as fp32; use --precision fp32 or auto")  # fmt: skip
+        precision, reason = _auto_precision(engine, accuracy, int8_ready, caps)
+    elif precision == "bf16" and not caps.bf16:
+        raise OptionError(f"this CPU ({cpu_name()}) has no native bf16 ({caps.source}), so bf16 would run as fp32; "
+                          "use --precision fp32 or auto")  # fmt: skip
     elif precision == "int8":
         if not int8_ready:
-            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 or auto "
+            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 "
                               "(calibrated on its training images), or call imgclf.calibrate_int8(model, images)")  # fmt: skip
-        if _measured(accuracy, "int8") is not None:
-            reason += "; " + _passes(accuracy, "int8")[1]
+        if certificate_verdict(accuracy, "int8", caps)[0]:
+            reason += "; " + certificate_verdict(accuracy, "int8", caps)[1]
     if engine == "auto":
+        if precision == "fp32" and not onnx_file and images is not None and images < EAGER_MAX_IMAGES:
+            return EngineChoice("torch", "fp32", f"{reason}; {images} image(s): eager PyTorch, no graph to build",
+                                caps.key)  # fmt: skip
         usable = [n for n in AUTO_ORDER[precision] if _runs(n, onnx_file)]
         if not usable:
             needed = [ENGINES[n] for n in AUTO_ORDER[precision] if ENGINES[n].runs_onnx_files or not onnx_file]
             raise MissingDependencyError(f"{precision} needs {' or '.join(s.name for s in needed)}: "
                                          f"pip install 'imgclf[{needed[0].extra}]'")  # fmt: skip
-        return EngineChoice(usable[0], precision, reason)
+        return EngineChoice(usable[0], precision, reason, caps.key)
     spec = ENGINES[engine]
     if not installed(engine):
         raise MissingDependencyError(f"--engine {engine} needs {spec.module}: pip install 'imgclf[{spec.extra}]'")
@@ -271,7 +242,7 @@ def choose_engine(
         raise MissingDependencyError(f"--engine {engine} on a torch model needs onnx: pip install 'imgclf[export]'")
     if precision not in spec.precisions:
         raise OptionError(f"--engine {engine} runs {', '.join(spec.precisions)}, not {precision}")
-    return EngineChoice(engine, precision, reason)
+    return EngineChoice(engine, precision, reason, caps.key)
 
 
 # ---- the engines: a float32 (N, 3, S, S) batch in, the graph's first output out ----
@@ -437,9 +408,8 @@ def create_engine(
     if isinstance(engine, EngineChoice):
         choice = engine
     else:
-        choice = choose_engine(engine, "fp32" if precision == "int8" else precision, device=device, images=images)
-        if precision == "int8":
-            choice = EngineChoice(choice.engine, "fp32", "int8 is calibrated after training; features are fp32")
+        choice = choose_engine(engine, "fp32" if precision in ("int8", "auto") else precision, device=device,
+                               images=images)  # fmt: skip
     if choice.engine == "torch":
         built = TorchEngine(module, device)
     else:

@@ -40,6 +40,15 @@ def feature_file(folder: Path, digest: str) -> Path:
     return folder / digest[:2] / f"{digest}.npy"
 
 
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def backbone_file(folder: Path) -> Path:
+    """The pretrained backbone's tensors beside its features: a run whose features are all
+    cached saves its model from these without building the network (no timm import)."""
+    return folder / BACKBONE_FILE
+
+
 def checkpoint_file(workspace: str | Path, key: str) -> Path:
     """The checkpoint of the run ``key``."""
     return Path(workspace) / CHECKPOINTS / f"{key}.safetensors"
@@ -62,7 +71,7 @@ def _own_files(workspace: Path) -> tuple[list[Path], list[Path]]:
     features = [
         p for p in (workspace / FEATURES).glob("*/*/*.npy")
         if _FEATURE_FILE.fullmatch(p.name) and feature_file(p.parent.parent, p.stem) == p
-    ]  # fmt: skip
+    ] + [p for p in (workspace / FEATURES).glob(f"*/{BACKBONE_FILE}")]  # fmt: skip
     checkpoints = [p for p in (workspace / CHECKPOINTS).glob("*.safetensors") if _CHECKPOINT_FILE.fullmatch(p.name)]
     return features, checkpoints
 
@@ -70,9 +79,9 @@ def _own_files(workspace: Path) -> tuple[list[Path], list[Path]]:
 def _usage(workspace: Path, features: list[Path], checkpoints: list[Path]) -> WorkspaceUsage:
     return WorkspaceUsage(
         workspace,
-        feature_files=len(features),
+        feature_files=sum(p.name != BACKBONE_FILE for p in features),
         feature_bytes=sum(p.stat().st_size for p in features),
-        feature_sets=len({p.parent.parent.name for p in features}),
+        feature_sets=len({p.parent.parent.name for p in features if p.name != BACKBONE_FILE}),
         checkpoints=len(checkpoints),
         checkpoint_bytes=sum(p.stat().st_size for p in checkpoints),
     )

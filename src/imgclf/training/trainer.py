@@ -22,16 +22,47 @@ from imgclf.data.images import ImageData, check_labels, load_images_from_directo
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError
 from imgclf.inference.model import ImageClassifier, library_versions
-from imgclf.nets.archs import DEFAULT_ARCH, create_backbone, get_architecture, preprocessing_for
-from imgclf.nets.engines import create_engine
+from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
+from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
 from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, TrainingInterrupted, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
+from imgclf.training.optim import HeadSGD
 
 LR_SCHEDULES = ("exponential", "polynomial", "constant")
+
+
+def installed_openvino() -> bool:
+    from imgclf.nets.engines import installed
+
+    return installed("openvino")
+
+
+def check_training_precision(precision: str) -> None:
+    """``precision`` at training: auto (certify bf16 where the CPU has it and the images are
+    enough), fp32 (nothing more), bf16 (certify it: needs native bf16 and OpenVINO), int8
+    (calibrate the int8 graph: needs NNCF). Raises before any work."""
+    from imgclf.errors import MissingDependencyError
+    from imgclf.nets.cpu import cpu_capabilities
+    from imgclf.nets.engines import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        caps = cpu_capabilities()
+        if not caps.bf16:
+            raise OptionError(f"precision bf16: this CPU has no native bf16 ({caps.source}), so it cannot be "
+                              "measured here; use auto or fp32")  # fmt: skip
+        if not installed_openvino():
+            raise MissingDependencyError("precision bf16 runs on OpenVINO: pip install 'imgclf[openvino]'")
+    if precision == "int8":
+        from imgclf.inference.precision import int8_calibration_available
+
+        if not int8_calibration_available():
+            raise MissingDependencyError("precision int8 is calibrated by NNCF: pip install 'imgclf[openvino]'")
 
 
 def _as_images(images: Sequence[ImageData] | str | Path) -> list[ImageData]:
@@ -104,6 +135,7 @@ class ImageClassificationTrainer:
         weights: str | Path | None = None,
         device: str = "auto",
         engine: str = "auto",
+        precision: str = "auto",
         workspace: str | Path | None = None,
         use_cache: bool = True,
         extraction_batch_size: int = 32,
@@ -134,6 +166,7 @@ class ImageClassificationTrainer:
         self.weights = weights
         self.device = device
         self.engine = engine
+        self.precision = precision
         self.workspace = workspace
         self.use_cache = use_cache
         self.extraction_batch_size = extraction_batch_size
@@ -173,6 +206,7 @@ class ImageClassificationTrainer:
             memory_budget_bytes(self.max_memory_gb)  # raises OptionError naming it when it is not a size
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()  # again: its fields may have been changed since
+        check_training_precision(self.precision)
 
     def validate(self) -> None:
         """Check every option now, before any work (``fit`` checks them again): a caller that
@@ -231,17 +265,18 @@ class ImageClassificationTrainer:
         device = distributed.local_device(resolve_device(self.device))  # under torchrun: LOCAL_RANK's GPU
         distributed.setup(device)
         arch = get_architecture(self.arch)
-        backbone, weights_source = create_backbone(arch, self.weights)
         preprocessing = preprocessing_for(arch)
-        backbone = backbone.to(device)
-        engine = create_engine(backbone, preprocessing.input_size, device, self.engine)
+        network = PretrainedNetwork(arch, self.weights, device, self.engine, preprocessing.input_size)
+        engine = network.feature_engine()  # built on the first image not in the cache
         workspace, writable = self._workspace()
         extractor = FeatureExtractor(
-            engine, preprocessing, f"{arch.name}|{arch.timm_name}|{weights_source}",
+            engine, preprocessing, network.cache_key,
             batch_size=self.extraction_batch_size, workers=self.workers,
             workspace=workspace if self.use_cache else None, cache_writable=writable,
             progress=self.progress and distributed.is_main_process(),
         )  # fmt: skip
+        if extractor.cache is not None:
+            network.keep_tensors_in(extractor.cache.folder, writable)
 
         # Every image through the network (or the cache) first: only then is it known which
         # are readable, and the held-out and validation splits are made from those alone.
@@ -295,7 +330,7 @@ class ImageClassificationTrainer:
                 x_train, y_train, x_val, y_val, len(labels), device, class_weights, checkpoint, saved
             )
             model = ImageClassifier(
-                backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
+                network.for_model(), head, labels, arch=arch.name, timm_name=arch.timm_name,
                 preprocessing=preprocessing, info={}, device=device, engine=self.engine,
             )  # fmt: skip
             tuner = None
@@ -311,7 +346,9 @@ class ImageClassificationTrainer:
                     model.head, _, _ = self._train_head(x_all, y_all, None, None, len(labels), device,
                                                         self._class_weights(y_all, len(labels)), report=False)  # fmt: skip
             if tuner is None or tuner.kept == "head-only":
-                model.features_engine = engine  # the backbone is the one the engine was built from: reuse it
+                if engine.built is not None and network.module is model._backbone:
+                    model.features_engine = engine.built  # the backbone the engine was built from: reuse it
+                model.held_out_features_ = from_pool(held_out).features if held_out else None
         except KeyboardInterrupt:
             if checkpoint is None:
                 raise TrainingInterrupted("training interrupted; the workspace is not writable, so no checkpoint "
@@ -323,7 +360,7 @@ class ImageClassificationTrainer:
         model._checkpoint = checkpoint  # removed by model.save(), once the result is safe
         model.tta = self.tta
         model.info = {
-            "weights_source": weights_source,
+            "weights_source": network.source,
             "training": {**self.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
                          "train_images": int(len(y_train)), "resumed_from": resumed_from,
                          "held_out_images": len(held_out) if hold_out else None,
@@ -335,7 +372,52 @@ class ImageClassificationTrainer:
             "distributed": {"world_size": distributed.world_size(), "backend": distributed.backend_name()},
             "versions": library_versions(),
         }  # fmt: skip
+        if distributed.is_main_process():
+            fine_tuned = tuner is not None and tuner.kept != "head-only"
+
+            def fit_head(x, y):
+                return self._train_head(x, y, None, None, len(labels), device,
+                                        self._class_weights(y, len(labels)), report=False)[0]  # fmt: skip
+
+            held = from_pool(held_out) if held_out else ExtractionResult(np.zeros((0, x_train.shape[1]), np.float32), [])
+            y_held = np.array([labels.index(im.label) for im in held_out], dtype=np.int64)
+            model.info["precision_decision"] = self._decide_precision(
+                model, fit_head, (x_train, y_train, images), (held.features, y_held, held_out), fine_tuned
+            )
         return model, held_out
+
+    def _decide_precision(self, model, fit_head, train, held, fine_tuned: bool) -> dict:
+        """Prepare and certify what ``precision`` asks for; returns the decision, said in one line
+        (``line``), with the certificate recorded in ``model.info["precision_metrics"]``."""
+        from imgclf.nets.cpu import cpu_capabilities
+        from imgclf.nets.engines import CERTIFY_MIN_IMAGES, certificate_verdict
+        from imgclf.training.certify import certify_after_training, enough_to_certify
+
+        caps = cpu_capabilities()
+        asked = self.precision
+        decision = {"asked": asked, "cpu": caps.to_dict()}
+        if asked == "fp32" or model.device != "cpu":
+            return {**decision, "line": f"fp32 ({'asked for' if asked == 'fp32' else model.device})"}
+        if asked == "int8":
+            from imgclf.inference.precision import calibrate_int8, measure_precisions, record_certificate
+
+            calibrate_int8(model, train[2])
+            if len(held[2]):
+                record_certificate(model, "int8", measure_precisions(model, held[2], ["fp32", "int8"])["int8"])
+            said = certificate_verdict(model.info.get("precision_metrics"), "int8", caps)[1]
+            return {**decision, "line": f"int8 calibrated on the training images; auto: {said}"}
+        if not caps.bf16:
+            return {**decision, "line": f"fp32: this CPU has no native bf16 ({caps.source}); int8 only when asked "
+                                        "(--precision int8)"}  # fmt: skip
+        images = len(train[1]) + len(held[1])
+        if asked == "auto" and (not installed_openvino() or not enough_to_certify(images)):
+            why = ("bf16 needs OpenVINO: pip install 'imgclf[openvino]'" if not installed_openvino() else
+                   f"{images} images are too few to certify bf16 (needs {CERTIFY_MIN_IMAGES} the head did not "
+                   "see); 'imgclf certify MODEL MORE_IMAGES' adds evidence")  # fmt: skip
+            return {**decision, "line": f"fp32: {why}"}
+        certify_after_training(fit_head, model, "bf16", train, held, fine_tuned=fine_tuned, seed=self.seed)
+        ok, said = certificate_verdict(model.info.get("precision_metrics"), "bf16", caps)
+        return {**decision, "line": f"{'bf16' if ok else 'fp32'}: {said}"}
 
     def _workspace(self) -> tuple[Path, bool]:
         """The workspace, and whether files can be written there.
@@ -420,8 +502,8 @@ class ImageClassificationTrainer:
         head = torch.nn.Linear(xt.shape[1], n_classes).to(device)
         torch.nn.init.zeros_(head.weight)  # softmax regression: a zero start is deterministic and converges
         torch.nn.init.zeros_(head.bias)
-        optimizer = torch.optim.SGD(head.parameters(), lr=self.learning_rate, momentum=self.momentum,
-                                    nesterov=self.momentum > 0, weight_decay=self.weight_decay)  # fmt: skip
+        optimizer = HeadSGD(head.parameters(), lr=self.learning_rate, momentum=self.momentum,
+                            nesterov=self.momentum > 0, weight_decay=self.weight_decay)  # fmt: skip
         best = BestEpoch(self.early_stopping)
         history: list[EpochMetrics] = []
         start = 0
