@@ -288,12 +288,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     images = load_images_from_directory(args.folder)
-    model.job_size = len(images)  # a small job skips compiling a faster graph (a torch model decides on use)
+    model.job_size = len(images)  # a few images on a torch model run eagerly, at the same precision
     _engine_line(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = model.evaluate(images)
-    print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics)
+    print(json.dumps({**metrics.to_dict(), "ran": model.engine_choice().to_dict()}, indent=2) if args.json else metrics)
     _print_skipped(caught)
     return 0
 
@@ -310,8 +310,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = find_image_files(args.images)
     if not files:
         raise ImgclfError(f"no images found in {', '.join(args.images)}")
-    model.job_size = len(files)  # a small job skips compiling a faster graph (a torch model decides on use)
+    model.job_size = len(files)  # a few images on a torch model run eagerly, at the same precision
     _engine_line(model)
+    ran = model.engine_choice().to_dict()
     results, failed = [], 0
     for name, outcome in model.iter_predictions((f, str(f)) for f in files):
         if isinstance(outcome, ImgclfError):
@@ -320,7 +321,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"error: {_tsv(str(outcome))}", file=sys.stderr)
             continue
-        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.top_k > 1 else None)})
+        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.top_k > 1 else None), **ran})
         if not args.json:
             line = f"{_tsv(name)}\t{_tsv(outcome.label)}\t{outcome.probability:.4f}"
             if args.top_k > 1:

@@ -93,7 +93,7 @@ def score_to_folder(
     choice = predictor.engine_choice()
     if progress:
         print(f"imgclf: {choice.describe()}", file=sys.stderr, flush=True)
-    metadata = model_file.metadata(predictor.labels, top_k)
+    metadata = model_file.metadata(predictor.labels, top_k, choice.to_dict())
     started = time.perf_counter()
     scored = failed = 0
     skipped = [0]

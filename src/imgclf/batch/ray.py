@@ -248,8 +248,9 @@ def score_with_ray(
     sources = classify_inputs(inputs)
     ray = _ray()
     model_file = ModelFile.read(model)
-    labels = load_scoring_model(model, precision=precision).labels  # a bad model or precision fails here
-    metadata = model_file.metadata(labels, top_k)
+    local = load_scoring_model(model, precision=precision)  # a bad model or precision fails here
+    labels = local.labels  # each worker chooses as this does: the same engine and precision on a machine like this
+    metadata = model_file.metadata(labels, top_k, local.engine_choice().to_dict())
     started_here = not ray.is_initialized()
     if started_here:
         _init(ray, address)

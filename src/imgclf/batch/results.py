@@ -22,12 +22,19 @@ FORMAT_NAME = "imgclf-predictions"
 FORMAT_VERSION = 1
 
 
-def result_metadata(model_name: str, model_sha256: str, labels: Sequence[str], top_k: int) -> dict:
-    """What a results file says about how it was made; a resumed run must match it."""
+def result_metadata(
+    model_name: str, model_sha256: str, labels: Sequence[str], top_k: int, ran: dict | None = None
+) -> dict:
+    """What a results file says about how it was made; a resumed run must match it.
+
+    ``ran``: the engine, precision and CPU capabilities that scored it
+    (:meth:`imgclf.nets.engines.EngineChoice.to_dict`), so a resumed run never mixes precisions.
+    """
     from imgclf.version import __version__
 
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": model_name,
-            "model_sha256": model_sha256, "labels": list(labels), "top_k": top_k, "imgclf_version": __version__}  # fmt: skip
+            "model_sha256": model_sha256, "labels": list(labels), "top_k": top_k, "imgclf_version": __version__,
+            **({"ran": ran} if ran else {})}  # fmt: skip
 
 
 def arrow_schema(metadata: dict | None = None):

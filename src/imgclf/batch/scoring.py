@@ -76,9 +76,9 @@ class ModelFile:
             copy.write_bytes(self.data)
             return load_scoring_model(copy, device, threads, engine, precision)
 
-    def metadata(self, labels: Sequence[str], top_k: int) -> dict:
-        """The results' metadata: this model's name, SHA-256 and ``labels``, and ``top_k``."""
-        return result_metadata(self.name, self.sha256, labels, top_k)
+    def metadata(self, labels: Sequence[str], top_k: int, ran: dict | None = None) -> dict:
+        """The results' metadata: this model's name, SHA-256 and ``labels``, ``top_k``, and what ran."""
+        return result_metadata(self.name, self.sha256, labels, top_k, ran)
 
 
 def load_input(

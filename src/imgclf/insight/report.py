@@ -119,8 +119,9 @@ def write_report(
     else:
         metrics = model.info.get("metrics")
         source = "the held-out images of training (from the model file)"
+    ran = model.engine_choice(len(images) if images else None).to_dict() if evaluated is not None else None
     data: dict[str, Any] = {"model": name, "labels": labels, "metrics_from": source if metrics else None,
-                            "history": history, "metrics": metrics}  # fmt: skip
+                            "history": history, "metrics": metrics, "ran": ran}  # fmt: skip
     charts: dict[str, str] = {}
     if history:
         charts["curves"] = plots.training_curves(history, out / "curves.png").name
@@ -167,6 +168,10 @@ def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
         parts.append("<p class='muted'>No evaluation: the model file holds no held-out metrics; give a labelled "
                      "FOLDER to evaluate on.</p>")  # fmt: skip
     else:
+        if data.get("ran"):
+            r = data["ran"]
+            parts.append(f"<p class='muted'>Scored by {escape(r['engine'])} at {escape(r['precision'])} "
+                         f"(CPU capabilities: {escape(r['cpu'])}).</p>")  # fmt: skip
         parts.append(f"<p>On {escape(data['metrics_from'])}: accuracy <b>{metrics['micro_accuracy']:.4f}</b> "
                      f"(macro {metrics['macro_accuracy']:.4f}), log-loss {metrics['log_loss']:.4f}.</p>")  # fmt: skip
         rows = "".join(f"<tr><td>{escape(label)}</td><td class='num'>{c['precision']:.3f}</td>"

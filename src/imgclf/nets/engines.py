@@ -100,8 +100,10 @@ class EngineChoice:
         return f"engine {self.engine}, {self.precision} ({self.reason})"
 
     def to_dict(self) -> dict:
-        """What ran, as every output records it (--json, results metadata, /v1/model, the report)."""
-        return {"engine": self.engine, "precision": self.precision, "cpu": self.cpu, "reason": self.reason}
+        """What ran, as every output records it (--json, results metadata, /v1/model, the report):
+        enough to reproduce an answer (the same model file, engine and precision on a CPU of
+        these capabilities gives the same probabilities to 1e-4)."""
+        return {"engine": self.engine, "precision": self.precision, "cpu": self.cpu}
 
 
 def installed(engine: str) -> bool:

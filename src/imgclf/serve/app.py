@@ -92,7 +92,13 @@ class ModelInfo(BaseModel):
     input_size: int
     metrics: dict | None = None
     version: str
+    engine: str  # what runs the network, at which precision, chosen for this CPU's capabilities
+    precision: str
+    cpu: str
 
+
+#: The job size a server declares: unbounded, so every request runs on the same engine.
+UNBOUNDED_JOB = 2**31
 
 key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key given to imgclf serve")
 bearer = HTTPBearer(auto_error=False, description="the key given to imgclf serve, as a bearer token")
@@ -191,6 +197,8 @@ def create_app(
         predictor = load_predictor(model, engine=engine, precision=precision)
     else:
         predictor = model
+    if predictor.job_size is None:  # a server's job has no end: one engine, built once, named by /v1/model
+        predictor.job_size = UNBOUNDED_JOB
     name = Path(model).name if isinstance(model, (str, Path)) else getattr(predictor, "arch", "model")
     state: dict = {}
     decode_budget = DecodeBudget(decode_memory_bytes)
@@ -327,7 +335,8 @@ def create_app(
     async def model_info() -> ModelInfo:
         metrics = predictor.metrics_
         return ModelInfo(name=name, arch=getattr(predictor, "arch", "unknown"), labels=predictor.labels,
-                         input_size=predictor.preprocessing.input_size, metrics=metrics, version=__version__)  # fmt: skip
+                         input_size=predictor.preprocessing.input_size, metrics=metrics, version=__version__,
+                         **predictor.engine_choice().to_dict())  # fmt: skip
 
     @app.post(
         "/v1/predict",

@@ -1,0 +1,186 @@
+"""One model, one answer: the same image file gets the same probabilities (1e-4) from every
+path, whatever the job size, with default options, on this machine.
+
+Paths: Python ``predict`` (one image: eager PyTorch) and ``predict_batch`` (ONNX Runtime),
+the terminal (4 images), ``--json`` (300 images), ``--out`` Parquet (1,800 images),
+``evaluate``, ``serve``, and the exported ``.onnx`` (torch-free). Ray and Spark are checked
+against ``predict --json`` to 1e-5 in their own tests. Both capability paths run: on a CPU
+with native bf16 nothing changes unless the model carries a bf16 certificate.
+The 1e-4 is the contract; measured: eager PyTorch vs ONNX Runtime 1e-6, the export 1e-7.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from imgclf.cli import main
+
+from .conftest import FLOWERS, PREDICT
+
+pytestmark = pytest.mark.slow
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def files():
+    """24 distinct real photos: the seed's prediction images and 20 flowers."""
+    return sorted(PREDICT.glob("*g")) + sorted(FLOWERS.glob("*/*.jpg"))[::10]
+
+
+@pytest.fixture(scope="module")
+def jobs(files, tmp_path_factory):
+    """Folders of 300 and 1,800 images: hard links to the 24 photos under distinct names."""
+    made = {}
+    for size in (300, 1800):
+        folder = tmp_path_factory.mktemp(f"job{size}")
+        for i in range(size):
+            src = files[i % len(files)]
+            os.link(src, folder / f"job{i:05d}-{src.name}")
+        made[size] = folder
+    return made
+
+
+@pytest.fixture(scope="module")
+def model_file(small_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("one-answer") / "m.imgclf"
+    small_model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, files):
+    """probabilities by file name, from predict_batch (ONNX Runtime fp32)."""
+    from imgclf import load_model
+
+    model = load_model(model_file)
+    predictions = model.predict_batch(files)
+    assert model.engine_choice().precision == "fp32"
+    return {f.name: np.array([p.scores[lbl] for lbl in model.labels]) for f, p in zip(files, predictions)}, model.labels
+
+
+def _original(name: str) -> str:
+    return name.split("-", 1)[1] if name.startswith("job") else name
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _check(rows: dict[str, dict], reference) -> float:
+    """rows: file name -> {label: probability}; returns the largest difference seen."""
+    probs, labels = reference
+    worst = 0.0
+    for name, scores in rows.items():
+        want = probs[_original(os.path.basename(name))]
+        got = np.array([scores[lbl] for lbl in labels])
+        worst = max(worst, float(np.abs(got - want).max()))
+    assert worst < TOLERANCE
+    return worst
+
+
+@pytest.fixture(params=["none", "bf16,vnni"], ids=["avx2-like", "bf16-vnni-like"])
+def cpu(request, monkeypatch):
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", request.param)
+
+
+def test_python_one_image_at_a_time_and_the_terminal(model_file, files, reference, cpu):
+    from imgclf import load_model
+
+    model = load_model(model_file)
+    _check({f.name: model.predict(f).scores for f in files[:6]}, reference)
+    assert model.engine_choice(1).engine == "torch"  # one image: eager, same fp32 network
+    code, out, err = _cli("predict", str(model_file), *map(str, files[:4]))
+    assert code == 0 and "fp32" in err
+    for line in out.splitlines():
+        name, label, probability = line.split("\t")
+        probs, labels = reference
+        want = probs[os.path.basename(name)]
+        assert label == labels[int(want.argmax())] and abs(float(probability) - want.max()) <= 5e-5 + 1e-6
+
+
+def test_json_of_300_and_out_of_1800_give_the_same_answers(model_file, jobs, reference, tmp_path, monkeypatch):
+    """As on a CPU with native bf16 and VNNI, where job size used to switch precisions."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16,vnni")
+    code, out, _ = _cli("predict", str(model_file), str(jobs[300]), "--json")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 300
+    assert {(r["engine"], r["precision"]) for r in rows} == {("onnxruntime", "fp32")}
+    _check({r["file"]: {s["label"]: s["probability"] for s in r["scores"]} for r in rows}, reference)
+
+    results = tmp_path / "r.parquet"
+    code, _, _ = _cli("predict", str(model_file), str(jobs[1800]), "--out", str(results), "-q", "--top-k", "5")
+    assert code == 0
+    table = pq.read_table(results).to_pylist()
+    assert len(table) == 1800
+    _check({r["path"]: dict(zip(r["top_labels"], r["top_probabilities"])) for r in table}, reference)
+    meta = json.loads((results / "_imgclf.json").read_text())
+    assert meta["ran"] == {"engine": "onnxruntime", "precision": "fp32", "cpu": "bf16+vnni"}
+
+
+def test_exported_onnx_serve_and_evaluate_agree(model_file, small_model, files, reference, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imgclf.inference.runtime import load_onnx_model
+    from imgclf.serve import create_app
+
+    onnx_path = tmp_path / "m.onnx"
+    assert _cli("export", str(model_file), "--out", str(onnx_path))[0] == 0
+    exported = load_onnx_model(onnx_path)
+    _check({f.name: exported.predict(f).scores for f in files[:4]}, reference)
+    code, out, _ = _cli("predict", str(onnx_path), *map(str, files), "--json")
+    _check({r["file"]: {s["label"]: s["probability"] for s in r["scores"]} for r in json.loads(out)}, reference)
+
+    with TestClient(create_app(model_file)) as client:
+        info = client.get("/v1/model").json()
+        assert (info["engine"], info["precision"]) == ("onnxruntime", "fp32") and info["cpu"]
+        served = {}
+        for f in files[:8]:
+            r = client.post("/v1/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg"))])
+            res = r.json()["results"][0]
+            served[f.name] = {s["label"]: s["probability"] for s in res["scores"]}
+        _check(served, reference)
+
+    # evaluate's log-loss is the reference probabilities' log-loss on the same labelled images
+    from imgclf import load_model
+
+    labelled = [f for f in files if f.parent.name in small_model.labels]
+    folder = tmp_path / "labelled"
+    for f in labelled:
+        (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(f, folder / f.parent.name / f.name)
+    metrics = load_model(model_file).evaluate(folder)
+    probs, labels = reference
+    expected = -np.mean([np.log(max(probs[f.name][labels.index(f.parent.name)], 1e-15)) for f in labelled])
+    assert abs(metrics.log_loss - expected) < TOLERANCE
+
+
+def test_a_tta_model_and_its_export_agree_to_1e_4(small_model, files, tmp_path):
+    from imgclf import load_model
+    from imgclf.inference.runtime import load_onnx_model
+
+    path = tmp_path / "tta.imgclf"
+    small_model.tta = True
+    try:
+        small_model.save(path)
+    finally:
+        small_model.tta = False
+    model = load_model(path)
+    model.export_onnx(tmp_path / "tta.onnx")
+    exported = load_onnx_model(tmp_path / "tta.onnx")
+    for one, two in zip(model.predict_batch(files), exported.predict_batch(files)):
+        assert max(abs(one.scores[k] - two.scores[k]) for k in one.scores) < TOLERANCE
+    plain = load_model(path)
+    plain.tta = False
+    assert max(abs(a.scores[k] - b.scores[k]) for a, b in zip(model.predict_batch(files), plain.predict_batch(files))
+               for k in a.scores) > 1e-3  # fmt: skip  # the flip-average does change the answer
