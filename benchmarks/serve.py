@@ -80,14 +80,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else None
         if model is None:
-            from imgclf.inference.precision import record_precisions
-
             images = load_images_from_directory(sample_data_dir("flowers"))
             trainer = ImageClassificationTrainer(workspace=f"{tmp}/ws", progress=False)
             trained, held_out = trainer.fit_and_hold_out(images)
-            held = {id(im) for im in held_out}
             trained.info["metrics"] = trained.evaluate(held_out).to_dict()
-            record_precisions(trained, [im for im in images if id(im) not in held], held_out)
             model = trained.save(f"{tmp}/flowers.imgclf")
         from imgclf.inference.loading import load_predictor
 

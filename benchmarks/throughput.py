@@ -134,18 +134,17 @@ def engine_table(folders: list[Path], workspace: str) -> None:
 
     from imgclf import ImageClassificationTrainer, load_images_from_directory
     from imgclf.data.imaging import load_array
-    from imgclf.inference.precision import available_precisions, record_precisions
-    from imgclf.nets.engines import cpu_name, installed, native_bf16
+    from imgclf.inference.precision import available_precisions, calibrate_int8
+    from imgclf.nets.cpu import cpu_capabilities, cpu_name
 
-    print(f"CPU: {cpu_name()}, {__import__('os').cpu_count()} cores; native bf16: "
-          f"{installed('openvino') and native_bf16()}")  # fmt: skip
+    print(f"CPU: {cpu_name()}, {__import__('os').cpu_count()} cores; {cpu_capabilities().describe()}")
     for folder in folders:
         images = load_images_from_directory(folder)
         t = time.perf_counter()
         model, held_out = ImageClassificationTrainer(workspace=workspace, progress=False).fit_and_hold_out(images)
         model.info["metrics"] = model.evaluate(held_out).to_dict()
         held = {id(im) for im in held_out}
-        record_precisions(model, [im for im in images if id(im) not in held], held_out)
+        calibrate_int8(model, [im for im in images if id(im) not in held])  # to time it; auto needs a certificate
         print(f"\n{folder.name}: {len(images)} images, {len(held_out)} held out; trained, calibrated and measured "
               f"in {time.perf_counter() - t:.0f} s")  # fmt: skip
         auto = model.engine_choice()

@@ -41,14 +41,14 @@ _LAZY = {
     "write_report": "imgclf.insight.report",
     "calibrate_int8": "imgclf.inference.precision",
     "measure_precisions": "imgclf.inference.precision",
-    "record_precisions": "imgclf.inference.precision",
+    "record_certificate": "imgclf.inference.precision",
     "choose_engine": "imgclf.nets.engines",
 }
 
 if TYPE_CHECKING:
     from imgclf.inference.loading import load_model
     from imgclf.inference.model import ImageClassifier
-    from imgclf.inference.precision import calibrate_int8, measure_precisions, record_precisions
+    from imgclf.inference.precision import calibrate_int8, measure_precisions, record_certificate
     from imgclf.inference.runtime import OnnxClassifier, load_onnx_model
     from imgclf.insight.audit import AuditResult, audit
     from imgclf.insight.report import write_report
@@ -72,6 +72,6 @@ __all__ = [
     "ModelFileError", "MulticlassMetrics", "OnnxClassifier", "OptionError", "Prediction", "Preprocessing",
     "WeightsUnavailableError", "compute_metrics", "image_from_bytes", "load_images_from_directory",
     "load_model", "load_onnx_model", "sample_data_dir", "shuffle", "stratified_folds", "train_test_split",
-    "audit", "AuditResult", "write_report", "calibrate_int8", "measure_precisions", "record_precisions",
+    "audit", "AuditResult", "write_report", "calibrate_int8", "measure_precisions", "record_certificate",
     "choose_engine",
 ]  # fmt: skip

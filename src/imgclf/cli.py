@@ -31,7 +31,7 @@ _EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scip
 EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
-  imgclf train photos/ --fine-tune --nproc-per-node 4   one process per GPU (torchrun; README for machines)
+  imgclf train photos/ --fine-tune --nproc-per-node 4   one process per GPU (torchrun; docs: Distributed training)
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf predict pets.onnx archive/ list.txt --out results.parquet   resumable batch scoring
@@ -374,6 +374,47 @@ def cmd_predict_to_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certify(args: argparse.Namespace) -> int:
+    from imgclf.atomic import check_output_path
+    from imgclf.data.images import ImageData, find_image_files, load_images_from_directory
+    from imgclf.errors import DataError, OptionError
+    from imgclf.inference.model import load_model, read_model_config
+    from imgclf.inference.precision import measure_precisions, record_certificate
+    from imgclf.nets.cpu import cpu_capabilities
+    from imgclf.nets.engines import certificate_verdict
+
+    read_model_config(args.model)  # an .onnx or a corrupt file is refused before any image
+    out = Path(args.out) if args.out else Path(args.model)
+    check_output_path(out, "model", option="--out" if args.out else None)
+    caps = cpu_capabilities()
+    precision = args.precision if args.precision != "auto" else ("bf16" if caps.bf16 else "int8")
+    if precision == "bf16" and not caps.bf16:
+        raise OptionError(f"--precision bf16: this CPU has no native bf16 ({caps.source}); certify on a CPU that has it")
+    model = load_model(args.model)
+    if precision == "int8" and model.int8_graph_ is None:
+        raise OptionError(f"{args.model}: has no calibrated int8 graph; train it with --precision int8 first")
+    images: list[ImageData] = []
+    for given in args.images:
+        folder = Path(given)
+        labelled = folder.is_dir() and any(p.is_dir() and p.name in model.labels for p in folder.iterdir())
+        if labelled:
+            images += load_images_from_directory(folder)
+        else:
+            images += [ImageData(f) for f in find_image_files([given])]
+    if not images:
+        raise DataError(f"no images found in {', '.join(args.images)}")
+    if len({im.label is None for im in images}) > 1:
+        images = [ImageData(im.source, None, im.name) for im in images]  # mixed: agreement only
+    entry = measure_precisions(model, images, ["fp32", precision])[precision]
+    record_certificate(model, precision, entry)
+    model.save(out)
+    ok, said = certificate_verdict(model.info["precision_metrics"], precision, caps)
+    print(f"{precision} on {entry['images']} images: top labels {100 * entry['top_label_agreement']:.1f}% equal to "
+          f"fp32, largest probability change {entry['largest_probability_change']:.4f}; "
+          f"{'auto now takes it' if ok else 'auto stays on fp32'} ({said}). Saved {out}")  # fmt: skip
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from imgclf.atomic import check_not_an_input, check_output_path
     from imgclf.inference.model import load_model, read_model_config
@@ -435,17 +476,18 @@ def _add_engine_options(p: argparse.ArgumentParser, *, ray: bool = False, traini
     extra = "; ray: score on a Ray cluster (needs --out and pip install 'imgclf[ray]'), each worker " \
             "picking its inference engine as auto does" if ray else ""  # fmt: skip
     p.add_argument("--engine", default="auto", choices=engines,
-                   help=f"{what}: auto picks the fastest here for the precision (see the README's engine "
-                        f"table){extra} (default: %(default)s)")  # fmt: skip
+                   help=f"{what}: auto picks the fastest here for the precision (docs: Engines and "
+                        f"precision){extra} (default: %(default)s)")  # fmt: skip
     if training:
         p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                       help="precisions to prepare and measure on the held-out images: auto and int8 calibrate "
-                            "int8 on the training images; auto also measures bf16 where the CPU has it; fp32 "
-                            "neither (default: %(default)s)")  # fmt: skip
+                       help="auto: certify bf16 where the CPU has it natively and there are at least 300 "
+                            "images; bf16: certify it whatever the count; int8: calibrate the int8 graph on the "
+                            "training images and measure it; fp32: neither (default: %(default)s)")  # fmt: skip
     else:
         p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                       help="auto: int8 (or native bf16) where the model's recorded held-out accuracy stayed "
-                            "within 0.5 point of fp32 and the job is large, else fp32 (default: %(default)s)")  # fmt: skip
+                       help="auto: bf16 (native only), then int8, where the model carries a certificate for it "
+                            "measured on a CPU like this one (300 unseen images, top labels 99%% equal to fp32), "
+                            "else fp32; never depends on the job's size (default: %(default)s)")  # fmt: skip
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
@@ -565,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="train in N processes on this machine (one per GPU; on the CPU, cores are shared) under "
-        "torchrun, PyTorch's launcher; for several machines run torchrun yourself (see README)",
+        "torchrun, PyTorch's launcher; for several machines run torchrun yourself (docs: Distributed training)",
     )
     p.add_argument(
         "--max-memory-gb",
@@ -611,6 +653,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="with --out: no progress bar")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("certify", help="measure bf16 or int8 against fp32 on images the model never saw",
+                       description="Run MODEL at fp32 and at a lossy precision on IMAGES the model never saw "
+                                   "(files or folders; a folder of label subfolders adds the accuracy check) "
+                                   "and record the agreement in the model file, for auto to read. auto takes "
+                                   "the precision where top labels are equal to fp32 on at least 99%% of at "
+                                   "least 300 such images, on a CPU like this one.")  # fmt: skip
+    p.add_argument("model", help="model file (.imgclf)")
+    p.add_argument("images", nargs="+", help="image files or folders the model was not trained on")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "int8"),
+                   help="auto: bf16 where the CPU has it natively, else int8 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--out", help="write the certified model here (default: rewrite MODEL in place, atomically)")
+    p.set_defaults(func=cmd_certify)
+
     p = sub.add_parser("export", help="export a model to ONNX for other languages and runtimes")
     p.add_argument("model", help="model file (.imgclf)")
     p.add_argument("--format", default="onnx", help="export format (default: %(default)s)")
@@ -618,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="write int8 weights (smaller; check accuracy first)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                    help="int8: write the model's calibrated static int8 graph (faster; trained with --precision "
-                        "auto or int8) (default: %(default)s)")  # fmt: skip
+                        "int8) (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     from imgclf.serve.limits import DECODE_MEMORY_BYTES, MB, READ_TIMEOUT, SERVE_MAX_PIXELS
