@@ -227,14 +227,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def lukemelas_to_timm(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lukemelas_to_timm(state: dict[str, torch.Tensor], model: torch.nn.Module | list[int]) -> dict[str, torch.Tensor]:
     """Rename lukemelas-style EfficientNet keys (``_blocks.3._bn1``) to timm's.
 
     lukemelas numbers blocks flatly; timm groups them in stages, so the
     flat index is mapped through the stage lengths of ``model``. Blocks without
     ``_expand_conv`` are depthwise-separable and name their layers differently.
     """
-    positions = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    stages = model if isinstance(model, list) else [len(stage) for stage in model.blocks]  # or the lengths alone
+    positions = [(s, i) for s, length in enumerate(stages) for i in range(length)]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                 "_project_conv": "conv_pwl", "_bn2": "bn3"}  # fmt: skip

@@ -275,12 +275,18 @@ class OnnxSession:
 
     name = "onnxruntime"
 
-    def __init__(self, model: bytes | str | Path, threads: int | None = None, precision: str = "fp32"):
+    def __init__(self, model: bytes | str | Path, threads: int | None = None, precision: str = "fp32",
+                 initializers: dict[str, np.ndarray] | None = None):  # fmt: skip
+        """``initializers``: tensors for a graph whose weights are external (a graph template,
+        :mod:`imgclf.nets.templates`), by initializer name."""
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or default_threads()
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if initializers:
+            self._initializers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in initializers.values()]
+            options.add_external_initializers(list(initializers), self._initializers)  # kept alive with the session
         source = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

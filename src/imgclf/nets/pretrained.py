@@ -52,6 +52,7 @@ class PretrainedNetwork:
         self.input_size = input_size
         self.source = expected_weights_source(arch, weights)
         self.module = None
+        self.state: dict | None = None  # the backbone's tensors when a graph template ran it
         self.tensors_file: Path | None = None  # set once the feature cache's folder is known
         self.tensors_writable = False
 
@@ -68,17 +69,53 @@ class PretrainedNetwork:
         if self.module is None:
             module, self.source = create_backbone(self.arch, self.weights)
             self.module = module.to(self.device)
-            self._keep_tensors()
+            self._keep_tensors(self.module.state_dict())
         return self.module
 
     def feature_engine(self) -> DeferredEngine:
+        """The engine of the feature pass, built on the first image not in the cache: the
+        shipped graph template with the weights file's tensors where one fits (no timm, no
+        export), else the network."""
         from imgclf.nets.engines import create_engine
 
-        return DeferredEngine(lambda: create_engine(self.backbone(), self.input_size, self.device, self.engine_name))
+        def build():
+            engine = self._template_engine()
+            if engine is None:
+                engine = create_engine(self.backbone(), self.input_size, self.device, self.engine_name)
+            return engine
+
+        return DeferredEngine(build)
+
+    def _template_engine(self):
+        from imgclf.errors import WeightsUnavailableError
+        from imgclf.nets.archs import package_weights_file
+        from imgclf.nets.engines import choose_engine
+        from imgclf.nets.templates import state_from_file, template_engine, template_for
+
+        template = template_for(self.arch)
+        if template is None or template.input_size != self.input_size:
+            return None
+        choice = choose_engine(self.engine_name, "fp32", device=self.device)
+        path = self.weights if self.weights is not None else package_weights_file(self.arch)
+        if choice.engine != "onnxruntime" or path is None:
+            return None
+        try:
+            state = state_from_file(template, path)
+        except WeightsUnavailableError:
+            return None  # building the network says what is wrong with the file
+        if state is None:
+            return None
+        engine = template_engine(template, state)
+        engine.choice = choice
+        self.state = state
+        self._keep_tensors(state)
+        return engine
 
     def for_model(self):
-        """What the model holds: the built network, else the kept tensors (no network built),
-        else the network after all."""
+        """What the model holds: the built network, else the tensors a template ran with,
+        else the kept tensors (no network built), else the network after all."""
+        if self.module is None and self.state is not None:
+            return self.state
         if self.module is None and self.tensors_file is not None and self.tensors_file.is_file():
             try:
                 from safetensors.torch import load_file
@@ -88,13 +125,13 @@ class PretrainedNetwork:
                 pass
         return self.backbone()
 
-    def _keep_tensors(self) -> None:
+    def _keep_tensors(self, state: dict) -> None:
         if self.tensors_file is None or not self.tensors_writable or self.tensors_file.is_file():
             return
         try:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().to("cpu").contiguous() for k, v in self.module.state_dict().items()}
+            state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
             with atomic_path(self.tensors_file, "backbone tensors") as tmp:
                 save_file(state, tmp)
         except (ImgclfError, OSError) as e:
