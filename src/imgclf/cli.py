@@ -181,6 +181,10 @@ def _train(args: argparse.Namespace, distributed) -> int:
             check_not_an_input(args.out, inputs, "model", option="--out")
             if args.metrics_json:
                 check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
+            if args.report:
+                from imgclf.insight.report import check_outside_inputs
+
+                check_outside_inputs(Path(args.report), images + (validation or []), option="--report")
             if (args.nproc_per_node or 1) > 1 and not distributed.under_torchrun():
                 return distributed.launch(args.argv, args.nproc_per_node)  # N ranks of this command, torchrun
             labels = sorted({im.label for im in images})

@@ -1,8 +1,11 @@
-"""One result row per input, the same in every engine and every file format.
+r"""One result row per input, the same in every engine and every file format.
 
-Columns: ``path``, ``label``, ``probability``, ``top_labels``, ``top_probabilities``
-(the ``top_k`` most likely labels, best first) and ``error`` (null when the image
-was scored; label and probabilities are null when it was not). The model's
+Columns: ``path`` (valid UTF-8: a name's bytes that are not UTF-8 are written ``\xNN``),
+``label``, ``probability``, ``top_labels``, ``top_probabilities`` (the ``top_k`` most
+likely labels, best first), ``error`` (null when the image was scored; label and
+probabilities are null when it was not) and ``path_bytes`` (the name's raw bytes in
+hex where it is not UTF-8, else null; :mod:`imgclf.names`). Format version 2 added
+``path_bytes``. The model's
 SHA-256 and labels travel as metadata (:func:`result_metadata`).
 """
 
@@ -15,11 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from imgclf.errors import ImgclfError
+from imgclf.names import printable, raw_hex
 
-COLUMNS = ("path", "label", "probability", "top_labels", "top_probabilities", "error")
+COLUMNS = ("path", "label", "probability", "top_labels", "top_probabilities", "error", "path_bytes")
 METADATA_KEY = "imgclf"
 FORMAT_NAME = "imgclf-predictions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def result_metadata(
@@ -43,7 +47,7 @@ def arrow_schema(metadata: dict | None = None):
 
     fields = [("path", pa.string()), ("label", pa.string()), ("probability", pa.float32()),
               ("top_labels", pa.list_(pa.string())), ("top_probabilities", pa.list_(pa.float32())),
-              ("error", pa.string())]  # fmt: skip
+              ("error", pa.string()), ("path_bytes", pa.string())]  # fmt: skip
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata)} if metadata else None)
 
 
@@ -100,8 +104,10 @@ class ResultBatch:
         return sum(e is not None for e in self.errors)
 
     def columns(self) -> dict[str, list]:
-        return {"path": self.paths, "label": self.labels, "probability": self.probabilities,
-                "top_labels": self.top_labels, "top_probabilities": self.top_probabilities, "error": self.errors}  # fmt: skip
+        return {"path": [printable(p) for p in self.paths], "label": self.labels, "probability": self.probabilities,
+                "top_labels": self.top_labels, "top_probabilities": self.top_probabilities,
+                "error": [None if e is None else printable(e) for e in self.errors],
+                "path_bytes": [raw_hex(p) for p in self.paths]}  # fmt: skip
 
     def rows(self) -> Iterator[dict]:
         """One dict per row, columns in :data:`COLUMNS` order (for CSV and JSON Lines)."""

@@ -152,8 +152,17 @@ def _walk_local(folder: str) -> Iterator[str]:
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk_local(entry.path)
-        elif _has_image_suffix(entry.name) and entry.is_file():
+        elif _has_image_suffix(entry.name) and _is_file(entry):
             yield entry.path
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A file, or a link that cannot be followed (a loop, no permission): the latter becomes an
+    error row naming why, as plain ``predict`` reports it, instead of stopping the walk."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
 
 
 def _iter_uri(item: Input) -> Iterator[str]:

@@ -32,6 +32,7 @@ import numpy as np
 
 from imgclf.batch.results import COLUMNS, ResultBatch, arrow_schema
 from imgclf.errors import DataError, MissingDependencyError, OptionError
+from imgclf.names import from_columns
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
 SIDECAR = "_imgclf.json"
@@ -209,21 +210,24 @@ PART_WRITERS = {"parquet": _ParquetPart, "csv": _CsvPart, "jsonl": _JsonlPart}
 
 
 def read_part_paths(part: Path, fmt: str) -> Iterator[str]:
-    """The ``path`` column of one committed part."""
+    """The exact paths of one committed part (from ``path``, and ``path_bytes`` where a name is not UTF-8)."""
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            yield from pq.read_table(part, columns=["path"]).column("path").to_pylist()
+            table = pq.read_table(part, columns=["path", "path_bytes"])
+            for path, raw in zip(table.column("path").to_pylist(), table.column("path_bytes").to_pylist()):
+                yield from_columns(path, raw)
         elif fmt == "csv":
             with open(part, encoding="utf-8", newline="") as f:
                 for row in csv.DictReader(f):
-                    yield row["path"]
+                    yield from_columns(row["path"], row.get("path_bytes") or None)
         else:
             with open(part, encoding="utf-8") as f:
                 for line in f:
                     if line.strip():
-                        yield json.loads(line)["path"]
+                        row = json.loads(line)
+                        yield from_columns(row["path"], row.get("path_bytes"))
     except Exception as e:
         raise DataError(f"{part}: results part is unreadable ({type(e).__name__}: {e}); delete it and run again "
                         "to score its images again") from None  # fmt: skip

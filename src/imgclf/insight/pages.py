@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgclf.atomic import atomic_path
+from imgclf.names import is_text, printable
 
 if TYPE_CHECKING:
     from imgclf.insight.audit import AuditResult
@@ -51,8 +52,9 @@ def page(title: str, body: str) -> str:
 
 
 def write_page(path: Path, html: str) -> Path:
+    r"""Write the page atomically; a file name's bytes that are not UTF-8 show as ``\xNN``."""
     with atomic_path(path, "page") as tmp:
-        Path(tmp).write_text(html, encoding="utf-8")
+        Path(tmp).write_text(html if is_text(html) else printable(html), encoding="utf-8")
     return path
 
 
@@ -71,7 +73,7 @@ class Thumbnails:
         from imgclf.data.imaging import open_image
         from imgclf.errors import ImageDecodeError
 
-        name = hashlib.sha256(file.encode()).hexdigest()[:20] + ".jpg"
+        name = hashlib.sha256(file.encode("utf-8", "surrogatepass")).hexdigest()[:20] + ".jpg"
         try:
             picture = open_image(source or file, file, draft_size=THUMB_SIDE)
         except ImageDecodeError:

@@ -96,6 +96,17 @@ def top_losses(evaluated: Evaluated, labels: Sequence[str], top: int = TOP_LOSSE
              "loss": float(losses[i])} for i in order]  # fmt: skip
 
 
+def check_outside_inputs(out: Path, images: Sequence[ImageData], option: str = "--out") -> None:
+    """Refuse a report folder inside the folder the images came from: its charts and
+    thumbnails would be read as a new label (or as more photos of one) by the next train."""
+    roots = {Path(im.source).resolve().parent.parent for im in images if isinstance(im.source, Path) and im.label}
+    target = out.resolve()
+    for root in sorted(roots):
+        if target == root or root in target.parents:
+            raise DataError(f"{option} {out}: is inside the image folder {root}; the next train would learn its "
+                            "charts as photos. Write the report outside it")  # fmt: skip
+
+
 def write_report(
     model: Predictor, images: Sequence[ImageData] | None = None, out: str | Path = "report", *, name: str = "model"
 ) -> Path:
@@ -109,6 +120,7 @@ def write_report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; give a folder for the report")
+    check_outside_inputs(out, images or ())
     out.mkdir(parents=True, exist_ok=True)
     labels = list(model.labels)
     history = list(model.info.get("history") or [])

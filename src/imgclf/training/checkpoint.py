@@ -40,7 +40,7 @@ def run_key(image_names: list[str], params: dict[str, Any]) -> str:
             size = Path(name).stat().st_size
         except OSError:
             size = -1
-        h.update(f"{name}\0{size}\n".encode())
+        h.update(f"{name}\0{size}\n".encode("utf-8", "surrogateescape"))  # names from other systems: any bytes
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
