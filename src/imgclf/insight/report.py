@@ -99,7 +99,7 @@ def top_losses(evaluated: Evaluated, labels: Sequence[str], top: int = TOP_LOSSE
 def check_outside_inputs(out: Path, images: Sequence[ImageData], option: str = "--out") -> None:
     """Refuse a report folder inside the folder the images came from: its charts and
     thumbnails would be read as a new label (or as more photos of one) by the next train."""
-    roots = {Path(im.source).resolve().parent.parent for im in images if isinstance(im.source, Path) and im.label}
+    roots = {Path(im.source).parent.resolve().parent for im in images if isinstance(im.source, Path) and im.label}
     target = out.resolve()
     for root in sorted(roots):
         if target == root or root in target.parents:
