@@ -36,6 +36,14 @@ def model(folder, tmp_path_factory, workspace):
     return out
 
 
+@pytest.fixture(scope="module")
+def onnx_model(model):
+    """The model exported: quick to load for the several scoring runs below."""
+    out = model.with_suffix(".onnx")
+    assert main(["export", str(model), "--out", str(out)]) == 0
+    return out
+
+
 def test_training_takes_the_name_and_skips_the_loop_with_one_line(model, capsys):
     from imgclf import load_model
 
@@ -45,12 +53,12 @@ def test_training_takes_the_name_and_skips_the_loop_with_one_line(model, capsys)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
-def test_results_keep_the_exact_name_and_resume(model, folder, tmp_path, fmt, capsys):
+def test_results_keep_the_exact_name_and_resume(onnx_model, folder, tmp_path, fmt, capsys):
     from imgclf.batch.writers import read_part_paths
     from imgclf.names import from_columns
 
     out = tmp_path / f"r.{fmt}"
-    assert main(["predict", str(model), str(folder), "--out", str(out), "-q"]) == 0
+    assert main(["predict", str(onnx_model), str(folder), "--out", str(out), "-q"]) == 0
     assert "Scored 10 image(s), 1 unreadable" in capsys.readouterr().out
     parts = sorted(out.glob("part-*"))
     paths = [p for part in parts for p in read_part_paths(part, fmt)]
@@ -62,7 +70,7 @@ def test_results_keep_the_exact_name_and_resume(model, folder, tmp_path, fmt, ca
         assert row["path"].endswith("caf\\xe9-\\xff.jpg") and from_columns(row["path"], row["path_bytes"]) == exact
         loop = next(r for r in rows if r["path"].endswith("loop.jpg"))
         assert "Too many levels of symbolic links" in loop["error"] and loop["label"] is None
-    assert main(["predict", str(model), str(folder), "--out", str(out), "-q"]) == 0  # nothing left to do
+    assert main(["predict", str(onnx_model), str(folder), "--out", str(out), "-q"]) == 0  # nothing left to do
     assert "Scored 0 image(s), skipped 11 already in the output" in capsys.readouterr().out
 
 
