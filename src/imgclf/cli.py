@@ -163,8 +163,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
     if args.weights and not Path(args.weights).is_file():
         raise ImgclfError(f"--weights {args.weights}: weights file not found")
     if args.nproc_per_node is not None:
-        if args.nproc_per_node < 1:
-            raise OptionError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+        distributed.check_process_count(args.nproc_per_node, args.device)
         if args.nproc_per_node != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node)):
             raise OptionError(f"--nproc-per-node {args.nproc_per_node}: already running under torchrun with "
                               f"{os.environ['LOCAL_WORLD_SIZE']} processes per node; give one or the other")  # fmt: skip

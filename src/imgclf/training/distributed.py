@@ -275,6 +275,28 @@ class DistributedRunError(ImgclfError):
     exit_code = 1
 
 
+def check_process_count(nproc_per_node: int, device: str = "auto") -> None:
+    """Refuse more processes than this machine can give one each: a GPU per rank where the
+    ranks train on GPUs, else a CPU core per rank (more ranks only share the same cores and
+    hold a copy of the network each, about 0.4 GB). Raises :class:`OptionError` with the reason."""
+    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
+        raise OptionError(f"--nproc-per-node must be a positive integer, got {nproc_per_node!r}")
+    if device.startswith(("cuda", "auto")):
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus:
+            if nproc_per_node > gpus:
+                raise OptionError(f"--nproc-per-node {nproc_per_node}: this machine has {gpus} GPU(s), one per "
+                                  f"process; use at most {gpus}")  # fmt: skip
+            return
+    cores = os.cpu_count() or 1
+    if nproc_per_node > cores:
+        raise OptionError(f"--nproc-per-node {nproc_per_node}: this machine has {cores} CPU core(s) and no GPU for "
+                          f"the ranks; more processes than cores only share them and hold a copy of the network "
+                          f"each: use at most {cores}")  # fmt: skip
+
+
 def launch(argv: Sequence[str], nproc_per_node: int) -> int:
     """Run ``python -m imgclf *argv`` as ``nproc_per_node`` ranks on this machine with
     PyTorch's elastic launcher (``torchrun --standalone``) and wait for them.
@@ -289,8 +311,7 @@ def launch(argv: Sequence[str], nproc_per_node: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
-        raise OptionError(f"--nproc-per-node must be a positive integer, got {nproc_per_node!r}")
+    check_process_count(nproc_per_node)
     for name in list(logging.root.manager.loggerDict):  # each has its own level: the failure is our one line
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
