@@ -155,3 +155,40 @@ def test_exceptions_are_still_needed_and_say_why():
     for (module, imported), reason in EXCEPTIONS.items():
         assert reason.strip(), (module, imported)
         assert imported in GRAPH.get(module, ()), f"{module} no longer imports {imported}: drop the exception"
+
+
+def _error_classes() -> set[str]:
+    tree = ast.parse((SRC / "errors.py").read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+
+
+def test_errors_and_their_codes_are_decided_in_errors_py():
+    """Every ImgclfError subclass is defined in errors.py, and no other module sets an
+    ``exit_code`` or ``http_status``."""
+    errors, wrong = _error_classes(), []
+    for module, (path, _) in MODULES.items():
+        if module == "imgclf.errors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                if bases & errors:
+                    wrong.append(f"{module}: class {node.name}")
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) else []:
+                name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", None)
+                if name in ("exit_code", "http_status"):
+                    wrong.append(f"{module}:{node.lineno} sets {name}")
+    assert not wrong, "decide these in imgclf/errors.py: " + "; ".join(wrong)
+
+
+def test_moved_errors_keep_their_old_import_paths():
+    pytest.importorskip("torch")
+    from imgclf import errors
+    from imgclf.training.checkpoint import TrainingInterrupted
+    from imgclf.training.distributed import DistributedRunError
+
+    assert TrainingInterrupted is errors.TrainingInterrupted and TrainingInterrupted("x").exit_code == 130
+    assert DistributedRunError is errors.DistributedRunError
+    # a failed rank's own code when it reported its error (2: bad input), else 1 (a signal's code is negative)
+    assert [DistributedRunError("x", rank_exit_code=c).exit_code for c in (2, -15, 0, None)] == [2, 1, 1, 1]
