@@ -213,8 +213,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
 def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):
     """Report, evaluate on the held-out images, save. The run's checkpoint stays until the
     save succeeds, so if anything here fails (or is interrupted) --resume finishes in seconds."""
-    from imgclf.errors import ModelFileError
-    from imgclf.training.checkpoint import TrainingInterrupted
+    from imgclf.errors import ModelFileError, TrainingInterrupted
 
     kept = model.checkpoint_path_
     hint = f"; the trained run is kept in {kept}: run the same command with --resume to save it in seconds"

@@ -1,9 +1,11 @@
 """One exception hierarchy for imgclf.
 
-Every error a user can cause is an :class:`ImgclfError`. Its ``exit_code``
-(for the CLI) and ``http_status`` (for the web API) are decided here and
-nowhere else, so callers catch the level they care about and the front ends
-map errors the same way every time.
+Every error a user can cause is an :class:`ImgclfError`, and every subclass is
+defined here. Its ``exit_code`` (for the CLI) and ``http_status`` (for the web
+API) are decided here and nowhere else, so callers catch the level they care
+about and the front ends map errors the same way every time. (The web server's
+answers about the HTTP exchange itself, such as a body over the size limit or a
+missing API key, are not errors of imgclf's and stay in :mod:`imgclf.serve.handlers`.)
 """
 
 from __future__ import annotations
@@ -52,3 +54,24 @@ class OptionError(ImgclfError):
     """An option has a value that cannot be used."""
 
     http_status = 422
+
+
+class TrainingInterrupted(ImgclfError):
+    """Training was stopped (Ctrl-C / SIGTERM) after saving a checkpoint."""
+
+    exit_code = 130
+
+
+class DistributedRunError(ImgclfError):
+    """A rank of a ``--nproc-per-node`` run failed; the others were stopped.
+
+    Its exit code is the failed rank's own when that rank reported its error
+    (``rank_exit_code``: 2 for bad input, as in one process), else 1.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, rank_exit_code: int | None = None):
+        super().__init__(message)
+        if rank_exit_code is not None and rank_exit_code > 0:
+            self.exit_code = rank_exit_code

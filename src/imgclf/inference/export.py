@@ -19,18 +19,35 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from imgclf.atomic import atomic_path
+from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError, OptionError
 from imgclf.inference.metadata import without_non_finite
 from imgclf.inference.runtime import METADATA_KEY
 
-if TYPE_CHECKING:
-    from imgclf.inference.model import ImageClassifier
-
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+
+
+class Exportable(Protocol):
+    """What export reads from a model: an :class:`imgclf.inference.model.ImageClassifier`.
+
+    Named here rather than imported, so that this module and the model (whose
+    ``export_onnx`` calls :func:`export_onnx`) do not import each other.
+    """
+
+    labels: list[str]
+    arch: str
+    timm_name: str
+    preprocessing: Preprocessing
+    tta: bool
+    info: dict[str, Any]
+    int8_graph_: bytes | None
+
+    def network(self) -> Any:
+        """Backbone, head and softmax as one torch module."""
 
 
 def _flip_averaged(network):
@@ -65,9 +82,7 @@ def _quiet_onnxruntime():
         onnxruntime.set_default_logger_severity(2)
 
 
-def export_onnx(
-    model: ImageClassifier, path: str | Path, *, quantize: str | None = None, precision: str = "fp32"
-) -> Path:
+def export_onnx(model: Exportable, path: str | Path, *, quantize: str | None = None, precision: str = "fp32") -> Path:
     """Write ``model`` as an ONNX file at ``path`` (atomically); returns the path.
 
     ``quantize="int8"`` writes dynamically quantized int8 weights instead.

@@ -18,9 +18,8 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,11 +31,12 @@ from imgclf.data.splits import train_test_split
 from imgclf.errors import ImageDecodeError, OptionError
 from imgclf.insight import labels as label_model
 from imgclf.insight import neardup
+from imgclf.insight.findings import MAX_LISTED as MAX_LISTED  # still importable from here
+from imgclf.insight.findings import AuditResult
 
 TINY_SIDE = 32  # pixels: a side shorter than this carries almost nothing after resizing to the network's input
 EXTREME_ASPECT = 4.0  # longer side / shorter side beyond which the centre crop loses most of the picture
 BLANK_STD = 3.0  # standard deviation of the grey levels (0-255) below which an image is one flat colour
-MAX_LISTED = 20  # label suspects and outliers listed at most (the JSON has them all)
 
 
 @dataclass
@@ -161,60 +161,6 @@ def _relative_names(folder: str | Path, images: list[ImageData]) -> list[str]:
     """Each file as the folder was given, joined with its path inside the folder."""
     root = Path(folder)
     return [os.path.join(str(folder), str(Path(im.name).relative_to(root))) for im in images]
-
-
-@dataclass
-class AuditResult:
-    """Everything ``audit`` found; ``to_dict`` is the JSON of ``imgclf audit --json``."""
-
-    folder: str
-    against: str | None
-    labels: dict[str, int]
-    unreadable: list[dict]
-    image_problems: list[dict]
-    duplicates: list[dict]
-    leaks: list[dict]
-    label_issues: list[dict]
-    outliers: list[dict]
-    method: dict[str, Any] = field(default_factory=dict)
-    timing: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def imbalance(self) -> float:
-        """Most images of a label divided by fewest (1.0 is balanced)."""
-        counts = [c for c in self.labels.values()]
-        return max(counts) / max(1, min(counts)) if counts else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "folder": self.folder,
-            "against": self.against,
-            "labels": self.labels,
-            "imbalance": round(self.imbalance, 3),
-            "unreadable": self.unreadable,
-            "image_problems": self.image_problems,
-            "duplicates": self.duplicates,
-            "leaks": self.leaks,
-            "label_issues": self.label_issues,
-            "outliers": self.outliers,
-            "method": self.method,
-            "timing": self.timing,
-        }
-
-    def summary(self) -> str:
-        """The console report: one line per kind of finding, the worst ones named."""
-        from imgclf.insight.pages import summary_lines
-
-        return "\n".join(summary_lines(self))
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def write_html(self, out: str | Path) -> Path:
-        """``out/index.html`` with thumbnails in ``out/thumbs/``: a gallery of every finding."""
-        from imgclf.insight.pages import write_audit_page
-
-        return write_audit_page(self, Path(out))
 
 
 def _exact_groups(scans: list[_Scan], members: Sequence[int]) -> list[list[int]]:

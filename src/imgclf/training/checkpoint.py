@@ -22,14 +22,9 @@ import torch
 
 from imgclf.atomic import atomic_path
 from imgclf.errors import ImgclfError
+from imgclf.errors import TrainingInterrupted as TrainingInterrupted  # its old home: still importable from here
 from imgclf.nets.workspace import checkpoint_file
 from imgclf.training.distributed import is_main_process
-
-
-class TrainingInterrupted(ImgclfError):
-    """Training was stopped (Ctrl-C / SIGTERM) after saving a checkpoint."""
-
-    exit_code = 130
 
 
 def run_key(image_names: list[str], params: dict[str, Any]) -> str:

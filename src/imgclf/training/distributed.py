@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from imgclf.errors import ImgclfError, OptionError
+from imgclf.errors import DistributedRunError, OptionError, TrainingInterrupted
 
 if TYPE_CHECKING:
     import torch
@@ -269,12 +269,6 @@ def peer_stopped(error: BaseException) -> bool:
     )
 
 
-class DistributedRunError(ImgclfError):
-    """A rank of a ``--nproc-per-node`` run failed; the others were stopped."""
-
-    exit_code = 1
-
-
 def check_process_count(nproc_per_node: int, device: str = "auto") -> None:
     """Refuse more processes than this machine can give one each: a GPU per rank where the
     ranks train on GPUs, else a CPU core per rank (more ranks only share the same cores and
@@ -325,8 +319,6 @@ def launch(argv: Sequence[str], nproc_per_node: int) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "imgclf", *argv)
     except SignalException:
-        from imgclf.training.checkpoint import TrainingInterrupted
-
         raise TrainingInterrupted(
             "training interrupted; every rank stopped, and progress up to the last finished epoch is kept in "
             "the workspace: run the same command with --resume to continue"
@@ -335,9 +327,8 @@ def launch(argv: Sequence[str], nproc_per_node: int) -> int:
         failures = sorted(e.failures.items(), key=lambda kv: (not kv[1].error_file_data, kv[1].timestamp, kv[0]))
         failed_rank, failure = failures[0]
         if failure.error_file_data:
-            error = DistributedRunError(f"rank {failed_rank}: {failure.message}")
-            error.exit_code = failure.exitcode if failure.exitcode > 0 else 1  # 2 for bad input, as in one process
-            raise error from None
+            message = f"rank {failed_rank}: {failure.message}"
+            raise DistributedRunError(message, rank_exit_code=failure.exitcode) from None
         raise DistributedRunError(
             f"rank {failed_rank} stopped with exit code {failure.exitcode} (its output is above); "
             "the other ranks were stopped"

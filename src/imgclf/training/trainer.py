@@ -20,14 +20,14 @@ import numpy as np
 
 from imgclf.data.images import ImageData, check_labels, load_images_from_directory
 from imgclf.data.splits import train_test_split
-from imgclf.errors import DataError, OptionError
+from imgclf.errors import DataError, OptionError, TrainingInterrupted
 from imgclf.inference.model import ImageClassifier, library_versions
 from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
 from imgclf.training import distributed
-from imgclf.training.checkpoint import Checkpoint, TrainingInterrupted, run_key
+from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD

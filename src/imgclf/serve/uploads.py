@@ -1,0 +1,78 @@
+"""Reading a request's images within the limits.
+
+The Content-Length is checked before anything is read; the body is read with a
+size cap (413 as soon as it passes the limit) and a timeout (408 when it stops
+arriving); a multipart body is parsed with a cap on files and fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
+
+from imgclf.serve.handlers import HTTPError
+
+
+def declared_length(request: Request, limit: int) -> int | None:
+    """The Content-Length, refused at once if it is not a number or over ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.strip().isdigit():
+        raise HTTPError(400, f"Content-Length '{declared}' is not a number", close=True)
+    if int(declared) > limit:
+        raise HTTPError(413, f"request is {int(declared):,} bytes; the limit is {limit:,}", close=True)
+    return int(declared)
+
+
+async def read_body(request: Request, declared: int | None, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes and with 408
+    if nothing arrives for ``timeout`` seconds (a body shorter than its Content-Length)."""
+    chunks, size = [], 0
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), timeout)
+        except StopAsyncIteration:
+            break
+        except (asyncio.TimeoutError, TimeoutError):
+            of = f" of {declared:,}" if declared is not None else ""
+            raise HTTPError(408, f"request body stopped arriving: nothing for {timeout:g} s after "
+                                 f"{size:,}{of} bytes", close=True) from None  # fmt: skip
+        except ClientDisconnect:
+            raise HTTPError(400, "client disconnected before sending the whole body", close=True) from None
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request is larger than the {limit:,}-byte limit", close=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_multipart(request: Request, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
+    """Each uploaded file of a multipart ``body`` (already read) as ``(file name, bytes)``."""
+    from starlette.formparsers import MultiPartException
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replay = Request(request.scope, receive)
+    try:
+        form = await replay.form(max_files=max_files, max_fields=max_files)
+    except (MultiPartException, StarletteHTTPException) as e:  # Starlette wraps the first in the second
+        problem = str(getattr(e, "detail", None) or e)
+        if problem.startswith("Too many files"):
+            raise HTTPError(413, f"a request may carry at most {max_files} files; "
+                                 "send the others in further requests") from None  # fmt: skip
+        if problem.startswith("Too many fields"):
+            raise HTTPError(413, f"a request may carry at most {max_files} form fields") from None
+        raise HTTPError(422, f"malformed multipart body ({problem})") from None
+    except Exception as e:
+        raise HTTPError(422, f"malformed multipart body ({type(e).__name__})") from None
+    uploads = []
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):
+            uploads.append((value.filename or key, await value.read()))
+    await form.close()
+    return uploads
