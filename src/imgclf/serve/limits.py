@@ -6,8 +6,12 @@ Three budgets, each a hard ceiling rather than a guess:
   decode threads. Each decode reserves its estimated peak (from the header,
   before any pixel is decoded) and waits while the others would pass the
   budget; an image that could never fit is refused with 413.
-- :class:`BodyBudget`: bytes of request bodies held at once; a request reserves
-  its declared length (or the largest allowed) before reading, and waits.
+- :class:`BodyBudget`: bytes of request bodies held at once. A body holds only
+  the bytes that have arrived, growing its share as chunks come, so connections that
+  trickle a body in (one byte a second under a large Content-Length) hold almost
+  nothing, and a normal upload beside them is not held up. A body that cannot grow
+  for :data:`BODY_WAIT` seconds (the server is full of bodies) is answered 503 and
+  lets go, so bodies never wait on each other for ever.
 - the pending-image semaphore in the app (images decoded but not yet scored).
 
 Waiting instead of failing keeps bursts working; the budgets only change how
@@ -41,6 +45,11 @@ BODIES_IN_FLIGHT = 4
 PENDING_IMAGES = 128
 #: Seconds to wait for the next piece of a request body before answering 408.
 READ_TIMEOUT = 30.0
+#: Once a body has been arriving for READ_TIMEOUT seconds it must average at least this
+#: many bytes a second, or it is answered 408: a trickle cannot hold a connection for ever.
+MIN_BODY_RATE = 16 * 1024
+#: Seconds a body waits for room in the body budget before it is answered 503.
+BODY_WAIT = 10.0
 
 
 class DecodeBudget:
@@ -75,30 +84,62 @@ class DecodeBudget:
                 self._changed.notify_all()
 
 
+class BudgetFull(Exception):
+    """No room in the body budget within the wait: the server answers 503."""
+
+
 class BodyBudget:
     """At most ``capacity`` bytes of request bodies held at once (one event loop)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, wait: float = BODY_WAIT):
         self.capacity = capacity
+        self.wait = wait
         self.in_use = 0
+        self.peak = 0
         self._changed: asyncio.Condition | None = None
 
-    @asynccontextmanager
-    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
-        nbytes = min(nbytes, self.capacity)
+    def _condition(self) -> asyncio.Condition:
         if self._changed is None:
             import asyncio  # here, not at the top: the CLI reads this module's limits for --help
 
             self._changed = asyncio.Condition()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity)
-            self.in_use += nbytes
+        return self._changed
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[BodyShare]:
+        """A body's share of the budget, empty at first; released when the request is done."""
+        share = BodyShare(self)
         try:
-            yield
+            yield share
         finally:
-            async with self._changed:
-                self.in_use -= nbytes
-                self._changed.notify_all()
+            if share.held:
+                async with self._condition():
+                    self.in_use -= share.held
+                    self._condition().notify_all()
+
+
+class BodyShare:
+    """The bytes one body holds in a :class:`BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget = budget
+        self.held = 0
+
+    async def grow(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more, waiting for room; raises :class:`BudgetFull` after the budget's wait."""
+        import asyncio
+
+        budget, changed = self.budget, self.budget._condition()
+        nbytes = min(nbytes, budget.capacity)
+        async with changed:
+            try:
+                await asyncio.wait_for(changed.wait_for(lambda: budget.in_use + nbytes <= budget.capacity),
+                                       budget.wait)  # fmt: skip
+            except (asyncio.TimeoutError, TimeoutError):
+                raise BudgetFull from None
+            budget.in_use += nbytes
+            budget.peak = max(budget.peak, budget.in_use)
+        self.held += nbytes
 
 
 def tune_malloc(arenas: int = 2, mmap_threshold: int = 1 * MB) -> None:

@@ -56,8 +56,8 @@ async def predict(
     started = time.perf_counter()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = declared_length(request, state.max_request_bytes)
-    async with state.bodies.reserve(state.max_request_bytes if declared is None else declared):
-        body = await read_body(request, declared, state.max_request_bytes, state.read_timeout)
+    async with state.bodies.hold() as share:
+        body = await read_body(request, declared, state.max_request_bytes, state.read_timeout, share)
         if content_type == "multipart/form-data":
             uploads = await parse_multipart(request, body, state.max_files)
         elif content_type.startswith("image/") or content_type == "application/octet-stream":
@@ -116,7 +116,8 @@ def predict_responses(max_files: int) -> dict[int | str, dict[str, Any]]:
     """The statuses ``POST /v1/predict`` answers besides 200, as the OpenAPI document lists them."""
     return {
         400: {"model": ErrorResponse, "description": "malformed request, or the client went away"},
-        408: {"model": ErrorResponse, "description": "the body stopped arriving"},
+        408: {"model": ErrorResponse, "description": "the body stopped arriving, or arrives too slowly"},
+        503: {"model": ErrorResponse, "description": "no room for more request bodies now; retry (Retry-After)"},
         413: {
             "model": PredictError,
             "description": f"request over the size limit, more than {max_files} files, or every image too large",

@@ -8,11 +8,13 @@ arriving); a multipart body is parsed with a cap on files and fields.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 
 from imgclf.serve.handlers import HTTPError
+from imgclf.serve.limits import MIN_BODY_RATE, BodyShare, BudgetFull
 
 
 def declared_length(request: Request, limit: int) -> int | None:
@@ -27,11 +29,16 @@ def declared_length(request: Request, limit: int) -> int | None:
     return int(declared)
 
 
-async def read_body(request: Request, declared: int | None, limit: int, timeout: float) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes and with 408
-    if nothing arrives for ``timeout`` seconds (a body shorter than its Content-Length)."""
+async def read_body(
+    request: Request, declared: int | None, limit: int, timeout: float, share: BodyShare, min_rate: float = MIN_BODY_RATE
+) -> bytes:
+    """The body, held in ``share`` as it arrives: refused with 413 as soon as it passes
+    ``limit`` bytes, with 408 if nothing arrives for ``timeout`` seconds (a body shorter
+    than its Content-Length) or if, after ``timeout`` seconds, it averages under
+    ``min_rate`` bytes a second, and with 503 when the server has no room for it."""
     chunks, size = [], 0
     stream = request.stream()
+    started = time.monotonic()
     while True:
         try:
             chunk = await asyncio.wait_for(anext(stream), timeout)
@@ -46,6 +53,15 @@ async def read_body(request: Request, declared: int | None, limit: int, timeout:
         size += len(chunk)
         if size > limit:
             raise HTTPError(413, f"request is larger than the {limit:,}-byte limit", close=True)
+        elapsed = time.monotonic() - started
+        if elapsed > timeout and size < min_rate * elapsed:
+            raise HTTPError(408, f"request body arriving too slowly: {size:,} bytes in {elapsed:.0f} s (at least "
+                                 f"{min_rate / 1024:g} KiB/s after the first {timeout:g} s)", close=True)  # fmt: skip
+        try:
+            await share.grow(len(chunk))
+        except BudgetFull:
+            raise HTTPError(503, "the server is busy receiving other uploads; retry in a few seconds",
+                            close=True, headers={"Retry-After": "5"}) from None  # fmt: skip
         chunks.append(chunk)
     return b"".join(chunks)
 
