@@ -423,15 +423,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format != "onnx":
         raise ImgclfError(f"unknown export format '{args.format}'; use onnx")
+    from imgclf.data.uris import is_remote
+    from imgclf.inference.export import default_export_path
+
     read_model_config(args.model)  # a missing, corrupt or already-ONNX model is refused first
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
-    check_not_an_input(out, [args.model], "ONNX file", option="--out" if args.out else None)
-    check_output_path(out, "ONNX file", option="--out" if args.out else None)
+    out = args.out or default_export_path(args.model)
+    if not is_remote(out):
+        out = Path(out)
+        check_not_an_input(out, [args.model], "ONNX file", option="--out" if args.out else None)
+        check_output_path(out, "ONNX file", option="--out" if args.out else None)
     model = load_model(args.model)
     started = time.perf_counter()
-    model.export_onnx(out, quantize=args.quantize, precision=args.precision)
-    size = out.stat().st_size / 1e6
-    print(f"Exported {args.model} to {out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s)")
+    written = model.export_onnx(out, quantize=args.quantize, precision=args.precision)
+    if is_remote(written):
+        from imgclf.data.uris import filesystem
+
+        fs, bare = filesystem(str(written))
+        size = fs.size(bare)
+    else:
+        size = Path(written).stat().st_size
+    print(f"Exported {args.model} to {out} ({size / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s)")
     return 0
 
 

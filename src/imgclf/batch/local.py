@@ -18,7 +18,7 @@ from pathlib import Path
 
 from imgclf.batch.scoring import ModelFile, load_input, load_scoring_model, score_loaded
 from imgclf.batch.sources import Input, classify_inputs, iter_image_paths
-from imgclf.batch.writers import PathSet, ResultFolder, check_output
+from imgclf.batch.writers import PathSet, check_output, open_results
 from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import MissingDependencyError, OptionError
 
@@ -27,7 +27,7 @@ from imgclf.errors import MissingDependencyError, OptionError
 class ScoringSummary:
     """What a run did: rows written (scored and failed), inputs skipped as already done."""
 
-    out: Path
+    out: Path | str  # a folder, or an object store's URI
     scored: int
     failed: int
     skipped: int
@@ -97,7 +97,7 @@ def score_to_folder(
     started = time.perf_counter()
     scored = failed = 0
     skipped = [0]
-    with ResultFolder(out, metadata, commit_every=commit_every, rows_per_part=rows_per_part) as folder:
+    with open_results(out, metadata, commit_every=commit_every, rows_per_part=rows_per_part) as folder:
         done = folder.done
 
         def pending() -> Iterator[str]:
@@ -119,10 +119,11 @@ def score_to_folder(
                 bar.update(len(batch))
         except KeyboardInterrupt:
             bar.close()
-            summary = ScoringSummary(Path(out), scored, failed, skipped[0], time.perf_counter() - started)
+            summary = ScoringSummary(out, scored, failed, skipped[0], time.perf_counter() - started)
             raise ScoringInterrupted(summary) from None
         bar.close()
-    return ScoringSummary(Path(out), scored, failed, skipped[0], time.perf_counter() - started)
+        folder.finish()  # every input scored: _SUCCESS and the row counts
+    return ScoringSummary(out, scored, failed, skipped[0], time.perf_counter() - started)
 
 
 class _Bar:

@@ -23,7 +23,8 @@ from imgclf.batch.local import ScoringSummary, check_options
 from imgclf.batch.results import arrow_schema
 from imgclf.batch.scoring import ModelFile, load_scoring_model, score_sources
 from imgclf.batch.sources import Input, classify_inputs, is_uri, iter_image_paths, manifest_joiner, read_image_bytes
-from imgclf.batch.writers import PathSet, ResultFolder, check_output, count_rows
+from imgclf.batch.writers import PathSet, ResultFolder, check_output, count_rows, open_results
+from imgclf.data.uris import is_remote
 from imgclf.errors import DataError, ImageDecodeError, ImgclfError, MissingDependencyError, OptionError
 
 #: Reading files and writing results wait on storage, not CPUs: they reserve none, so a
@@ -245,6 +246,9 @@ def score_with_ray(
     """
     check_options(top_k, batch_size)
     fmt = check_output(out)
+    if is_remote(out):
+        raise OptionError(f"--out {out}: --engine ray writes to a local or shared folder, not an object store; "
+                          "score to a folder and copy it, or use the local engine")  # fmt: skip
     sources = classify_inputs(inputs)
     ray = _ray()
     model_file = ModelFile.read(model)
@@ -259,10 +263,11 @@ def score_with_ray(
         if not progress:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         started = time.perf_counter()
-        with ResultFolder(out, metadata) as folder:
+        with open_results(out, metadata) as folder:
             summary = _run(ray, folder, fmt, sources, model_file, metadata, top_k=top_k, batch_size=batch_size,
                            workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                            precision=precision)  # fmt: skip
+            folder.finish()  # every input scored: _SUCCESS and the row counts
         summary.seconds = time.perf_counter() - started
         return summary
     finally:

@@ -56,7 +56,9 @@ class ModelFile:
 
     @classmethod
     def read(cls, path: str | Path) -> ModelFile:
-        path = Path(path)
+        from imgclf.data.uris import local_model_file
+
+        path = local_model_file(path)
         if path.is_dir():
             raise ModelFileError(f"{path}: is a folder, not a model file (.imgclf or .onnx)")
         try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from imgclf.data.images import IMAGE_EXTENSIONS
+from imgclf.data.uris import filesystem, is_uri  # noqa: F401  (re-exported: where they used to live)
 from imgclf.errors import DataError, ImageDecodeError, MissingDependencyError
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -37,36 +38,8 @@ GLOB_CHARS = frozenset("*?[")
 InputKind = Literal["file", "folder", "glob", "manifest"]
 
 
-def is_uri(path: str) -> bool:
-    """``scheme://...`` (but not a Windows drive such as ``C:\\``)."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").replace("-", "").isalnum()
-
-
 def _has_image_suffix(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def filesystem(uri: str):
-    """The fsspec filesystem and bare path for ``uri``; a one-line error naming the
-    package to install when its filesystem is missing."""
-    try:
-        import fsspec
-    except ImportError:
-        raise MissingDependencyError(f"{uri}: reading URIs needs fsspec: pip install 'imgclf[batch]'") from None
-    from fsspec.registry import known_implementations
-
-    scheme = uri.split("://", 1)[0]
-    try:
-        return fsspec.core.url_to_fs(uri)
-    except ImportError:
-        cls = known_implementations.get(scheme, {}).get("class", "")
-        package = cls.split(".", 1)[0] or f"the fsspec filesystem for {scheme}://"
-        raise MissingDependencyError(
-            f"{uri}: reading {scheme}:// needs the '{package}' package: pip install {package}"
-        ) from None
-    except ValueError as e:
-        raise DataError(f"{uri}: {e}; fsspec knows no filesystem for {scheme}://") from None
 
 
 @dataclass(frozen=True)

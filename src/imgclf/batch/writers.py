@@ -14,6 +14,19 @@ the same in their key-value metadata), ``_imgclf.lock`` keeps a second run out.
 Resuming: the paths already in committed parts are read back (16-byte digests in
 a sorted array, 16 bytes a row) and skipped, so re-running the same command after
 a crash or Ctrl-C scores only what is missing.
+
+Finished: only a run that scored every input writes ``_SUCCESS`` (as Spark and Hadoop
+do) and the row counts into ``_imgclf.json``; a run that starts (or resumes) removes
+them first. A folder without ``_SUCCESS`` is a job in progress or one that was stopped.
+
+Object stores (``--out s3://bucket/results.parquet``, any fsspec URI): a part is written
+locally and uploaded whole when committed (an object appears complete or not at all,
+so the folder still holds only whole parts); there are no advisory locks, so
+``_imgclf.lock`` names the run holding the folder (host, process, time) and is checked
+again before each commit: a second run is refused while the first one's process is alive
+on the same host or its lock is fresher than :data:`REMOTE_LEASE` seconds; a lock left by a
+killed run on this host is taken over at once. Two runs started on different hosts within
+the same second can both pass the check: start one writer per results folder.
 """
 
 from __future__ import annotations
@@ -22,7 +35,10 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 import shutil
+import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -31,12 +47,16 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.batch.results import COLUMNS, ResultBatch, arrow_schema
-from imgclf.errors import DataError, MissingDependencyError, OptionError
+from imgclf.data.uris import filesystem, is_remote
+from imgclf.errors import DataError, ImgclfError, MissingDependencyError, OptionError
 from imgclf.names import from_columns
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
 SIDECAR = "_imgclf.json"
 LOCK = "_imgclf.lock"
+SUCCESS = "_SUCCESS"
+#: Seconds after which another host's lock in an object store counts as abandoned.
+REMOTE_LEASE = 600
 STAGING_PREFIX = "_staging-"
 
 
@@ -52,10 +72,12 @@ def output_format(out: str | Path) -> str:
 
 def check_output(out: str | Path) -> str:
     """Check ``out`` can take results (before any work); returns its format."""
-    out = Path(out)
     fmt = output_format(out)
     if fmt == "parquet":
         _need_pyarrow()
+    if is_remote(out):
+        return _check_remote_output(str(out), fmt)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out}: exists and is a file; imgclf writes a folder of parts there, "
                           "so remove it or choose another name")  # fmt: skip
@@ -66,6 +88,23 @@ def check_output(out: str | Path) -> str:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise OptionError(f"--out {out}: cannot write in {parent} (permission denied)")
+    return fmt
+
+
+def _check_remote_output(out: str, fmt: str) -> str:
+    fs, bare = filesystem(out)  # a missing filesystem package is one line naming it
+    try:
+        names = [posixpath.basename(p) for p in fs.ls(bare, detail=False)] if fs.isdir(bare) else []
+        if not names and fs.isfile(bare):
+            raise OptionError(f"--out {out}: exists and is a file; imgclf writes a folder of parts there")
+    except FileNotFoundError:
+        names = []
+    except ImgclfError:
+        raise
+    except Exception as e:  # each filesystem raises its own types (no bucket, no permission, no endpoint)
+        raise OptionError(f"--out {out}: cannot list it ({type(e).__name__}: {e})") from None
+    if names and SIDECAR not in names and any(n != LOCK for n in names):
+        raise OptionError(f"--out {out}: folder exists and does not hold imgclf results; choose another name")
     return fmt
 
 
@@ -281,6 +320,7 @@ class ResultFolder:
         self._lock()
         try:
             self._check_or_write_sidecar()
+            (self.path / SUCCESS).unlink(missing_ok=True)  # in progress again until this run finishes
             self._recover_staging()
             parts = self.parts()
             self.done = PathSet.of_paths(p for part in parts for p in read_part_paths(part, self.format))
@@ -320,12 +360,26 @@ class ResultFolder:
             found = json.loads(sidecar.read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{sidecar}: unreadable ({e}); remove the folder or choose another --out") from None
+        self._compare_sidecar(found, wanted)
+        if "rows" in found:  # finished before: the counts are written again when this run finishes
+            found = {k: v for k, v in found.items() if k not in ("rows", "error_rows")}
+            _write_atomically(sidecar, json.dumps(found, indent=2).encode())
+
+    def _compare_sidecar(self, found: dict, wanted: dict) -> None:
         if found.get("model_sha256") != wanted["model_sha256"]:
             raise OptionError(f"--out {self.path}: holds results of another model ({found.get('model')}, sha256 "
                               f"{str(found.get('model_sha256'))[:12]}...); choose another --out or delete it")  # fmt: skip
         if found.get("top_k") != wanted["top_k"]:
             raise OptionError(f"--out {self.path}: holds top-{found.get('top_k')} results; run again with "
                               f"--top-k {found.get('top_k')} or choose another --out")  # fmt: skip
+        if found.get("format_version") != wanted.get("format_version"):
+            raise OptionError(f"--out {self.path}: holds results format {found.get('format_version')}, this imgclf "
+                              f"writes {wanted.get('format_version')}; choose another --out")  # fmt: skip
+        ran, now = found.get("ran"), wanted.get("ran")
+        if ran and now and (ran.get("precision"), ran.get("cpu")) != (now.get("precision"), now.get("cpu")):
+            raise OptionError(f"--out {self.path}: was scored at {ran.get('precision')} on a CPU with "
+                              f"{ran.get('cpu')}; this run would score at {now.get('precision')} on {now.get('cpu')}, "
+                              "and one results folder never mixes answers: resume there, or choose another --out")  # fmt: skip
 
     def parts(self) -> list[Path]:
         """The committed parts, sorted by name."""
@@ -366,6 +420,18 @@ class ResultFolder:
             self.commit()
         finally:
             self._unlock()
+
+    def finish(self) -> None:
+        """Every input is scored: write the row counts into the sidecar, then ``_SUCCESS``."""
+        self.commit()
+        rows = failed = 0
+        for part in self.parts():
+            n, bad = count_rows(part, self.format)
+            rows, failed = rows + n, failed + bad
+        sidecar = self.path / SIDECAR
+        found = json.loads(sidecar.read_text())
+        _write_atomically(sidecar, json.dumps({**found, "rows": rows, "error_rows": failed}, indent=2).encode())
+        _write_atomically(self.path / SUCCESS, b"")
 
     # Ray writes with its own writer into a staging folder; finished files move in
 
@@ -430,3 +496,160 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def open_results(path: str | Path, metadata: dict, **options) -> ResultFolder:
+    """The results folder at ``path``: on disk, or in an object store for a URI."""
+    return RemoteResultFolder(str(path), metadata, **options) if is_remote(path) else ResultFolder(path, metadata, **options)
+
+
+class RemoteResultFolder(ResultFolder):
+    """A results folder in an object store (any fsspec URI): parts written locally, uploaded
+    whole when committed; the lock is an object naming its run (see the module docstring)."""
+
+    def __init__(self, uri: str, metadata: dict, **options):
+        super().__init__(Path(uri.split("://", 1)[1]), metadata, **options)
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+        self.format = output_format(uri)
+        self.local = Path(tempfile.mkdtemp(prefix="imgclf-results-"))
+        self._run = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex}
+        self._names: list[str] = []
+
+    def _key(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._key(name))
+        except FileNotFoundError:
+            return None
+
+    def __enter__(self) -> RemoteResultFolder:
+        check_output(self.uri)
+        self._lock()
+        try:
+            raw = self._read(SIDECAR)
+            wanted = {**self.metadata, "file_format": self.format}
+            if raw is None:
+                self.fs.pipe_file(self._key(SIDECAR), json.dumps(wanted, indent=2).encode())
+            else:
+                found = json.loads(raw)
+                self._compare_sidecar(found, wanted)
+                if "rows" in found:
+                    found = {k: v for k, v in found.items() if k not in ("rows", "error_rows")}
+                    self.fs.pipe_file(self._key(SIDECAR), json.dumps(found, indent=2).encode())
+            if self._read(SUCCESS) is not None:
+                self.fs.rm_file(self._key(SUCCESS))
+            paths = []
+            for name in self._part_names():
+                paths.extend(read_part_paths(self._download(name), self.format))
+            self.done = PathSet.of_paths(paths)
+            indices = [int(n.split(".")[0].split("-")[1]) for n in self._part_names()
+                       if n.startswith("part-") and n.split(".")[0][5:].isdigit()]  # fmt: skip
+            self._next_index = max(indices, default=0) + 1
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _part_names(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
+        try:
+            names = [posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(self.suffix) and n[0] not in "._")
+
+    def _download(self, name: str) -> Path:
+        local = self.local / f"_read-{name}"
+        local.write_bytes(self.fs.cat_file(self._key(name)))
+        return local
+
+    def parts(self) -> list[Path]:
+        return [self._download(n) for n in self._part_names()]
+
+    def _lock(self) -> None:
+        held = self._read(LOCK)
+        if held is not None:
+            try:
+                other = json.loads(held)
+            except ValueError:
+                other = {}
+            if other.get("run") != self._run["run"] and not _abandoned(other):
+                raise OptionError(f"--out {self.uri}: another imgclf run is writing there ({other.get('host')}, "
+                                  f"process {other.get('pid')}); wait for it, choose another --out, or delete "
+                                  f"{self.uri}/{LOCK} if that run is gone")  # fmt: skip
+        self._refresh_lock()
+        if json.loads(self._read(LOCK) or b"{}").get("run") != self._run["run"]:
+            raise OptionError(f"--out {self.uri}: another imgclf run took the folder at the same moment; "
+                              "choose another --out")  # fmt: skip
+        self._lock_fd = 1
+
+    def _refresh_lock(self) -> None:
+        self.fs.pipe_file(self._key(LOCK), json.dumps({**self._run, "time": time.time()}).encode())
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                if json.loads(self._read(LOCK) or b"{}").get("run") == self._run["run"]:
+                    self.fs.rm_file(self._key(LOCK))
+            finally:
+                self._lock_fd = None
+                shutil.rmtree(self.local, ignore_errors=True)
+
+    def write(self, batch: ResultBatch) -> None:
+        if not len(batch):
+            return
+        if self._part is None:
+            tmp = self.local / f".part-{self._next_index:06d}{self.suffix}.inprogress"
+            self._part = PART_WRITERS[self.format](tmp, self._schema())
+        self._part.write(batch)
+        self.rows_written += len(batch)
+        if self._part.rows >= self.rows_per_part or time.monotonic() - self._part.started >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        """Upload the part in progress whole: only then does it appear in the store."""
+        part, self._part = self._part, None
+        if part is None:
+            return
+        try:
+            part.close()
+            if json.loads(self._read(LOCK) or b"{}").get("run") != self._run["run"]:
+                raise OptionError(f"--out {self.uri}: another run took the folder over; this run's last part "
+                                  "is not written")  # fmt: skip
+            self.fs.put_file(str(part.tmp), self._key(f"part-{self._next_index:06d}{self.suffix}"))
+            self._refresh_lock()
+        finally:
+            part.abandon()
+        self._next_index += 1
+
+    def finish(self) -> None:
+        self.commit()
+        rows = failed = 0
+        for part in self.parts():
+            n, bad = count_rows(part, self.format)
+            rows, failed = rows + n, failed + bad
+        found = json.loads(self._read(SIDECAR))
+        self.fs.pipe_file(self._key(SIDECAR), json.dumps({**found, "rows": rows, "error_rows": failed}, indent=2).encode())
+        self.fs.pipe_file(self._key(SUCCESS), b"")
+
+    def staging_folder(self) -> Path:
+        raise OptionError(f"--out {self.uri}: --engine ray writes to a local or shared folder, not an object store; "
+                          "score to a folder and copy it, or use the local engine")  # fmt: skip
+
+
+def _abandoned(lock: dict) -> bool:
+    """A lock left by a run that is gone: this host's process no longer runs, or another
+    host's lock older than the lease."""
+    if lock.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lock.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError):
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - float(lock.get("time", 0)) > REMOTE_LEASE
+

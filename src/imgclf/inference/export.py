@@ -82,7 +82,44 @@ def _quiet_onnxruntime():
         onnxruntime.set_default_logger_severity(2)
 
 
-def export_onnx(model: Exportable, path: str | Path, *, quantize: str | None = None, precision: str = "fp32") -> Path:
+def default_export_path(model: str | Path) -> str | Path:
+    """Beside the model, with ``.onnx`` for its suffix (a URI stays a URI)."""
+    from imgclf.data.uris import is_remote
+
+    if is_remote(model):
+        text = str(model)
+        head, _, tail = text.rpartition("/")
+        return f"{head}/{tail.rsplit('.', 1)[0] if '.' in tail else tail}.onnx"
+    return Path(model).with_suffix(".onnx")
+
+
+def export_onnx(
+    model: Exportable, path: str | Path, *, quantize: str | None = None, precision: str = "fp32"
+) -> Path | str:
+    """Write ``model`` as an ONNX file at ``path`` (atomically; a URI such as ``s3://...``
+    is written locally first and uploaded whole); returns the path.
+
+    ``quantize="int8"`` writes dynamically quantized int8 weights instead.
+    ``precision="int8"`` writes the model's calibrated static int8 graph
+    (``imgclf.inference.precision``), which runs 1.5 to 1.7x faster than fp32.
+    """
+    from imgclf.data.uris import filesystem, is_remote
+
+    if not is_remote(path):
+        return _export_local(model, path, quantize=quantize, precision=precision)
+    import tempfile
+
+    fs, bare = filesystem(str(path))
+    with tempfile.TemporaryDirectory(prefix="imgclf-export-") as tmp:
+        local = _export_local(model, Path(tmp) / "model.onnx", quantize=quantize, precision=precision)
+        try:
+            fs.put_file(str(local), bare)
+        except Exception as e:  # each filesystem raises its own types
+            raise ModelFileError(f"{path}: cannot write the ONNX file ({type(e).__name__}: {e})") from None
+    return str(path)
+
+
+def _export_local(model: Exportable, path: str | Path, *, quantize: str | None = None, precision: str = "fp32") -> Path:
     """Write ``model`` as an ONNX file at ``path`` (atomically); returns the path.
 
     ``quantize="int8"`` writes dynamically quantized int8 weights instead.

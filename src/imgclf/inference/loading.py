@@ -31,9 +31,10 @@ def load_model(
     ``device`` applies to the torch model. ``threads``: threads of the network's
     engine; default: the CPUs, at most 8. ``images``: the job's size, if known.
     """
+    from imgclf.data.uris import local_model_file
     from imgclf.filetypes import sniff
 
-    path = Path(path)
+    path = local_model_file(path)  # a URI is fetched once
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder, not a model file")
     if not path.is_file():

@@ -270,7 +270,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     """The metadata of an imgclf model file, checked field by field; raises :class:`ModelFileError`."""
     from safetensors import safe_open
 
-    path = Path(path)
+    from imgclf.data.uris import local_model_file
+
+    path = local_model_file(path)
     kind = file_kind(path)
     if kind == "onnx":
         raise ModelFileError(f"{path}: is an exported ONNX model, not an imgclf model file (it predicts and serves "
@@ -338,11 +340,12 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
     import torch
     from safetensors.torch import load_file
 
+    from imgclf.data.uris import local_model_file
     from imgclf.errors import ArchitectureError
     from imgclf.nets.archs import create_network, is_builtin_model
     from imgclf.nets.device import resolve_device
 
-    path = Path(path)
+    path = local_model_file(path)
     config = read_model_config(path)
     _check_tensor_shapes(path, config)
     if not is_builtin_model(config["timm_name"]):

@@ -95,9 +95,10 @@ def load_onnx_model(
     decided by :func:`imgclf.nets.engines.choose_engine`; an int8 export runs at int8.
     ``images``: how many images the job has, if known (a small one stays on ONNX Runtime).
     """
+    from imgclf.data.uris import local_model_file
     from imgclf.filetypes import sniff
 
-    path = Path(path)
+    path = local_model_file(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: ONNX model file not found")
     kind = sniff(path)

@@ -1,0 +1,70 @@
+"""URIs (``s3://``, ``gs://``, ``az://``, ``memory://``, ``file://``) through fsspec.
+
+Images, manifests, results folders and model files may all live in object storage;
+every module that reads or writes one asks here, so a missing filesystem package is
+the same one line everywhere. The endpoint of an S3-compatible server is set the
+usual way: ``AWS_ENDPOINT_URL`` (and the usual AWS credentials variables).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from imgclf.errors import DataError, MissingDependencyError, ModelFileError
+
+
+def is_uri(path: str | Path) -> bool:
+    """``scheme://...`` (but not a Windows drive such as ``C:\\``)."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").replace("-", "").isalnum()
+
+
+def is_remote(path: str | Path) -> bool:
+    """A URI of a filesystem other than the local one (``file://`` is local)."""
+    return is_uri(path) and not str(path).startswith("file://")
+
+
+def filesystem(uri: str):
+    """The fsspec filesystem and bare path for ``uri``; a one-line error naming the
+    package to install when its filesystem is missing."""
+    try:
+        import fsspec
+    except ImportError:
+        raise MissingDependencyError(f"{uri}: reading URIs needs fsspec: pip install 'imgclf[batch]'") from None
+    from fsspec.registry import known_implementations
+
+    scheme = uri.split("://", 1)[0]
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except ImportError:
+        cls = known_implementations.get(scheme, {}).get("class", "")
+        package = cls.split(".", 1)[0] or f"the fsspec filesystem for {scheme}://"
+        raise MissingDependencyError(f"{uri}: {scheme}:// needs the '{package}' package: pip install {package}") from None
+    except ValueError as e:
+        raise DataError(f"{uri}: {e}; fsspec knows no filesystem for {scheme}://") from None
+
+
+_fetched: dict[str, Path] = {}
+
+
+def local_model_file(path: str | Path) -> Path:
+    """A model file's local path: itself, or for a URI a private copy fetched once per process."""
+    if not is_uri(path):
+        return Path(path)
+    text = str(path)
+    if text in _fetched and _fetched[text].is_file():
+        return _fetched[text]
+    fs, bare = filesystem(text)
+    try:
+        data = fs.cat_file(bare)
+    except FileNotFoundError:
+        raise ModelFileError(f"{text}: model file not found") from None
+    except Exception as e:  # each filesystem raises its own types
+        raise ModelFileError(f"{text}: cannot read model file ({type(e).__name__}: {e})") from None
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-model-"))
+    local = folder / (os.path.basename(bare.rstrip("/")) or "model")
+    local.write_bytes(data)
+    _fetched[text] = local
+    return local
