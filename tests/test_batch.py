@@ -170,6 +170,7 @@ def test_stopped_midway_then_rerun_scores_each_input_once(small_onnx_model, tmp_
         rows = pq.read_table(out).to_pylist()  # readable however the run ended
         assert seen < len(rows) < 40, "the run was not stopped midway"
         assert len({r["path"] for r in rows}) == len(rows)
+        assert not (out / "_SUCCESS").exists() and "rows" not in json.loads((out / "_imgclf.json").read_text())
         seen = len(rows)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -177,6 +178,8 @@ def test_stopped_midway_then_rerun_scores_each_input_once(small_onnx_model, tmp_
     paths = [r["path"] for r in pq.read_table(out).to_pylist()]
     assert sorted(paths) == sorted(str(p) for p in images.iterdir())  # every input exactly once
     assert not list(out.glob(".*.inprogress"))
+    meta = json.loads((out / "_imgclf.json").read_text())  # finished: the marker and the counts
+    assert (out / "_SUCCESS").is_file() and meta["rows"] == 40 and meta["error_rows"] == 0
 
 
 @pytest.mark.parametrize(
