@@ -30,6 +30,7 @@ from typing import Literal
 
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.errors import DataError, ImageDecodeError, MissingDependencyError
+from imgclf.options import install_hint
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 GLOB_CHARS = frozenset("*?[")
@@ -53,7 +54,7 @@ def filesystem(uri: str):
     try:
         import fsspec
     except ImportError:
-        raise MissingDependencyError(f"{uri}: reading URIs needs fsspec: pip install 'imgclf[batch]'") from None
+        raise MissingDependencyError(f"{uri}: reading URIs needs fsspec: {install_hint('batch')}") from None
     from fsspec.registry import known_implementations
 
     scheme = uri.split("://", 1)[0]
@@ -205,7 +206,7 @@ def _parquet_file(path: str, handle):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise MissingDependencyError(f"{path}: Parquet manifests need pyarrow: pip install 'imgclf[batch]'") from None
+        raise MissingDependencyError(f"{path}: Parquet manifests need pyarrow: {install_hint('batch')}") from None
     try:
         return pq.ParquetFile(handle)
     except Exception as e:

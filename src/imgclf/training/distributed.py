@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imgclf.errors import ImgclfError, OptionError
+from imgclf.options import COMMANDS, check
 
 if TYPE_CHECKING:
     import torch
@@ -289,8 +290,7 @@ def launch(argv: Sequence[str], nproc_per_node: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
-        raise OptionError(f"--nproc-per-node must be a positive integer, got {nproc_per_node!r}")
+    check(COMMANDS["train"]["nproc_per_node"], nproc_per_node, required=True)
     for name in list(logging.root.manager.loggerDict):  # each has its own level: the failure is our one line
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
