@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -391,8 +392,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "--api-key KEY or IMGCLF_API_KEY=KEY, or --no-api-key to serve without one")  # fmt: skip
     allowed_hosts = args.allowed_host or (LOOPBACK_HOSTS if loopback else None)
     app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_request_bytes=int(args.max_request_mb * options.MB), max_pixels=args.max_pixels,
-                     decode_memory_bytes=int(args.decode_memory_mb * options.MB), read_timeout=args.read_timeout,
+                     max_request_bytes=math.ceil(args.max_request_mb * options.MB), max_pixels=args.max_pixels,
+                     decode_memory_bytes=math.ceil(args.decode_memory_mb * options.MB), read_timeout=args.read_timeout,
                      api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts,
                      engine=args.engine, precision=args.precision)  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before "Serving on": a port in use is one line, exit 2

@@ -226,6 +226,8 @@ POSITIVE_INT = Interval(int, 1, None)
 POSITIVE = Interval(float, 0, None, "neither")
 NON_NEGATIVE = Interval(float, 0, None, "left")
 FRACTION = Interval(float, 0, 1, "neither")  # a share that leaves something on both sides
+#: Sizes in MB or GB: positive and below 1e9 (a petabyte or more is a typo, and would overflow as bytes).
+SIZE = Interval(float, 0, 1e9, "neither")
 
 
 # ---- options and schemas ----
@@ -434,9 +436,9 @@ _TEST_FRACTION = Option("test_fraction", float, 0.2, FRACTION, "share held out f
 _SEED = Option("seed", int, 1, Interval(int, 0, 2**32, "left"), "seed for shuffling, splitting and training")
 _QUIET = Option("quiet", bool, short="-q", help="no progress bar")
 _JSON = Option("json", bool, help="print JSON")
-_DEVICE_HELP = f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]}"
+_DEVICE_HELP = f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]} (cuda:N: one GPU)"
 _DEVICE = Option("device", default=INFERENCE_DEVICE, constraint=DEVICE_NAME,
-                 help=f"{_DEVICE_HELP}; the engines that give one model one answer run on the CPU")  # fmt: skip
+                 help=f"{_DEVICE_HELP}; a GPU runs torch at fp32, the CPU every engine and precision")  # fmt: skip
 _TRAINING_DEVICE = replace(_DEVICE, default=TRAINING_DEVICE, help=f"{_DEVICE_HELP}; auto takes a GPU when there is one")
 _ENGINE = Option("engine", default="auto", constraint=Choices(ENGINE_NAMES),
                  help="the inference engine: auto picks the fastest here for the precision "
@@ -506,7 +508,7 @@ _TRAIN = Schema(
                help="train in N processes on this machine (one per GPU; on the CPU, cores are shared) under "
                     "torchrun, PyTorch's launcher; for several machines run torchrun yourself (docs: Distributed "
                     "training)"),
-        Option("max_memory_gb", float, None, Interval(float, 0, 1e9, "neither"), metavar="GB", needs="fine_tune",
+        Option("max_memory_gb", float, None, SIZE, metavar="GB", needs="fine_tune",
                help="hold decoded photos in memory only up to this much for the machine, else stream them from "
                     "disk each epoch", shown_default="a quarter of its memory"),
         # ImageClassificationTrainer's own parameters (no flag)
@@ -603,10 +605,10 @@ _SERVE = Schema(
         Option("port", int, 8000, Interval(int, 1, 65535), "port"),
         Option("max_batch", int, SERVE_MAX_BATCH, POSITIVE_INT, "most images per network call; 1 turns batching off"),
         Option("max_wait_ms", float, SERVE_MAX_WAIT_MS, NON_NEGATIVE, "longest wait to fill a batch, in milliseconds"),
-        Option("max_request_mb", float, SERVE_MAX_REQUEST_MB, POSITIVE, "largest request body, in MB"),
+        Option("max_request_mb", float, SERVE_MAX_REQUEST_MB, SIZE, "largest request body, in MB"),
         Option("max_pixels", int, SERVE_MAX_PIXELS, Interval(int, 1, MAX_PIXELS),
                "refuse larger images from their header, with 413 (a 48 MP photo fits)"),
-        Option("decode_memory_mb", float, DECODE_MEMORY_MB, Interval(float, DECODE_MEMORY_MIN_MB, None),
+        Option("decode_memory_mb", float, DECODE_MEMORY_MB, Interval(float, DECODE_MEMORY_MIN_MB, SIZE.high, "left"),
                "memory that concurrent image decodes may use together, in MB"),
         Option("read_timeout", float, READ_TIMEOUT, POSITIVE,
                "seconds to wait for more of a request body before answering 408"),
