@@ -129,10 +129,10 @@ def _train(args: argparse.Namespace, distributed) -> int:
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
         raise ImgclfError(f"--weights {args.weights}: weights file not found")
-    under_torchrun = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node or 0))
-    if args.nproc_per_node is not None and args.nproc_per_node != under_torchrun:
+    ranks_here = os.environ.get("LOCAL_WORLD_SIZE")  # set when already running under torchrun
+    if args.nproc_per_node is not None and ranks_here is not None and args.nproc_per_node != int(ranks_here):
         raise OptionError(f"--nproc-per-node {args.nproc_per_node}: already running under torchrun with "
-                          f"{os.environ['LOCAL_WORLD_SIZE']} processes per node; give one or the other")  # fmt: skip
+                          f"{ranks_here} processes per node; give one or the other")  # fmt: skip
     trainer.progress = trainer.progress and distributed.is_main_process()
 
     folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
