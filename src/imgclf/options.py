@@ -326,9 +326,6 @@ class Schema:
     def default(self, name: str) -> Any:
         return self[name].default
 
-    def defaults(self) -> dict[str, Any]:
-        return {o.name: o.default for o in self.options}
-
 
 # ---- checking ----
 
