@@ -124,9 +124,9 @@ def test_concurrent_clients_get_the_same_answers_as_one_at_a_time(client, small_
     "argv, message",
     [
         (["serve", "{tmp}/missing.imgclf"], "model file not found"),
-        (["serve", "{model}", "--max-batch", "0"], "max_batch must be at least 1"),
-        (["serve", "{model}", "--max-request-mb", "0"], "max_request_bytes must be positive"),
-        (["serve", "{model}", "--port", "70000"], "--port must be between 1 and 65535"),
+        (["serve", "{model}", "--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+        (["serve", "{model}", "--max-request-mb", "0"], "--max-request-mb must be a number between 0 and 1,000,000,000 (exclusive), got 0.0"),
+        (["serve", "{model}", "--port", "70000"], "--port must be an integer from 1 to 65535"),
     ],
 )
 def test_serve_bad_options_exit_2(argv, message, small_model, tmp_path, capsys):
@@ -281,9 +281,9 @@ def test_cors_and_host_check(small_model):
     "argv, message",
     [
         (["serve", "{model}", "--host", "0.0.0.0"], "--host 0.0.0.0 serves beyond this machine, so an API key is"),
-        (["serve", "{model}", "--max-pixels", "0"], "max_pixels must be between 1 and 150,000,000"),
-        (["serve", "{model}", "--decode-memory-mb", "1"], "decode memory must be at least 16 MB"),
-        (["serve", "{model}", "--read-timeout", "0"], "read_timeout must be positive"),
+        (["serve", "{model}", "--max-pixels", "0"], "--max-pixels must be an integer from 1 to 150,000,000"),
+        (["serve", "{model}", "--decode-memory-mb", "1"], "--decode-memory-mb must be a number >= 16"),
+        (["serve", "{model}", "--read-timeout", "0"], "--read-timeout must be a positive number"),
         (["serve", "{model}", "--api-key", "k", "--no-api-key"], "--no-api-key contradicts the API key"),
     ],
 )

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,14 +20,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from imgclf.errors import ImgclfError, MissingDependencyError
+from imgclf import options
+from imgclf.errors import ImgclfError, MissingDependencyError, OptionError
 from imgclf.inference.loading import load_predictor
-
-_EXTRA_FOR_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
-                     "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
-                     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "tqdm": "train",
-                     "pyarrow": "batch", "fsspec": "batch", "ray": "ray", "pyspark": "spark"}  # fmt: skip
-_EXTRA_FOR_MODULE.update({"imagehash": "insight", "matplotlib": "insight", "scipy": "insight"})
 
 EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
@@ -75,33 +71,9 @@ def _tsv(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-#: Options that only mean something with a switch: (option dest, its flag, the switch's dest, its flag).
-_NEEDS_SWITCH = [
-    ("unfreeze", "--unfreeze", "fine_tune", "--fine-tune"),
-    ("fine_tune_epochs", "--fine-tune-epochs", "fine_tune", "--fine-tune"),
-    ("keep_orientation", "--keep-orientation", "fine_tune", "--fine-tune"),
-    ("max_memory_gb", "--max-memory-gb", "fine_tune", "--fine-tune"),
-    ("early_stopping_metric", "--early-stopping-metric", "early_stopping", "--early-stopping"),
-    ("patience", "--patience", "early_stopping", "--early-stopping"),
-    ("min_delta", "--min-delta", "early_stopping", "--early-stopping"),
-]
-
-
-def _check_switches(args: argparse.Namespace) -> None:
-    """An option given without its switch would be silently ignored: say so instead."""
-    from imgclf.errors import OptionError
-
-    for dest, flag, switch, switch_flag in _NEEDS_SWITCH:
-        if getattr(args, dest) is not None and not getattr(args, switch):
-            raise OptionError(f"{flag} only applies with {switch_flag}; add {switch_flag} or drop {flag}")
-    if args.validation_folder and args.validation_fraction is not None:
-        raise OptionError("give --validation-folder or --validation-fraction, not both")
-
-
 def _check_train_outputs(args: argparse.Namespace) -> None:
     """Every file train will write can be written, checked before any work starts."""
     from imgclf.atomic import check_output_folder, check_output_path
-    from imgclf.errors import OptionError
 
     check_output_path(args.out, "model", option="--out")
     if args.report:
@@ -124,28 +96,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, distributed) -> int:
     from imgclf.atomic import atomic_write_text, check_not_an_input
     from imgclf.data.images import load_images_from_directory
-    from imgclf.errors import OptionError
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
     from imgclf.training.trainer import ImageClassificationTrainer
 
-    # Every option and output first: a mistake must cost a second, not a training run.
-    _check_switches(args)
+    # Every option and output first (the values were checked on parsing): a mistake must
+    # cost a second, not a training run.
     _check_train_outputs(args)
-    if not 0 < args.test_fraction < 1:
-        raise ImgclfError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
     fine_tune_options = None
     if args.fine_tune:
         from imgclf.training.finetune import FineTuneOptions
 
-        fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, keep_orientation=bool(args.keep_orientation), **(
-            {"epochs": args.fine_tune_epochs} if args.fine_tune_epochs is not None else {}))  # fmt: skip
+        fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, keep_orientation=args.keep_orientation,
+                                            epochs=args.fine_tune_epochs)  # fmt: skip
         _print_log_lines("imgclf")  # the fine-tune's decisions, one line each
     early = None
     if args.early_stopping:
-        early = EarlyStopping(metric=args.early_stopping_metric or "accuracy",
-                              min_delta=0.0 if args.min_delta is None else args.min_delta,
-                              patience=10 if args.patience is None else args.patience)  # fmt: skip
+        early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
 
     def report(m) -> None:
         if args.verbose or m.phase == "fine-tune" or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
@@ -162,11 +129,12 @@ def _train(args: argparse.Namespace, distributed) -> int:
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
         raise ImgclfError(f"--weights {args.weights}: weights file not found")
+    ranks_here = os.environ.get("LOCAL_WORLD_SIZE")  # set when already running under torchrun
     if args.nproc_per_node is not None:
         distributed.check_process_count(args.nproc_per_node, args.device)
-        if args.nproc_per_node != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node)):
+        if ranks_here is not None and args.nproc_per_node != int(ranks_here):
             raise OptionError(f"--nproc-per-node {args.nproc_per_node}: already running under torchrun with "
-                              f"{os.environ['LOCAL_WORLD_SIZE']} processes per node; give one or the other")  # fmt: skip
+                              f"{ranks_here} processes per node; give one or the other")  # fmt: skip
     trainer.progress = trainer.progress and distributed.is_main_process()
 
     folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
@@ -305,9 +273,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.out or args.engine == "ray":
         return cmd_predict_to_file(args)
-    _refuse_options_of(args, ("batch_size", "commit_every", "quiet"), "--out")
-    if args.top_k < 1:
-        raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
     model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     files = find_image_files(args.images)
     if not files:
@@ -334,41 +299,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _refuse_options_of(args: argparse.Namespace, names: Sequence[str], switch: str) -> None:
-    """Options that only mean something with ``switch`` are an error without it, not ignored."""
-    from imgclf.errors import OptionError
-
-    given = [
-        f"--{n.replace('_', '-')}" if n != "quiet" else "-q" for n in names if getattr(args, n) not in (None, False)
-    ]
-    if given:
-        raise OptionError(f"{', '.join(given)}: only with {switch}")
-
-
 def cmd_predict_to_file(args: argparse.Namespace) -> int:
     """``predict --out``: batch scoring into a results folder (imgclf.batch), here or on Ray."""
-    from imgclf.errors import OptionError
-
     if args.engine == "ray" and not args.out:
         raise OptionError("--engine ray writes its results to files: add --out results.parquet (or .csv, .jsonl)")
-    if args.engine != "ray":
-        _refuse_options_of(args, ("address", "workers", "cpus_per_worker", "gpus_per_worker"), "--engine ray")
     if args.json:
         raise OptionError("--json prints results; with --out they go to the file, so leave one of them out")
-    options = {"top_k": args.top_k, "batch_size": args.batch_size or 32, "progress": not args.quiet}
+    common = {"top_k": args.top_k, "batch_size": args.batch_size, "progress": not args.quiet}
     try:
         if args.engine == "ray":
             from imgclf.batch.ray import score_with_ray
 
             summary = score_with_ray(args.model, args.images, args.out, address=args.address, workers=args.workers,
-                                     cpus_per_worker=args.cpus_per_worker or 1, precision=args.precision,
-                                     gpus_per_worker=args.gpus_per_worker or 0, **options)  # fmt: skip
+                                     cpus_per_worker=args.cpus_per_worker, precision=args.precision,
+                                     gpus_per_worker=args.gpus_per_worker, **common)  # fmt: skip
         else:
             from imgclf.batch.local import score_to_folder
 
-            commit_every = 30.0 if args.commit_every is None else args.commit_every
             summary = score_to_folder(args.model, args.images, args.out, device=args.device, engine=args.engine,
-                                      precision=args.precision, commit_every=commit_every, **options)  # fmt: skip
+                                      precision=args.precision, commit_every=args.commit_every, **common)  # fmt: skip
     except KeyboardInterrupt as e:
         print(f"imgclf: {e or 'interrupted'}", file=sys.stderr)
         return 130
@@ -379,7 +328,7 @@ def cmd_predict_to_file(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     from imgclf.atomic import check_output_path
     from imgclf.data.images import ImageData, find_image_files, load_images_from_directory
-    from imgclf.errors import DataError, OptionError
+    from imgclf.errors import DataError
     from imgclf.inference.model import load_model, read_model_config
     from imgclf.inference.precision import measure_precisions, record_certificate
     from imgclf.nets.cpu import cpu_capabilities
@@ -419,12 +368,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from imgclf.atomic import check_not_an_input, check_output_path
-    from imgclf.inference.model import load_model, read_model_config
-
-    if args.format != "onnx":
-        raise ImgclfError(f"unknown export format '{args.format}'; use onnx")
     from imgclf.data.uris import is_remote
     from imgclf.inference.export import default_export_path
+    from imgclf.inference.model import load_model, read_model_config
 
     read_model_config(args.model)  # a missing, corrupt or already-ONNX model is refused first
     out = args.out or default_export_path(args.model)
@@ -449,12 +395,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from imgclf.errors import OptionError
     from imgclf.serve import create_app
     from imgclf.serve.server import LOOPBACK_HOSTS, bind_socket, is_loopback, run_server
 
-    if not 0 < args.port < 65536:
-        raise ImgclfError(f"--port must be between 1 and 65535, got {args.port}")
     api_key = args.api_key or os.environ.get("IMGCLF_API_KEY") or None
     if api_key and args.no_api_key:
         raise OptionError("--no-api-key contradicts the API key given (--api-key or IMGCLF_API_KEY); drop one")
@@ -464,8 +407,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "--api-key KEY or IMGCLF_API_KEY=KEY, or --no-api-key to serve without one")  # fmt: skip
     allowed_hosts = args.allowed_host or (LOOPBACK_HOSTS if loopback else None)
     app = create_app(args.model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                     decode_memory_bytes=int(args.decode_memory_mb * 1024 * 1024), read_timeout=args.read_timeout,
+                     max_request_bytes=math.ceil(args.max_request_mb * options.MB), max_pixels=args.max_pixels,
+                     decode_memory_bytes=math.ceil(args.decode_memory_mb * options.MB), read_timeout=args.read_timeout,
                      api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts,
                      engine=args.engine, precision=args.precision)  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before "Serving on": a port in use is one line, exit 2
@@ -475,32 +418,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{app.state.predictor.engine_choice().describe()}", flush=True)  # fmt: skip
     run_server(app, sock)
     return 0
-
-
-#: The inference engines and precisions (imgclf.nets.engines; spelled out so --help imports nothing).
-ENGINE_CHOICES = ("auto", "onnxruntime", "openvino", "torch")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
-
-
-def _add_engine_options(p: argparse.ArgumentParser, *, ray: bool = False, training: bool = False) -> None:
-    """--engine and --precision, the same on every command that runs the network."""
-    engines = (*ENGINE_CHOICES, "ray") if ray else ENGINE_CHOICES
-    what = "the engine extracting features" if training else "the inference engine"
-    extra = "; ray: score on a Ray cluster (needs --out and pip install 'imgclf[ray]'), each worker " \
-            "picking its inference engine as auto does" if ray else ""  # fmt: skip
-    p.add_argument("--engine", default="auto", choices=engines,
-                   help=f"{what}: auto picks the fastest here for the precision (docs: Engines and "
-                        f"precision){extra} (default: %(default)s)")  # fmt: skip
-    if training:
-        p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                       help="auto: certify bf16 where the CPU has it natively and there are at least 300 "
-                            "images; bf16: certify it whatever the count; int8: calibrate the int8 graph on the "
-                            "training images and measure it; fp32: neither (default: %(default)s)")  # fmt: skip
-    else:
-        p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                       help="auto: bf16 (native only), then int8, where the model carries a certificate for it "
-                            "measured on a CPU like this one (300 unseen images, top labels 99%% equal to fp32), "
-                            "else fp32; never depends on the job's size (default: %(default)s)")  # fmt: skip
 
 
 def cmd_archs(args: argparse.Namespace) -> int:
@@ -522,7 +439,6 @@ def cmd_archs(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from imgclf.errors import OptionError
     from imgclf.nets.workspace import clear_workspace, default_workspace, workspace_usage
 
     workspace = Path(args.workspace) if args.workspace else default_workspace()
@@ -544,7 +460,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What each command runs; its options are ``imgclf.options.COMMANDS[name]``.
+COMMAND_FUNCTIONS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "certify": cmd_certify,
+                     "export": cmd_export, "serve": cmd_serve, "audit": cmd_audit, "report": cmd_report,
+                     "cache": cmd_cache, "archs": cmd_archs}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser, built from the option schema (imgclf.options): a flag, its type,
+    default, choices and help are declared there once."""
     from imgclf.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -553,232 +477,51 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("train", help="train a classifier on a folder of labelled images",
-                       description="Train on FOLDER (one subfolder per label), evaluate on a held-out "
-                                   "split and save the model. Without FOLDER, uses the bundled flower photos.")  # fmt: skip
-    p.add_argument("folder", nargs="?", help="folder with one subfolder of images per label (default: bundled flowers)")
-    p.add_argument("--out", default="imageClassifier.imgclf", help="model file to write (default: %(default)s)")
-    p.add_argument(
-        "--arch", default="efficientnet_lite0", help="architecture (see 'imgclf archs'; default: %(default)s)"
-    )
-    p.add_argument("--weights", help="pretrained weights file (.safetensors or state dict) for --arch")
-    p.add_argument("--epochs", type=int, default=50, help="training epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=10, help="images per training step (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=0.01, help="initial learning rate (default: %(default)s)")
-    p.add_argument(
-        "--lr-schedule",
-        default="exponential",
-        choices=["exponential", "polynomial", "constant"],
-        help="learning-rate schedule; exponential decays by 0.94 every 2 epochs (default: %(default)s)",
-    )
-    p.add_argument(
-        "--test-fraction", type=float, default=0.2, help="share held out for evaluation (default: %(default)s)"
-    )
-    p.add_argument("--validation-folder", help="labelled folder used for validation metrics and early stopping")
-    p.add_argument("--validation-fraction", type=float, help="split this share of training images off for validation")
-    p.add_argument("--early-stopping", action="store_true", help="stop when the watched metric stops improving")
-    p.add_argument("--early-stopping-metric", choices=["accuracy", "loss"],
-                   help="with --early-stopping: the metric watched (default: accuracy)")  # fmt: skip
-    p.add_argument("--patience", type=int,
-                   help="with --early-stopping: epochs without improvement before stopping (default: 10)")  # fmt: skip
-    p.add_argument("--min-delta", type=float,
-                   help="with --early-stopping: smallest change that counts as improvement (default: 0)")  # fmt: skip
-    p.add_argument(
-        "--fine-tune",
-        action="store_true",
-        help="after the head, train the backbone too, with augmentation (slower, usually more accurate)",
-    )
-    p.add_argument("--unfreeze", type=int, help="with --fine-tune: train only the last N blocks (default: all)")
-    p.add_argument(
-        "--fine-tune-epochs",
-        type=int,
-        help="with --fine-tune: most epochs of fine-tuning; it stops sooner when they stop paying (default: 10)",
-    )
-    p.add_argument(
-        "--keep-orientation",
-        action="store_true",
-        default=None,  # None: not given (so giving it without --fine-tune can be refused)
-        help="with --fine-tune: no flips, rotations or shears (for images whose orientation carries meaning)",
-    )
-    p.add_argument("--tta", action="store_true", help="average each prediction with its mirror image")
-    p.add_argument("--class-weight", choices=["balanced"], help="weigh rare labels up (for skewed folders)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument(
-        "--seed", type=int, default=1, help="seed for shuffling, splitting and training (default: %(default)s)"
-    )
-    p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    p.add_argument("--metrics-json", help="also write the held-out metrics as JSON to this file (or /dev/stdout)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print metrics after every epoch")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR")
-    _add_engine_options(p, training=True)
-    p.add_argument(
-        "--nproc-per-node",
-        type=int,
-        metavar="N",
-        help="train in N processes on this machine (one per GPU; on the CPU, cores are shared) under "
-        "torchrun, PyTorch's launcher; for several machines run torchrun yourself (docs: Distributed training)",
-    )
-    p.add_argument(
-        "--max-memory-gb",
-        type=float,
-        metavar="GB",
-        help="with --fine-tune: hold decoded photos in memory only up to this much for the machine, "
-        "else stream them from disk each epoch (default: a quarter of its memory)",
-    )
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="metrics of a model on a labelled folder")
-    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
-    p.add_argument("folder", help="folder with one subfolder of images per label")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
-    _add_engine_options(p)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="label images with a trained model")
-    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
-    p.add_argument("images", nargs="+", help="image files or folders (walked recursively); with --out also globs, "
-                                             "manifests (.txt, .csv or .parquet with a path column) and URIs")  # fmt: skip
-    p.add_argument("--top-k", type=int, default=1, help="also show the k most likely labels")
-    p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
-    p.add_argument("--out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
-                                 "running the same command again continues where it stopped")  # fmt: skip
-    _add_engine_options(p, ray=True)
-    p.add_argument("--batch-size", type=int, help="with --out: images per network call (default: 32)")
-    p.add_argument("--commit-every", type=float,
-                   help="with --out: seconds between committed parts; a crash loses at most this much work "
-                        "(default: 30)")  # fmt: skip
-    p.add_argument(
-        "--address", help="with --engine ray: the cluster, auto or ray://HOST:10001 (default: start Ray here)"
-    )
-    p.add_argument("--workers", type=int, help="with --engine ray: model replicas (default: CPUs / --cpus-per-worker)")
-    p.add_argument(
-        "--cpus-per-worker", type=float, help="with --engine ray: CPUs of each replica, its threads (default: 1)"
-    )
-    p.add_argument(
-        "--gpus-per-worker", type=float, help="with --engine ray: GPUs of each replica (.imgclf models; default: 0)"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="with --out: no progress bar")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("certify", help="measure bf16 or int8 against fp32 on images the model never saw",
-                       description="Run MODEL at fp32 and at a lossy precision on IMAGES the model never saw "
-                                   "(files or folders; a folder of label subfolders adds the accuracy check) "
-                                   "and record the agreement in the model file, for auto to read. auto takes "
-                                   "the precision where top labels are equal to fp32 on at least 99%% of at "
-                                   "least 300 such images, on a CPU like this one.")  # fmt: skip
-    p.add_argument("model", help="model file (.imgclf)")
-    p.add_argument("images", nargs="+", help="image files or folders the model was not trained on")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "int8"),
-                   help="auto: bf16 where the CPU has it natively, else int8 (default: %(default)s)")  # fmt: skip
-    p.add_argument("--out", help="write the certified model here (default: rewrite MODEL in place, atomically)")
-    p.set_defaults(func=cmd_certify)
-
-    p = sub.add_parser("export", help="export a model to ONNX for other languages and runtimes")
-    p.add_argument("model", help="model file (.imgclf)")
-    p.add_argument("--format", default="onnx", help="export format (default: %(default)s)")
-    p.add_argument("--out", help="output file (default: MODEL with .onnx suffix)")
-    p.add_argument("--quantize", choices=["int8"], help="write int8 weights (smaller; check accuracy first)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                   help="int8: write the model's calibrated static int8 graph (faster; trained with --precision "
-                        "int8) (default: %(default)s)")  # fmt: skip
-    p.set_defaults(func=cmd_export)
-
-    from imgclf.serve.limits import DECODE_MEMORY_BYTES, MB, READ_TIMEOUT, SERVE_MAX_PIXELS
-
-    p = sub.add_parser("serve", help="web page and HTTP API that score uploaded images",
-                       description="Serve MODEL: a page at / and a JSON API under /v1 (documented at /docs). "
-                                   "Binding beyond this machine needs an API key (or --no-api-key).")  # fmt: skip
-    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=16, help="most images per network call; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default: %(default)s)")
-    p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body (default: %(default)s)")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=SERVE_MAX_PIXELS,
-        help="refuse larger images from their header, with 413 (default: %(default)s, a 48 MP photo fits)",
-    )
-    p.add_argument(
-        "--decode-memory-mb",
-        type=float,
-        default=DECODE_MEMORY_BYTES // MB,
-        help="memory that concurrent image decodes may use together (default: %(default)s)",
-    )
-    p.add_argument(
-        "--read-timeout",
-        type=float,
-        default=READ_TIMEOUT,
-        help="seconds to wait for more of a request body before answering 408 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--api-key",
-        help="require this key in the X-API-Key header (or as a bearer token) for /v1; "
-        "default: $IMGCLF_API_KEY, which keeps it out of the process list",
-    )
-    p.add_argument("--no-api-key", action="store_true", help="serve beyond this machine without an API key")
-    p.add_argument(
-        "--cors-origin",
-        action="append",
-        metavar="ORIGIN",
-        help="let pages from ORIGIN (e.g. https://example.com, or *) call the API; repeatable",
-    )
-    p.add_argument(
-        "--allowed-host",
-        action="append",
-        metavar="NAME",
-        help="answer requests for this Host name (repeatable; * for any). Default: localhost, "
-        "127.0.0.1 and ::1 when bound to loopback, any host otherwise",
-    )
-    _add_engine_options(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("audit", help="find duplicates, leaks, label errors and odd images in a labelled folder",
-                       description="Audit FOLDER (one subfolder per label) before training on it: unreadable, "
-                                   "tiny or blank images, exact and near-duplicates (loudly when they span labels), "
-                                   "copies leaking into --against (or across the split 'train' makes), suspected "
-                                   "label errors and outliers. Exit code 0 whatever it finds.")  # fmt: skip
-    p.add_argument("folder", help="folder with one subfolder of images per label")
-    p.add_argument("--against", metavar="TEST_FOLDER", help="test folder to check for copies of FOLDER's images")
-    p.add_argument("--out", metavar="DIR", help="write an HTML gallery of the findings to DIR/index.html")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
-    p.add_argument("--arch", default="efficientnet_lite0", help="backbone for the features (default: %(default)s)")
-    p.add_argument("--weights", help="pretrained weights file for --arch")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of 'train' (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="seed of that split and of the folds (default: %(default)s)")
-    p.add_argument("--workspace", help="folder for cached features (default: ~/.cache/imgclf)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_audit)
-
-    p = sub.add_parser("report", help="training report: curves, confusion matrix, calibration, top losses",
-                       description="Write DIR/index.html (an offline page), each chart as PNG and the numbers as "
-                                   "JSON. From MODEL alone: its training curves and held-out confusion matrix; with "
-                                   "a labelled FOLDER it is evaluated there too, adding calibration and top losses.")  # fmt: skip
-    p.add_argument("model", help="model file (.imgclf or exported .onnx)")
-    p.add_argument("folder", nargs="?", help="labelled folder to evaluate on (one subfolder per label)")
-    p.add_argument("--out", default="report", metavar="DIR", help="folder to write to (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("cache", help="size of the workspace's cached features and checkpoints; --clear empties it")
-    p.add_argument("--workspace", help="the workspace (default: $IMGCLF_WORKSPACE or ~/.cache/imgclf)")
-    p.add_argument("--clear", action="store_true", help="delete the cached features and unfinished-run checkpoints")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_cache)
-
-    p = sub.add_parser("archs", help="list architectures and whether their weights are here")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_archs)
+    for schema in options.COMMANDS.values():
+        p = sub.add_parser(schema.name, help=schema.help, description=schema.description)
+        for option in schema.cli_options:
+            _add_argument(p, schema, option)
+        p.set_defaults(func=COMMAND_FUNCTIONS[schema.name])
     return parser
+
+
+def _add_argument(p: argparse.ArgumentParser, schema: options.Schema, option: options.Option) -> None:
+    """One option as argparse takes it. An option that needs a switch defaults to None here,
+    so that giving it without the switch can be refused; :func:`_check_options` fills it in."""
+    kwargs: dict = {"help": options.help_text(schema, option).replace("%", "%%")}
+    if option.positional:
+        p.add_argument(option.name, nargs=option.nargs, **kwargs)
+        return
+    flags = [f for f in (option.short, option.flag) if f]
+    default = None if option.needs else option.default
+    if option.type is bool:
+        p.add_argument(*flags, dest=option.name, action="store_true", default=default, **kwargs)
+        return
+    if option.type in (int, float):
+        kwargs["type"] = option.type
+    if isinstance(option.constraint, options.Choices):
+        kwargs["choices"] = option.constraint.values
+    if option.repeat:
+        kwargs["action"] = "append"
+    p.add_argument(*flags, dest=option.name, default=default, metavar=option.metavar, **kwargs)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Validate the command's options against the schema, before any work; then fill in
+    the defaults of those left out (options that need a switch were parsed as None)."""
+    schema = options.COMMANDS[args.command]
+    options.validate(schema, {o.name: getattr(args, o.name) for o in schema.cli_options})
+    for option in schema.cli_options:
+        if getattr(args, option.name) is None:
+            setattr(args, option.name, option.default)
+
+
+def _error_line(error: ImgclfError, command: str | None) -> str:
+    """An error as the command line says it. The one place a parameter becomes its flag:
+    library errors name ``test_fraction``, the command line says ``--test-fraction``."""
+    if isinstance(error, OptionError) and command in options.COMMANDS:
+        return error.spelled(options.COMMANDS[command].flags)
+    return str(error)
 
 
 _stopping = False  # a stop signal arrived: under torchrun, what fails after it is part of stopping
@@ -839,16 +582,18 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "train" or (args.command == "predict" and args.out):
         _sigterm_as_interrupt()
     try:
+        _check_options(args)
         return args.func(args)
     except ImgclfError as e:
-        if _should_print_failure(str(e), e.exit_code == 130):
-            print(f"imgclf: error: {e}", file=sys.stderr)
+        line = _error_line(e, args.command)
+        if _should_print_failure(line, e.exit_code == 130):
+            print(f"imgclf: error: {line}", file=sys.stderr)
         return e.exit_code
     except ModuleNotFoundError as e:
         root = (e.name or "").split(".")[0]
-        if root not in _EXTRA_FOR_MODULE:
+        if root not in options.EXTRA_FOR_MODULE:
             raise
-        err = MissingDependencyError(f"'{root}' is not installed: pip install 'imgclf[{_EXTRA_FOR_MODULE[root]}]'")
+        err = MissingDependencyError(f"'{root}' is not installed: {options.install_hint(options.EXTRA_FOR_MODULE[root])}")
         print(f"imgclf: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

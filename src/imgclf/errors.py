@@ -51,9 +51,30 @@ class MissingDependencyError(ImgclfError):
 
 
 class OptionError(ImgclfError):
-    """An option has a value that cannot be used."""
+    """An option has a value that cannot be used.
+
+    ``parameter``: the Python parameter at fault, when one is (the message names it so).
+    ``template``: the message with each parameter it names written ``{name}``, so a front
+    end can spell parameters its own way (:meth:`spelled`; the command line writes flags).
+    """
 
     http_status = 422
+
+    def __init__(self, message: str = "", parameter: str | None = None, *, template: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
+        self.template = template
+
+    def spelled(self, names: dict[str, str]) -> str:
+        """The message with each parameter it names spelled as ``names`` says (others as they are)."""
+        if self.template is None:
+            return str(self)
+        return self.template.format_map(_Spelling(names))
+
+
+class _Spelling(dict):
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 class TrainingInterrupted(ImgclfError):

@@ -27,6 +27,7 @@ import numpy as np
 from imgclf.batch.local import check_options
 from imgclf.batch.scoring import ModelFile, load_scoring_model, score_sources
 from imgclf.errors import MissingDependencyError
+from imgclf.options import SCORING_BATCH_SIZE, TOP_K, install_hint
 
 
 def _pyspark():
@@ -34,7 +35,7 @@ def _pyspark():
         import pyspark.ml.functions as ml_functions
         import pyspark.sql.types as types
     except ImportError:
-        raise MissingDependencyError("the Spark UDF needs pyspark: pip install 'imgclf[spark]'") from None
+        raise MissingDependencyError(f"the Spark UDF needs pyspark: {install_hint('spark')}") from None
     return ml_functions, types
 
 
@@ -52,8 +53,8 @@ def result_type():
 
 def predict_udf(
     model_path: str | Path,
-    top_k: int = 1,
-    batch_size: int = 32,
+    top_k: int = TOP_K,
+    batch_size: int = SCORING_BATCH_SIZE,
     threads: int | None = None,
     engine: str = "auto",
     precision: str = "auto",
@@ -66,7 +67,7 @@ def predict_udf(
     several tasks share an executor). ``engine`` and ``precision``: as ``imgclf predict``.
     """
     ml_functions, _ = _pyspark()
-    check_options(top_k, batch_size)
+    check_options(top_k=top_k, batch_size=batch_size, engine=engine, precision=precision)
     model_file = ModelFile.read(model_path)
     labels = load_scoring_model(model_path, "cpu", None, engine, precision).labels
     k = min(top_k, len(labels))

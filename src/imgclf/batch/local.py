@@ -20,7 +20,8 @@ from imgclf.batch.scoring import ModelFile, load_input, load_scoring_model, scor
 from imgclf.batch.sources import Input, classify_inputs, iter_image_paths
 from imgclf.batch.writers import PathSet, check_output, open_results
 from imgclf.data.parallel import batched, ordered_map
-from imgclf.errors import MissingDependencyError, OptionError
+from imgclf.errors import MissingDependencyError
+from imgclf.options import COMMIT_EVERY, INFERENCE_DEVICE, SCORING_BATCH_SIZE, TOP_K, install_hint, validate
 
 
 @dataclass
@@ -56,11 +57,9 @@ class ScoringInterrupted(KeyboardInterrupt):
         self.summary = summary
 
 
-def check_options(top_k: int, batch_size: int) -> None:
-    if top_k < 1:
-        raise OptionError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+def check_options(**values) -> None:
+    """Batch scoring's options (``top_k``, ``batch_size``...), checked as ``imgclf predict``'s."""
+    validate("predict", values)
 
 
 def score_to_folder(
@@ -68,15 +67,15 @@ def score_to_folder(
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
-    top_k: int = 1,
-    batch_size: int = 32,
-    device: str = "cpu",
+    top_k: int = TOP_K,
+    batch_size: int = SCORING_BATCH_SIZE,
+    device: str = INFERENCE_DEVICE,
     threads: int | None = None,
     engine: str = "auto",
     precision: str = "auto",
     decode_workers: int | None = None,
     progress: bool = True,
-    commit_every: float = 30.0,
+    commit_every: float = COMMIT_EVERY,
     rows_per_part: int = 100_000,
 ) -> ScoringSummary:
     """Score every image ``inputs`` name into the results folder ``out``.
@@ -85,7 +84,8 @@ def score_to_folder(
     (output name, inputs, model file): each problem is one :class:`ImgclfError`.
     Re-running the same call after a crash or Ctrl-C scores only what is missing.
     """
-    check_options(top_k, batch_size)
+    check_options(top_k=top_k, batch_size=batch_size, commit_every=commit_every, device=device, engine=engine,
+                  precision=precision)  # fmt: skip
     check_output(out)
     sources = classify_inputs(inputs)
     model_file = ModelFile.read(model)
@@ -171,7 +171,7 @@ def _progress_bar(progress: bool, sources: Sequence[Input], done: PathSet) -> _B
     try:
         from tqdm import tqdm
     except ImportError:
-        raise MissingDependencyError("the progress bar needs tqdm: pip install 'imgclf[batch]' (or pass -q)") from None
+        raise MissingDependencyError(f"the progress bar needs tqdm: {install_hint('batch')} (or pass -q)") from None
     bar = tqdm(unit="img", desc="scoring", disable=None, smoothing=0.05, dynamic_ncols=True)
     if bar.disable:
         return _Bar(None, None)

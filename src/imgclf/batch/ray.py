@@ -26,6 +26,7 @@ from imgclf.batch.sources import Input, classify_inputs, is_uri, iter_image_path
 from imgclf.batch.writers import PathSet, ResultFolder, check_output, count_rows, open_results
 from imgclf.data.uris import is_remote
 from imgclf.errors import DataError, ImageDecodeError, ImgclfError, MissingDependencyError, OptionError
+from imgclf.options import SCORING_BATCH_SIZE, TOP_K, install_hint, option_error
 
 #: Reading files and writing results wait on storage, not CPUs: they reserve none, so a
 #: pool of actors holding every CPU cannot starve them (and deadlock the pipeline).
@@ -40,12 +41,22 @@ def io_tasks(workers: int) -> int:
     return max(1, workers // 4)
 
 
+def _check_ray_options(workers: int | tuple[int, int] | None, **values) -> None:
+    """The options of scoring on Ray, checked as ``imgclf predict``'s; ``workers`` may also be
+    a ``(min, max)`` pool."""
+    sizes = workers if isinstance(workers, tuple) else (workers, workers)
+    for size in sizes:
+        check_options(workers=size, **values)
+    if sizes[0] is not None and sizes[1] < sizes[0]:
+        raise option_error("workers", "{workers} (min, max) must have min <= max, got {given}", given=workers)
+
+
 def _ray():
     try:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise MissingDependencyError("--engine ray needs Ray Data: pip install 'imgclf[ray]'") from None
+        raise MissingDependencyError(f"--engine ray needs Ray Data: {install_hint('ray')}") from None
     return ray
 
 
@@ -84,8 +95,8 @@ def predict_dataset(
     model,
     dataset,
     *,
-    top_k: int = 1,
-    batch_size: int = 32,
+    top_k: int = TOP_K,
+    batch_size: int = SCORING_BATCH_SIZE,
     workers: int | tuple[int, int] | None = None,
     cpus_per_worker: float = 1,
     gpus_per_worker: float = 0,
@@ -108,17 +119,15 @@ def predict_dataset(
     ``precision``. Lazy, like every Ray Dataset.
     """
     ray = _ray()
-    check_options(top_k, batch_size)
+    _check_ray_options(top_k=top_k, batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
+                       gpus_per_worker=gpus_per_worker, precision=precision)  # fmt: skip
     model_file = model if isinstance(model, ModelFile) else ModelFile.read(model)
-    if cpus_per_worker <= 0 or gpus_per_worker < 0:
-        raise OptionError("--cpus-per-worker must be above 0 and --gpus-per-worker at least 0")
     if gpus_per_worker and model_file.name.lower().endswith(".onnx"):
-        raise OptionError("--gpus-per-worker needs an .imgclf model: the exported ONNX model runs on CPUs")
+        raise option_error("gpus_per_worker", "{gpus_per_worker} needs an .imgclf model: the exported ONNX model "
+                                              "runs on CPUs")  # fmt: skip
     if workers is None:
         workers = (1, _max_workers(ray, cpus_per_worker, gpus_per_worker))
     sizes = workers if isinstance(workers, tuple) else (workers, workers)
-    if sizes[0] < 1 or sizes[1] < sizes[0]:
-        raise OptionError(f"--workers must be at least 1, got {workers}")
     pool = ray.data.ActorPoolStrategy(size=sizes[0]) if sizes[0] == sizes[1] else ray.data.ActorPoolStrategy(
         min_size=sizes[0], max_size=sizes[1])  # fmt: skip
     threads = max(1, int(cpus_per_worker))
@@ -226,8 +235,8 @@ def score_with_ray(
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
-    top_k: int = 1,
-    batch_size: int = 32,
+    top_k: int = TOP_K,
+    batch_size: int = SCORING_BATCH_SIZE,
     address: str | None = None,
     workers: int | None = None,
     cpus_per_worker: float = 1,
@@ -244,7 +253,8 @@ def score_with_ray(
     parts, and a re-run skips what is already there, as the local engine does.
     On a cluster, ``out`` must be on storage the driver and every node see.
     """
-    check_options(top_k, batch_size)
+    _check_ray_options(top_k=top_k, batch_size=batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
+                       gpus_per_worker=gpus_per_worker, precision=precision)  # fmt: skip
     fmt = check_output(out)
     if is_remote(out):
         raise OptionError(f"--out {out}: --engine ray writes to a local or shared folder, not an object store; "
@@ -282,7 +292,9 @@ def _init(ray, address: str | None) -> None:
         else:
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
     except ConnectionError as e:
-        raise OptionError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
+        raise option_error(
+            "address", "{address} {given}: cannot connect to a Ray cluster ({why})", given=address, why=e
+        ) from None
 
 
 def _run(ray, folder: ResultFolder, fmt: str, sources: list[Input], model_file: ModelFile, metadata: dict, **options):

@@ -31,6 +31,7 @@ from typing import Literal
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.uris import filesystem, is_uri  # noqa: F401  (re-exported: where they used to live)
 from imgclf.errors import DataError, ImageDecodeError, MissingDependencyError
+from imgclf.options import install_hint
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 GLOB_CHARS = frozenset("*?[")
@@ -187,7 +188,7 @@ def _parquet_file(path: str, handle):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise MissingDependencyError(f"{path}: Parquet manifests need pyarrow: pip install 'imgclf[batch]'") from None
+        raise MissingDependencyError(f"{path}: Parquet manifests need pyarrow: {install_hint('batch')}") from None
     try:
         return pq.ParquetFile(handle)
     except Exception as e:

@@ -50,6 +50,7 @@ from imgclf.batch.results import COLUMNS, ResultBatch, arrow_schema
 from imgclf.data.uris import filesystem, is_remote
 from imgclf.errors import DataError, ImgclfError, MissingDependencyError, OptionError
 from imgclf.names import from_columns
+from imgclf.options import COMMIT_EVERY, install_hint
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
 SIDECAR = "_imgclf.json"
@@ -113,7 +114,7 @@ def _need_pyarrow():
         import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise MissingDependencyError("Parquet results need pyarrow: pip install 'imgclf[batch]'") from None
+        raise MissingDependencyError(f"Parquet results need pyarrow: {install_hint('batch')}") from None
     return pyarrow
 
 
@@ -296,7 +297,9 @@ class ResultFolder:
     writes parts. Use as a context manager; leaving it commits the part in progress
     (also on Ctrl-C), so every row scored so far is kept."""
 
-    def __init__(self, path: str | Path, metadata: dict, *, commit_every: float = 30.0, rows_per_part: int = 100_000):
+    def __init__(
+        self, path: str | Path, metadata: dict, *, commit_every: float = COMMIT_EVERY, rows_per_part: int = 100_000
+    ):
         self.path = Path(path)
         self.metadata = metadata
         self.commit_every = commit_every

@@ -18,12 +18,13 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgclf.errors import ImageDecodeError, ImageTooLargeError
+from imgclf.options import MAX_PIXELS as MAX_PIXELS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-#: Refuse images with more pixels than this before decoding them (about 12x a
-#: 12 MP phone photo). Guards servers against decompression bombs.
-MAX_PIXELS = 150_000_000
+#: MAX_PIXELS (imgclf.options, where serve's --max-pixels is bounded by it): refuse images with
+#: more pixels than this before decoding them (about 12x a 12 MP phone photo). Guards servers
+#: against decompression bombs.
 
 #: Refuse an image whose resize before the centre crop would need more than this
 #: (for a 224-pixel network an aspect ratio beyond about 1000:1; 16:1 always passes):

@@ -22,7 +22,7 @@ import numpy as np
 
 from imgclf.data.images import ImageData
 from imgclf.data.imaging import Preprocessing, open_image, resize_shorter_side
-from imgclf.errors import OptionError
+from imgclf.options import validate
 
 if TYPE_CHECKING:
     import torch
@@ -46,10 +46,9 @@ def total_memory_bytes() -> int:
 def memory_budget_bytes(max_memory_gb: float | None, processes_on_machine: int = 1) -> int:
     """The decoded-set budget of one process: ``max_memory_gb`` (for the whole machine) or a
     quarter of its memory, shared by the training processes running on it."""
+    validate("train", {"max_memory_gb": max_memory_gb})
     if max_memory_gb is None:
         total = total_memory_bytes() * DEFAULT_MEMORY_SHARE
-    elif isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float)) or not 0 < max_memory_gb < 1e9:
-        raise OptionError(f"max_memory_gb must be a positive number of gigabytes (below 1e9), got {max_memory_gb!r}")
     else:
         total = max_memory_gb * 2**30
     return int(total / max(1, processes_on_machine))

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from imgclf.errors import DataError, MissingDependencyError, ModelFileError
+from imgclf.options import install_hint
 
 
 def is_uri(path: str | Path) -> bool:
@@ -32,7 +33,7 @@ def filesystem(uri: str):
     try:
         import fsspec
     except ImportError:
-        raise MissingDependencyError(f"{uri}: reading URIs needs fsspec: pip install 'imgclf[batch]'") from None
+        raise MissingDependencyError(f"{uri}: reading URIs needs fsspec: {install_hint('batch')}") from None
     from fsspec.registry import known_implementations
 
     scheme = uri.split("://", 1)[0]

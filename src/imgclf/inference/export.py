@@ -26,6 +26,7 @@ from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError, OptionError
 from imgclf.inference.metadata import without_non_finite
 from imgclf.inference.runtime import METADATA_KEY
+from imgclf.options import option_error, validate
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -130,18 +131,14 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
 
     from imgclf.nets.onnx_graph import DEFAULT_OPSET, to_onnx_bytes
 
-    if quantize not in (None, "int8"):
-        raise OptionError(f"quantize must be 'int8' or none, got '{quantize}'")
-    if precision not in ("fp32", "int8"):
-        raise OptionError(f"an exported graph is fp32 or int8 (bf16 is chosen when it runs), got '{precision}'")
+    validate("export", {"quantize": quantize, "precision": precision})
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
     if precision == "int8":
         if quantize:
-            raise OptionError(
-                "--quantize and --precision int8 both quantize; give one (--precision int8 is calibrated)"
-            )
+            raise option_error("quantize", "{quantize} and {precision} int8 both quantize; give one ({precision} "
+                                           "int8 is calibrated)")  # fmt: skip
         if model.int8_graph_ is None:
             raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 or auto, "
                               "or call imgclf.calibrate_int8(model, training_images) and save it")  # fmt: skip

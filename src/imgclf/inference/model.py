@@ -29,8 +29,8 @@ from imgclf.inference.metadata import (
     without_non_finite,
 )
 from imgclf.inference.predictor import Predictor, short_list
+from imgclf.options import DEFAULT_MODEL_PATH as DEFAULT_MODEL_PATH  # the default of train --out
 
-DEFAULT_MODEL_PATH = "imageClassifier.imgclf"
 INT8_TENSOR = "int8.onnx"
 _CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta")
 

@@ -37,6 +37,7 @@ from imgclf.data.imaging import load_array
 from imgclf.data.parallel import ordered_map
 from imgclf.errors import DataError, ImageDecodeError, OptionError
 from imgclf.inference.metrics import compute_metrics
+from imgclf.options import install_hint
 
 if TYPE_CHECKING:
     from imgclf.inference.model import ImageClassifier
@@ -108,7 +109,7 @@ def calibrate_int8(model: ImageClassifier, images: Sequence[ImageData], *, limit
     from imgclf.errors import MissingDependencyError
 
     if not int8_calibration_available():
-        raise MissingDependencyError("calibrating int8 needs NNCF: pip install 'imgclf[openvino]'")
+        raise MissingDependencyError(f"calibrating int8 needs NNCF: {install_hint('openvino')}")
     import onnx
 
     from imgclf.inference.export import export_onnx

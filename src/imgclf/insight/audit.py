@@ -28,11 +28,12 @@ from imgclf.data.images import ImageData, content_hash, load_images_from_directo
 from imgclf.data.imaging import open_image
 from imgclf.data.parallel import ordered_map
 from imgclf.data.splits import train_test_split
-from imgclf.errors import ImageDecodeError, OptionError
+from imgclf.errors import ImageDecodeError
 from imgclf.insight import labels as label_model
 from imgclf.insight import neardup
 from imgclf.insight.findings import MAX_LISTED as MAX_LISTED  # still importable from here
 from imgclf.insight.findings import AuditResult
+from imgclf.options import DEFAULT_ARCH, validate
 
 TINY_SIDE = 32  # pixels: a side shorter than this carries almost nothing after resizing to the network's input
 EXTREME_ASPECT = 4.0  # longer side / shorter side beyond which the centre crop loses most of the picture
@@ -181,7 +182,7 @@ def audit(
     folder: str | Path,
     against: str | Path | None = None,
     *,
-    arch: str = "efficientnet_lite0",
+    arch: str = DEFAULT_ARCH,
     weights: str | Path | None = None,
     workspace: str | Path | None = None,
     use_cache: bool = True,
@@ -199,10 +200,7 @@ def audit(
     """
     from imgclf.nets.workspace import default_workspace
 
-    if folds < 2:
-        raise OptionError(f"folds must be at least 2, got {folds}")
-    if not 0 < test_fraction < 1:
-        raise OptionError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    validate("audit", {"test_fraction": test_fraction, "seed": seed, "folds": folds, "device": device})
     timing: dict[str, float] = {}
     started = time.perf_counter()
     images = load_images_from_directory(folder)

@@ -22,8 +22,9 @@ def _figure(width: float, height: float, layout: str | None = None):
         from matplotlib.figure import Figure
     except ImportError:
         from imgclf.errors import MissingDependencyError
+        from imgclf.options import install_hint
 
-        raise MissingDependencyError("the report's charts need matplotlib: pip install 'imgclf[insight]'") from None
+        raise MissingDependencyError(f"the report's charts need matplotlib: {install_hint('insight')}") from None
     figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(figure)
     return figure

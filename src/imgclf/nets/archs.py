@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ArchitectureError, MissingDependencyError, WeightsUnavailableError
+from imgclf.options import DEFAULT_ARCH as DEFAULT_ARCH  # the default of every --arch (imgclf.options)
+from imgclf.options import install_hint
 
 if TYPE_CHECKING:
     import torch
@@ -75,15 +77,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     ]
 }
 
-DEFAULT_ARCH = "efficientnet_lite0"
-
 
 def _timm():
     try:
         import timm
     except ImportError:
         raise MissingDependencyError(
-            "training and torch prediction need torch and timm: pip install 'imgclf[train]'"
+            f"training and torch prediction need torch and timm: {install_hint('train')}"
         ) from None
     return timm
 

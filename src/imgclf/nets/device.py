@@ -5,19 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from imgclf.errors import OptionError
+from imgclf.options import DEVICES as DEVICES  # the names live in imgclf.options
+from imgclf.options import NETWORK, validate
 
 if TYPE_CHECKING:
     import torch
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: str = "auto") -> str:
     """``auto`` picks CUDA, then Apple's MPS, then the CPU; others are checked."""
     import torch
 
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise OptionError(f"device must be one of {', '.join(DEVICES)}, got '{name}'")
+    validate(NETWORK, {"device": name})
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"

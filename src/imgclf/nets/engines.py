@@ -36,9 +36,10 @@ import numpy as np
 
 from imgclf.errors import MissingDependencyError, OptionError
 from imgclf.nets.cpu import CpuCapabilities, cpu_capabilities, cpu_name
-
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-LOSSY_PRECISIONS = ("bf16", "int8")  # auto's order: bf16 first (closer to fp32 where native)
+from imgclf.options import ENGINE_NAMES as ENGINE_NAMES  # the names live in imgclf.options (numpy-free)
+from imgclf.options import LOSSY_PRECISIONS as LOSSY_PRECISIONS
+from imgclf.options import NETWORK, install_hint, validate
+from imgclf.options import PRECISIONS as PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class EngineSpec:
 
     name: str
     module: str  # the import it needs
-    extra: str  # pip install 'imgclf[extra]' brings it
+    extra: str  # the install extra that brings it (imgclf.options.install_hint)
     precisions: tuple[str, ...]
     devices: tuple[str, ...]  # "cpu", or "gpu" for any accelerator torch knows
     runs_onnx_files: bool  # an exported .onnx file (torch-free) can run on it
@@ -65,7 +66,8 @@ ENGINES: dict[str, EngineSpec] = {
                    "eager PyTorch, channels-last: GPUs, and CPUs without the other two"),
     )
 }  # fmt: skip
-ENGINE_NAMES = ("auto", *ENGINES)
+# ENGINE_NAMES, PRECISIONS, LOSSY_PRECISIONS: imgclf.options (numpy-free, for --help); "auto" and this table's
+# names, checked by tests/test_options.py
 
 #: Which engine ``auto`` takes at each precision on a CPU, fastest first (measured).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -165,7 +167,7 @@ def _auto_precision(engine: str, metrics: dict | None, int8_ready: bool, caps: C
     if not caps.bf16:
         notes.append("no native bf16")
     elif not installed("openvino"):
-        notes.append("bf16 needs OpenVINO: pip install 'imgclf[openvino]'")
+        notes.append(f"bf16 needs OpenVINO: {install_hint('openvino')}")
     else:
         ok, said = certificate_verdict(metrics, "bf16", caps)
         if ok:
@@ -173,7 +175,7 @@ def _auto_precision(engine: str, metrics: dict | None, int8_ready: bool, caps: C
         notes.append(said)
     if int8_ready:
         if not installed("openvino"):
-            notes.append("int8 needs OpenVINO: pip install 'imgclf[openvino]'")
+            notes.append(f"int8 needs OpenVINO: {install_hint('openvino')}")
         else:
             ok, said = certificate_verdict(metrics, "int8", caps)
             if ok:
@@ -203,10 +205,7 @@ def choose_engine(
     that cannot run and :class:`MissingDependencyError` (naming the extra) for an
     engine not installed.
     """
-    if engine not in ENGINE_NAMES:
-        raise OptionError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got '{engine}'")
-    if precision not in PRECISIONS:
-        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    validate(NETWORK, {"device": device, "engine": engine, "precision": precision})
     caps = cpu_capabilities()
     if device != "cpu":
         if engine not in ("auto", "torch") or precision not in ("auto", "fp32"):
@@ -235,13 +234,13 @@ def choose_engine(
         if not usable:
             needed = [ENGINES[n] for n in AUTO_ORDER[precision] if ENGINES[n].runs_onnx_files or not onnx_file]
             raise MissingDependencyError(f"{precision} needs {' or '.join(s.name for s in needed)}: "
-                                         f"pip install 'imgclf[{needed[0].extra}]'")  # fmt: skip
+                                         f"{install_hint(needed[0].extra)}")  # fmt: skip
         return EngineChoice(usable[0], precision, reason, caps.key)
     spec = ENGINES[engine]
     if not installed(engine):
-        raise MissingDependencyError(f"--engine {engine} needs {spec.module}: pip install 'imgclf[{spec.extra}]'")
+        raise MissingDependencyError(f"--engine {engine} needs {spec.module}: {install_hint(spec.extra)}")
     if not _runs(engine, onnx_file):
-        raise MissingDependencyError(f"--engine {engine} on a torch model needs onnx: pip install 'imgclf[export]'")
+        raise MissingDependencyError(f"--engine {engine} on a torch model needs onnx: {install_hint('export')}")
     if precision not in spec.precisions:
         raise OptionError(f"--engine {engine} runs {', '.join(spec.precisions)}, not {precision}")
     return EngineChoice(engine, precision, reason, caps.key)
@@ -254,7 +253,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise MissingDependencyError("ONNX prediction needs onnxruntime: pip install 'imgclf[runtime]'") from None
+        raise MissingDependencyError(f"ONNX prediction needs onnxruntime: {install_hint('runtime')}") from None
     return onnxruntime
 
 
@@ -262,7 +261,7 @@ def _openvino():
     try:
         import openvino
     except ImportError:
-        raise MissingDependencyError("--engine openvino needs OpenVINO: pip install 'imgclf[openvino]'") from None
+        raise MissingDependencyError(f"--engine openvino needs OpenVINO: {install_hint('openvino')}") from None
     return openvino
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from imgclf.data.imaging import MAX_PIXELS
 from imgclf.errors import MissingDependencyError, OptionError
 from imgclf.inference.loading import load_predictor
 from imgclf.inference.predictor import Predictor
+from imgclf.options import SERVE_MAX_BATCH, SERVE_MAX_WAIT_MS, install_hint, validate
 from imgclf.serve.batching import Batcher
 from imgclf.serve.handlers import EXCEPTION_HANDLERS
 from imgclf.serve.hosts import HostCheck
@@ -32,7 +32,7 @@ from imgclf.serve.limits import (
     BODIES_IN_FLIGHT,
     DECODE_MEMORY_BYTES,
     MAX_FILES,
-    MB,
+    MAX_REQUEST_BYTES,
     PENDING_IMAGES,
     READ_TIMEOUT,
     SERVE_MAX_PIXELS,
@@ -51,9 +51,9 @@ UNBOUNDED_JOB = 2**31
 def create_app(
     model: str | Path | Predictor,
     *,
-    max_batch: int = 16,
-    max_wait_ms: float = 5.0,
-    max_request_bytes: int = 10 * MB,
+    max_batch: int = SERVE_MAX_BATCH,
+    max_wait_ms: float = SERVE_MAX_WAIT_MS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
     decode_threads: int = 4,
     max_pixels: int = SERVE_MAX_PIXELS,
     decode_memory_bytes: int = DECODE_MEMORY_BYTES,
@@ -79,11 +79,11 @@ def create_app(
     try:
         from fastapi_offline import FastAPIOffline
     except ModuleNotFoundError:
-        raise MissingDependencyError("'fastapi-offline' is not installed: pip install 'imgclf[serve]'") from None
+        raise MissingDependencyError(f"'fastapi-offline' is not installed: {install_hint('serve')}") from None
 
     _check_options(max_batch=max_batch, max_wait_ms=max_wait_ms, max_request_bytes=max_request_bytes,
                    max_pixels=max_pixels, decode_memory_bytes=decode_memory_bytes, max_files=max_files,
-                   read_timeout=read_timeout, api_key=api_key)  # fmt: skip
+                   read_timeout=read_timeout, api_key=api_key, engine=engine, precision=precision)  # fmt: skip
     if isinstance(model, (str, Path)):
         predictor = load_predictor(model, engine=engine, precision=precision)
     else:
@@ -117,22 +117,12 @@ def create_app(
 
 
 def _check_options(*, max_batch: int, max_wait_ms: float, max_request_bytes: int, max_pixels: int,
-                   decode_memory_bytes: int, max_files: int, read_timeout: float, api_key: str | None) -> None:  # fmt: skip
-    """Raise :class:`OptionError` naming the first option ``create_app`` cannot use."""
-    if max_batch < 1:
-        raise OptionError(f"max_batch must be at least 1 (1 turns batching off), got {max_batch}")
-    if max_wait_ms < 0:
-        raise OptionError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
-    if max_request_bytes < 1:
-        raise OptionError(f"max_request_bytes must be positive, got {max_request_bytes}")
-    if not 1 <= max_pixels <= MAX_PIXELS:
-        raise OptionError(f"max_pixels must be between 1 and {MAX_PIXELS:,}, got {max_pixels:,}")
-    if decode_memory_bytes < 16 * MB:
-        raise OptionError(f"decode memory must be at least 16 MB, got {decode_memory_bytes / MB:g} MB")
-    if max_files < 1:
-        raise OptionError(f"max_files must be at least 1, got {max_files}")
-    if not read_timeout > 0:
-        raise OptionError(f"read_timeout must be positive, got {read_timeout}")
+                   decode_memory_bytes: int, max_files: int, read_timeout: float, api_key: str | None,
+                   engine: str, precision: str) -> None:  # fmt: skip
+    """Raise :class:`OptionError` naming the first option ``create_app`` cannot use (the schema, imgclf.options)."""
+    validate("serve", {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_request_bytes": max_request_bytes,
+                       "max_pixels": max_pixels, "decode_memory_bytes": decode_memory_bytes, "max_files": max_files,
+                       "read_timeout": read_timeout, "engine": engine, "precision": precision})  # fmt: skip
     if api_key is not None and not api_key.strip():
         raise OptionError("the API key is empty; give a non-empty key or none")
 

@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from imgclf.inference.predictor import Prediction, Predictor
+from imgclf.options import SERVE_MAX_BATCH, SERVE_MAX_WAIT_MS
 
 
 class Batcher:
-    def __init__(self, predictor: Predictor, max_batch: int = 16, max_wait_ms: float = 5.0):
+    def __init__(self, predictor: Predictor, max_batch: int = SERVE_MAX_BATCH, max_wait_ms: float = SERVE_MAX_WAIT_MS):
         self.predictor = predictor
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait_ms / 1000.0

@@ -25,26 +25,29 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
+from imgclf import options
 from imgclf.errors import ImageTooLargeError
 
 if TYPE_CHECKING:
     import asyncio
 
-MB = 1024 * 1024
+MB = options.MB
 
-#: Largest image the server decodes, by default: a 48 MP phone photo fits,
-#: a 12000x12000 bomb does not (library calls allow ``imaging.MAX_PIXELS``).
-SERVE_MAX_PIXELS = 50_000_000
+# The limits a user can set are declared with ``imgclf serve``'s options (imgclf.options):
+#: Largest image the server decodes, by default (a 48 MP phone photo fits).
+SERVE_MAX_PIXELS = options.SERVE_MAX_PIXELS
 #: Bytes that concurrent decodes may use together, by default.
-DECODE_MEMORY_BYTES = 512 * MB
+DECODE_MEMORY_BYTES = options.DECODE_MEMORY_MB * MB
+#: Largest request body, by default.
+MAX_REQUEST_BYTES = int(options.SERVE_MAX_REQUEST_MB * MB)
 #: Files one multipart request may carry.
-MAX_FILES = 64
+MAX_FILES = options.MAX_FILES
+#: Seconds to wait for the next piece of a request body before answering 408.
+READ_TIMEOUT = options.READ_TIMEOUT
 #: Request bodies held at once, in multiples of the request size limit.
 BODIES_IN_FLIGHT = 4
 #: Images decoded and waiting for the network, across all requests.
 PENDING_IMAGES = 128
-#: Seconds to wait for the next piece of a request body before answering 408.
-READ_TIMEOUT = 30.0
 #: Once a body has been arriving for READ_TIMEOUT seconds it must average at least this
 #: many bytes a second, or it is answered 408: a trickle cannot hold a connection for ever.
 MIN_BODY_RATE = 16 * 1024

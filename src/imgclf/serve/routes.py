@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from imgclf.data.imaging import load_array
 from imgclf.errors import ImageDecodeError
+from imgclf.options import TOP_K
 from imgclf.serve.auth import UNAUTHORIZED, require_key
 from imgclf.serve.handlers import HTTPError
 from imgclf.serve.schemas import ErrorResponse, ImageResult, LabelScore, ModelInfo, PredictError, PredictResponse
@@ -49,7 +50,7 @@ async def model_info(state: Annotated[ServeState, Depends(get_state)]) -> ModelI
 
 
 async def predict(
-    request: Request, state: Annotated[ServeState, Depends(get_state)], top_k: int = Query(3, ge=1, le=100)
+    request: Request, state: Annotated[ServeState, Depends(get_state)], top_k: int = Query(TOP_K, ge=1, le=100)
 ) -> JSONResponse:
     """Score images: a multipart upload (field ``files`` or ``file``, one or many; 64 at most by default)
     or a raw image body. Each image gets a label and scores, or an error; the others are still scored."""

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imgclf.errors import DistributedRunError, OptionError, TrainingInterrupted
+from imgclf.options import COMMANDS, check
 
 if TYPE_CHECKING:
     import torch
@@ -305,6 +306,7 @@ def launch(argv: Sequence[str], nproc_per_node: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    check(COMMANDS["train"]["nproc_per_node"], nproc_per_node, required=True)
     check_process_count(nproc_per_node)
     for name in list(logging.root.manager.loggerDict):  # each has its own level: the failure is our one line
         if name.startswith("torch.distributed.elastic"):

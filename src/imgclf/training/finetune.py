@@ -49,6 +49,7 @@ from imgclf.data.parallel import ordered_map
 from imgclf.data.streaming import decode_picture
 from imgclf.errors import OptionError
 from imgclf.nets.device import mixed_precision_dtype
+from imgclf.options import COMMANDS, check
 from imgclf.training import distributed
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 
@@ -92,11 +93,17 @@ class FineTuneOptions:
     loader_workers: int | None = None  # augmentation processes; None: 0 on the CPU, up to 8 on a GPU
     compile: bool = False  # torch.compile the network (pays only for long runs: compiling takes minutes)
 
+    #: field -> the option of ``imgclf train`` whose constraint (and default) it shares
+    TRAIN_OPTIONS = {"epochs": "fine_tune_epochs", "unfreeze": "unfreeze", "keep_orientation": "keep_orientation"}
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise OptionError naming the first field that is out of range."""
+        """Raise OptionError naming the first field that is out of range. The fields that
+        ``imgclf train`` has options for share those options' constraints (imgclf.options)."""
+        for name, option in self.TRAIN_OPTIONS.items():
+            check(COMMANDS["train"][option], getattr(self, name), f"fine_tune_options.{name}")
 
         def whole(v, low: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= low
@@ -105,7 +112,6 @@ class FineTuneOptions:
             return v is None or ok(v)
 
         checks = [
-            ("epochs", whole(self.epochs, 1), "fine-tune epochs must be a positive integer"),
             ("batch_size", whole(self.batch_size, 1), "fine-tune batch_size must be a positive integer"),
             ("learning_rate", self.learning_rate > 0, "fine-tune learning_rate must be > 0"),
             ("backbone_lr_ratio", maybe(self.backbone_lr_ratio, lambda v: v > 0), "backbone_lr_ratio must be > 0"),
@@ -113,11 +119,9 @@ class FineTuneOptions:
             ("weight_decay", self.weight_decay >= 0, "fine-tune weight_decay must be >= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             ("warmup_epochs", whole(self.warmup_epochs, 0), "warmup_epochs must be a whole number >= 0"),
-            ("unfreeze", maybe(self.unfreeze, lambda v: whole(v, 1)), "unfreeze must be at least 1 block"),
             ("frozen_blocks", whole(self.frozen_blocks, 0), "frozen_blocks must be a whole number >= 0"),
             ("batch_norm", self.batch_norm in BATCH_NORM_MODES, f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}"),
             ("color_augment", self.color_augment in (None, True, False), "color_augment must be True, False or None"),
-            ("keep_orientation", self.keep_orientation in (True, False), "keep_orientation must be True or False"),
             ("randaugment_magnitude", maybe(self.randaugment_magnitude, lambda v: whole(v, 0) and v <= 30),
              "randaugment_magnitude must be 0 to 30"),
             ("min_crop", maybe(self.min_crop, lambda v: 0 < v <= 1), "min_crop must be in (0, 1]"),

@@ -6,7 +6,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-from imgclf.errors import OptionError
+from imgclf.options import COMMANDS, check
 
 
 @dataclass
@@ -41,11 +41,16 @@ class EarlyStopping:
     min_delta: float = 0.0
     patience: int = 10
 
+    #: field -> the option of ``imgclf train`` whose constraint (and default) it shares
+    OPTIONS = {"metric": "early_stopping_metric", "min_delta": "min_delta", "patience": "patience"}
+
     def __post_init__(self) -> None:
-        if self.metric not in ("accuracy", "loss"):
-            raise OptionError(f"early stopping metric must be 'accuracy' or 'loss', got '{self.metric}'")
-        if self.patience < 1:
-            raise OptionError(f"early stopping patience must be at least 1, got {self.patience}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise OptionError naming the first field that is out of range (``early_stopping.patience``)."""
+        for name, option in self.OPTIONS.items():
+            check(COMMANDS["train"][option], getattr(self, name), f"early_stopping.{name}")
 
 
 @dataclass

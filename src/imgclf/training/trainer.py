@@ -26,13 +26,13 @@ from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
+from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
+from imgclf.options import install_hint, validate
 from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD
-
-LR_SCHEDULES = ("exponential", "polynomial", "constant")
 
 
 def installed_openvino() -> bool:
@@ -44,25 +44,23 @@ def installed_openvino() -> bool:
 def check_training_precision(precision: str) -> None:
     """``precision`` at training: auto (certify bf16 where the CPU has it and the images are
     enough), fp32 (nothing more), bf16 (certify it: needs native bf16 and OpenVINO), int8
-    (calibrate the int8 graph: needs NNCF). Raises before any work."""
+    (calibrate the int8 graph: needs NNCF). Raises before any work; the name itself is
+    checked with the other options (:meth:`ImageClassificationTrainer.validate`)."""
     from imgclf.errors import MissingDependencyError
     from imgclf.nets.cpu import cpu_capabilities
-    from imgclf.nets.engines import PRECISIONS
 
-    if precision not in PRECISIONS:
-        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16":
         caps = cpu_capabilities()
         if not caps.bf16:
             raise OptionError(f"precision bf16: this CPU has no native bf16 ({caps.source}), so it cannot be "
-                              "measured here; use auto or fp32")  # fmt: skip
+                              "measured here; use auto or fp32", "precision")  # fmt: skip
         if not installed_openvino():
-            raise MissingDependencyError("precision bf16 runs on OpenVINO: pip install 'imgclf[openvino]'")
+            raise MissingDependencyError(f"precision bf16 runs on OpenVINO: {install_hint('openvino')}")
     if precision == "int8":
         from imgclf.inference.precision import int8_calibration_available
 
         if not int8_calibration_available():
-            raise MissingDependencyError("precision int8 is calibrated by NNCF: pip install 'imgclf[openvino]'")
+            raise MissingDependencyError(f"precision int8 is calibrated by NNCF: {install_hint('openvino')}")
 
 
 def _as_images(images: Sequence[ImageData] | str | Path) -> list[ImageData]:
@@ -174,38 +172,18 @@ class ImageClassificationTrainer:
         self.progress = progress
         self.max_memory_gb = max_memory_gb
 
+    #: The parameters checked against ``imgclf train``'s options (imgclf.options), whose
+    #: constraints and defaults they share.
+    _CHECKED = ("epochs", "batch_size", "learning_rate", "lr_schedule", "decay_rate", "decay_epochs", "momentum",
+                "weight_decay", "validation_fraction", "class_weight", "seed", "device", "engine", "precision",
+                "max_memory_gb", "extraction_batch_size")  # fmt: skip
+
     def _check_options(self) -> None:
-        def positive(name: str, integer: bool) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or (integer and not isinstance(value, int)):
-                raise OptionError(f"{name} must be a positive integer, got {value!r}")
-            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise OptionError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-        for name in ("epochs", "batch_size", "decay_epochs", "extraction_batch_size"):
-            positive(name, True)
-        for name in ("learning_rate", "decay_rate"):
-            positive(name, False)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise OptionError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
-        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
-            raise OptionError(f"validation_fraction must be between 0 and 1, got {self.validation_fraction}")
-        if not 0 <= self.momentum < 1:
-            raise OptionError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise OptionError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise OptionError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
-        if self.early_stopping is not None and not 0 <= self.early_stopping.min_delta < math.inf:
-            raise OptionError(f"early stopping min_delta must be a number >= 0, got {self.early_stopping.min_delta!r}")
-        if self.class_weight not in (None, "balanced"):
-            raise OptionError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
-        if self.max_memory_gb is not None:
-            from imgclf.data.streaming import memory_budget_bytes
-
-            memory_budget_bytes(self.max_memory_gb)  # raises OptionError naming it when it is not a size
+        validate("train", {name: getattr(self, name) for name in self._CHECKED})
+        if self.early_stopping is not None:
+            self.early_stopping.validate()  # again: its fields may have been changed since
         if self.fine_tune_options is not None:
-            self.fine_tune_options.validate()  # again: its fields may have been changed since
+            self.fine_tune_options.validate()
         check_training_precision(self.precision)
 
     def validate(self) -> None:
@@ -246,8 +224,7 @@ class ImageClassificationTrainer:
         evaluating on the held-out images cannot measure it. Each image goes
         through the network once.
         """
-        if isinstance(test_fraction, bool) or not 0 < test_fraction < 1:
-            raise OptionError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
+        validate("train", {"test_fraction": test_fraction})
         return self._fit(images, validation_set, hold_out=test_fraction)
 
     def _fit(self, images, validation_set, hold_out: float | None) -> tuple[ImageClassifier, list[ImageData]]:
@@ -411,7 +388,7 @@ class ImageClassificationTrainer:
                                         "(--precision int8)"}  # fmt: skip
         images = len(train[1]) + len(held[1])
         if asked == "auto" and (not installed_openvino() or not enough_to_certify(images)):
-            why = ("bf16 needs OpenVINO: pip install 'imgclf[openvino]'" if not installed_openvino() else
+            why = (f"bf16 needs OpenVINO: {install_hint('openvino')}" if not installed_openvino() else
                    f"{images} images are too few to certify bf16 (needs {CERTIFY_MIN_IMAGES} the head did not "
                    "see); 'imgclf certify MODEL MORE_IMAGES' adds evidence")  # fmt: skip
             return {**decision, "line": f"fp32: {why}"}
