@@ -285,7 +285,41 @@ def score_with_ray(
             ray.shutdown()
 
 
+def _reachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why ``ray://host:port`` cannot be reached, in a few seconds, or None (Ray Client itself
+    retries for a minute or more before saying anything)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 10001
+    except ValueError as e:
+        return f"not a ray://HOST:PORT address ({e})"
+    if not host:
+        return "not a ray://HOST:PORT address"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"nothing answers at {host}:{port} ({e.strerror or type(e).__name__})"
+    return None
+
+
 def _init(ray, address: str | None) -> None:
+    if address and address.startswith("ray://"):
+        import importlib.util
+
+        if importlib.util.find_spec("grpc") is None:
+            raise MissingDependencyError(f"--address {address}: Ray Client needs grpcio: {install_hint('ray')}")
+        why = _reachable(address)
+        if why:
+            raise option_error("address", "{address} {given}: cannot connect to the Ray cluster: {why}",
+                               given=address, why=why)  # fmt: skip
+        # Ray Data's streaming executor needs a driver on the cluster: through Ray Client (2.60) its
+        # first write fails deep inside Ray ('Worker' object has no attribute 'core_worker').
+        raise option_error("address", "{address} {given}: the cluster answers, but Ray Data does not run through "
+                           "Ray Client; run imgclf on the cluster: ray job submit --address http://HEAD:8265 -- "
+                           "imgclf predict ... --engine ray --address auto", given=address)  # fmt: skip
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
