@@ -62,3 +62,30 @@ def test_engine_ray_agrees_with_predict_json(ray_session, small_onnx_model, tmp_
     assert daisy["label"] == "daisy"
     assert abs(daisy["probability"] - expected[str(folder / "classic-daisy.jpg")]["probability"]) < 1e-5
     assert "corrupt or truncated" in by_path[str(folder / "truncated.jpg")]["error"]
+
+
+def test_engine_ray_takes_names_that_are_not_utf8_and_link_loops(ray_session, small_onnx_model, tmp_path, capsys):
+    """Issue 21 items 1 and 2 on Ray: Ray's reader takes neither, so imgclf reads them itself."""
+    import os
+    import shutil
+
+    from imgclf.batch.writers import read_part_paths
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    for f in sorted(PREDICT.glob("*.jpg")):
+        shutil.copy(f, folder / f.name)
+    odd = os.fsencode(folder) + b"/caf\xe9.jpg"
+    shutil.copy(PREDICT / "classic-daisy.jpg", odd)
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    out = tmp_path / "r.parquet"
+    argv = ["predict", str(small_onnx_model), str(folder), "--engine", "ray", "--out", str(out), "--workers", "1", "-q"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "Scored 3 image(s), 1 unreadable (error rows)" in capsys.readouterr().out
+    parts = [p for p in sorted(out.glob("*.parquet")) if p.name[0] not in "._"]  # Ray names its own parts
+    paths = [p for part in parts for p in read_part_paths(part, "parquet")]
+    assert sorted(paths) == sorted([*(str(folder / f.name) for f in PREDICT.glob("*.jpg")), os.fsdecode(odd),
+                                    str(folder / "loop.jpg")])  # fmt: skip
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows[str(folder / "caf\\xe9.jpg")]["label"] == "daisy"
+    assert "Too many levels of symbolic links" in rows[str(folder / "loop.jpg")]["error"]

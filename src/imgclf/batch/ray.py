@@ -15,6 +15,7 @@ column, and returns a Dataset of result rows, to chain into your own pipeline.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from imgclf.batch.sources import Input, classify_inputs, is_uri, iter_image_path
 from imgclf.batch.writers import PathSet, ResultFolder, check_output, count_rows, open_results
 from imgclf.data.uris import is_remote
 from imgclf.errors import DataError, ImageDecodeError, ImgclfError, MissingDependencyError, OptionError
+from imgclf.names import from_columns, is_text, printable, raw_hex
 from imgclf.options import SCORING_BATCH_SIZE, TOP_K, install_hint, option_error
 
 #: Reading files and writing results wait on storage, not CPUs: they reserve none, so a
@@ -80,6 +82,8 @@ class _ImageScorer:
             raise DataError(f"predict_dataset needs a 'bytes' or a 'path' column; the dataset has {', '.join(names)}")
         named = "path" in names
         paths = batch.column("path").to_pylist() if named else ["<image>"] * batch.num_rows
+        if "path_bytes" in names:  # names that are not UTF-8 travel as text plus their raw bytes
+            paths = [from_columns(p, b) for p, b in zip(paths, batch.column("path_bytes").to_pylist())]
         sources = batch.column("bytes").to_pylist() if "bytes" in names else list(paths)
         if "read_error" in names:
             for i, error in enumerate(batch.column("read_error").to_pylist()):
@@ -170,7 +174,8 @@ def _max_workers(ray, cpus_per_worker: float, gpus_per_worker: float) -> int:
 def _with_read_error(batch):
     import pyarrow as pa
 
-    return batch.append_column("read_error", pa.nulls(batch.num_rows, pa.string()))
+    batch = batch.append_column("read_error", pa.nulls(batch.num_rows, pa.string()))
+    return batch.append_column("path_bytes", pa.nulls(batch.num_rows, pa.string()))
 
 
 def _read_listed(batch, join, done: PathSet):
@@ -184,6 +189,8 @@ def _read_listed(batch, join, done: PathSet):
 
     column = "path" if "path" in batch.column_names else "text"
     entries = [(e or "").strip() for e in batch.column(column).to_pylist()]
+    if "path_bytes" in batch.column_names:  # listed names that are not UTF-8 (see _listed_dataset)
+        entries = [from_columns(e, b) for e, b in zip(entries, batch.column("path_bytes").to_pylist())]
     paths = [join(e) for e in entries if e and not (column == "text" and e.startswith("#"))]
     keep = ~done.mask(paths)
     paths = [p for p, k in zip(paths, keep) if k]
@@ -195,8 +202,9 @@ def _read_listed(batch, join, done: PathSet):
         except ImageDecodeError as e:
             data.append(None)
             errors.append(str(e))
-    return pa.table({"path": pa.array(paths, pa.string()), "bytes": pa.array(data, pa.binary()),
-                     "read_error": pa.array(errors, pa.string())})  # fmt: skip
+    return pa.table({"path": pa.array([printable(p) for p in paths], pa.string()), "bytes": pa.array(data, pa.binary()),
+                     "read_error": pa.array(errors, pa.string()),
+                     "path_bytes": pa.array([raw_hex(p) for p in paths], pa.string())})  # fmt: skip
 
 
 def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
@@ -218,13 +226,15 @@ def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
 def _listed_dataset(ray, paths: list[str], readers: int):
     """Files found by listing: local ones through ``read_binary_files``, URIs read by a task."""
     datasets = []
-    local = [p for p in paths if not is_uri(p)]
-    remote = [p for p in paths if is_uri(p)]
+    # Ray's file reader takes UTF-8 names of files it can open; imgclf reads the rest itself
+    # (names that are not UTF-8, links that cannot be followed), so they become rows, not a crash
+    local = [p for p in paths if not is_uri(p) and is_text(p) and os.path.isfile(p)]
+    remote = [p for p in paths if is_uri(p) or not (is_text(p) and os.path.isfile(p))]
     if local:
         read = ray.data.read_binary_files(local, include_paths=True, concurrency=readers, **IO_TASK)
         datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", concurrency=readers, **IO_TASK))
     if remote:
-        items = ray.data.from_items([{"path": p} for p in remote])
+        items = ray.data.from_items([{"path": printable(p), "path_bytes": raw_hex(p)} for p in remote])
         datasets.append(items.map_batches(_read_listed, fn_kwargs={"join": str, "done": PathSet()},
                                           batch_format="pyarrow", concurrency=readers, **IO_TASK))  # fmt: skip
     return datasets
