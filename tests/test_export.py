@@ -24,9 +24,9 @@ IMAGES = sorted(PREDICT.glob("*g")) + [
 
 
 @pytest.fixture(scope="module")
-def exported(small_model, tmp_path_factory):
-    model_path = small_model.save(tmp_path_factory.mktemp("exp") / "small.imgclf")
-    onnx_path = model_path.with_suffix(".onnx")
+def exported(small_model_file, tmp_path_factory):
+    model_path = small_model_file
+    onnx_path = tmp_path_factory.mktemp("exp") / "small.onnx"  # the CLI's export, tested here
     assert main(["export", str(model_path), "--out", str(onnx_path)]) == 0
     return model_path, onnx_path
 

@@ -31,8 +31,8 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def model_path(small_model, tmp_path_factory):
-    return small_model.save(tmp_path_factory.mktemp("meta") / "small.imgclf")
+def model_path(small_model_file):
+    return small_model_file
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def tensors(model_path):
 
 
 @pytest.fixture(scope="module")
-def onnx_path(small_model, tmp_path_factory):
-    return small_model.export_onnx(tmp_path_factory.mktemp("meta-onnx") / "small.onnx")
+def onnx_path(small_onnx_model):
+    return small_onnx_model
 
 
 def with_metadata(tensors, path, config) -> str:

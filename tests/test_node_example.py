@@ -26,8 +26,8 @@ def node_example():
 
 
 @pytest.mark.slow
-def test_node_classifies_like_python(node_example, small_model, tmp_path):
-    onnx_path = small_model.export_onnx(tmp_path / "m.onnx")
+def test_node_classifies_like_python(node_example, small_model, small_onnx_model):
+    onnx_path = small_onnx_model
     for name, label in (("classic-daisy.jpg", "daisy"), ("classic-tulip.jpg", "tulips")):
         out = subprocess.run(["node", str(node_example), str(onnx_path), str(PREDICT / name)],
                              capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -19,8 +19,8 @@ DAISY = (PREDICT / "classic-daisy.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def client(small_model, tmp_path_factory):
-    path = small_model.save(tmp_path_factory.mktemp("serve") / "small.imgclf")
+def client(small_model_file):
+    path = small_model_file
     with TestClient(create_app(path, max_request_bytes=1_000_000)) as c:
         yield c
 
@@ -129,23 +129,23 @@ def test_concurrent_clients_get_the_same_answers_as_one_at_a_time(client, small_
         (["serve", "{model}", "--port", "70000"], "--port must be between 1 and 65535"),
     ],
 )
-def test_serve_bad_options_exit_2(argv, message, small_model, tmp_path, capsys):
+def test_serve_bad_options_exit_2(argv, message, small_model_file, tmp_path, capsys):
     from imgclf.cli import main
 
-    model = small_model.save(tmp_path / "m.imgclf")
+    model = small_model_file
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1
 
 
-def test_server_in_a_child_process_answers_and_stops(small_model, tmp_path):
+def test_server_in_a_child_process_answers_and_stops(small_model_file):
     import json
     import urllib.request
 
     from imgclf.serve.process import serve_in_subprocess
 
-    path = small_model.save(tmp_path / "small.imgclf")
+    path = small_model_file
     with serve_in_subprocess(path, "--max-batch", "4") as (url, server):
         request = urllib.request.Request(f"{url}/v1/predict", data=DAISY, headers={"content-type": "image/jpeg"})
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -287,13 +287,13 @@ def test_cors_and_host_check(small_model):
         (["serve", "{model}", "--api-key", "k", "--no-api-key"], "--no-api-key contradicts the API key"),
     ],
 )
-def test_serve_new_options_are_checked(argv, message, small_model, tmp_path, capsys, monkeypatch):
+def test_serve_new_options_are_checked(argv, message, small_model_file, capsys, monkeypatch):
     import socket
 
     from imgclf.cli import main
 
     monkeypatch.delenv("IMGCLF_API_KEY", raising=False)
-    model = small_model.save(tmp_path / "m.imgclf")
+    model = small_model_file
     with socket.socket() as taken:  # should a check be missed, serving fails on this port instead of running on
         taken.bind(("", 0))
         taken.listen()
@@ -304,13 +304,13 @@ def test_serve_new_options_are_checked(argv, message, small_model, tmp_path, cap
     assert "Serving" not in out.out
 
 
-def test_port_in_use_is_one_line_exit_2_before_serving(small_model, tmp_path, capsys):
+def test_port_in_use_is_one_line_exit_2_before_serving(small_model_file, capsys):
     """Defect 10: a port in use exited 3 after printing 'Serving on'."""
     import socket
 
     from imgclf.cli import main
 
-    model = small_model.save(tmp_path / "m.imgclf")
+    model = small_model_file
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

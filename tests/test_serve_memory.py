@@ -37,10 +37,10 @@ DAISY = (PREDICT / "classic-daisy.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def server(small_model, tmp_path_factory):
+def server(small_onnx_model, tmp_path_factory):
     """One server for the module: the small model exported to ONNX (starts in seconds)."""
     folder = tmp_path_factory.mktemp("serve-memory")
-    model = small_model.export_onnx(folder / "small.onnx")
+    model = small_onnx_model
     log = folder / "server.log"
     options = ["--max-batch", "4", "--read-timeout", "1", "--decode-memory-mb", str(DECODE_BUDGET_MB),
                "--max-request-mb", str(REQUEST_MB)]  # fmt: skip
