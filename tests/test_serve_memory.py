@@ -154,3 +154,28 @@ def test_client_hanging_up_mid_upload_logs_no_traceback(server):
         assert http.post("/v1/predict", content=DAISY, headers={"content-type": "image/jpeg"}).status_code == 200
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "Exception" not in text, text[-2000:]
+
+
+def _healthz_status(url: str) -> int:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return int(s.recv(64).split(b" ")[1])
+
+
+def test_256_connections_are_served_and_the_next_gets_503(server):
+    """docs/reliability.md: "256 connections (then 503)". With 255 others open the 256th is
+    answered; with 256 open the 257th gets 503 at once; closing them frees the server."""
+    url, _, log = server
+    host, port = url.removeprefix("http://").split(":")
+    for others, expected in ((255, 200), (256, 503)):
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(others)]
+        try:
+            time.sleep(0.5)  # the server has accepted them all
+            assert _healthz_status(url) == expected, others
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.5)
+    assert _healthz_status(url) == 200
+    assert "Traceback" not in log.read_text(errors="replace")
