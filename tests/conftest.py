@@ -42,8 +42,16 @@ def small_model(tmp_path_factory, workspace):
 
 
 @pytest.fixture(scope="session")
+def small_model_file(small_model, tmp_path_factory) -> Path:
+    """``small_model`` saved once for the session: for tests that only read a model file (about 20
+    did their own ``small_model.save()``). Never write to it; a test that changes a file saves its own."""
+    return small_model.save(tmp_path_factory.mktemp("model-file") / "small.imgclf")
+
+
+@pytest.fixture(scope="session")
 def small_onnx_model(small_model, tmp_path_factory) -> Path:
-    """``small_model`` exported to ONNX: the batch-scoring tests' fast, torch-free model."""
+    """``small_model`` exported to ONNX once for the session: the fast, torch-free model of the
+    batch-scoring, serving and Node tests. Never write to it."""
     path = tmp_path_factory.mktemp("onnx") / "small.onnx"
     small_model.export_onnx(path)
     return path

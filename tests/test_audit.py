@@ -25,10 +25,12 @@ from imgclf.insight import labels as label_model  # noqa: E402
 from imgclf.insight import neardup  # noqa: E402
 from imgclf.insight.audit import training_warning  # noqa: E402
 
-from .conftest import FLOWERS, PREDICT, small_flower_folder  # noqa: E402
+from .conftest import FLOWERS, PREDICT, SANITY, small_flower_folder  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SUSPECTS_ON_CLEAN_FLOWERS = 10  # documented in the README ("Audit your data")
+SANITY_PHOTOS = {"tiny": "pizza.jpg", "small-enough": "canoe2.jpg", "strip": "coffeepot.jpg",
+                 "four-to-one": "broccoli.jpg"}  # fmt: skip
 
 
 def photo(label: str, k: int) -> Path:
@@ -64,6 +66,11 @@ def planted(tmp_path_factory):
     for label, src in moved.items():
         shutil.move(train / src.parent.name / src.name, train / label / src.name)
     Image.new("RGB", (300, 200), (250, 250, 250)).save(train / "daisy" / "blank.png")
+    # docs/report-and-audit.md: tiny is "a side under 32 pixels", extreme "beyond 4:1"; each boundary
+    # tried, on ImageNet photos that are nowhere else in either folder (so no copies)
+    for name, label, size in (("tiny", "daisy", (31, 40)), ("small-enough", "daisy", (32, 40)),
+                              ("strip", "tulips", (410, 100)), ("four-to-one", "tulips", (400, 100))):  # fmt: skip
+        Image.open(SANITY / SANITY_PHOTOS[name]).convert("RGB").resize(size).save(train / label / f"{name}.png")
     (train / "tulips" / "broken.jpg").write_bytes(photo("tulips", 0).read_bytes()[:1500])
     return SimpleNamespace(root=root, train=train, test=test, moved=moved)
 
@@ -81,9 +88,9 @@ def test_audit_finds_every_planted_problem(planted, planted_audit):
     result, train, test = planted_audit, planted.train, planted.test
     assert result.unreadable == [{"file": at(train, "tulips/broken.jpg"),
                                   "reason": "image data is corrupt or truncated (Truncated File Read)"}]  # fmt: skip
-    assert [(p["file"], p["problem"]) for p in result.image_problems] == [
-        (at(train, "daisy/blank.png"), "nearly blank")
-    ]
+    assert sorted((p["file"], p["problem"]) for p in result.image_problems) == [
+        (at(train, "daisy/blank.png"), "nearly blank"), (at(train, "daisy/tiny.png"), "tiny"),
+        (at(train, "tulips/strip.png"), "extreme aspect ratio")]  # fmt: skip
 
     groups = {frozenset(d["files"]): d for d in result.duplicates}
     exact = frozenset({at(train, f"daisy/{photo('daisy', 3).name}"), at(train, "roses/copy-of-a-daisy.jpg")})
@@ -113,7 +120,9 @@ def test_audit_finds_every_planted_problem(planted, planted_audit):
         assert issue["given"] == label and issue["suggested"] == src.parent.name and rank < 10
     confidences = [x["confidence"] for x in result.label_issues]
     assert confidences == sorted(confidences, reverse=True)
-    assert result.labels == {"daisy": 42, "dandelion": 41, "roses": 40, "sunflowers": 40, "tulips": 41}
+    assert result.labels == {"daisy": 44, "dandelion": 41, "roses": 40, "sunflowers": 40, "tulips": 43}
+    assert result.imbalance == pytest.approx(44 / 40)  # "most / fewest"
+    assert result.to_dict()["imbalance"] == 1.1
 
 
 def test_second_audit_reads_cached_features_and_prints_json(planted, planted_audit, workspace, capsys, monkeypatch):
@@ -123,7 +132,7 @@ def test_second_audit_reads_cached_features_and_prints_json(planted, planted_aud
     assert code == 0, err
     report = json.loads(out)
     assert {"labels", "unreadable", "duplicates", "leaks", "label_issues", "outliers"} <= set(report)
-    assert report["method"]["features"] == {"extracted": 0, "cached": 208}
+    assert report["method"]["features"] == {"extracted": 0, "cached": 212}
     assert (
         report["leaks"][0]["file"].startswith("photos/dandelion/")
         and report["leaks"][0]["against_file"] == "test/dandelion/leaked.jpg"
@@ -182,10 +191,29 @@ def test_threshold_follows_how_close_distinct_images_come():
     copies = np.full(200, 0.001)
     photos = neardup.choose_threshold(copies, np.full(100, 0.2))  # distinct photos are far apart
     slices = neardup.choose_threshold(copies, np.full(100, 0.008))  # MRI slices: neighbours at 0.992
-    assert photos.similarity == pytest.approx(1 - neardup.LOOSEST)
-    assert slices.similarity == pytest.approx(1 - 0.008 * neardup.NEIGHBOUR_FACTOR)
+    # docs/report-and-audit.md: "the looser of twice the first and 0.4 x the second, never looser than 0.98"
+    assert photos.similarity == pytest.approx(0.98)
+    assert slices.similarity == pytest.approx(1 - 0.4 * 0.008)  # 0.9968
+    copies_decide = neardup.choose_threshold(np.full(200, 0.004), np.full(100, 0.015))
+    assert copies_decide.similarity == pytest.approx(1 - 2 * 0.004)  # twice the copies' 0.004 beats 0.4 x 0.015
     with_copies = neardup.choose_threshold(copies, np.concatenate([np.full(40, 1e-4), np.full(100, 0.008)]))
     assert with_copies.similarity == pytest.approx(slices.similarity)  # copies do not drag it down
+
+
+def test_a_photo_among_brain_scans_is_the_one_outlier(tmp_path, workspace):
+    """docs/report-and-audit.md: outliers are "more than 4 robust deviations (MAD) below the folder's
+    median" of mean cosine similarity to the 5 nearest. A daisy among the 8 bundled MRI slices scores
+    0.870 against the slices' 0.31 to 0.41 (measured: 14.5 deviations; the slices within 1.8) on an
+    AMD Zen 3 (AVX2, no AVX-512). Among the 200 flowers, coloured blocks, noise, text and a toaster
+    came out at 3.0 deviations at most, so the folder here is one of a kind."""
+    folder = tmp_path / "scans"
+    shutil.copytree(Path(__file__).parent / "data" / "brain-mri", folder, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copy(photo("daisy", 0), folder / "glioma" / "daisy.jpg")
+    result = audit(folder, workspace=workspace, progress=False)
+    assert [Path(x["file"]).name for x in result.outliers] == ["daisy.jpg"]
+    assert result.outliers[0]["score"] > 0.7 and result.outliers[0]["label"] == "glioma"
+    assert result.labels == {"glioma": 3, "meningioma": 2, "notumor": 2, "pituitary": 2}
+    assert result.imbalance == 1.5 and result.image_problems == [] and result.duplicates == []
 
 
 def test_confident_learning_flags_the_confidently_misfiled():

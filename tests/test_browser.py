@@ -14,11 +14,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.mark.slow
-def test_page_labels_uploaded_daisy(small_model, tmp_path):
+def test_page_labels_uploaded_daisy(small_model_file, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed (Debian package 'chromium')")
     sync_api = pytest.importorskip("playwright.sync_api")
-    model = small_model.save(tmp_path / "flowers.imgclf")
+    model = small_model_file
     with serve_in_subprocess(model) as (url, _):
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[

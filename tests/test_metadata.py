@@ -2,7 +2,9 @@
 the format told by content, nothing fetched from the network; fuzzed with Hypothesis."""
 
 import json
+import math
 import os
+import re
 import socket
 
 import pytest
@@ -31,8 +33,8 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def model_path(small_model, tmp_path_factory):
-    return small_model.save(tmp_path_factory.mktemp("meta") / "small.imgclf")
+def model_path(small_model_file):
+    return small_model_file
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,8 @@ def tensors(model_path):
 
 
 @pytest.fixture(scope="module")
-def onnx_path(small_model, tmp_path_factory):
-    return small_model.export_onnx(tmp_path_factory.mktemp("meta-onnx") / "small.onnx")
+def onnx_path(small_onnx_model):
+    return small_onnx_model
 
 
 def with_metadata(tensors, path, config) -> str:
@@ -195,10 +197,22 @@ NEAR_VALID = st.sampled_from([0, 1, 2, 3, 15, 16, 223, 224, 1024, 1025, -1, 0.25
                               "bicubic", "lanczos", "", "daisy", [0.5, 0.5, 0.5], [1, 1, 1], [0.01, 0.01, 0.01]])  # fmt: skip
 
 
+#: Each documented range just inside and just outside (and NaN): what a loosened check lets through.
+BOUNDARIES = st.sampled_from([
+    ("preprocessing.input_size", v) for v in (15, 16, 1024, 1025)] + [
+    ("preprocessing.crop_pct", v) for v in (0.249, 0.25, 1.5, 1.501, float("nan"))] + [
+    ("preprocessing.mean", [0.5, v, 0.5]) for v in (-0.001, 0.0, 1.0, 1.001, float("nan"))] + [
+    ("preprocessing.std", [0.5, 0.5, v]) for v in (0.0099, 0.01, 1.0, 1.001, float("inf"))] + [
+    ("num_features", v) for v in (0, 65_537)] + [("format_version", v) for v in (0, 2)] + [
+    ("labels", ["daisy"]), ("labels", ["daisy", "x" * 256, "tulips"]), ("labels", ["daisy", "x" * 255, "tulips"])])  # fmt: skip
+
+
 def mutate(config: dict, data) -> dict | str:
-    how = data.draw(st.sampled_from(["replace", "replace", "near", "delete", "raw"]))
+    how = data.draw(st.sampled_from(["replace", "replace", "near", "boundary", "boundary", "delete", "raw"]))
     if how == "raw":
         return data.draw(st.text(max_size=40) | JSON.map(json.dumps))
+    if how == "boundary":
+        return changed(config, *data.draw(BOUNDARIES))
     field = data.draw(st.sampled_from(FIELDS))
     value = DELETE if how == "delete" else data.draw(NEAR_VALID if how == "near" else JSON)
     try:
@@ -207,18 +221,103 @@ def mutate(config: dict, data) -> dict | str:
         return config
 
 
+# The oracle: which metadata must load, from the ranges docs/reliability.md states (written out
+# here, not imported from imgclf.inference.metadata, so a loosened check fails these tests).
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
+PREPROCESSING_KEYS = {"input_size", "crop_pct", "interpolation", "mean", "std"}
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float)
+
+
+def _finite_everywhere(v) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, dict):
+        return all(_finite_everywhere(x) for x in v.values())
+    if isinstance(v, list):
+        return all(_finite_everywhere(x) for x in v)
+    return True
+
+
+def documented_valid(config, kind: str) -> bool:
+    """Whether ``config`` is within every documented type and range (``kind``: imgclf or onnx)."""
+    if not isinstance(config, dict) or not _finite_everywhere(config):
+        return False
+    labels, arch, p = config.get("labels"), config.get("arch"), config.get("preprocessing")
+    checks = [
+        isinstance(labels, list) and 2 <= len(labels) <= 100_000 and len(set(map(str, labels))) == len(labels)
+        and all(isinstance(x, str) and 1 <= len(x) <= 255 for x in labels),
+        isinstance(arch, str) and 1 <= len(arch) <= 200,
+        isinstance(p, dict) and set(p) == PREPROCESSING_KEYS,
+        type(config.get("tta", False)) is bool,
+        config.get("metrics") is None or isinstance(config["metrics"], dict),
+        config.get("versions") is None or (isinstance(config["versions"], dict)
+                                           and all(isinstance(v, str) for v in config["versions"].values())),
+    ]  # fmt: skip
+    if all(checks):
+        size, crop, mean, std = p["input_size"], p["crop_pct"], p["mean"], p["std"]
+        checks += [
+            type(size) is int and 16 <= size <= 1024,
+            _number(crop) and 0.25 <= crop <= 1.5,
+            p["interpolation"] in INTERPOLATIONS,
+            isinstance(mean, list) and len(mean) == 3 and all(_number(m) and 0 <= m <= 1 for m in mean),
+            isinstance(std, list) and len(std) == 3 and all(_number(s) and 0.01 <= s <= 1 for s in std),
+        ]
+    if kind == "imgclf":
+        name, features = config.get("timm_name"), config.get("num_features")
+        checks += [
+            config.get("format") == "imgclf",
+            type(config.get("format_version")) is int and config["format_version"] == 1,
+            isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name) is not None and len(name) <= 200,
+            type(features) is int and 1 <= features <= 65_536,
+            config.get("training") is None or isinstance(config["training"], dict),  # an ONNX file has none
+        ]
+    return all(checks)
+
+
+def fits_the_weights(config: dict, original: dict, kind: str) -> bool:
+    """Valid metadata must also agree with the file's network: 3 labels; for an .imgclf the same
+    timm architecture and feature width; for an ONNX graph its 224-pixel input."""
+    if len(config["labels"]) != 3:
+        return False
+    if kind == "imgclf":
+        return config["timm_name"] == original["timm_name"] and config["num_features"] == original["num_features"]
+    return config["preprocessing"]["input_size"] == 224
+
+
+def parsed_json(config):
+    """A mutated config as the loader will read it (raw text that is not JSON: None, never valid)."""
+    if not isinstance(config, str):
+        return config
+    try:
+        return json.loads(config)
+    except (ValueError, RecursionError):
+        return None
+
+
+def check_against_the_oracle(path, config, original, kind: str, load) -> None:
+    must_load = documented_valid(config, kind) and fits_the_weights(config, original, kind)
+    try:
+        model = load()
+    except ModelFileError as e:
+        assert "\n" not in str(e) and str(e).startswith(str(path))
+        assert not must_load, f"refused metadata within the documented ranges: {e}"
+        event("refused")
+        return
+    assert must_load, f"loaded metadata outside the documented ranges: {json.dumps(config)[:300]}"
+    event("loaded")
+    assert model.predict(DAISY).label in model.labels  # what loads also predicts
+
+
 @settings(FUZZ, max_examples=600 if EXPLORE else 30)
 @given(data=st.data())
 def test_fuzzed_imgclf_metadata(data, model_path, tensors, tmp_path):
-    path = with_metadata(tensors, tmp_path / "fuzz.imgclf", mutate(read_model_config(model_path), data))
-    try:
-        model = load_model(path, engine="torch")
-    except ModelFileError as e:
-        assert "\n" not in str(e) and str(e).startswith(str(path))
-        event("refused")
-        return
-    event("loaded")
-    assert model.predict(DAISY).label in model.labels  # what loads also predicts
+    original = read_model_config(model_path)
+    config = mutate(original, data)
+    path = with_metadata(tensors, tmp_path / "fuzz.imgclf", config)
+    check_against_the_oracle(path, parsed_json(config), original, "imgclf", lambda: load_model(path, engine="torch"))
 
 
 @settings(FUZZ, max_examples=240 if EXPLORE else 12)
@@ -226,13 +325,36 @@ def test_fuzzed_imgclf_metadata(data, model_path, tensors, tmp_path):
 def test_fuzzed_onnx_metadata(data, onnx_path, tmp_path):
     import onnx
 
-    config = json.loads({p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["imgclf"])
-    path = onnx_with_metadata(onnx_path, tmp_path / "fuzz.onnx", mutate(config, data))
-    try:
-        model = load_model(path)
-    except ModelFileError as e:
-        assert "\n" not in str(e) and str(e).startswith(str(path))
-        event("refused")
-        return
-    event("loaded")
-    assert model.predict(DAISY).label in model.labels
+    original = json.loads({p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["imgclf"])
+    config = mutate(original, data)
+    path = onnx_with_metadata(onnx_path, tmp_path / "fuzz.onnx", config)
+    check_against_the_oracle(path, parsed_json(config), original, "onnx", lambda: load_model(path))
+
+
+@pytest.mark.parametrize("field", ["preprocessing.crop_pct", "preprocessing.mean.1", "preprocessing.std.2",
+                                   "metrics.micro_accuracy", "versions"])  # fmt: skip
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_are_refused_anywhere(field, value, model_path, tensors, onnx_path, tmp_path):
+    """docs/reliability.md: "no NaN or infinity anywhere" (Python's json writes them; JSON has neither)."""
+    import onnx
+
+    def with_value(config: dict) -> dict:
+        config = json.loads(json.dumps(config))
+        *parents, last = field.split(".")
+        target = config
+        for key in parents:
+            if isinstance(target, dict) and not isinstance(target.get(key), (dict, list)):
+                target[key] = {}  # "metrics": null in the small model's file
+            target = target[key] if isinstance(target, dict) else target[int(key)]
+        target[int(last) if isinstance(target, list) else last] = value
+        return config
+
+    config = with_value(read_model_config(model_path))
+    path = with_metadata(tensors, tmp_path / "nan.imgclf", config)
+    with pytest.raises(ModelFileError, match="not a finite number") as e:
+        load_model(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+    onnx_config = json.loads({p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["imgclf"])
+    onnx_file = onnx_with_metadata(onnx_path, tmp_path / "nan.onnx", with_value(onnx_config))
+    with pytest.raises(ModelFileError, match="not a finite number"):
+        load_model(onnx_file)

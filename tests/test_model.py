@@ -1,6 +1,7 @@
 """The model file: round trip, atomic save, and clear errors for bad files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,12 +44,19 @@ def test_predict_accepts_bytes_path_and_pil(small_model):
     assert small_model.predict(Image.open(f)).label == "daisy"
 
 
-def test_evaluate_on_labelled_images(small_model):
+def test_evaluate_on_labelled_images_the_model_never_saw(small_model):
+    """Every third of the 102 bundled photos of its labels that ``small_model`` did not train on
+    (it trained on the first 6 of each label)."""
     from imgclf import load_images_from_directory
 
-    images = [im for im in load_images_from_directory(FLOWERS) if im.label in small_model.labels][::4]
-    metrics = small_model.evaluate(images)
-    assert metrics.count == len(images) and metrics.micro_accuracy > 0.6
+    images = [im for im in load_images_from_directory(FLOWERS) if im.label in small_model.labels]
+    seen = {f.name for label in small_model.labels for f in sorted((FLOWERS / label).glob("*.jpg"))[:6]}
+    unseen = [im for im in images if Path(im.source).name not in seen][::3]
+    assert len(unseen) == 34
+    metrics = small_model.evaluate(unseen)
+    # measured 0.853 (29 of 34; 0.843 on all 102 unseen photos) on an AMD Zen 3 (AVX2, no AVX-512);
+    # fp32 on either CPU kind. The bound is 2 photos below; chance is 0.33
+    assert metrics.count == 34 and metrics.micro_accuracy >= 27 / 34
 
 
 def test_interrupted_save_leaves_no_file(small_model, tmp_path, monkeypatch):
@@ -76,24 +84,24 @@ def test_existing_model_survives_failed_overwrite(small_model, tmp_path, monkeyp
     assert target.read_bytes() == good
 
 
-def test_bad_model_files(small_model, tmp_path):
+def test_bad_model_files(small_model_file, tmp_path):
     with pytest.raises(ModelFileError, match="not found"):
         load_model(tmp_path / "missing.imgclf")
     garbage = tmp_path / "garbage.imgclf"
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelFileError, match="not a readable imgclf model"):
         load_model(garbage)
-    good = small_model.save(tmp_path / "good.imgclf").read_bytes()
+    good = small_model_file.read_bytes()
     truncated = tmp_path / "truncated.imgclf"
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(ModelFileError, match=r"truncated\.imgclf"):
         load_model(truncated)
 
 
-def test_incomplete_model_file_names_what_is_missing(small_model, tmp_path):
+def test_incomplete_model_file_names_what_is_missing(small_model_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    path = small_model.save(tmp_path / "m.imgclf")
+    path = small_model_file
     tensors = load_file(str(path))
     config = read_model_config(path)
     del config["labels"]

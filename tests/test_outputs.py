@@ -119,16 +119,24 @@ def test_read_only_workspace_trains_with_one_warning(folder, tmp_path, capsys):
     assert blocker.read_text() == ""
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
-def test_read_only_workspace_folder(folder, tmp_path):
+@pytest.mark.parametrize("how", ["a regular file where the folder should be", "a read-only folder"])
+def test_read_only_workspace_folder(how, folder, tmp_path):
+    """The write fails for root too: a regular file at the workspace's path (root runs this suite
+    here and in CI, and root writes into a 0555 folder), or a read-only folder for anyone else."""
     ws = tmp_path / "ws"
-    ws.mkdir()
-    ws.chmod(0o555)
+    if how.startswith("a regular file"):
+        ws.write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders; the regular file covers root")
+        ws.mkdir()
+        ws.chmod(0o555)
     with pytest.warns(UserWarning, match="not writable"):
         model = ImageClassificationTrainer(epochs=1, workspace=ws, progress=False, engine="torch").fit(
             load_images_from_directory(folder)
         )
-    assert model.checkpoint_path_ is None and not any(ws.iterdir())
+    assert model.checkpoint_path_ is None
+    assert ws.read_text() == "not a folder" if ws.is_file() else not any(ws.iterdir())
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])

@@ -74,14 +74,14 @@ def test_useful_reprs(small_model, folder):
     assert repr(m).startswith(f"MulticlassMetrics(count={m.count}, labels=3, micro_accuracy=") and "[[" not in repr(m)
 
 
-def test_scores_have_one_shape_in_the_api_and_the_cli(small_model, tmp_path, capsys):
+def test_scores_have_one_shape_in_the_api_and_the_cli(small_model, small_model_file, capsys):
     """`scores` was a dict in CLI JSON but a list in the HTTP API: both are now the API's list."""
     from fastapi.testclient import TestClient
 
     from imgclf.cli import main
     from imgclf.serve import create_app
 
-    path = small_model.save(tmp_path / "m.imgclf")
+    path = small_model_file
     assert main(["predict", str(path), str(DAISY), "--json", "--top-k", "3"]) == 0
     cli = json.loads(capsys.readouterr().out)[0]
     with TestClient(create_app(path, max_batch=1)) as client:

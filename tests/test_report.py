@@ -23,8 +23,8 @@ def png_size(path):
         return img.size
 
 
-def test_report_from_the_model_file_alone_draws_its_history(small_model, tmp_path, capsys):
-    model = small_model.save(tmp_path / "flowers.imgclf")
+def test_report_from_the_model_file_alone_draws_its_history(small_model_file, tmp_path, capsys):
+    model = small_model_file
     assert main(["report", str(model), "--out", str(tmp_path / "r")]) == 0
     assert "r/index.html" in capsys.readouterr().out
     data = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -91,8 +91,8 @@ def test_train_writes_the_report_and_warns_about_a_copy_under_two_labels(tmp_pat
     assert set(data["charts"]) == {"curves", "confusion", "calibration", "top_losses"}
 
 
-def test_report_refuses_a_file_as_its_folder(small_model, tmp_path, capsys):
-    model = small_model.save(tmp_path / "flowers.imgclf")
+def test_report_refuses_a_file_as_its_folder(small_model_file, tmp_path, capsys):
+    model = small_model_file
     (tmp_path / "taken").write_text("not a folder")
     assert main(["report", str(model), "--out", str(tmp_path / "taken")]) == 2
     assert "taken: exists and is not a folder" in capsys.readouterr().err

@@ -19,8 +19,8 @@ DAISY = (PREDICT / "classic-daisy.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def client(small_model, tmp_path_factory):
-    path = small_model.save(tmp_path_factory.mktemp("serve") / "small.imgclf")
+def client(small_model_file):
+    path = small_model_file
     with TestClient(create_app(path, max_request_bytes=1_000_000)) as c:
         yield c
 
@@ -90,8 +90,10 @@ def test_decompression_bomb_is_refused(client):
 def test_wrong_content_type_and_empty_form(client):
     r = client.post("/v1/predict", content=b"{}", headers={"content-type": "application/json"})
     assert r.status_code == 415 and "multipart" in r.json()["error"]
-    r = client.post("/v1/predict", data={"note": "no files"}, files=[])
-    assert r.status_code in (415, 422)
+    r = client.post("/v1/predict", data={"note": "no files"}, files=[])  # sent url-encoded: not multipart
+    assert r.status_code == 415 and "not 'application/x-www-form-urlencoded'" in r.json()["error"]
+    r = client.post("/v1/predict", content=b"--xx--\r\n", headers={"content-type": "multipart/form-data; boundary=xx"})
+    assert r.status_code == 422 and "no image in the request" in r.json()["error"]  # the docs' one status
     r = client.post("/v1/predict?top_k=0", content=DAISY, headers={"content-type": "image/jpeg"})
     assert r.status_code == 422
 
@@ -100,7 +102,8 @@ def test_malformed_multipart_does_not_crash(client):
     r = client.post(
         "/v1/predict", content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data; boundary=xx"}
     )
-    assert r.status_code in (415, 422)
+    # no part can be read, so no image: 422 as an empty form (docs/serving.md names 400 for a malformed request)
+    assert r.status_code == 422 and "no image in the request" in r.json()["error"]
     assert client.get("/healthz").status_code == 200
 
 
@@ -129,23 +132,23 @@ def test_concurrent_clients_get_the_same_answers_as_one_at_a_time(client, small_
         (["serve", "{model}", "--port", "70000"], "--port must be an integer from 1 to 65535"),
     ],
 )
-def test_serve_bad_options_exit_2(argv, message, small_model, tmp_path, capsys):
+def test_serve_bad_options_exit_2(argv, message, small_model_file, tmp_path, capsys):
     from imgclf.cli import main
 
-    model = small_model.save(tmp_path / "m.imgclf")
+    model = small_model_file
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1
 
 
-def test_server_in_a_child_process_answers_and_stops(small_model, tmp_path):
+def test_server_in_a_child_process_answers_and_stops(small_model_file):
     import json
     import urllib.request
 
     from imgclf.serve.process import serve_in_subprocess
 
-    path = small_model.save(tmp_path / "small.imgclf")
+    path = small_model_file
     with serve_in_subprocess(path, "--max-batch", "4") as (url, server):
         request = urllib.request.Request(f"{url}/v1/predict", data=DAISY, headers={"content-type": "image/jpeg"})
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -287,13 +290,13 @@ def test_cors_and_host_check(small_model):
         (["serve", "{model}", "--api-key", "k", "--no-api-key"], "--no-api-key contradicts the API key"),
     ],
 )
-def test_serve_new_options_are_checked(argv, message, small_model, tmp_path, capsys, monkeypatch):
+def test_serve_new_options_are_checked(argv, message, small_model_file, capsys, monkeypatch):
     import socket
 
     from imgclf.cli import main
 
     monkeypatch.delenv("IMGCLF_API_KEY", raising=False)
-    model = small_model.save(tmp_path / "m.imgclf")
+    model = small_model_file
     with socket.socket() as taken:  # should a check be missed, serving fails on this port instead of running on
         taken.bind(("", 0))
         taken.listen()
@@ -304,13 +307,13 @@ def test_serve_new_options_are_checked(argv, message, small_model, tmp_path, cap
     assert "Serving" not in out.out
 
 
-def test_port_in_use_is_one_line_exit_2_before_serving(small_model, tmp_path, capsys):
+def test_port_in_use_is_one_line_exit_2_before_serving(small_model_file, capsys):
     """Defect 10: a port in use exited 3 after printing 'Serving on'."""
     import socket
 
     from imgclf.cli import main
 
-    model = small_model.save(tmp_path / "m.imgclf")
+    model = small_model_file
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -322,3 +325,31 @@ def test_port_in_use_is_one_line_exit_2_before_serving(small_model, tmp_path, ca
         == f"imgclf: error: port {port} on 127.0.0.1 is already in use; stop what uses it or pick another with --port\n"
     )
     assert out.out == ""
+
+
+def test_batches_hold_up_to_max_batch_images(small_onnx_model):
+    """docs/serving.md: concurrent requests "gathered into batches of up to --max-batch". 24 requests at
+    once with --max-batch 4: every network call holds 1 to 4 images, and some hold 4."""
+    from imgclf.inference.runtime import load_onnx_model
+
+    predictor = load_onnx_model(small_onnx_model)
+    sizes = []
+    real = predictor.predict_proba_arrays
+
+    def recording(x):
+        sizes.append(len(x))
+        return real(x)
+
+    predictor.predict_proba_arrays = recording
+    photos = [f.read_bytes() for f in sorted((FLOWERS / "daisy").glob("*.jpg"))[:6]]
+    with TestClient(create_app(predictor, max_batch=4, max_wait_ms=50)) as client:
+        assert sorted(sizes) == [1, 2, 3, 4]  # the warm-up, one call per batch size
+        sizes.clear()
+
+        def post(data):
+            return client.post("/v1/predict", content=data, headers={"content-type": "image/jpeg"})
+
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(post, photos * 4))
+    assert all(r.status_code == 200 for r in responses)
+    assert sum(sizes) == 24 and max(sizes) == 4 and min(sizes) >= 1, sizes

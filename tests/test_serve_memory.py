@@ -37,10 +37,10 @@ DAISY = (PREDICT / "classic-daisy.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def server(small_model, tmp_path_factory):
+def server(small_onnx_model, tmp_path_factory):
     """One server for the module: the small model exported to ONNX (starts in seconds)."""
     folder = tmp_path_factory.mktemp("serve-memory")
-    model = small_model.export_onnx(folder / "small.onnx")
+    model = small_onnx_model
     log = folder / "server.log"
     options = ["--max-batch", "4", "--read-timeout", "1", "--decode-memory-mb", str(DECODE_BUDGET_MB),
                "--max-request-mb", str(REQUEST_MB)]  # fmt: skip
@@ -203,4 +203,27 @@ def test_trickling_bodies_neither_starve_a_normal_upload_nor_hold_a_connection(s
     for answer, when in answers:
         assert answer.startswith(b"HTTP/1.1 408 ") and b"arriving too slowly" in answer, answer[:200]
         assert when < 6, when  # cut after about the read timeout, not after the 8 s of trickle
+
+def _healthz_status(url: str) -> int:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return int(s.recv(64).split(b" ")[1])
+
+
+def test_256_connections_are_served_and_the_next_gets_503(server):
+    """docs/reliability.md: "256 connections (then 503)". With 255 others open the 256th is
+    answered; with 256 open the 257th gets 503 at once; closing them frees the server."""
+    url, _, log = server
+    host, port = url.removeprefix("http://").split(":")
+    for others, expected in ((255, 200), (256, 503)):
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(others)]
+        try:
+            time.sleep(0.5)  # the server has accepted them all
+            assert _healthz_status(url) == expected, others
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.5)
+    assert _healthz_status(url) == 200
     assert "Traceback" not in log.read_text(errors="replace")

@@ -66,6 +66,7 @@ def run_server(app, sock: socket.socket, *, log_level: str = "warning") -> None:
     """Serve ``app`` on the bound ``sock`` until interrupted."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=MAX_CONNECTIONS,
+    # uvicorn answers 503 once its connections reach the limit, the new one counted: + 1 serves 256
+    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=MAX_CONNECTIONS + 1,
                             timeout_keep_alive=KEEP_ALIVE_TIMEOUT)  # fmt: skip
     uvicorn.Server(config).run(sockets=[sock])
