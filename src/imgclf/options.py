@@ -61,7 +61,8 @@ EXTRAS: dict[str, str] = {
     "serve": "FastAPI and uvicorn: imgclf serve",
     "insight": "matplotlib, imagehash, scipy: imgclf report and imgclf audit",
     "batch": "pyarrow, fsspec, tqdm: predict --out, manifests and URIs",
-    "ray": "Ray Data: predict --engine ray",
+    "s3": "s3fs: model files, inputs and results in S3 and S3-compatible stores (s3://)",
+    "ray": "Ray Data and Ray Client: predict --engine ray",
     "spark": "pyspark: imgclf.spark.predict_udf",
     "openvino": "OpenVINO and NNCF: bf16 and int8",
     "all": "every extra above but ray and spark",
@@ -73,7 +74,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train", "tqdm": "train",
     "onnx": "export", "onnxscript": "export", "onnxruntime": "runtime",
     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "fastapi_offline": "serve",
-    "pyarrow": "batch", "fsspec": "batch", "ray": "ray", "pyspark": "spark",
+    "pyarrow": "batch", "fsspec": "batch", "s3fs": "s3", "grpc": "ray", "ray": "ray", "pyspark": "spark",
     "imagehash": "insight", "matplotlib": "insight", "scipy": "insight",
     "openvino": "openvino", "nncf": "openvino",
 }  # fmt: skip
