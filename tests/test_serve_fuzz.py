@@ -15,6 +15,8 @@ from schemathesis import GenerationMode  # noqa: E402
 
 from imgclf.serve import create_app  # noqa: E402
 
+from .conftest import PREDICT  # noqa: E402
+
 #: Examples per generation mode: a short, fixed (derandomized) budget for the normal suite,
 #: a few seconds (valid requests carry real generated images, which the network scores).
 #: IMGCLF_FUZZ_EXAMPLES=N runs N random examples per mode instead, to look further.
@@ -65,5 +67,11 @@ def test_api_answers_as_documented(api_schema, mode):
     statuses = {status for _, status in seen}
     if mode == GenerationMode.POSITIVE:
         assert 200 in statuses
+        # generated bodies are random bytes (415): a real photo must get a 200 that matches the
+        # documented response schema too, or a broken success path would pass on /healthz alone
+        photo = (PREDICT / "classic-daisy.jpg").read_bytes()
+        case = api_schema["/v1/predict"]["POST"].Case(body=photo, media_type="image/jpeg")
+        response = case.call_and_validate()
+        assert response.status_code == 200 and response.json()["results"][0]["label"] == "daisy"
     else:
         assert statuses <= {200, 400, 413, 415, 422}
