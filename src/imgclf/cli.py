@@ -398,7 +398,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgclf.serve import create_app
     from imgclf.serve.server import LOOPBACK_HOSTS, bind_socket, is_loopback, run_server
 
-    api_key = args.api_key or os.environ.get("IMGCLF_API_KEY") or None
+    api_key = args.api_key  # checked on parsing (imgclf.options.API_KEY)
+    if api_key is None and "IMGCLF_API_KEY" in os.environ:
+        api_key = os.environ["IMGCLF_API_KEY"]
+        if api_key not in options.API_KEY:  # set but empty would serve with no key at all
+            raise OptionError(f"IMGCLF_API_KEY must be {options.API_KEY.describe()}; unset it to serve without one")
     if api_key and args.no_api_key:
         raise OptionError("--no-api-key contradicts the API key given (--api-key or IMGCLF_API_KEY); drop one")
     loopback = is_loopback(args.host)

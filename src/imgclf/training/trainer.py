@@ -27,7 +27,7 @@ from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
 from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
-from imgclf.options import install_hint, validate
+from imgclf.options import install_hint, option_error, validate
 from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
@@ -41,19 +41,22 @@ def installed_openvino() -> bool:
     return installed("openvino")
 
 
-def check_training_precision(precision: str) -> None:
+def check_training_precision(precision: str, engine: str = "auto") -> None:
     """``precision`` at training: auto (certify bf16 where the CPU has it and the images are
     enough), fp32 (nothing more), bf16 (certify it: needs native bf16 and OpenVINO), int8
-    (calibrate the int8 graph: needs NNCF). Raises before any work; the name itself is
+    (calibrate the int8 graph: needs NNCF). An ``engine`` named with a precision it does not
+    run is refused as ``predict`` refuses it. Raises before any work; the names themselves are
     checked with the other options (:meth:`ImageClassificationTrainer.validate`)."""
     from imgclf.errors import MissingDependencyError
     from imgclf.nets.cpu import cpu_capabilities
+    from imgclf.nets.engines import check_engine_runs
 
+    check_engine_runs(engine, precision)
     if precision == "bf16":
         caps = cpu_capabilities()
         if not caps.bf16:
-            raise OptionError(f"precision bf16: this CPU has no native bf16 ({caps.source}), so it cannot be "
-                              "measured here; use auto or fp32", "precision")  # fmt: skip
+            raise option_error("precision", f"{{precision}} bf16: this CPU has no native bf16 ({caps.source}), so "
+                                            "it cannot be measured here; use auto or fp32")  # fmt: skip
         if not installed_openvino():
             raise MissingDependencyError(f"precision bf16 runs on OpenVINO: {install_hint('openvino')}")
     if precision == "int8":
@@ -184,7 +187,7 @@ class ImageClassificationTrainer:
             self.early_stopping.validate()  # again: its fields may have been changed since
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()
-        check_training_precision(self.precision)
+        check_training_precision(self.precision, self.engine)
 
     def validate(self) -> None:
         """Check every option now, before any work (``fit`` checks them again): a caller that
