@@ -128,3 +128,15 @@ def test_the_trainer_refuses_them_too(monkeypatch):
     ImageClassificationTrainer(engine="onnxruntime", precision="fp32").validate()
     ImageClassificationTrainer(engine="torch", precision="auto").validate()
 
+
+def test_train_bf16_on_a_few_images_saves_the_model_and_says_why_fp32(photos, tmp_path, capsys, monkeypatch, workspace):
+    """bf16 asked for on two photos per label: the certificate's folds had no image left to fit a head
+    on, and a finished run ended in 'training diverged' with no model saved."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16,vnni")
+    out = tmp_path / "m.imgclf"
+    code = main(["train", str(photos), "--out", str(out), "--precision", "bf16", "--epochs", "3", "-q",
+                 "--workspace", str(workspace)])  # fmt: skip
+    said = capsys.readouterr().out
+    assert code == 0 and out.is_file()
+    assert "Precision: fp32: bf16 measured on " in said and "too few to certify (needs 300)" in said, said
