@@ -49,6 +49,27 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
             print(f"  {line[len('skipped ') :]}", file=sys.stderr)
 
 
+def _print_warnings_now(caught: list[warnings.WarningMessage]) -> None:
+    """Print the warnings caught so far but the unreadable images (listed together at the end),
+    and forget them: what is wrong with a folder is said before the work on it starts."""
+    now = [w for w in caught if not str(w.message).startswith("skipped ")]
+    for w in now:
+        print(f"warning: {w.message}", file=sys.stderr, flush=True)
+        caught.remove(w)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Warnings raised inside the block, each printed after it as one ``warning:`` line on stderr
+    (unreadable images listed together), never as Python's two-line file-and-line form."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", UserWarning)  # ours; others keep their filters (deprecations stay quiet)
+        try:
+            yield caught
+        finally:
+            _print_skipped(caught)
+
+
 class _PrintHandler(logging.Handler):
     """Log records as indented lines on whatever ``sys.stdout`` is now."""
 
@@ -144,6 +165,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
         try:
             images = load_images_from_directory(folder)
             validation = load_images_from_directory(args.validation_folder) if args.validation_folder else None
+            _print_warnings_now(caught)  # an empty label folder: said before the training, not after
             inputs = [im.source for im in images + (validation or [])] + ([args.weights] if args.weights else [])
             check_not_an_input(args.out, inputs, "model", option="--out")
             if args.metrics_json:
@@ -174,7 +196,9 @@ def _train(args: argparse.Namespace, distributed) -> int:
     if args.report:
         from imgclf.insight.report import write_report
 
-        print(f"Report: {write_report(model, test or None, args.report, name=str(out))}")
+        with _warnings_as_lines():
+            page = write_report(model, test or None, args.report, name=str(out))
+        print(f"Report: {page}")
     return 0
 
 
@@ -229,9 +253,10 @@ def _warn_about_duplicates(train, test, validation) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from imgclf.insight.audit import audit
 
-    result = audit(args.folder, args.against, arch=args.arch, weights=args.weights, workspace=args.workspace,
-                   use_cache=not args.no_cache, device=args.device, test_fraction=args.test_fraction,
-                   seed=args.seed, progress=not (args.quiet or args.json))  # fmt: skip
+    with _warnings_as_lines():  # an empty label folder, a workspace that cannot be written: one line each
+        result = audit(args.folder, args.against, arch=args.arch, weights=args.weights, workspace=args.workspace,
+                       use_cache=not args.no_cache, device=args.device, test_fraction=args.test_fraction,
+                       seed=args.seed, progress=not (args.quiet or args.json))  # fmt: skip
     page = result.write_html(args.out) if args.out else None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -247,8 +272,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from imgclf.insight.report import write_report
 
     model = load_predictor(args.model, args.device)
-    images = load_images_from_directory(args.folder) if args.folder else None
-    page = write_report(model, images, args.out, name=str(args.model))
+    with _warnings_as_lines():  # an empty label folder; how many images could not be read (listed on the page)
+        images = load_images_from_directory(args.folder) if args.folder else None
+        page = write_report(model, images, args.out, name=str(args.model))
     print(f"Report: {page}")
     return 0
 
@@ -257,7 +283,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.data.images import load_images_from_directory
 
     model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
-    images = load_images_from_directory(args.folder)
+    with _warnings_as_lines():
+        images = load_images_from_directory(args.folder)
     model.job_size = len(images)  # a few images on a torch model run eagerly, at the same precision
     _engine_line(model)
     with warnings.catch_warnings(record=True) as caught:
@@ -398,7 +425,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgclf.serve import create_app
     from imgclf.serve.server import LOOPBACK_HOSTS, bind_socket, is_loopback, run_server
 
-    api_key = args.api_key or os.environ.get("IMGCLF_API_KEY") or None
+    api_key = args.api_key  # checked on parsing (imgclf.options.API_KEY)
+    if api_key is None and "IMGCLF_API_KEY" in os.environ:
+        api_key = os.environ["IMGCLF_API_KEY"]
+        if api_key not in options.API_KEY:  # set but empty would serve with no key at all
+            raise OptionError(f"IMGCLF_API_KEY must be {options.API_KEY.describe()}; unset it to serve without one")
     if api_key and args.no_api_key:
         raise OptionError("--no-api-key contradicts the API key given (--api-key or IMGCLF_API_KEY); drop one")
     loopback = is_loopback(args.host)

@@ -223,6 +223,15 @@ def _is_device(value: object) -> bool:
 
 
 DEVICE_NAME = Check("device", _is_device, f"one of {', '.join(DEVICES)} or cuda:N")
+
+
+def _is_api_key(value: object) -> bool:
+    return isinstance(value, str) and value == value.strip() and value.isascii() and value.isprintable() and value != ""
+
+
+#: A key a client can send in an HTTP header: an empty one served with no key at all, one with
+#: spaces at its ends or outside printable ASCII could never be matched (headers are trimmed).
+API_KEY = Check("api key", _is_api_key, "a non-empty key of printable ASCII characters, without spaces at its ends")
 POSITIVE_INT = Interval(int, 1, None)
 POSITIVE = Interval(float, 0, None, "neither")
 NON_NEGATIVE = Interval(float, 0, None, "left")
@@ -553,7 +562,8 @@ _PREDICT = Schema(
         _PRECISION,
         Option("batch_size", int, SCORING_BATCH_SIZE, POSITIVE_INT, "images per network call", needs="out"),
         Option("commit_every", float, COMMIT_EVERY, NON_NEGATIVE,
-               "seconds between committed parts; a crash loses at most this much work", needs="out"),
+               "seconds between committed parts (0: a part after every batch); a crash loses at most this much work",
+               needs="out"),
         Option("address", help="the cluster, auto or ray://HOST:10001", needs=_RAY, shown_default="start Ray here"),
         Option("workers", int, None, POSITIVE_INT, "model replicas", needs=_RAY,
                shown_default="CPUs / --cpus-per-worker"),
@@ -610,7 +620,8 @@ _SERVE = Schema(
                "memory that concurrent image decodes may use together, in MB"),
         Option("read_timeout", float, READ_TIMEOUT, POSITIVE,
                "seconds to wait for more of a request body before answering 408"),
-        Option("api_key", help="require this key in the X-API-Key header (or as a bearer token) for /v1",
+        Option("api_key", constraint=API_KEY,
+               help="require this key in the X-API-Key header (or as a bearer token) for /v1",
                shown_default="$IMGCLF_API_KEY, which keeps it out of the process list"),
         Option("no_api_key", bool, help="serve beyond this machine without an API key"),
         Option("cors_origin", repeat=True, metavar="ORIGIN",

@@ -121,7 +121,8 @@ def load_images_from_directory(folder: str | Path, use_folder_name_as_label: boo
     (``.ipynb_checkpoints``, ``._*`` AppleDouble files) and tool folders
     (``__MACOSX``) are skipped. Images directly in ``folder`` have no label: they
     are ignored with a warning when labels are wanted (and are an error if they
-    are all there is).
+    are all there is). Label folders with no image inside are ignored too, named
+    in one warning (a label with no images cannot be learnt or measured).
     """
     root = Path(folder)
     if root.is_file():
@@ -145,7 +146,30 @@ def load_images_from_directory(folder: str | Path, use_folder_name_as_label: boo
     if loose:
         warnings.warn(f"ignored {len(loose)} image(s) directly in {root} (e.g. {loose[0].name}): only images inside "
                       "a label subfolder are used", stacklevel=2)  # fmt: skip
+    if use_folder_name_as_label:
+        labels = {im.label for im in images}
+        empty = sorted(name for name in _label_folders(root) if name not in labels)
+        if empty:
+            shown = ", ".join(empty[:10]) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+            warnings.warn(f"ignored {len(empty)} empty label folder(s) in {root}: {shown} (no JPEG, PNG, GIF, BMP, "
+                          "WebP or TIFF image inside, so no such label)", stacklevel=2)  # fmt: skip
     return images
+
+
+def _label_folders(root: Path) -> list[str]:
+    """The names of ``root``'s subfolders that would be labels (hidden and tool folders are not)."""
+    try:
+        with os.scandir(root) as entries:
+            return [e.name for e in entries if not is_skipped(e.name) and _is_folder(e)]
+    except OSError:
+        return []
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links, as the walk does
+    except OSError:
+        return False
 
 
 def label_names(images: Iterable[ImageData]) -> list[str]:

@@ -16,7 +16,16 @@ _EPS = 1e-15  # probabilities are clipped like ML.NET does before taking logs
 
 @dataclass
 class MulticlassMetrics:
-    """Metrics of a classifier on labelled images (``labels[i]`` is key ``i``)."""
+    """Metrics of a classifier on labelled images (``labels[i]`` is key ``i``).
+
+    A label none of the images has is *not measured*: its recall and F1 are None (null in
+    JSON, ``n/a`` in the table), and so is its precision unless the model answered it for
+    some image (then it is measured: the share of those answers that were right, 0.0).
+    ``macro_accuracy`` is the mean recall of the labels that have images: the others are
+    left out, not counted as 0 (``labels_not_measured`` names them). A label that has
+    images but is never predicted keeps precision 0.0, as scikit-learn's
+    ``zero_division=0``: the model missed every one of them.
+    """
 
     labels: list[str]
     micro_accuracy: float
@@ -26,8 +35,13 @@ class MulticlassMetrics:
     per_class_log_loss: dict[str, float]
     top_k_accuracy: dict[str, float]  # "k" -> share of images whose label is in the top k
     confusion_matrix: list[list[int]]  # rows: true label, columns: predicted label
-    per_class: dict[str, dict[str, float]]  # precision, recall, f1, support
+    per_class: dict[str, dict[str, float | None]]  # precision, recall, f1 (None: not measured), support
     count: int
+
+    @property
+    def labels_not_measured(self) -> list[str]:
+        """Labels none of the evaluated images has (support 0), in label order."""
+        return [label for label in self.labels if not self.per_class[label]["support"]]
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +54,7 @@ class MulticlassMetrics:
             "confusion_matrix": self.confusion_matrix,
             "labels": self.labels,
             "per_class": self.per_class,
+            "labels_not_measured": self.labels_not_measured,
             "count": self.count,
         }
 
@@ -76,11 +91,14 @@ def compute_metrics(probabilities: np.ndarray, targets: Sequence[int], labels: S
     present = support > 0
     per_class = {}
     for i, label in enumerate(labels):
-        precision = diag[i] / predicted_count[i] if predicted_count[i] else 0.0
-        recall = diag[i] / support[i] if support[i] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-                            "support": int(support[i])}  # fmt: skip
+        # not measured (None) where nothing was there to measure: no image of the label for recall,
+        # neither an image of it nor an answer of it for precision (docs: MulticlassMetrics)
+        precision = float(diag[i] / predicted_count[i]) if predicted_count[i] else (0.0 if support[i] else None)
+        recall = float(diag[i] / support[i]) if support[i] else None
+        f1 = None
+        if precision is not None and recall is not None:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support[i])}
 
     ranks = np.argsort(-probs, axis=1, kind="stable")
     top_k = {}
@@ -103,10 +121,16 @@ def compute_metrics(probabilities: np.ndarray, targets: Sequence[int], labels: S
 
 def format_metrics(m: MulticlassMetrics) -> str:
     """A readable console report: summary, per-class table, confusion matrix."""
+    absent = m.labels_not_measured
+    macro = f"  macro accuracy      {m.macro_accuracy:.4f}"
+    if absent:
+        names = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        macro += (f"  ({len(m.labels) - len(absent)} of {len(m.labels)} labels; {names} "
+                  f"{'has' if len(absent) == 1 else 'have'} no images here)")  # fmt: skip
     lines = [
         f"Evaluated on {m.count} images",
         f"  micro accuracy      {m.micro_accuracy:.4f}",
-        f"  macro accuracy      {m.macro_accuracy:.4f}",
+        macro,
         f"  log-loss            {m.log_loss:.4f}",
         f"  log-loss reduction  {m.log_loss_reduction:.4f}",
         "  top-k accuracy      " + "  ".join(f"top-{k}: {v:.4f}" for k, v in m.top_k_accuracy.items()),
@@ -118,8 +142,8 @@ def format_metrics(m: MulticlassMetrics) -> str:
         c = m.per_class[label]
         ll = m.per_class_log_loss.get(label)
         lines.append(
-            f"  {label:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['f1']:6.4f}  "
-            f"{c['support']:7d}  {'' if ll is None else format(ll, '.4f')}"
+            f"  {label:<{width}}  {_cell(c['precision'], 9)}  {_cell(c['recall'], 6)}  {_cell(c['f1'], 6)}  "
+            f"{c['support']:7d}  {_cell(ll, 8).strip()}"
         )
     lines += ["", "  confusion matrix (rows: true label, columns: predicted)"]
     cell = max(5, *(len(lbl) for lbl in m.labels))
@@ -127,3 +151,8 @@ def format_metrics(m: MulticlassMetrics) -> str:
     for label, row in zip(m.labels, m.confusion_matrix):
         lines.append(f"  {label:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    """A number of the table, or ``n/a`` where it was not measured."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.4f}"

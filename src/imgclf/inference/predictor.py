@@ -11,18 +11,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, overload
 
 import numpy as np
 
 from imgclf.data.images import ImageData, find_image_files, load_images_from_directory
 from imgclf.data.imaging import ImageSource, Preprocessing, load_array
+from imgclf.data.inputs import ACCEPTED, array_image, image_items, is_many, labelled_items
 from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
 
-#: What ``predict`` takes: encoded bytes, a path, an open binary file, a PIL image, or an ``ImageData``.
-ImageInput = ImageSource | BinaryIO | ImageData
+#: What ``predict`` takes: encoded bytes, a path, an open binary file, a PIL image, a uint8
+#: image array (HxW, HxWx1, HxWx3 or HxWx4), or an ``ImageData``.
+ImageInput = ImageSource | BinaryIO | ImageData | np.ndarray
+#: Several images: a sequence of them or an NxHxWxC uint8 array; a DataFrame with a path column
+#: or a Series is taken too (``imgclf.data.inputs``).
+ManyImages = Sequence[ImageInput] | np.ndarray
 
 
 def short_list(items: Sequence[str], most: int = 6) -> str:
@@ -36,10 +41,14 @@ def image_source(image: Any, name: str | None = None) -> tuple[ImageSource, str]
     """What to decode for ``image`` and the name its errors are reported under.
 
     A path is named by itself, an ``ImageData`` by its name, a file object by its
-    ``name`` attribute; bytes and PIL images by ``name`` if given.
+    ``name`` attribute; bytes, PIL images and arrays by ``name`` if given. An array
+    becomes the PIL image it is (:func:`imgclf.data.inputs.array_image`).
     """
     from PIL import Image
 
+    if isinstance(image, np.ndarray):
+        name = name or "<array>"
+        return array_image(image, name), name
     if isinstance(image, ImageData):
         return image.source, name or image.name
     if isinstance(image, (str, Path)):
@@ -57,8 +66,7 @@ def image_source(image: Any, name: str | None = None) -> tuple[ImageSource, str]
         if not isinstance(data, (bytes, bytearray)):
             raise ImageDecodeError(f"{label}: file object gives {type(data).__name__}, not bytes; open it with 'rb'")
         return bytes(data), label
-    raise DataError(f"cannot read an image from {type(image).__name__}; give bytes, a path, a binary file object, "
-                    "a PIL image or an ImageData")  # fmt: skip
+    raise DataError(f"cannot read an image from {type(image).__name__}; give {ACCEPTED}")
 
 
 @dataclass
@@ -126,20 +134,36 @@ class Predictor:
         outputs = [self._probabilities(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
 
-    def predict(self, image: ImageInput, name: str | None = None) -> Prediction:
-        """Score one image: encoded bytes, a path, a binary file object, a PIL image or an
-        ``ImageData`` (as :func:`imgclf.load_images_from_directory` returns them).
-        Errors name the file (or ``name``)."""
+    @overload
+    def predict(self, image: ImageInput, name: str | None = None) -> Prediction: ...
+
+    @overload
+    def predict(self, image: ManyImages, name: None = None) -> list[Prediction]: ...
+
+    def predict(self, image, name=None):
+        """Score one image: encoded bytes, a path, a binary file object, a PIL image, a uint8
+        array (HxW, HxWx1, HxWx3 or HxWx4, channels last, RGB) or an ``ImageData`` (as
+        :func:`imgclf.load_images_from_directory` returns them). Errors name the file (or ``name``).
+
+        Given several images (a list or tuple, an NxHxWxC array, a DataFrame with a path
+        column, a Series), returns a list of predictions, as :meth:`predict_batch`.
+        """
+        if is_many(image):
+            if name is not None:
+                raise DataError("name names one image; several images are named by their paths (or positions)")
+            return self.predict_batch(image)
         source, name = image_source(image, name)
         return self._prediction(self._probabilities(load_array(source, self.preprocessing, name)[None])[0])
 
-    def predict_batch(self, images: Sequence[ImageInput] | str | Path) -> list[Prediction]:
-        """Score many images (anything :meth:`predict` takes, or a folder's images, sorted);
-        raises :class:`ImageDecodeError`, naming the file, for the first bad one."""
+    def predict_batch(self, images: ManyImages | str | Path) -> list[Prediction]:
+        """Score many images: a list (or tuple, or Series) of anything :meth:`predict` takes, an
+        NxHxWxC uint8 array, a DataFrame with a path column (``path``, ``filepath``, ``file``,
+        ``filename``, ``image``...), or a folder's images, sorted. Raises
+        :class:`ImageDecodeError`, naming the file, for the first bad one."""
         if isinstance(images, (str, Path)):
             images = find_image_files([images])
         results = []
-        for _, outcome in self.iter_predictions((im, None) for im in images):
+        for _, outcome in self.iter_predictions(image_items(images, "predict_batch")):
             if isinstance(outcome, ImageDecodeError):
                 raise outcome
             results.append(outcome)
@@ -169,26 +193,33 @@ class Predictor:
             for i, (name, arr) in enumerate(chunk):
                 yield name, by_index.get(i, arr)
 
-    def evaluate(self, images: Sequence[ImageData] | str | Path) -> MulticlassMetrics:
-        """Metrics on labelled images, or on a folder with one subfolder per label;
-        unreadable images are skipped with a warning, and a label with no image is warned about."""
+    def evaluate(self, images: ManyImages | str | Path, labels: Sequence[str] | None = None) -> MulticlassMetrics:
+        """Metrics on labelled images: ``ImageData`` with labels, a folder with one subfolder per
+        label, a DataFrame with path and label columns (``label``, ``class``...), or any images
+        :meth:`predict_batch` takes with ``labels``, one per image (scikit-learn's ``score(X, y)``).
+        Paths given alone are labelled by the name of their folder (fastai's ``parent_label``).
+        Unreadable images are skipped with a warning, and a label with no image is warned about."""
         import warnings
 
         if isinstance(images, (str, Path)):
+            if labels is not None:
+                raise DataError("evaluate: a folder's labels are its subfolders' names; give labels with a list "
+                                "of images, not with a folder")  # fmt: skip
             images = load_images_from_directory(images)
-        unknown = sorted({im.label for im in images if im.label is not None and im.label not in self.labels})
+        items, from_folders = labelled_items(images, labels, "evaluate")
+        unknown = sorted({label for _, _, label in items if label not in self.labels})
         if unknown:
-            raise DataError(f"evaluation images have labels the model does not know: {', '.join(unknown)}")
-        unlabeled = [im.name for im in images if im.label is None]
-        if unlabeled:
-            raise DataError(f"{unlabeled[0]}: evaluation image has no label")
+            said = ", ".join(repr(x) for x in unknown) if from_folders else ", ".join(unknown)
+            hint = (" (a path given alone is labelled by its folder's name; give evaluate(paths, labels))"
+                    if from_folders else "")  # fmt: skip
+            raise DataError(f"evaluation images have labels the model does not know: {said}{hint}")
         probs, targets = [], []
-        for im, (_, outcome) in zip(images, self.iter_predictions((im.source, im.name) for im in images)):
+        for (_, _, label), (_, outcome) in zip(items, self.iter_predictions((im, n) for im, n, _ in items)):
             if isinstance(outcome, ImageDecodeError):
                 warnings.warn(f"skipped {outcome}", stacklevel=2)
                 continue
             probs.append([outcome.scores[lbl] for lbl in self.labels])
-            targets.append(self.labels.index(im.label))
+            targets.append(self.labels.index(label))
         if not probs:
             raise DataError("no readable images to evaluate on")
         present = set(targets)

@@ -113,6 +113,8 @@ def write_report(
     """Write ``out/index.html``, its charts as PNG and the numbers as ``out/report.json``; returns the page.
 
     Without ``images`` the page shows what the model file holds (history, held-out metrics).
+    Images that cannot be read are left out of every number, listed on the page (and in
+    ``report.json``'s ``skipped``) and counted in one warning.
     """
     from imgclf.data.imaging import open_image
     from imgclf.insight import plots
@@ -148,6 +150,9 @@ def write_report(
                                                           out / "calibration.png").name  # fmt: skip
         data["top_losses"] = top_losses(evaluated, labels)
         data["skipped"] = evaluated.skipped
+        if evaluated.skipped:
+            warnings.warn(f"left {len(evaluated.skipped)} unreadable image(s) out of the report (e.g. "
+                          f"{evaluated.skipped[0]['file']}); they are listed on the page", stacklevel=2)  # fmt: skip
         pictures = []
         for item in data["top_losses"]:
             try:
@@ -162,6 +167,11 @@ def write_report(
     data["charts"] = charts
     (out / "report.json").write_text(json.dumps(data, indent=2))
     return write_page(out / "index.html", page(f"imgclf report: {name}", _body(data, Thumbnails(out))))
+
+
+def _number(value: float | None) -> str:
+    """A metric on the page, or n/a where it was not measured (a label without images)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
@@ -186,9 +196,13 @@ def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
                          f"(CPU capabilities: {escape(r['cpu'])}).</p>")  # fmt: skip
         parts.append(f"<p>On {escape(data['metrics_from'])}: accuracy <b>{metrics['micro_accuracy']:.4f}</b> "
                      f"(macro {metrics['macro_accuracy']:.4f}), log-loss {metrics['log_loss']:.4f}.</p>")  # fmt: skip
-        rows = "".join(f"<tr><td>{escape(label)}</td><td class='num'>{c['precision']:.3f}</td>"
-                       f"<td class='num'>{c['recall']:.3f}</td><td class='num'>{c['f1']:.3f}</td>"
+        rows = "".join(f"<tr><td>{escape(label)}</td><td class='num'>{_number(c['precision'])}</td>"
+                       f"<td class='num'>{_number(c['recall'])}</td><td class='num'>{_number(c['f1'])}</td>"
                        f"<td class='num'>{c['support']}</td></tr>" for label, c in metrics["per_class"].items())  # fmt: skip
+        absent = [label for label, c in metrics["per_class"].items() if not c["support"]]
+        if absent:
+            rows += (f"<tr><td colspan='5' class='muted'>n/a: not measured, no image of {escape(', '.join(absent))} "
+                     "here; the macro accuracy leaves them out</td></tr>")  # fmt: skip
         confused = "".join(f"<tr><td>{escape(c['true'])}</td><td>{escape(c['predicted'])}</td>"
                            f"<td class='num'>{c['images']}</td></tr>" for c in data.get("most_confused", []))  # fmt: skip
         parts.append(f"<div class='charts'><img class='chart' src='{charts['confusion']}' alt='confusion matrix'>"
@@ -196,6 +210,11 @@ def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
                      f"</tr>{rows}</table><h3>Most confused</h3>"
                      + (f"<table><tr><th>true</th><th>predicted as</th><th>images</th></tr>{confused}</table>"
                         if confused else "<p class='muted'>No mistakes.</p>") + "</div></div>")  # fmt: skip
+    if data.get("skipped"):
+        items = "".join(f"<li><code>{escape(item['file'])}</code>: {escape(item['reason'])}</li>"
+                        for item in data["skipped"])  # fmt: skip
+        parts.append(f"<h3>Unreadable images</h3><p class='muted'>{len(data['skipped'])} image(s) of the folder "
+                     f"could not be read and are left out of every number on this page:</p><ul>{items}</ul>")  # fmt: skip
     parts.append("<h2>Calibration</h2>")
     if "calibration" in charts:
         ece = data["calibration"]["expected_calibration_error"]

@@ -241,9 +241,16 @@ def choose_engine(
         raise MissingDependencyError(f"--engine {engine} needs {spec.module}: {install_hint(spec.extra)}")
     if not _runs(engine, onnx_file):
         raise MissingDependencyError(f"--engine {engine} on a torch model needs onnx: {install_hint('export')}")
-    if precision not in spec.precisions:
-        raise OptionError(f"--engine {engine} runs {', '.join(spec.precisions)}, not {precision}")
+    check_engine_runs(engine, precision)
     return EngineChoice(engine, precision, reason, caps.key)
+
+
+def check_engine_runs(engine: str, precision: str) -> None:
+    """Refuse an engine named with a precision it does not run (``auto`` on either side: any),
+    in the same words wherever they are given together (``predict``, ``train``, ``serve``)."""
+    spec = ENGINES.get(engine)
+    if spec is not None and precision != "auto" and precision not in spec.precisions:
+        raise OptionError(f"--engine {engine} runs {', '.join(spec.precisions)}, not {precision}", "engine")
 
 
 # ---- the engines: a float32 (N, 3, S, S) batch in, the graph's first output out ----

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from imgclf.errors import MissingDependencyError, OptionError
+from imgclf.errors import MissingDependencyError
 from imgclf.inference.loading import load_predictor
 from imgclf.inference.predictor import Predictor
 from imgclf.options import SERVE_MAX_BATCH, SERVE_MAX_WAIT_MS, install_hint, validate
@@ -122,9 +122,8 @@ def _check_options(*, max_batch: int, max_wait_ms: float, max_request_bytes: int
     """Raise :class:`OptionError` naming the first option ``create_app`` cannot use (the schema, imgclf.options)."""
     validate("serve", {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_request_bytes": max_request_bytes,
                        "max_pixels": max_pixels, "decode_memory_bytes": decode_memory_bytes, "max_files": max_files,
-                       "read_timeout": read_timeout, "engine": engine, "precision": precision})  # fmt: skip
-    if api_key is not None and not api_key.strip():
-        raise OptionError("the API key is empty; give a non-empty key or none")
+                       "read_timeout": read_timeout, "api_key": api_key, "engine": engine,
+                       "precision": precision})  # fmt: skip
 
 
 @asynccontextmanager

@@ -83,6 +83,8 @@ def cross_fitted_certificate(
         if not len(fold):
             continue
         others = np.setdiff1d(np.arange(len(y_train)), fold)
+        if not len(others):  # so few training images that one fold holds them all: no head without it
+            continue
         head = fit_head(x_train[others], y_train[others])
         reference.append(_softmax_head(head, x_train[fold]))
         measured.append(_softmax_head(head, lossy.features[[rows[i] for i in fold]]))
@@ -92,7 +94,8 @@ def cross_fitted_certificate(
         reference.append(_softmax_head(model.head, x_held[held]))
         measured.append(_softmax_head(model.head, lossy.features[[rows[len(train_images) + i] for i in held]]))
         targets.extend(y_held[held].tolist())
-    ref, probs = np.concatenate(reference), np.concatenate(measured)
+    empty = np.zeros((0, len(model.labels)))
+    ref, probs = np.concatenate([empty, *reference]), np.concatenate([empty, *measured])
     entry = compare_to_fp32(ref, probs, targets, unseen=len(probs))
     entry.update(engine="openvino", method=f"cross-fitted: {folds}-fold heads on the training images, "
                  "the model's head on the held-out ones")  # fmt: skip

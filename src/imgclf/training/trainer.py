@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from imgclf.data.images import ImageData, check_labels, load_images_from_directory
+from imgclf.data.inputs import is_item_array, is_table, labelled_items
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError, TrainingInterrupted
 from imgclf.inference.model import ImageClassifier, library_versions
@@ -27,7 +30,7 @@ from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
 from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
-from imgclf.options import install_hint, validate
+from imgclf.options import install_hint, option_error, validate
 from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
@@ -41,19 +44,22 @@ def installed_openvino() -> bool:
     return installed("openvino")
 
 
-def check_training_precision(precision: str) -> None:
+def check_training_precision(precision: str, engine: str = "auto") -> None:
     """``precision`` at training: auto (certify bf16 where the CPU has it and the images are
     enough), fp32 (nothing more), bf16 (certify it: needs native bf16 and OpenVINO), int8
-    (calibrate the int8 graph: needs NNCF). Raises before any work; the name itself is
+    (calibrate the int8 graph: needs NNCF). An ``engine`` named with a precision it does not
+    run is refused as ``predict`` refuses it. Raises before any work; the names themselves are
     checked with the other options (:meth:`ImageClassificationTrainer.validate`)."""
     from imgclf.errors import MissingDependencyError
     from imgclf.nets.cpu import cpu_capabilities
+    from imgclf.nets.engines import check_engine_runs
 
+    check_engine_runs(engine, precision)
     if precision == "bf16":
         caps = cpu_capabilities()
         if not caps.bf16:
-            raise OptionError(f"precision bf16: this CPU has no native bf16 ({caps.source}), so it cannot be "
-                              "measured here; use auto or fp32", "precision")  # fmt: skip
+            raise option_error("precision", f"{{precision}} bf16: this CPU has no native bf16 ({caps.source}), so "
+                                            "it cannot be measured here; use auto or fp32")  # fmt: skip
         if not installed_openvino():
             raise MissingDependencyError(f"precision bf16 runs on OpenVINO: {install_hint('openvino')}")
     if precision == "int8":
@@ -63,11 +69,48 @@ def check_training_precision(precision: str) -> None:
             raise MissingDependencyError(f"precision int8 is calibrated by NNCF: {install_hint('openvino')}")
 
 
-def _as_images(images: Sequence[ImageData] | str | Path) -> list[ImageData]:
-    """Images as given, or those of a folder with one subfolder per label."""
+#: Why training takes no decoded pictures, and what to give instead.
+ENCODED_ONLY = ("trains from encoded images, files or bytes (its feature cache is keyed by their content): give "
+                "paths, a folder, a DataFrame with path and label columns, or ImageData; save arrays and PIL images "
+                "as PNG files first, or pass image_from_bytes(png_bytes, label)")  # fmt: skip
+
+
+def _as_images(images, labels=None, caller: str = "fit") -> list[ImageData]:
+    """The labelled images to learn from: ``ImageData``, a folder with one subfolder per label,
+    a DataFrame with path and label columns, or paths (or encoded bytes) with ``labels``, one
+    per image, as scikit-learn's ``fit(X, y)``; paths alone are labelled by their folder's name."""
     if isinstance(images, (str, Path)):
+        if labels is not None:
+            raise DataError(f"{caller}: a folder's labels are its subfolders' names; give labels with a list of "
+                            "images, not with a folder")  # fmt: skip
         return load_images_from_directory(images)
-    return list(images)
+    if (isinstance(images, np.ndarray) and not is_item_array(images)) or (
+        isinstance(images, (list, tuple)) and any(isinstance(im, (np.ndarray, Image.Image)) for im in images)
+    ):
+        raise DataError(f"{caller} {ENCODED_ONLY}")
+    if labels is None and isinstance(images, (list, tuple)) and all(isinstance(im, ImageData) for im in images):
+        return list(images)
+    items, _ = labelled_items(images, labels, caller)
+    found = []
+    for i, (image, name, label) in enumerate(items):
+        if isinstance(image, (str, Path)):
+            found.append(ImageData(Path(image), label, name or str(image)))
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            found.append(ImageData(bytes(image), label, name or f"images[{i}]"))
+        else:
+            raise DataError(f"{caller} {ENCODED_ONLY}; got {type(image).__name__}")
+    return found
+
+
+def _labels_or_validation(labels, validation_set):
+    """``fit(images, validation_set)`` as written before labels came second: a folder, a DataFrame
+    or ``ImageData`` in that place are a validation set (labels are a list of text or numbers)."""
+    if labels is None or validation_set is not None:
+        return labels, validation_set
+    if (isinstance(labels, (str, Path)) or is_table(labels) or
+            (isinstance(labels, (list, tuple)) and labels and all(isinstance(im, ImageData) for im in labels))):  # fmt: skip
+        return None, labels
+    return labels, None
 
 
 def _split_readable(images: list[ImageData], fraction: float, seed: int, part: str):
@@ -184,7 +227,7 @@ class ImageClassificationTrainer:
             self.early_stopping.validate()  # again: its fields may have been changed since
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()
-        check_training_precision(self.precision)
+        check_training_precision(self.precision, self.engine)
 
     def validate(self) -> None:
         """Check every option now, before any work (``fit`` checks them again): a caller that
@@ -196,9 +239,22 @@ class ImageClassificationTrainer:
         resolve_device(self.device)
 
     def fit(
-        self, images: Sequence[ImageData] | str | Path, validation_set: Sequence[ImageData] | str | Path | None = None
+        self,
+        images: Sequence[ImageData] | Sequence[str | Path] | str | Path | Any,
+        labels: Sequence[str] | None = None,
+        validation_set: Sequence[ImageData] | str | Path | Any | None = None,
     ) -> ImageClassifier:
-        """Train on labelled ``images`` (or a folder with one subfolder per label); returns the classifier.
+        """Train on labelled ``images``; returns the classifier.
+
+        ``images``: ``ImageData`` with labels, a folder with one subfolder per label, a
+        DataFrame with a path column (``path``, ``filepath``, ``file``, ``filename``,
+        ``image``...) and a label column (``label``, ``class``...), or paths (or encoded
+        bytes) with ``labels``, one per image, as scikit-learn's ``fit(X, y)``; paths given
+        alone are labelled by the name of their folder (fastai's ``parent_label``). Decoded
+        pictures (arrays, PIL images) are refused: training reads files or bytes, whose
+        content keys the feature cache. ``validation_set`` takes a folder, ``ImageData``, a
+        DataFrame or paths labelled by their folders; given second (as older code does), a
+        folder, a DataFrame or an ``ImageData`` list is taken as the validation set.
 
         Unreadable images are skipped with a warning (listed in
         ``model.info["skipped"]``); a label left without any usable image is
@@ -208,13 +264,16 @@ class ImageClassificationTrainer:
         model is saved, so a run whose model could not be written can be finished
         with ``resume=True``.
         """
-        return self._fit(images, validation_set, hold_out=None)[0]
+        labels, validation_set = _labels_or_validation(labels, validation_set)
+        return self._fit(images, validation_set, hold_out=None, labels=labels)[0]
 
     def fit_and_hold_out(
         self,
-        images: Sequence[ImageData] | str | Path,
+        images: Sequence[ImageData] | Sequence[str | Path] | str | Path | Any,
         test_fraction: float = 0.2,
-        validation_set: Sequence[ImageData] | str | Path | None = None,
+        validation_set: Sequence[ImageData] | str | Path | Any | None = None,
+        *,
+        labels: Sequence[str] | None = None,
     ) -> tuple[ImageClassifier, list[ImageData]]:
         """Train on all but a held-out share of ``images``; returns the model and the held-out images.
 
@@ -222,16 +281,18 @@ class ImageClassificationTrainer:
         split (stratified, seeded by ``seed``), so every label with two readable
         images keeps one in each part; a label with fewer gets a warning, since
         evaluating on the held-out images cannot measure it. Each image goes
-        through the network once.
+        through the network once. ``images`` and ``labels``: as :meth:`fit`.
         """
         validate("train", {"test_fraction": test_fraction})
-        return self._fit(images, validation_set, hold_out=test_fraction)
+        return self._fit(images, validation_set, hold_out=test_fraction, labels=labels)
 
-    def _fit(self, images, validation_set, hold_out: float | None) -> tuple[ImageClassifier, list[ImageData]]:
+    def _fit(
+        self, images, validation_set, hold_out: float | None, labels=None
+    ) -> tuple[ImageClassifier, list[ImageData]]:
         from imgclf.nets.device import resolve_device
 
-        images = _as_images(images)
-        validation_set = None if validation_set is None else _as_images(validation_set)
+        images = _as_images(images, labels)
+        validation_set = None if validation_set is None else _as_images(validation_set, caller="validation_set")
         self._check_options()
         labels = check_labels(images)
         if validation_set is not None:
