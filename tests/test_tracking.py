@@ -107,7 +107,7 @@ def test_the_run_holds_params_metric_history_decisions_and_artifacts(tracked, cl
     model, _, out = tracked
     run = the_run(client)
     assert run.info.run_name == "small" and run.info.status == "FINISHED"
-    assert f"MLflow run {run.info.run_id}" in out
+    assert f"MLflow run {run.info.run_id}: model at runs:/{run.info.run_id}/model" in out
     params = run.data.params
     assert params["epochs"] == str(EPOCHS) and params["arch"] == "efficientnet_lite0"
     assert params["validation_fraction"] == "0.25" and params["early_stopping"] == "None"
@@ -251,3 +251,18 @@ def test_library_fit_logs_a_run_with_its_model(tmp_path, workspace, mlflow_serve
 
     answer = pyfunc.predict(pd.DataFrame({"path": [str(IMAGES[0])]}))
     assert answer["label"][0] == model.predict(IMAGES[0]).label
+
+
+def test_tensorboard_shows_misclassified_images(tracked):
+    from imgclf.data.images import ImageData
+    from imgclf.inference.model import load_model
+    from imgclf.training.tracking import misclassified
+    from tests.conftest import FLOWERS
+
+    model = load_model(tracked[0])
+    wrong = [ImageData(p, "tulips", p.name) for p in sorted((FLOWERS / "daisy").glob("*.jpg"))[10:13]]
+    shown = misclassified(model, wrong, 2)
+    assert len(shown) == 2
+    title, picture = shown[0]
+    assert title.startswith(f"{wrong[0].name}: true tulips, predicted ")
+    assert picture.ndim == 3 and picture.shape[2] == 3 and max(picture.shape[:2]) <= 224

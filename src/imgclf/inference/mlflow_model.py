@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd  # MLflow's own dependency
 
 from imgclf.data.uris import MLFLOW_MODEL_ARTIFACT as ARTIFACT  # the model file's key among the artifacts
 
@@ -48,9 +49,7 @@ class ImgclfPythonModel(mlflow.pyfunc.PythonModel):
 
         self.model = load_model(context.artifacts[ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from imgclf.errors import DataError, ImageDecodeError
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -186,7 +186,7 @@ class MlflowTracker(Tracker):
     def finish(self, model, *, model_file=None, metrics=None, report=None, held_out=None) -> None:
         import mlflow
 
-        from imgclf.inference.mlflow_model import log_model
+        from imgclf.inference.mlflow_model import ARTIFACT_PATH, log_model
 
         active = mlflow.active_run()
         if active is None or active.info.run_id != self.run_id_:
@@ -202,7 +202,7 @@ class MlflowTracker(Tracker):
             if model_file is None:
                 model_file = _save_copy(model, Path(tmp) / "model.imgclf")
             logged = log_model(model_file, registered_model_name=self.register)
-        self.model_uri_ = logged.model_uri
+        self.model_uri_ = f"runs:/{self.run_id_}/{ARTIFACT_PATH}"
         self.registered_version_ = None if logged.registered_model_version is None else str(
             logged.registered_model_version)  # fmt: skip
         mlflow.end_run()
@@ -269,15 +269,11 @@ class TensorBoardTracker(Tracker):
                 self.writer_.add_text(f"misclassified/{i}", title, 0)
         history = model.info.get("history") or []
         hp = {k: _hparam(v) for k, v in flat_params(self._params).items()}
-        last = history[-1] if history else {}
-        results = {**final, **{f"final/{k}": float(v) for k, v in last.items()
-                               if k not in ("epoch", "phase") and isinstance(v, (int, float)) and math.isfinite(v)}}  # fmt: skip
-        exp, ssi, sei = hparams(hp, results)
-        for summary in (exp, ssi, sei):
+        # the HParams table shows the last value of each metric's own scalars: the held-out ones
+        # and those of the last epoch (``head/...`` or ``fine_tune/...``)
+        last = _epoch_values(EpochMetrics(**history[-1])) if history else {}
+        for summary in hparams(hp, {**final, **last}):
             self.writer_.file_writer.add_summary(summary)
-        for tag, value in results.items():  # the HParams table reads each metric's own scalar
-            if not tag.startswith("test/"):
-                self.writer_.add_scalar(tag, value, 0)
         self.writer_.close()
 
     def fail(self, status: str = "FAILED") -> None:
