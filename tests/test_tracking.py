@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from imgclf.training.tracking import Tracker
 from tests.conftest import PREDICT, predict_json, small_flower_folder
 
 mlflow = pytest.importorskip("mlflow")
@@ -46,6 +47,12 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
+    # while the server starts: the imports training needs
+    import mlflow.pyfunc  # noqa: F401
+
+    import imgclf.cli  # noqa: F401
+    import imgclf.training.trainer  # noqa: F401
+
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -266,3 +273,61 @@ def test_tensorboard_shows_misclassified_images(tracked):
     title, picture = shown[0]
     assert title.startswith(f"{wrong[0].name}: true tulips, predicted ")
     assert picture.ndim == 3 and picture.shape[2] == 3 and max(picture.shape[:2]) <= 224
+
+
+class Recorder(Tracker):
+    """A tracker that writes down what it is told (a plain subclass, as users write theirs);
+    ``fail_in``: the call that raises, as a server going away would."""
+
+    name = "recorder"
+
+    def __init__(self, fail_in: str | None = None):
+        self.fail_in = fail_in
+        self.calls: list[str] = []
+
+    def _note(self, what: str) -> None:
+        self.calls.append(what)
+        if what == self.fail_in:
+            raise ConnectionError("the server went away\nsecond line")
+
+    def start(self, params):
+        self._note("start")
+
+    def epoch(self, m):
+        self._note(f"epoch {m.phase} {m.epoch}")
+
+    def finish(self, model, **kwargs):
+        self._note("finish")
+
+    def fail(self, status="FAILED"):
+        self._note(f"fail {status}")
+
+
+def test_trackers_hear_every_epoch_and_the_model_on_rank_0_alone(tmp_path, workspace, monkeypatch):
+    from imgclf import ImageClassificationTrainer
+    from imgclf.training import distributed
+
+    folder = small_flower_folder(tmp_path / "flowers", per_class=4)
+    heard = Recorder()
+    ImageClassificationTrainer(epochs=2, workspace=workspace, progress=False, tracking=heard).fit(folder)
+    assert heard.calls == ["start", "epoch head 1", "epoch head 2", "finish"]
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)  # another rank of a torchrun job
+    other = Recorder()
+    trainer = ImageClassificationTrainer(epochs=2, workspace=workspace, progress=False, tracking=other)
+    trainer.fit(folder)
+    assert other.calls == [] and not trainer.tracker_
+
+
+def test_a_tracker_that_fails_mid_run_is_one_warning_and_training_goes_on(tmp_path, workspace):
+    from imgclf import ImageClassificationTrainer
+
+    folder = small_flower_folder(tmp_path / "flowers", per_class=4)
+    broken, fine = Recorder(fail_in="epoch head 1"), Recorder()
+    with pytest.warns(UserWarning) as caught:
+        model = ImageClassificationTrainer(epochs=3, workspace=workspace, progress=False,
+                                           tracking=[broken, fine]).fit(folder)  # fmt: skip
+    assert len(model.info["history"]) == 3
+    assert broken.calls == ["start", "epoch head 1", "fail FAILED"]
+    assert fine.calls == ["start", "epoch head 1", "epoch head 2", "epoch head 3", "finish"]
+    lines = [str(w.message) for w in caught if "recorder" in str(w.message)]
+    assert lines == ["recorder: the server went away; training goes on without it"]

@@ -500,7 +500,7 @@ _TRAIN = Schema(
         Option("verbose", bool, short="-v", help="print metrics after every epoch"),
         _QUIET,
         Option("report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR"),
-        Option("mlflow", bool, help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns): options, metrics "
+        Option("mlflow", bool, help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlflow.db and ./mlruns): options, metrics "
                                     "per epoch, decisions, the model as a pyfunc model (docs: Experiment tracking)"),
         Option("mlflow_experiment", metavar="NAME", needs="mlflow", help="the MLflow experiment",
                shown_default="$MLFLOW_EXPERIMENT_NAME or MLflow's Default"),

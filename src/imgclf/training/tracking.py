@@ -5,8 +5,8 @@ options, :meth:`~Tracker.epoch` with each :class:`EpochMetrics` the trainer repo
 (head and fine-tune phases), and :meth:`~Tracker.finish` with the trained model (and,
 from ``imgclf train``, the saved model file, the held-out metrics and the report).
 
-- :class:`MlflowTracker` logs to the server named by ``MLFLOW_TRACKING_URI`` (else a
-  local ``./mlruns``): the options as params, the epochs as metric history, the
+- :class:`MlflowTracker` logs to the server named by ``MLFLOW_TRACKING_URI`` (else MLflow's
+  local default, ``./mlflow.db`` and ``./mlruns``): the options as params, the epochs as metric history, the
   automatic decisions (engine, precision, fine-tune recipe) as tags, the held-out
   metrics, the report as artifacts and the model as a pyfunc model
   (:mod:`imgclf.inference.mlflow_model`), registered under a name when asked.
@@ -134,7 +134,7 @@ class Tracker:
 
 
 class MlflowTracker(Tracker):
-    """Logs a run to MLflow: ``MLFLOW_TRACKING_URI`` (or ``tracking_uri``), else ``./mlruns``.
+    """Logs a run to MLflow: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's local default.
 
     ``experiment``: the experiment's name (default: ``MLFLOW_EXPERIMENT_NAME`` or MLflow's
     Default); ``run_name``; ``register``: also register the model under this name.
