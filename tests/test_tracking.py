@@ -331,3 +331,22 @@ def test_a_tracker_that_fails_mid_run_is_one_warning_and_training_goes_on(tmp_pa
     assert fine.calls == ["start", "epoch head 1", "epoch head 2", "epoch head 3", "finish"]
     lines = [str(w.message) for w in caught if "recorder" in str(w.message)]
     assert lines == ["recorder: the server went away; training goes on without it"]
+
+
+def test_fine_tune_epochs_and_decisions_have_their_own_names():
+    from imgclf.training.history import EpochMetrics
+    from imgclf.training.tracking import _epoch_values, decision_tags, flat_params
+
+    tuned = _epoch_values(EpochMetrics(2, 1e-4, 0.9, 0.3, 0.8, 0.5, phase="fine-tune"))
+    assert tuned == pytest.approx({"fine_tune/train_loss": 0.3, "fine_tune/train_accuracy": 0.9,
+                                   "fine_tune/learning_rate": 1e-4, "fine_tune/validation_loss": 0.5,
+                                   "fine_tune/validation_accuracy": 0.8})  # fmt: skip
+    tags = decision_tags({"training": {"arch": "resnet18"}, "fine_tune": {
+        "recipe": {"unfreeze": 2, "epochs": 5}, "decisions": ["unfreeze 2 blocks: 40 photos", "5 epochs"],
+        "kept": "fine-tuned"}, "precision_decision": {"line": "fp32 (asked for)", "asked": "fp32"}})  # fmt: skip
+    assert tags["imgclf.fine_tune.kept"] == "fine-tuned"
+    assert tags["imgclf.fine_tune.decisions"] == "unfreeze 2 blocks: 40 photos\n5 epochs"
+    assert tags["imgclf.fine_tune.recipe"] == '{"epochs": 5, "unfreeze": 2}'
+    assert tags["imgclf.precision"] == "fp32 (asked for)" and "imgclf.engine" not in tags
+    assert flat_params({"early_stopping": {"patience": 10}, "seed": 1, "weights": None}) == {
+        "early_stopping.patience": "10", "seed": "1", "weights": "None"}
