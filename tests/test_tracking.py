@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +46,8 @@ def mlflow_server(tmp_path_factory):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runners: tracking needs none
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     # while the server starts: the imports training needs
@@ -60,15 +63,16 @@ def mlflow_server(tmp_path_factory):
                 break
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
+                os.killpg(server.pid, signal.SIGKILL)
                 pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
     yield uri
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
     try:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
     log.close()
 
 

@@ -105,7 +105,10 @@ class ImageClassificationTrainer:
 
     Options are stored as given; they are checked when :meth:`fit` runs.
     ``fit`` returns an :class:`ImageClassifier` that answers ``predict``,
-    ``predict_batch``, ``evaluate`` and ``save``.
+    ``predict_batch``, ``evaluate`` and ``save``. ``tracking`` (``"mlflow"``,
+    ``"tensorboard"``, or trackers of :mod:`imgclf.training.tracking`) logs the run:
+    ``fit`` finishes it with the model, ``fit_and_hold_out`` leaves it to
+    ``tracker_.finish`` (for the held-out metrics).
     """
 
     def __init__(
