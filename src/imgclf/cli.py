@@ -145,7 +145,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
         weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
-        engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb,
+        engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb, tracking=_trackers(args),
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
@@ -199,7 +199,36 @@ def _train(args: argparse.Namespace, distributed) -> int:
         with _warnings_as_lines():
             page = write_report(model, test or None, args.report, name=str(out))
         print(f"Report: {page}")
+    if trainer.tracker_:
+        _finish_tracking(trainer.tracker_, model, out, metrics, args, test)
     return 0
+
+
+def _trackers(args: argparse.Namespace) -> list:
+    """--mlflow and --tensorboard as the trainer's ``tracking``."""
+    from imgclf.training.tracking import MlflowTracker, TensorBoardTracker
+
+    trackers = []
+    if args.mlflow:
+        trackers.append(MlflowTracker(args.mlflow_experiment, args.mlflow_run_name, args.mlflow_register))
+    if args.tensorboard:
+        trackers.append(TensorBoardTracker(args.tensorboard))
+    return trackers or None
+
+
+def _finish_tracking(tracker, model, out: Path, metrics, args: argparse.Namespace, test) -> None:
+    """Log the saved model, its metrics and report; a failure here is one warning (the model is saved)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.finish(model, model_file=out, metrics=metrics.to_dict(), report=args.report and Path(args.report),
+                       held_out=test)  # fmt: skip
+    _print_skipped(caught)
+    for each in tracker.trackers:
+        if getattr(each, "run_id_", None):
+            version = f"; registered as models:/{each.register}/{each.registered_version_}" if each.register else ""
+            print(f"MLflow run {each.run_id_}: model at {each.model_uri_}{version}")
+        elif getattr(each, "log_dir", None):
+            print(f"TensorBoard: tensorboard --logdir {each.log_dir}")
 
 
 def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):

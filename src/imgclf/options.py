@@ -65,6 +65,8 @@ EXTRAS: dict[str, str] = {
     "ray": "Ray Data and Ray Client: predict --engine ray",
     "spark": "pyspark: imgclf.spark.predict_udf",
     "openvino": "OpenVINO and NNCF: bf16 and int8",
+    "mlflow": "MLflow: train --mlflow (runs, the pyfunc model, the registry) and models:/ model paths",
+    "tensorboard": "TensorBoard: train --tensorboard DIR",
     "all": "every extra above but ray and spark",
     "docs": "MkDocs: the documentation site",
     "test": "everything the test suite needs",
@@ -77,6 +79,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "pyarrow": "batch", "fsspec": "batch", "s3fs": "s3", "grpc": "ray", "ray": "ray", "pyspark": "spark",
     "imagehash": "insight", "matplotlib": "insight", "scipy": "insight",
     "openvino": "openvino", "nncf": "openvino",
+    "mlflow": "mlflow", "tensorboard": "tensorboard",
 }  # fmt: skip
 
 
@@ -506,6 +509,16 @@ _TRAIN = Schema(
         Option("verbose", bool, short="-v", help="print metrics after every epoch"),
         _QUIET,
         Option("report", metavar="DIR", help="also write the training report (see 'imgclf report') to DIR"),
+        Option("mlflow", bool, help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlflow.db and ./mlruns): options, metrics "
+                                    "per epoch, decisions, the model as a pyfunc model (docs: Experiment tracking)"),
+        Option("mlflow_experiment", metavar="NAME", needs="mlflow", help="the MLflow experiment",
+               shown_default="$MLFLOW_EXPERIMENT_NAME or MLflow's Default"),
+        Option("mlflow_run_name", metavar="NAME", needs="mlflow", help="the run's name",
+               shown_default="one MLflow makes up"),
+        Option("mlflow_register", metavar="NAME", needs="mlflow",
+               help="also register the model under NAME in the model registry (then: imgclf predict models:/NAME/1)"),
+        Option("tensorboard", metavar="DIR", help="write TensorBoard event files to DIR: metrics per epoch, the "
+                                                  "confusion matrix, misclassified images, the hyper-parameters"),
         replace(_ENGINE, help="the engine extracting features: auto picks the fastest here for the precision "
                               "(docs: Engines and precision)"),
         replace(_PRECISION, help="auto: certify bf16 where the CPU has it natively and there are at least 300 "

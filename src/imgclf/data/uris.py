@@ -1,4 +1,5 @@
-"""URIs (``s3://``, ``gs://``, ``az://``, ``memory://``, ``file://``) through fsspec.
+"""URIs (``s3://``, ``gs://``, ``az://``, ``memory://``, ``file://``) through fsspec, and
+MLflow's ``models:/NAME/VERSION`` and ``runs:/RUN_ID/model`` for model files.
 
 Images, manifests, results folders and model files may all live in object storage;
 every module that reads or writes one asks here, so a missing filesystem package is
@@ -49,14 +50,28 @@ def filesystem(uri: str):
 
 _fetched: dict[str, Path] = {}
 
+#: MLflow's model URIs: the registry (``models:/NAME/VERSION``, ``models:/NAME@alias``) and runs.
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+#: The key of the model file among the artifacts of a pyfunc model imgclf logged.
+MLFLOW_MODEL_ARTIFACT = "model_file"
+
+
+def is_mlflow_uri(path: str | Path) -> bool:
+    """``models:/...`` or ``runs:/...``: a model in MLflow's registry or in a run."""
+    return str(path).startswith(MLFLOW_SCHEMES)
+
 
 def local_model_file(path: str | Path) -> Path:
-    """A model file's local path: itself, or for a URI a private copy fetched once per process."""
-    if not is_uri(path):
-        return Path(path)
+    """A model file's local path: itself, or for a URI (or an MLflow model URI) a private
+    copy fetched once per process."""
     text = str(path)
     if text in _fetched and _fetched[text].is_file():
         return _fetched[text]
+    if is_mlflow_uri(text):
+        _fetched[text] = _mlflow_model_file(text)
+        return _fetched[text]
+    if not is_uri(path):
+        return Path(path)
     fs, bare = filesystem(text)
     try:
         data = fs.cat_file(bare)
@@ -69,3 +84,28 @@ def local_model_file(path: str | Path) -> Path:
     local.write_bytes(data)
     _fetched[text] = local
     return local
+
+
+def _mlflow_model_file(uri: str) -> Path:
+    """Download an MLflow model (from ``MLFLOW_TRACKING_URI``'s server) and find its model file:
+    the ``model_file`` artifact of the pyfunc model imgclf logs, or the file itself when the
+    URI names one (``runs:/ID/some/file.imgclf``)."""
+    try:
+        import mlflow.artifacts
+        from mlflow.models import Model
+    except ImportError:
+        raise MissingDependencyError(f"{uri}: MLflow model URIs need MLflow: {install_hint('mlflow')}") from None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
+    except Exception as e:  # MlflowException (not found, server down) and the transport's own errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{uri}: cannot fetch the model from MLflow ({first})") from None
+    if local.is_file():
+        return local
+    try:
+        flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
+        return local / flavor["artifacts"][MLFLOW_MODEL_ARTIFACT]["path"]
+    except (OSError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{uri}: not a model logged by imgclf (no {MLFLOW_MODEL_ARTIFACT} artifact: {e})") from None

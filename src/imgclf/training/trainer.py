@@ -36,6 +36,7 @@ from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD
+from imgclf.training.tracking import Tracker, Trackers, open_tracking
 
 
 def installed_openvino() -> bool:
@@ -147,7 +148,10 @@ class ImageClassificationTrainer:
 
     Options are stored as given; they are checked when :meth:`fit` runs.
     ``fit`` returns an :class:`ImageClassifier` that answers ``predict``,
-    ``predict_batch``, ``evaluate`` and ``save``.
+    ``predict_batch``, ``evaluate`` and ``save``. ``tracking`` (``"mlflow"``,
+    ``"tensorboard"``, or trackers of :mod:`imgclf.training.tracking`) logs the run:
+    ``fit`` finishes it with the model, ``fit_and_hold_out`` leaves it to
+    ``tracker_.finish`` (for the held-out metrics).
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class ImageClassificationTrainer:
         workers: int | None = None,
         progress: bool = True,
         max_memory_gb: float | None = None,
+        tracking: str | Tracker | Sequence[str | Tracker] | None = None,
     ):
         self.arch = arch
         self.epochs = epochs
@@ -214,6 +219,8 @@ class ImageClassificationTrainer:
         self.workers = workers
         self.progress = progress
         self.max_memory_gb = max_memory_gb
+        self.tracking = tracking
+        self.tracker_: Trackers | None = None
 
     #: The parameters checked against ``imgclf train``'s options (imgclf.options), whose
     #: constraints and defaults they share.
@@ -228,6 +235,7 @@ class ImageClassificationTrainer:
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()
         check_training_precision(self.precision, self.engine)
+        Trackers(open_tracking(self.tracking)).check()
 
     def validate(self) -> None:
         """Check every option now, before any work (``fit`` checks them again): a caller that
@@ -265,7 +273,10 @@ class ImageClassificationTrainer:
         with ``resume=True``.
         """
         labels, validation_set = _labels_or_validation(labels, validation_set)
-        return self._fit(images, validation_set, hold_out=None, labels=labels)[0]
+        model = self._tracked_fit(images, validation_set, hold_out=None, labels=labels)[0]
+        if self.tracker_:
+            self.tracker_.finish(model)
+        return model
 
     def fit_and_hold_out(
         self,
@@ -284,7 +295,28 @@ class ImageClassificationTrainer:
         through the network once. ``images`` and ``labels``: as :meth:`fit`.
         """
         validate("train", {"test_fraction": test_fraction})
-        return self._fit(images, validation_set, hold_out=test_fraction, labels=labels)
+        return self._tracked_fit(images, validation_set, hold_out=test_fraction, labels=labels)
+
+    def _tracked_fit(self, images, validation_set, hold_out: float | None, labels=None):
+        """``_fit`` with the ``tracking`` trackers told (rank 0 alone): the run starts now and stays
+        open for ``tracker_.finish``; a run that stops without a model is closed as failed."""
+        self.tracker_ = None
+        if self.tracking is not None and distributed.is_main_process():
+            self._check_options()
+            self.tracker_ = Trackers(open_tracking(self.tracking))
+            self.tracker_.start(self.get_params())
+        try:
+            return self._fit(images, validation_set, hold_out, labels=labels)
+        except BaseException as e:
+            if self.tracker_:
+                self.tracker_.fail("KILLED" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+            raise
+
+    def _report_epoch(self, m: EpochMetrics) -> None:
+        if self.metrics_callback is not None:
+            self.metrics_callback(m)
+        if self.tracker_:
+            self.tracker_.epoch(m)
 
     def _fit(
         self, images, validation_set, hold_out: float | None, labels=None
@@ -478,7 +510,7 @@ class ImageClassificationTrainer:
 
     def get_params(self) -> dict:
         """The options, JSON-friendly (recorded in the model file)."""
-        skip = ("metrics_callback", "progress", "workers", "fine_tune_options")
+        skip = ("metrics_callback", "progress", "workers", "fine_tune_options", "tracking", "tracker_")
         params = {k: v for k, v in vars(self).items() if k not in skip}
         params["early_stopping"] = asdict(self.early_stopping) if self.early_stopping else None
         params["fine_tune_options"] = asdict(self.fine_tune_options or FineTuneOptions()) if self.fine_tune else None
@@ -516,7 +548,7 @@ class ImageClassificationTrainer:
         if val is not None and len(val.kept):
             val_pictures = pictures_of([validation_set[i] for i in val.kept])
         tuner = FineTuner(model, self.fine_tune_options or FineTuneOptions(), device=device, seed=self.seed,
-                          tta=self.tta, class_weights=class_weights, callback=self.metrics_callback,
+                          tta=self.tta, class_weights=class_weights, callback=self._report_epoch,
                           early_stopping=self.early_stopping, checkpoint=checkpoint)  # fmt: skip
         if validation_note:
             log.info("fine-tune: %s", validation_note)
@@ -581,8 +613,8 @@ class ImageClassificationTrainer:
             if xv is not None:
                 m.validation_accuracy, m.validation_loss = measure(xv, yv)
             history.append(m)
-            if self.metrics_callback is not None and report:
-                self.metrics_callback(m)
+            if report:
+                self._report_epoch(m)
             watched = (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
             done = best.update(epoch + 1, *watched, {"head": head})
             if checkpoint is not None:
