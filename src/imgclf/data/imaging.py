@@ -8,6 +8,7 @@ Pillow and numpy.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -126,7 +127,7 @@ def open_image(
     Raises :class:`ImageDecodeError` naming ``name`` for anything unreadable.
     """
     img = _open_lazily(source, name, draft_size, max_pixels)
-    with _reserved(reserve, decode_bytes(img, draft_size), name), _decode_errors(name):
+    with _reserved(reserve, decode_bytes(img, draft_size), name), _decode_errors(name, max_pixels):
         return _decode(img, draft_size)
 
 
@@ -153,7 +154,7 @@ def load_array(
         raise ImageTooLargeError(f"{name}: image is {width}x{height}; resizing an image this narrow to fill the "
                                  f"network's input would take {resized // 2**20:,} MB")  # fmt: skip
     nbytes = decode_bytes(img, draft_size) + resized
-    with _reserved(reserve, nbytes, name), _decode_errors(name):
+    with _reserved(reserve, nbytes, name), _decode_errors(name, max_pixels):
         return to_array(_decode(img, draft_size), prep)
 
 
@@ -212,8 +213,9 @@ def _reserved(reserve: Reserve | None, nbytes: int, name: str) -> Iterator[None]
 
 
 @contextmanager
-def _decode_errors(name: str) -> Iterator[None]:
-    """Pillow's many exceptions as one :class:`ImageDecodeError` naming the file."""
+def _decode_errors(name: str, max_pixels: int = MAX_PIXELS) -> Iterator[None]:
+    """Pillow's many exceptions as one :class:`ImageDecodeError` naming the file; an image
+    over Pillow's own guard is refused naming ``max_pixels``, the limit the caller set."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -222,10 +224,10 @@ def _decode_errors(name: str) -> Iterator[None]:
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image Pillow can read (JPEG, PNG, GIF, BMP, WebP, TIFF)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLargeError(
-            f"{name}: image has more pixels than the {MAX_PIXELS:,} allowed (decompression-bomb guard)"
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        counted = re.search(r"\((\d+) pixels\)", str(e))  # Pillow: "Image size (N pixels) exceeds limit of ..."
+        has = f"image has {int(counted.group(1)):,} pixels, more" if counted else "image has more pixels"
+        raise ImageTooLargeError(f"{name}: {has} than the {max_pixels:,} allowed") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"{name}: image data is corrupt or truncated ({e})") from None
 
@@ -243,7 +245,9 @@ def _open_lazily(source: ImageSource, name: str, draft_size: int | None, max_pix
         data = bytes(source)
     if not data:
         raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
-    with _decode_errors(name):
+    with _decode_errors(name, max_pixels), warnings.catch_warnings():
+        # Pillow warns from MAX_PIXELS on: the check below refuses at the caller's limit, naming the size
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
         if img.format not in SUPPORTED_FORMATS:
             raise ImageDecodeError(
