@@ -186,3 +186,26 @@ def test_the_fuzzed_commands_cover_every_numeric_option():
     fuzzed = set(BASE)
     left_out = [f"{c} {f}" for c in COMMANDS if c not in fuzzed for f in numeric(c)]
     assert not left_out, f"add these commands to BASE: {left_out}"
+
+
+def outside(option: Option) -> str:
+    """A value just outside the option's interval."""
+    rng = option.constraint
+    if rng.low is not None:
+        return str(rng.low if rng.closed in ("right", "neither") else rng.low - 1)
+    return str(rng.high if rng.closed in ("left", "neither") else rng.high + 1)
+
+
+@pytest.mark.parametrize("command, flag", [(c, f) for c in BASE for f in numeric(c)])
+def test_a_refused_value_is_named_by_its_flag_never_its_python_name(command, flag, tmp_path, capsys):
+    """Issue 21 item 9: `--max-pixels 0` said "max_pixels must be ...", `--read-timeout 0` "read_timeout",
+    `--max-memory-gb 0` "max_memory_gb" (the library's names; fixed when the option schema came, issue 20)."""
+    option = numeric(command)[flag]
+    argv = [command, *(a.replace("{tmp}", str(tmp_path)) for a in BASE[command][0]), f"{flag}={outside(option)}"]
+    if option.needs:
+        argv += [a.replace("{tmp}", str(tmp_path)) for a in switch_args(command, option.needs)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"imgclf: error: {flag} must be "), err
+    python_names = [o.name for o in COMMANDS[command] if "_" in o.name and o.name in err.replace(flag, "")]
+    assert not python_names, err
