@@ -105,9 +105,9 @@ def create_app(
     app.state.predictor = predictor
     app.state.decode_budget = state.decode_budget
     if cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
+        from imgclf.serve.cors import CORS
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORS, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"])  # fmt: skip
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)

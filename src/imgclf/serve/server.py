@@ -2,8 +2,9 @@
 
 The port is bound before anything is printed, so a port in use is a one-line
 error (exit 2), not a message after "Serving on". uvicorn then serves on that
-socket with a cap on connections and a keep-alive timeout; the app itself
-times out request bodies that stop arriving.
+socket with a cap on connections and a keep-alive timeout, its own answers in
+JSON like the app's (:mod:`imgclf.serve.protocol`); the app itself times out
+request bodies that stop arriving.
 """
 
 from __future__ import annotations
@@ -62,11 +63,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app, sock: socket.socket, *, log_level: str = "warning") -> None:
-    """Serve ``app`` on the bound ``sock`` until interrupted."""
+def make_server(app, *, log_level: str = "warning", max_connections: int = MAX_CONNECTIONS):
+    """The uvicorn server for ``app``: at most ``max_connections`` connections, idle ones closed
+    after :data:`KEEP_ALIVE_TIMEOUT` seconds, and uvicorn's own answers (a request it cannot
+    parse, a connection over the limit) in JSON (:mod:`imgclf.serve.protocol`)."""
     import uvicorn
 
+    from imgclf.serve.protocol import protocol_class
+
     # uvicorn answers 503 once its connections reach the limit, the new one counted: + 1 serves 256
-    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=MAX_CONNECTIONS + 1,
-                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT)  # fmt: skip
-    uvicorn.Server(config).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=max_connections + 1,
+                            timeout_keep_alive=KEEP_ALIVE_TIMEOUT, http=protocol_class(),
+                            access_log=False)  # fmt: skip
+    return uvicorn.Server(config)
+
+
+def run_server(app, sock: socket.socket, *, log_level: str = "warning") -> None:
+    """Serve ``app`` on the bound ``sock`` until interrupted."""
+    make_server(app, log_level=log_level).run(sockets=[sock])

@@ -2,7 +2,8 @@
 
 The Content-Length is checked before anything is read; the body is read with a
 size cap (413 as soon as it passes the limit) and a timeout (408 when it stops
-arriving); a multipart body is parsed with a cap on files and fields.
+arriving); a multipart body is parsed with a cap on files and fields, and one that
+cannot be parsed (cut short before its closing boundary, say) is 400.
 """
 
 from __future__ import annotations
@@ -66,9 +67,33 @@ async def read_body(
     return b"".join(chunks)
 
 
+def multipart_boundary(content_type: str) -> bytes:
+    """The ``boundary`` parameter of a multipart Content-Type, or 400 without one."""
+    for parameter in content_type.split(";")[1:]:
+        key, _, value = parameter.strip().partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1", "replace")
+    raise HTTPError(400, "malformed multipart body: its Content-Type names no boundary")
+
+
+def check_complete(body: bytes, boundary: bytes) -> None:
+    """400 unless the multipart ``body`` has its closing delimiter (``--BOUNDARY--``): a body
+    cut short parses as an empty form, which would read as "no image" (422)."""
+    close = b"--" + boundary + b"--"
+    if not (body.startswith(close) or b"\r\n" + close in body):
+        shown = boundary.decode("latin-1")
+        raise HTTPError(400, f"malformed multipart body: it ends before its closing boundary --{shown}-- "
+                             "(was the upload cut short?)")  # fmt: skip
+
+
 async def parse_multipart(request: Request, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
-    """Each uploaded file of a multipart ``body`` (already read) as ``(file name, bytes)``."""
+    """Each uploaded file of a multipart ``body`` (already read) as ``(file name, bytes)``.
+
+    A body that cannot be parsed (cut short, no boundary, a broken part) is 400; one
+    with more than ``max_files`` files or fields is 413."""
     from starlette.formparsers import MultiPartException
+
+    check_complete(body, multipart_boundary(request.headers.get("content-type", "")))
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -83,9 +108,9 @@ async def parse_multipart(request: Request, body: bytes, max_files: int) -> list
                                  "send the others in further requests") from None  # fmt: skip
         if problem.startswith("Too many fields"):
             raise HTTPError(413, f"a request may carry at most {max_files} form fields") from None
-        raise HTTPError(422, f"malformed multipart body ({problem})") from None
+        raise HTTPError(400, f"malformed multipart body ({problem})") from None
     except Exception as e:
-        raise HTTPError(422, f"malformed multipart body ({type(e).__name__})") from None
+        raise HTTPError(400, f"malformed multipart body ({type(e).__name__})") from None
     uploads = []
     for key, value in form.multi_items():
         if hasattr(value, "read"):
