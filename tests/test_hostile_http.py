@@ -195,3 +195,56 @@ def test_multipart_without_a_boundary_is_400_and_an_empty_form_stays_422(client)
     }
     r = client.post("/v1/predict", content=b"--xx--\r\n", headers={"content-type": "multipart/form-data; boundary=xx"})
     assert r.status_code == 422 and r.json()["error"].startswith("no image in the request")
+
+
+# --- item 14: an access log, off with --quiet ---
+
+ACCESS_LINE = r"^(GET|POST|OPTIONS|DELETE) (\S+) (\d{3}|-) (\d+\.\d) ms$"
+
+
+def test_serve_logs_one_line_per_request_on_stderr_and_quiet_turns_it_off(served, small_onnx_model, tmp_path):
+    """Item 14: `serve` wrote no access log."""
+    import re
+    import time
+    import urllib.error
+    import urllib.request
+
+    from imgclf.serve.process import serve_in_subprocess
+
+    def exchange(url: str) -> None:
+        request = urllib.request.Request(f"{url}/v1/predict", data=DAISY, headers={"content-type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{url}/nope%0aGET%20/forged", timeout=30)
+        time.sleep(0.3)
+
+    url, log = served
+    exchange(url)
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("WARNING:")]  # uvicorn's own
+    access = [re.match(ACCESS_LINE, line) for line in lines]
+    assert all(access), [line for line, m in zip(lines, access) if not m]  # nothing else on stderr
+    seen = [(m[1], m[2], m[3]) for m in access]
+    assert ("GET", "/healthz", "200") in seen and ("POST", "/v1/predict", "200") in seen
+    assert ("GET", "/nope%0aGET%20/forged", "404") in seen  # as sent: one line, not two
+
+    quiet_log = tmp_path / "quiet.log"
+    with serve_in_subprocess(small_onnx_model, "--max-batch", "1", "--quiet", log=quiet_log) as (quiet_url, _):
+        exchange(quiet_url)
+    assert not [line for line in quiet_log.read_text().splitlines() if re.match(ACCESS_LINE, line)]
+
+
+def test_access_log_of_the_app(small_onnx_model):
+    import io
+    import re
+
+    stream = io.StringIO()
+    app = create_app(small_onnx_model, max_batch=1, allowed_hosts=["localhost"], access_log=stream)
+    with TestClient(app, base_url="http://localhost") as c:
+        c.post("/v1/predict?top_k=2", content=DAISY, headers={"content-type": "image/jpeg"})
+        c.get("/v1/model", headers={"host": "rebound.example"})  # refused by the Host check: logged too
+    lines = stream.getvalue().splitlines()
+    assert [re.match(ACCESS_LINE, line).group(1, 2, 3) for line in lines] == [
+        ("POST", "/v1/predict", "200"),
+        ("GET", "/v1/model", "400"),
+    ]

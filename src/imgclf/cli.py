@@ -470,7 +470,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_request_bytes=math.ceil(args.max_request_mb * options.MB), max_pixels=args.max_pixels,
                      decode_memory_bytes=math.ceil(args.decode_memory_mb * options.MB), read_timeout=args.read_timeout,
                      api_key=api_key, cors_origins=args.cors_origin or (), allowed_hosts=allowed_hosts,
-                     engine=args.engine, precision=args.precision)  # fmt: skip
+                     engine=args.engine, precision=args.precision,
+                     access_log=None if args.quiet else sys.stderr)  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before "Serving on": a port in use is one line, exit 2
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     access = "API key required" if api_key else "no API key"

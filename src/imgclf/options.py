@@ -644,6 +644,8 @@ _SERVE = Schema(
                shown_default="localhost, 127.0.0.1 and ::1 when bound to loopback, any host otherwise"),
         _ENGINE,
         _PRECISION,
+        replace(_QUIET, help="no access log (by default one line per request on stderr: method, path, status, "
+                             "milliseconds)"),
         # serve.create_app's own parameters (no flag)
         Option("max_request_bytes", int, int(SERVE_MAX_REQUEST_MB * MB), POSITIVE_INT, "largest request body",
                cli=False),

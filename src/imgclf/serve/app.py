@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TextIO
 
 from fastapi import FastAPI
 
@@ -25,6 +26,7 @@ from imgclf.errors import MissingDependencyError
 from imgclf.inference.loading import load_predictor
 from imgclf.inference.predictor import Predictor
 from imgclf.options import SERVE_MAX_BATCH, SERVE_MAX_WAIT_MS, install_hint, validate
+from imgclf.serve.access import AccessLog
 from imgclf.serve.batching import Batcher
 from imgclf.serve.handlers import EXCEPTION_HANDLERS
 from imgclf.serve.hosts import HostCheck
@@ -64,6 +66,7 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     engine: str = "auto",
     precision: str = "auto",
+    access_log: TextIO | None = None,
 ) -> FastAPI:
     """The app for ``model`` (a path to an .imgclf/.onnx file, or a loaded predictor).
 
@@ -75,6 +78,8 @@ def create_app(
     (``*``: any); ``allowed_hosts`` limits the Host header (None: any).
     ``engine`` and ``precision``: as :func:`imgclf.nets.engines.choose_engine` (a
     server is a long job, so ``auto`` takes the fastest precision the model allows).
+    ``access_log``: a stream to write one line per request to (``imgclf serve`` gives
+    stderr unless ``--quiet``; :mod:`imgclf.serve.access`).
     """
     try:
         from fastapi_offline import FastAPIOffline
@@ -111,6 +116,8 @@ def create_app(
                            allow_headers=["Content-Type", "X-API-Key", "Authorization"])  # fmt: skip
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)
+    if access_log is not None:  # added last: the outermost, so it logs every answer of the app
+        app.add_middleware(AccessLog, stream=access_log)
     app.include_router(pages)
     app.include_router(api_router(max_files=max_files, protected=api_key is not None))
     return app
