@@ -6,8 +6,8 @@ need it are loaded on first use, so the torch-free runtime stays light.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+import typing as _typing
+from importlib import import_module as _import_module
 
 from imgclf.data.images import ImageData, image_from_bytes, load_images_from_directory
 from imgclf.data.imaging import Preprocessing
@@ -45,7 +45,7 @@ _LAZY = {
     "choose_engine": "imgclf.nets.engines",
 }
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from imgclf.inference.loading import load_model
     from imgclf.inference.model import ImageClassifier
     from imgclf.inference.precision import calibrate_int8, measure_precisions, record_certificate
@@ -60,10 +60,16 @@ if TYPE_CHECKING:
     from imgclf.training.trainer import ImageClassificationTrainer
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        return getattr(_import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'imgclf' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    """The public API, the names loaded on first use included, and the module's own dunders
+    (not the helpers this file imports, nor whichever subpackages happen to be loaded)."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
 
 
 __all__ = [
