@@ -89,3 +89,50 @@ def test_engine_ray_takes_names_that_are_not_utf8_and_link_loops(ray_session, sm
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert rows[str(folder / "caf\\xe9.jpg")]["label"] == "daisy"
     assert "Too many levels of symbolic links" in rows[str(folder / "loop.jpg")]["error"]
+
+
+def test_a_run_prints_only_imgclfs_lines(small_onnx_model, tmp_path):
+    """Issue 21 item 14: `--engine ray` printed about 20 lines of Ray's INFO and WARNING (a token
+    notice, a deprecation warning caused by imgclf's own `concurrency=`, the execution plan,
+    progress logged as lines, a core-worker line per actor). A fresh process starts its own Ray."""
+    import os
+    import subprocess
+    import sys
+
+    folder = scoring_folder(tmp_path / "images")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    for quiet in ([], ["-q"]):
+        out = tmp_path / f"results{len(quiet)}.parquet"
+        run = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(small_onnx_model), str(folder), "--engine",
+                              "ray", "--out", str(out), "--workers", "1", *quiet], capture_output=True, text=True,
+                             env=env, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stderr == "", run.stderr
+        assert run.stdout.startswith("Scored 8 image(s), 3 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
+
+
+def test_the_stderr_filter_leaves_out_only_the_known_line(tmp_path):
+    """Ray's core writes its per-actor line straight to file descriptor 2; what else is written
+    there (real errors) passes, and Python's own stderr is untouched."""
+    import subprocess
+    import sys
+
+    noise = (b"[2026-12-06 11:25:59,983 E 6757 6757] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches"
+             b"(_ImageScorer))' and ID: '3fc3c70766b211cbf468a24001000000' has constructor arguments in the object "
+             b"store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
+             b"restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.\n")  # fmt: skip
+    code = (
+        "import os, sys\n"
+        "from imgclf.batch.ray import filtered_stderr\n"
+        "with filtered_stderr():\n"
+        f"    os.write(2, {noise!r})\n"
+        "    os.write(2, b'[E core_worker.cc:1] a real error\\n')\n"
+        "    print('python, isatty as before:', sys.stderr.isatty(), file=sys.stderr)\n"
+        "    os.write(2, b'no newline at the end')\n"
+        "print('after', file=sys.stderr)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.decode().splitlines()  # the partial line is passed on before the block ends
+    assert sorted(lines) == ["[E core_worker.cc:1] a real error", "no newline at the endafter",
+                             "python, isatty as before: False"]  # fmt: skip

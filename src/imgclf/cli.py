@@ -364,11 +364,13 @@ def cmd_predict_to_file(args: argparse.Namespace) -> int:
     common = {"top_k": args.top_k, "batch_size": args.batch_size, "progress": not args.quiet}
     try:
         if args.engine == "ray":
-            from imgclf.batch.ray import score_with_ray
+            from imgclf.batch.ray import filtered_stderr, score_with_ray
 
-            summary = score_with_ray(args.model, args.images, args.out, address=args.address, workers=args.workers,
-                                     cpus_per_worker=args.cpus_per_worker, precision=args.precision,
-                                     gpus_per_worker=args.gpus_per_worker, **common)  # fmt: skip
+            with filtered_stderr():  # a line per actor from Ray's core that is not an error (see RAY_CORE_NOISE)
+                summary = score_with_ray(args.model, args.images, args.out, address=args.address,
+                                         workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                                         precision=args.precision, gpus_per_worker=args.gpus_per_worker,
+                                         **common)  # fmt: skip
         else:
             from imgclf.batch.local import score_to_folder
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from imgclf.batch.local import ScoringSummary, check_options
@@ -35,6 +37,13 @@ from imgclf.options import SCORING_BATCH_SIZE, TOP_K, install_hint, option_error
 IO_TASK = {"num_cpus": 0}
 #: Rows per results file Ray writes: a crash loses at most this many rows per writer.
 ROWS_PER_FILE = 10_000
+
+
+def _tasks(ray, size: int):
+    """At most ``size`` Ray tasks at once for a ``map_batches`` step: ``compute=``, which Ray 2.51
+    and later want where ``concurrency=`` was (Ray Data's ``get_compute_strategy`` warns on it);
+    the read and write steps still take ``concurrency=``, without a warning."""
+    return ray.data.TaskPoolStrategy(size=size)
 
 
 def io_tasks(workers: int) -> int:
@@ -220,7 +229,7 @@ def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
         listed = ray.data.read_text(manifest, concurrency=readers, **IO_TASK)
     return listed.map_batches(
         _read_listed, fn_kwargs={"join": manifest_joiner(manifest), "done": done}, batch_format="pyarrow",
-        concurrency=readers, **IO_TASK)  # fmt: skip
+        compute=_tasks(ray, readers), **IO_TASK)  # fmt: skip
 
 
 def _listed_dataset(ray, paths: list[str], readers: int):
@@ -232,11 +241,12 @@ def _listed_dataset(ray, paths: list[str], readers: int):
     remote = [p for p in paths if is_uri(p) or not (is_text(p) and os.path.isfile(p))]
     if local:
         read = ray.data.read_binary_files(local, include_paths=True, concurrency=readers, **IO_TASK)
-        datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", concurrency=readers, **IO_TASK))
+        datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", compute=_tasks(ray, readers),
+                                         **IO_TASK))  # fmt: skip
     if remote:
         items = ray.data.from_items([{"path": printable(p), "path_bytes": raw_hex(p)} for p in remote])
         datasets.append(items.map_batches(_read_listed, fn_kwargs={"join": str, "done": PathSet()},
-                                          batch_format="pyarrow", concurrency=readers, **IO_TASK))  # fmt: skip
+                                          batch_format="pyarrow", compute=_tasks(ray, readers), **IO_TASK))  # fmt: skip
     return datasets
 
 
@@ -276,23 +286,128 @@ def score_with_ray(
     labels = local.labels  # each worker chooses as this does: the same engine and precision on a machine like this
     metadata = model_file.metadata(labels, top_k, local.engine_choice().to_dict())
     started_here = not ray.is_initialized()
-    if started_here:
-        _init(ray, address)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        if not progress:
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-        started = time.perf_counter()
-        with open_results(out, metadata) as folder:
-            summary = _run(ray, folder, fmt, sources, model_file, metadata, top_k=top_k, batch_size=batch_size,
-                           workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                           precision=precision)  # fmt: skip
-            folder.finish()  # every input scored: _SUCCESS and the row counts
-        summary.seconds = time.perf_counter() - started
-        return summary
-    finally:
+    with _quiet(ray):
         if started_here:
-            ray.shutdown()
+            _init(ray, address)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = progress
+            started = time.perf_counter()
+            with open_results(out, metadata) as folder:
+                summary = _run(ray, folder, fmt, sources, model_file, metadata, top_k=top_k, batch_size=batch_size,
+                               workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                               precision=precision)  # fmt: skip
+                folder.finish()  # every input scored: _SUCCESS and the row counts
+            summary.seconds = time.perf_counter() - started
+            return summary
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+#: Lines Ray's C++ core writes to this process's stderr by itself that are not errors: Ray Data's
+#: actor pool passes object references to each actor it starts, and the core worker logs this,
+#: at ERROR, for every actor (a false alarm, ray-project/ray#57733, ray-project/ray#57838).
+RAY_CORE_NOISE = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: '[^']*' and ID: '[0-9a-f]+' has constructor "
+               rb"arguments in the object store and max_restarts > 0\."),
+)  # fmt: skip
+
+
+@contextmanager
+def filtered_stderr(noise: Sequence[re.Pattern] = RAY_CORE_NOISE) -> Iterator[None]:
+    """Leave out of this process's stderr the lines that C or C++ code writes straight to file
+    descriptor 2 and match ``noise``; every other line passes, as it comes.
+
+    For the command line, which owns its process: fd 2 becomes a pipe read by a thread, while
+    Python's own ``sys.stderr`` writes to the real stderr (so progress bars still see a
+    terminal). Where stderr is not fd 2 (a notebook) or pipes cannot be polled, nothing changes.
+    """
+    import select
+    import sys
+    import threading
+
+    try:
+        if sys.stderr.fileno() != 2 or not hasattr(select, "poll"):
+            raise ValueError
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding=python_stderr.encoding,
+                           errors=python_stderr.errors)  # fmt: skip
+    done = threading.Event()
+    thread = threading.Thread(target=_forward_lines, args=(read_end, real, noise, done), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's write end is gone from this process: the thread drains it and stops
+        done.set()
+        thread.join(5)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.close(real)
+
+
+def _forward_lines(read_end: int, out: int, noise: Sequence[re.Pattern], done) -> None:
+    """Copy what arrives on ``read_end`` to ``out`` line by line, leaving out the ``noise``
+    lines; a partial line is passed on when nothing more comes for a tenth of a second."""
+    import select
+
+    poller = select.poll()
+    poller.register(read_end, select.POLLIN)
+    pending = b""
+
+    def write(data: bytes) -> None:
+        try:
+            os.write(out, data)
+        except OSError:
+            pass
+
+    try:
+        while True:
+            if not poller.poll(100):
+                if pending:
+                    write(pending)
+                    pending = b""
+                if done.is_set():
+                    break
+                continue
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            write(b"".join(line + b"\n" for line in lines if not any(n.search(line) for n in noise)))
+        if pending and not any(n.search(pending) for n in noise):
+            write(pending)
+    finally:
+        os.close(read_end)
+
+
+#: Ray's Python loggers: INFO and WARNING from them are Ray's own chatter in a run of imgclf's.
+RAY_LOGGERS = ("ray", "ray.data")
+
+
+@contextmanager
+def _quiet(ray) -> Iterator[None]:
+    """Ray's and Ray Data's loggers at ERROR for the run (their INFO lines, progress logged
+    as lines where stdout is not a terminal, the token-authentication notice of a Ray started
+    here), then as they were. Errors still show; progress bars on a terminal are not logging."""
+    loggers = [logging.getLogger(name) for name in RAY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _reachable(address: str, timeout: float = 5.0) -> str | None:
@@ -330,11 +445,11 @@ def _init(ray, address: str | None) -> None:
         raise option_error("address", "{address} {given}: the cluster answers, but Ray Data does not run through "
                            "Ray Client; run imgclf on the cluster: ray job submit --address http://HEAD:8265 -- "
                            "imgclf predict ... --engine ray --address auto", given=address)  # fmt: skip
-    try:
+    try:  # Ray's own notices (INFO, WARNING) are not imgclf's to print; its errors are
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.ERROR)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(include_dashboard=False, logging_level=logging.ERROR)
     except ConnectionError as e:
         raise option_error(
             "address", "{address} {given}: cannot connect to a Ray cluster ({why})", given=address, why=e
@@ -361,7 +476,8 @@ def _run(ray, folder: ResultFolder, fmt: str, sources: list[Input], model_file: 
         if fmt == "parquet":
             results.write_parquet(str(staging), schema=arrow_schema(metadata), **writing)
         elif fmt == "csv":
-            results = results.map_batches(_lists_as_json, batch_format="pyarrow", concurrency=readers, **IO_TASK)
+            results = results.map_batches(_lists_as_json, batch_format="pyarrow", compute=_tasks(ray, readers),
+                                          **IO_TASK)  # fmt: skip
             results.write_csv(str(staging), **writing)
         else:
             results.write_json(str(staging), **writing)
