@@ -108,7 +108,9 @@ def test_a_run_prints_only_imgclfs_lines(small_onnx_model, tmp_path):
                              env=env, timeout=300)  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert run.stderr == "", run.stderr
-        assert run.stdout.startswith("Scored 8 image(s), 3 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
+        assert (
+            run.stdout.startswith("Scored 8 image(s), 3 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
+        )
 
 
 def test_the_stderr_filter_leaves_out_only_the_known_line(tmp_path):

@@ -17,8 +17,7 @@ from functools import cache
 
 #: What a request uvicorn cannot parse is told (its parser's own reason is not passed on).
 MALFORMED = (
-    "malformed HTTP request: its request line, a header or the Content-Length cannot be read; "
-    "the connection is closed"
+    "malformed HTTP request: its request line, a header or the Content-Length cannot be read; the connection is closed"
 )
 #: What a connection over the limit is told.
 BUSY = "the server has as many connections as it serves at once; retry in a few seconds"
@@ -58,9 +57,7 @@ def _limited(app, limit: int, server_state):
     hence ``>`` for tasks where uvicorn has ``>=``. Connections are counted alike."""
 
     async def limited(scope, receive, send) -> None:
-        if scope["type"] == "http" and (
-            len(server_state.connections) >= limit or len(server_state.tasks) > limit
-        ):
+        if scope["type"] == "http" and (len(server_state.connections) >= limit or len(server_state.tasks) > limit):
             logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")  # as uvicorn logs it
             body = json_body(BUSY)
             await send({"type": "http.response.start", "status": 503,

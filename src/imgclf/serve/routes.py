@@ -116,8 +116,11 @@ def api_router(*, max_files: int, protected: bool) -> APIRouter:
 def predict_responses(max_files: int) -> dict[int | str, dict[str, Any]]:
     """The statuses ``POST /v1/predict`` answers besides 200, as the OpenAPI document lists them."""
     return {
-        400: {"model": ErrorResponse, "description": "malformed request: a body that cannot be parsed (a multipart "
-                                                     "body cut short), or the client went away"},
+        400: {
+            "model": ErrorResponse,
+            "description": "malformed request: a body that cannot be parsed (a multipart body cut short), or the "
+            "client went away",
+        },
         408: {"model": ErrorResponse, "description": "the body stopped arriving, or arrives too slowly"},
         503: {"model": ErrorResponse, "description": "no room for more request bodies now; retry (Retry-After)"},
         413: {
