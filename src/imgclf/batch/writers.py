@@ -394,12 +394,24 @@ class ResultFolder:
         if not len(batch):
             return
         if self._part is None:
-            tmp = self.path / f".part-{self._next_index:06d}{self.suffix}.inprogress"
+            tmp = self._writing_folder() / f".part-{self._next_index:06d}{self.suffix}.inprogress"
             self._part = PART_WRITERS[self.format](tmp, self._schema())
         self._part.write(batch)
         self.rows_written += len(batch)
         if self._part.rows >= self.rows_per_part or time.monotonic() - self._part.started >= self.commit_every:
             self.commit()
+
+    def _writing_folder(self) -> Path:
+        """Where a part is written until it is committed."""
+        return self.path
+
+    def _counts(self) -> tuple[int, int]:
+        """Rows and error rows in the committed parts."""
+        rows = failed = 0
+        for part in self.parts():
+            n, bad = count_rows(part, self.format)
+            rows, failed = rows + n, failed + bad
+        return rows, failed
 
     def _schema(self):
         return arrow_schema(self.metadata) if self.format == "parquet" else None
@@ -427,10 +439,7 @@ class ResultFolder:
     def finish(self) -> None:
         """Every input is scored: write the row counts into the sidecar, then ``_SUCCESS``."""
         self.commit()
-        rows = failed = 0
-        for part in self.parts():
-            n, bad = count_rows(part, self.format)
-            rows, failed = rows + n, failed + bad
+        rows, failed = self._counts()
         sidecar = self.path / SIDECAR
         found = json.loads(sidecar.read_text())
         _write_atomically(sidecar, json.dumps({**found, "rows": rows, "error_rows": failed}, indent=2).encode())
@@ -601,16 +610,8 @@ class RemoteResultFolder(ResultFolder):
                 self._lock_fd = None
                 shutil.rmtree(self.local, ignore_errors=True)
 
-    def write(self, batch: ResultBatch) -> None:
-        if not len(batch):
-            return
-        if self._part is None:
-            tmp = self.local / f".part-{self._next_index:06d}{self.suffix}.inprogress"
-            self._part = PART_WRITERS[self.format](tmp, self._schema())
-        self._part.write(batch)
-        self.rows_written += len(batch)
-        if self._part.rows >= self.rows_per_part or time.monotonic() - self._part.started >= self.commit_every:
-            self.commit()
+    def _writing_folder(self) -> Path:
+        return self.local  # written here, uploaded whole when committed
 
     def commit(self) -> None:
         """Upload the part in progress whole: only then does it appear in the store."""
@@ -630,10 +631,7 @@ class RemoteResultFolder(ResultFolder):
 
     def finish(self) -> None:
         self.commit()
-        rows = failed = 0
-        for part in self.parts():
-            n, bad = count_rows(part, self.format)
-            rows, failed = rows + n, failed + bad
+        rows, failed = self._counts()
         found = json.loads(self._read(SIDECAR))
         self.fs.pipe_file(self._key(SIDECAR), json.dumps({**found, "rows": rows, "error_rows": failed}, indent=2).encode())
         self.fs.pipe_file(self._key(SUCCESS), b"")
