@@ -51,6 +51,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def head_probabilities(head, features: np.ndarray) -> np.ndarray:
+    """Softmax of a linear ``head`` (torch ``Linear``) on pooled ``features``, in numpy: the
+    model's own head, and the fold heads that certify a precision (:mod:`imgclf.training.certify`)."""
+    weight = head.weight.detach().float().cpu().numpy()
+    logits = features @ weight.T + head.bias.detach().float().cpu().numpy()
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 class ImageClassifier(Predictor):
     """A pretrained backbone plus a trained linear head, ready to predict.
 
@@ -204,11 +214,7 @@ class ImageClassifier(Predictor):
         return probs
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        weight = self.head.weight.detach().float().cpu().numpy()
-        logits = features @ weight.T + self.head.bias.detach().float().cpu().numpy()
-        logits -= logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+        return head_probabilities(self.head, features)
 
     def to(self, device: str) -> ImageClassifier:
         """Move to ``device`` ("cpu", "cuda", ...) and return self."""

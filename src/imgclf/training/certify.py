@@ -22,8 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from imgclf.data.images import ImageData
+from imgclf.inference.model import head_probabilities
 from imgclf.inference.precision import compare_to_fp32, measure_precisions, record_certificate
-from imgclf.nets.engines import CERTIFY_MIN_IMAGES, EngineChoice, create_engine
+from imgclf.nets.engines import EngineChoice, create_engine
 from imgclf.nets.features import FeatureExtractor
 
 FOLDS = 5
@@ -38,14 +39,6 @@ def _folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
         for i, row in enumerate(rows):
             folds[i % k].append(int(row))
     return [np.asarray(sorted(f), int) for f in folds if f]
-
-
-def _softmax_head(head, features: np.ndarray) -> np.ndarray:
-    weight = head.weight.detach().float().cpu().numpy()
-    logits = features @ weight.T + head.bias.detach().float().cpu().numpy()
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def lossy_features(model, images: Sequence[ImageData], precision: str, workers: int | None = None):
@@ -86,13 +79,13 @@ def cross_fitted_certificate(
         if not len(others):  # so few training images that one fold holds them all: no head without it
             continue
         head = fit_head(x_train[others], y_train[others])
-        reference.append(_softmax_head(head, x_train[fold]))
-        measured.append(_softmax_head(head, lossy.features[[rows[i] for i in fold]]))
+        reference.append(head_probabilities(head, x_train[fold]))
+        measured.append(head_probabilities(head, lossy.features[[rows[i] for i in fold]]))
         targets.extend(y_train[fold].tolist())
     held = [i for i in range(len(held_images)) if keep[len(train_images) + i]]
     if held:
-        reference.append(_softmax_head(model.head, x_held[held]))
-        measured.append(_softmax_head(model.head, lossy.features[[rows[len(train_images) + i] for i in held]]))
+        reference.append(head_probabilities(model.head, x_held[held]))
+        measured.append(head_probabilities(model.head, lossy.features[[rows[len(train_images) + i] for i in held]]))
         targets.extend(y_held[held].tolist())
     empty = np.zeros((0, len(model.labels)))
     ref, probs = np.concatenate([empty, *reference]), np.concatenate([empty, *measured])
@@ -111,7 +104,3 @@ def certify_after_training(fit_head, model, precision: str, train, held_out, *, 
     record_certificate(model, precision, entry)
     return entry
 
-
-def enough_to_certify(images: int) -> bool:
-    """Whether ``images`` readable images can certify a precision at all."""
-    return images >= CERTIFY_MIN_IMAGES

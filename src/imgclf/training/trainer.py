@@ -39,12 +39,6 @@ from imgclf.training.optim import HeadSGD
 from imgclf.training.tracking import Tracker, Trackers, open_tracking
 
 
-def installed_openvino() -> bool:
-    from imgclf.nets.engines import installed
-
-    return installed("openvino")
-
-
 def check_training_precision(precision: str, engine: str = "auto") -> None:
     """``precision`` at training: auto (certify bf16 where the CPU has it and the images are
     enough), fp32 (nothing more), bf16 (certify it: needs native bf16 and OpenVINO), int8
@@ -53,7 +47,7 @@ def check_training_precision(precision: str, engine: str = "auto") -> None:
     checked with the other options (:meth:`ImageClassificationTrainer.validate`)."""
     from imgclf.errors import MissingDependencyError
     from imgclf.nets.cpu import cpu_capabilities
-    from imgclf.nets.engines import check_engine_runs
+    from imgclf.nets.engines import check_engine_runs, installed
 
     check_engine_runs(engine, precision)
     if precision == "bf16":
@@ -61,7 +55,7 @@ def check_training_precision(precision: str, engine: str = "auto") -> None:
         if not caps.bf16:
             raise option_error("precision", f"{{precision}} bf16: this CPU has no native bf16 ({caps.source}), so "
                                             "it cannot be measured here; use auto or fp32")  # fmt: skip
-        if not installed_openvino():
+        if not installed("openvino"):
             raise MissingDependencyError(f"precision bf16 runs on OpenVINO: {install_hint('openvino')}")
     if precision == "int8":
         from imgclf.inference.precision import int8_calibration_available
@@ -460,8 +454,8 @@ class ImageClassificationTrainer:
         """Prepare and certify what ``precision`` asks for; returns the decision, said in one line
         (``line``), with the certificate recorded in ``model.info["precision_metrics"]``."""
         from imgclf.nets.cpu import cpu_capabilities
-        from imgclf.nets.engines import CERTIFY_MIN_IMAGES, certificate_verdict
-        from imgclf.training.certify import certify_after_training, enough_to_certify
+        from imgclf.nets.engines import CERTIFY_MIN_IMAGES, certificate_verdict, installed
+        from imgclf.training.certify import certify_after_training
 
         caps = cpu_capabilities()
         asked = self.precision
@@ -480,8 +474,8 @@ class ImageClassificationTrainer:
             return {**decision, "line": f"fp32: this CPU has no native bf16 ({caps.source}); int8 only when asked "
                                         "(--precision int8)"}  # fmt: skip
         images = len(train[1]) + len(held[1])
-        if asked == "auto" and (not installed_openvino() or not enough_to_certify(images)):
-            why = (f"bf16 needs OpenVINO: {install_hint('openvino')}" if not installed_openvino() else
+        if asked == "auto" and (not installed("openvino") or images < CERTIFY_MIN_IMAGES):
+            why = (f"bf16 needs OpenVINO: {install_hint('openvino')}" if not installed("openvino") else
                    f"{images} images are too few to certify bf16 (needs {CERTIFY_MIN_IMAGES} the head did not "
                    "see); 'imgclf certify MODEL MORE_IMAGES' adds evidence")  # fmt: skip
             return {**decision, "line": f"fp32: {why}"}
