@@ -417,17 +417,21 @@ class ResultFolder:
         return arrow_schema(self.metadata) if self.format == "parquet" else None
 
     def commit(self) -> None:
-        """Close the part in progress and rename it into place: it is now a result."""
+        """Close the part in progress and put it in place (:meth:`_place`): it is now a result."""
         part, self._part = self._part, None
         if part is None:
             return
         try:
             part.close()
-            os.replace(part.tmp, self.path / f"part-{self._next_index:06d}{self.suffix}")
+            self._place(part.tmp, f"part-{self._next_index:06d}{self.suffix}")
         except BaseException:
             part.abandon()
             raise
         self._next_index += 1
+
+    def _place(self, tmp: Path, name: str) -> None:
+        """A complete part into the folder: renamed into place, the folder synced."""
+        os.replace(tmp, self.path / name)
         _fsync_folder(self.path)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -613,21 +617,14 @@ class RemoteResultFolder(ResultFolder):
     def _writing_folder(self) -> Path:
         return self.local  # written here, uploaded whole when committed
 
-    def commit(self) -> None:
-        """Upload the part in progress whole: only then does it appear in the store."""
-        part, self._part = self._part, None
-        if part is None:
-            return
-        try:
-            part.close()
-            if json.loads(self._read(LOCK) or b"{}").get("run") != self._run["run"]:
-                raise OptionError(f"--out {self.uri}: another run took the folder over; this run's last part "
-                                  "is not written")  # fmt: skip
-            self.fs.put_file(str(part.tmp), self._key(f"part-{self._next_index:06d}{self.suffix}"))
-            self._refresh_lock()
-        finally:
-            part.abandon()
-        self._next_index += 1
+    def _place(self, tmp: Path, name: str) -> None:
+        """Upload a complete part whole (only then does it appear in the store), if the lock is still ours."""
+        if json.loads(self._read(LOCK) or b"{}").get("run") != self._run["run"]:
+            raise OptionError(f"--out {self.uri}: another run took the folder over; this run's last part "
+                              "is not written")  # fmt: skip
+        self.fs.put_file(str(tmp), self._key(name))
+        self._refresh_lock()
+        tmp.unlink(missing_ok=True)
 
     def finish(self) -> None:
         self.commit()
