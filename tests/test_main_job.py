@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,11 @@ def test_certify_records_evidence_and_auto_reads_it(small_model, tmp_path, capsy
     entry = load_model(out).info["precision_metrics"]["bf16"]
     assert entry["unseen_images"] == 44 and entry["cpu"] == "bf16" and "accuracy_change" not in entry
     assert main(["certify", str(tmp_path / "nope.imgclf"), str(PREDICT)]) == 2
+    import fsspec
+
+    with fsspec.open("memory://certify/m.imgclf", "wb") as f:  # a model in a store is not rewritten in place
+        f.write(path.read_bytes())
+    capsys.readouterr()
+    assert main(["certify", "memory://certify/m.imgclf", str(PREDICT)]) == 2
+    assert "not rewritten in place; give --out FILE" in capsys.readouterr().err
+    assert not list(tmp_path.glob("memory*")) and not Path("memory:").exists()

@@ -386,6 +386,7 @@ def cmd_predict_to_file(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     from imgclf.atomic import check_output_path
     from imgclf.data.images import ImageData, find_image_files, load_images_from_directory
+    from imgclf.data.uris import is_remote
     from imgclf.errors import DataError
     from imgclf.inference.model import load_model, read_model_config
     from imgclf.inference.precision import measure_precisions, record_certificate
@@ -393,6 +394,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from imgclf.nets.engines import certificate_verdict
 
     read_model_config(args.model)  # an .onnx or a corrupt file is refused before any image
+    if is_remote(args.model) and not args.out:
+        raise OptionError(f"{args.model}: a model in an object store is not rewritten in place; give --out FILE")
     out = Path(args.out) if args.out else Path(args.model)
     check_output_path(out, "model", option="--out" if args.out else None)
     caps = cpu_capabilities()
