@@ -25,6 +25,10 @@ from .conftest import FLOWERS, PREDICT
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
+#: The prediction row every path carries (imgclf.rows, version 2), spelled out: a scored image's
+#: JSON keys and the results file's columns.
+SCORED_KEYS = ["file", "label", "probability", "scores"]
+COLUMNS = ["path", "path_bytes", "label", "probability", "top_labels", "top_probabilities", "error"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,10 @@ def reference(model_file, files):
     return {f.name: np.array([p.scores[lbl] for lbl in model.labels]) for f, p in zip(files, predictions)}, model.labels
 
 
+def meta_version(results) -> int:
+    return json.loads((results / "_imgclf.json").read_text())["format_version"]
+
+
 def _original(name: str) -> str:
     return name.split("-", 1)[1] if name.startswith("job") else name
 
@@ -97,6 +105,7 @@ def test_python_one_image_at_a_time_and_the_terminal(model_file, files, referenc
 
     model = load_model(model_file)
     _check({f.name: model.predict(f).scores for f in files[:6]}, reference)
+    assert list(model.predict(files[0]).to_dict(file=files[0].name)) == SCORED_KEYS
     assert model.engine_choice(1).engine == "torch"  # one image: eager, same fp32 network
     code, out, err = _cli("predict", str(model_file), *map(str, files[:4]))
     assert code == 0 and "fp32" in err
@@ -116,12 +125,14 @@ def test_json_of_300_and_out_of_1800_give_the_same_answers(model_file, jobs, ref
     rows = json.loads(out)
     assert code == 0 and len(rows) == 300
     assert {(r["engine"], r["precision"]) for r in rows} == {("onnxruntime", "fp32")}
+    assert {tuple(r) for r in rows} == {(*SCORED_KEYS, "engine", "precision", "cpu")}
     _check({r["file"]: {s["label"]: s["probability"] for s in r["scores"]} for r in rows}, reference)
 
     results = tmp_path / "r.parquet"
     code, _, _ = _cli("predict", str(model_file), str(jobs[1800]), "--out", str(results), "-q", "--top-k", "5")
     assert code == 0
     table = pq.read_table(results).to_pylist()
+    assert list(table[0]) == COLUMNS and meta_version(results) == 2
     assert len(table) == 1800
     _check({r["path"]: dict(zip(r["top_labels"], r["top_probabilities"])) for r in table}, reference)
     meta = json.loads((results / "_imgclf.json").read_text())
@@ -149,6 +160,7 @@ def test_exported_onnx_serve_and_evaluate_agree(model_file, small_model, files, 
             r = client.post(f"/v1/predict?top_k={len(small_model.labels)}",
                             files=[("files", (f.name, f.read_bytes(), "image/jpeg"))])  # fmt: skip
             res = r.json()["results"][0]
+            assert list(res) == SCORED_KEYS and r.json()["row_version"] == 2
             served[f.name] = {s["label"]: s["probability"] for s in res["scores"]}
         _check(served, reference)
 

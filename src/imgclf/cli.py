@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from imgclf import options
+from imgclf import options, rows
 from imgclf.errors import ImgclfError, MissingDependencyError, OptionError
 from imgclf.inference.loading import load_predictor
 
@@ -82,14 +82,6 @@ def _print_log_lines(name: str) -> None:
     if not any(isinstance(h, _PrintHandler) for h in logger.handlers):
         logger.addHandler(_PrintHandler())
     logger.setLevel(logging.INFO)
-
-
-def _tsv(text: str) -> str:
-    r"""A field for tab-separated output: backslash, tab, newline and carriage return escaped
-    (``\\``, ``\t``, ``\n``, ``\r``), so a file name can never break a line or a column;
-    bytes of a name that are not UTF-8 are written ``\xNN`` instead of stopping the output."""
-    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _check_train_outputs(args: argparse.Namespace) -> None:
@@ -340,16 +332,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, outcome in model.iter_predictions((f, str(f)) for f in files):
         if isinstance(outcome, ImgclfError):
             failed += 1
-            results.append({"file": name, "error": str(outcome)})
+            row = rows.failed(name, str(outcome))
             if not args.json:
-                print(f"error: {_tsv(str(outcome))}", file=sys.stderr)
-            continue
-        results.append({"file": name, **outcome.to_dict(top_k=args.top_k if args.top_k > 1 else None), **ran})
-        if not args.json:
-            line = f"{_tsv(name)}\t{_tsv(outcome.label)}\t{outcome.probability:.4f}"
-            if args.top_k > 1:
-                line += "\t" + ", ".join(f"{_tsv(lbl)} {p:.4f}" for lbl, p in outcome.top(args.top_k))
-            print(line)
+                print(f"error: {rows.tsv_cell(str(outcome))}", file=sys.stderr)
+        else:
+            row = outcome.row(name, args.top_k if args.top_k > 1 else None)
+            if not args.json:
+                print(rows.line(row, args.top_k))
+        results.append({**rows.document(row), **ran})
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0
@@ -401,7 +391,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     caps = cpu_capabilities()
     precision = args.precision if args.precision != "auto" else ("bf16" if caps.bf16 else "int8")
     if precision == "bf16" and not caps.bf16:
-        raise OptionError(f"--precision bf16: this CPU has no native bf16 ({caps.source}); certify on a CPU that has it")
+        raise OptionError(
+            f"--precision bf16: this CPU has no native bf16 ({caps.source}); certify on a CPU that has it"
+        )
     model = load_model(args.model)
     if precision == "int8" and model.int8_graph_ is None:
         raise OptionError(f"{args.model}: has no calibrated int8 graph; train it with --precision int8 first")
@@ -659,7 +651,9 @@ def _main(argv: Sequence[str] | None) -> int:
         root = (e.name or "").split(".")[0]
         if root not in options.EXTRA_FOR_MODULE:
             raise
-        err = MissingDependencyError(f"'{root}' is not installed: {options.install_hint(options.EXTRA_FOR_MODULE[root])}")
+        err = MissingDependencyError(
+            f"'{root}' is not installed: {options.install_hint(options.EXTRA_FOR_MODULE[root])}"
+        )
         print(f"imgclf: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf import rows
 from imgclf.batch.local import check_options
 from imgclf.batch.scoring import ModelFile, load_scoring_model, score_sources
 from imgclf.errors import MissingDependencyError, OptionError
@@ -60,15 +61,27 @@ def _pyspark():
 
 
 def result_type():
-    """The UDF's Spark type: a struct of the result columns (the path stays in the caller's DataFrame)."""
+    """The UDF's Spark type: a struct of the result row's columns (:mod:`imgclf.rows`) but the
+    path, which stays in the caller's DataFrame."""
     _, t = _pyspark()
-    return t.StructType([
-        t.StructField("label", t.StringType()),
-        t.StructField("probability", t.FloatType()),
-        t.StructField("top_labels", t.ArrayType(t.StringType())),
-        t.StructField("top_probabilities", t.ArrayType(t.FloatType())),
-        t.StructField("error", t.StringType()),
-    ])  # fmt: skip
+    return t.StructType(rows.spark_fields(t))
+
+
+def _struct_columns(columns: dict[str, list], k: int) -> dict[str, np.ndarray]:
+    """The result columns as the arrays ``predict_batch_udf`` wants: lists as (rows, k) object
+    arrays (null lists as k nulls), numbers as float32 with NaN for null."""
+    out = {}
+    for name, kind in rows.TABLE_COLUMNS:
+        if name not in columns:
+            continue
+        values = columns[name]
+        if kind in ("texts", "numbers"):
+            out[name] = np.array([v or [None] * k for v in values], dtype=object).reshape(-1, k)
+        elif kind == "number":
+            out[name] = np.array([np.nan if v is None else v for v in values], np.float32)
+        else:
+            out[name] = np.array(values, dtype=object)
+    return out
 
 
 def predict_udf(
@@ -104,16 +117,7 @@ def predict_udf(
             names = [UNNAMED] * len(contents) if paths is None else [UNNAMED if p is None else str(p) for p in paths]
             sources = [None if c is None else bytes(c) for c in contents]
             result = score_sources(predictor, names, sources, top_k, workers=threads or 1)
-            missing = [None] * k
-            return {
-                "label": np.array(result.labels, dtype=object),
-                "probability": np.array([np.nan if p is None else p for p in result.probabilities], np.float32),
-                "top_labels": np.array([t or missing for t in result.top_labels], dtype=object).reshape(-1, k),
-                "top_probabilities": np.array([t or missing for t in result.top_probabilities], dtype=object).reshape(
-                    -1, k
-                ),  # fmt: skip
-                "error": np.array(result.errors, dtype=object),
-            }
+            return _struct_columns(result.columns(with_name=False), k)
 
         return score
 

@@ -100,7 +100,8 @@ class _ImageScorer:
                     sources[i] = ImageDecodeError(error)
         result = score_sources(self.predictor, paths, sources, self.top_k, workers=self.threads)
         if not named:
-            result.paths = [None] * len(paths)
+            for row in result.rows:  # images given as bytes alone have no name to write
+                row["file"] = None
         return result.to_arrow(self.schema)
 
 

@@ -1,29 +1,25 @@
-r"""One result row per input, the same in every engine and every file format.
+"""One result row per input, the same in every engine and every file format.
 
-Columns: ``path`` (valid UTF-8: a name's bytes that are not UTF-8 are written ``\xNN``),
-``label``, ``probability``, ``top_labels``, ``top_probabilities`` (the ``top_k`` most
-likely labels, best first), ``error`` (null when the image was scored; label and
-probabilities are null when it was not) and ``path_bytes`` (the name's raw bytes in
-hex where it is not UTF-8, else null; :mod:`imgclf.names`). Format version 2 added
-``path_bytes``. The model's
-SHA-256 and labels travel as metadata (:func:`result_metadata`).
+The row is :mod:`imgclf.rows`'s (its table encoding: ``path``, ``label``, ``probability``,
+``top_labels``, ``top_probabilities``, ``error``, ``path_bytes``); a results folder records
+its version, the model's SHA-256 and labels as metadata (:func:`result_metadata`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from imgclf import rows as prediction_rows
 from imgclf.errors import ImgclfError
-from imgclf.names import printable, raw_hex
+from imgclf.rows import COLUMNS as COLUMNS  # the table's columns, re-exported for the writers
 
-COLUMNS = ("path", "label", "probability", "top_labels", "top_probabilities", "error", "path_bytes")
 METADATA_KEY = "imgclf"
 FORMAT_NAME = "imgclf-predictions"
-FORMAT_VERSION = 2
+FORMAT_VERSION = prediction_rows.ROW_VERSION
 
 
 def result_metadata(
@@ -45,25 +41,18 @@ def arrow_schema(metadata: dict | None = None):
     """The Arrow schema of result rows, with ``metadata`` as Parquet key-value metadata."""
     import pyarrow as pa
 
-    fields = [("path", pa.string()), ("label", pa.string()), ("probability", pa.float32()),
-              ("top_labels", pa.list_(pa.string())), ("top_probabilities", pa.list_(pa.float32())),
-              ("error", pa.string()), ("path_bytes", pa.string())]  # fmt: skip
+    fields = prediction_rows.arrow_fields(pa)
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata)} if metadata else None)
 
 
 @dataclass
 class ResultBatch:
-    """Result rows, column by column (a batch of inputs in input order)."""
+    """Result rows (:mod:`imgclf.rows`) of a batch of inputs, in input order."""
 
-    paths: list[str]
-    labels: list[str | None]
-    probabilities: list[float | None]
-    top_labels: list[list[str] | None]
-    top_probabilities: list[list[float] | None]
-    errors: list[str | None]
+    rows: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.rows)
 
     @classmethod
     def build(
@@ -78,42 +67,32 @@ class ResultBatch:
         ``probabilities`` holds one row per decoded image, in order."""
         k = min(top_k, len(labels))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k] if len(probabilities) else None
-        batch = cls([], [], [], [], [], [])
+        batch = cls()
         scored = 0
         for path, outcome in zip(paths, outcomes):
-            batch.paths.append(path)
             if isinstance(outcome, ImgclfError):
-                batch.labels.append(None)
-                batch.probabilities.append(None)
-                batch.top_labels.append(None)
-                batch.top_probabilities.append(None)
-                batch.errors.append(str(outcome))
+                batch.rows.append(prediction_rows.failed(path, str(outcome)))
                 continue
-            best = order[scored]
-            probs = probabilities[scored]
-            batch.labels.append(labels[best[0]])
-            batch.probabilities.append(float(probs[best[0]]))
-            batch.top_labels.append([labels[i] for i in best])
-            batch.top_probabilities.append([float(probs[i]) for i in best])
-            batch.errors.append(None)
+            best, probs = order[scored], probabilities[scored]
+            top = [(labels[i], float(probs[i])) for i in best]
+            batch.rows.append(prediction_rows.scored(path, top[0][0], top[0][1], top))
             scored += 1
         return batch
 
     @property
+    def paths(self) -> list[str]:
+        return [row["file"] for row in self.rows]
+
+    @property
     def failed(self) -> int:
-        return sum(e is not None for e in self.errors)
+        return sum(row["error"] is not None for row in self.rows)
 
-    def columns(self) -> dict[str, list]:
-        return {"path": [printable(p) for p in self.paths], "label": self.labels, "probability": self.probabilities,
-                "top_labels": self.top_labels, "top_probabilities": self.top_probabilities,
-                "error": [None if e is None else printable(e) for e in self.errors],
-                "path_bytes": [raw_hex(p) for p in self.paths]}  # fmt: skip
+    def columns(self, with_name: bool = True) -> dict[str, list]:
+        return prediction_rows.columns(self.rows, with_name)
 
-    def rows(self) -> Iterator[dict]:
+    def records(self) -> Iterator[dict]:
         """One dict per row, columns in :data:`COLUMNS` order (for CSV and JSON Lines)."""
-        cols = self.columns()
-        for i in range(len(self.paths)):
-            yield {name: cols[name][i] for name in COLUMNS}
+        return prediction_rows.records(self.rows)
 
     def to_arrow(self, schema=None):
         import pyarrow as pa

@@ -231,7 +231,7 @@ class _CsvPart(_Part):
         self.writer.writerow(COLUMNS)
 
     def write(self, batch: ResultBatch) -> None:
-        self.writer.writerows([_csv_cell(row[c]) for c in COLUMNS] for row in batch.rows())
+        self.writer.writerows([_csv_cell(row[c]) for c in COLUMNS] for row in batch.records())
         self.rows += len(batch)
 
     def close(self) -> None:
@@ -242,7 +242,7 @@ class _CsvPart(_Part):
 
 class _JsonlPart(_Part):
     def write(self, batch: ResultBatch) -> None:
-        self.file.write("".join(json.dumps(row) + "\n" for row in batch.rows()).encode())
+        self.file.write("".join(json.dumps(row) + "\n" for row in batch.records()).encode())
         self.rows += len(batch)
 
 
@@ -516,7 +516,11 @@ def _fsync_folder(folder: Path) -> None:
 
 def open_results(path: str | Path, metadata: dict, **options) -> ResultFolder:
     """The results folder at ``path``: on disk, or in an object store for a URI."""
-    return RemoteResultFolder(str(path), metadata, **options) if is_remote(path) else ResultFolder(path, metadata, **options)
+    return (
+        RemoteResultFolder(str(path), metadata, **options)
+        if is_remote(path)
+        else ResultFolder(path, metadata, **options)
+    )
 
 
 class RemoteResultFolder(ResultFolder):
@@ -630,7 +634,9 @@ class RemoteResultFolder(ResultFolder):
         self.commit()
         rows, failed = self._counts()
         found = json.loads(self._read(SIDECAR))
-        self.fs.pipe_file(self._key(SIDECAR), json.dumps({**found, "rows": rows, "error_rows": failed}, indent=2).encode())
+        self.fs.pipe_file(
+            self._key(SIDECAR), json.dumps({**found, "rows": rows, "error_rows": failed}, indent=2).encode()
+        )
         self.fs.pipe_file(self._key(SUCCESS), b"")
 
     def staging_folder(self) -> Path:
@@ -650,4 +656,3 @@ def _abandoned(lock: dict) -> bool:
             return False
         return False
     return time.time() - float(lock.get("time", 0)) > REMOTE_LEASE
-

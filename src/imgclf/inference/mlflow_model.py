@@ -8,9 +8,11 @@ image in one of two columns:
 - ``path``: a file path (str), or
 - ``image``: the encoded image (bytes: JPEG, PNG, ...).
 
-The answer is a DataFrame with one row per input row: ``label``, ``probability`` and
-``error`` (None, or why that row's image could not be scored; the other rows are still
-scored), the same answers as ``imgclf predict`` gives for the same model file.
+The answer is a DataFrame with one row per input row: the prediction row's columns
+(:mod:`imgclf.rows`) but the path: ``label``, ``probability``, ``top_labels`` and
+``top_probabilities`` (the ``top_k`` parameter's most likely labels, default 1), and ``error``
+(None, or why that row's image could not be scored; the other rows are still scored),
+the same answers as ``imgclf predict`` gives for the same model file.
 
 ``imgclf predict models:/NAME/1`` finds the model file in the downloaded model
 (``imgclf.data.uris``). MLflow is imported only here, in ``imgclf.data.uris`` for
@@ -24,21 +26,26 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd  # MLflow's own dependency
 
+from imgclf import rows
 from imgclf.data.uris import MLFLOW_MODEL_ARTIFACT as ARTIFACT  # the model file's key among the artifacts
+from imgclf.options import TOP_K
 
 #: Where the model is logged inside a run (``runs:/<id>/model``).
 ARTIFACT_PATH = "model"
 
 
 def signature():
-    """Input: ``path`` (string) or ``image`` (bytes), one of them per row; output: label, probability, error."""
+    """Input: ``path`` (string) or ``image`` (bytes), one of them per row, and the parameter
+    ``top_k``; output: the prediction row's columns but the path (:mod:`imgclf.rows`)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+    types = {"text": "string", "number": "double", "texts": Array("string"), "numbers": Array("double")}
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                      ColSpec("string", "error", required=False)])  # fmt: skip
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    outputs = Schema([ColSpec(types[kind], name, required=False)  # null where an image could not be scored
+                      for name, kind in rows.TABLE_COLUMNS if name not in rows.NAME_COLUMNS])  # fmt: skip
+    params = ParamSchema([ParamSpec("top_k", "long", TOP_K)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 class ImgclfPythonModel(mlflow.pyfunc.PythonModel):
@@ -65,14 +72,15 @@ class ImgclfPythonModel(mlflow.pyfunc.PythonModel):
                 items.append((path, path))
             else:
                 items.append((b"", f"<row {i}>"))  # nothing given: an error row, like an empty file
+        top_k = int((params or {}).get("top_k", TOP_K))
         self.model.job_size = len(items)
-        rows = []
-        for _, outcome in self.model.iter_predictions(items):
+        results = []
+        for name, outcome in self.model.iter_predictions(items):
             if isinstance(outcome, ImageDecodeError):
-                rows.append({"label": None, "probability": None, "error": str(outcome)})
+                results.append(rows.failed(name, str(outcome)))
             else:
-                rows.append({"label": outcome.label, "probability": outcome.probability, "error": None})
-        return pd.DataFrame(rows, columns=["label", "probability", "error"])
+                results.append(outcome.row(name, top_k))
+        return pd.DataFrame(rows.columns(results, with_name=False))
 
 
 def pip_requirements() -> list[str]:
@@ -108,4 +116,3 @@ def log_model(model_file: str | Path, registered_model_name: str | None = None):
             name=ARTIFACT_PATH, python_model=str(CODE), artifacts={ARTIFACT: str(model_file)},
             signature=signature(), pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
         )  # fmt: skip
-

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, overload
 
 import numpy as np
 
+from imgclf import rows
 from imgclf.data.images import ImageData, find_image_files, load_images_from_directory
 from imgclf.data.imaging import ImageSource, Preprocessing, load_array
 from imgclf.data.inputs import ACCEPTED, array_image, image_items, is_many, labelled_items
@@ -74,8 +75,8 @@ class Prediction:
     """The predicted label, its probability, and the probability of every label.
 
     ``scores`` maps every label to its probability, in the model's label order;
-    :meth:`to_dict` gives the JSON form the CLI and the HTTP API share: ``scores``
-    as a list of ``{"label", "probability"}``, most likely first.
+    :meth:`to_dict` gives the JSON form of the prediction row (:mod:`imgclf.rows`) the CLI
+    and the HTTP API share: ``scores`` as a list of ``{"label", "probability"}``, most likely first.
     """
 
     label: str
@@ -86,12 +87,15 @@ class Prediction:
         """The ``k`` most likely labels with their probabilities, best first."""
         return sorted(self.scores.items(), key=lambda kv: -kv[1])[:k]
 
-    def to_dict(self, top_k: int | None = None) -> dict:
-        """``{"label", "probability", "scores": [{"label", "probability"}, ...]}``, best first,
-        all labels or the ``top_k`` most likely."""
-        ranked = self.top(top_k or len(self.scores))
-        return {"label": self.label, "probability": self.probability,
-                "scores": [{"label": lbl, "probability": p} for lbl, p in ranked]}  # fmt: skip
+    def row(self, file: str | None = None, top_k: int | None = None) -> dict:
+        """This prediction as a prediction row (:mod:`imgclf.rows`), all labels or the ``top_k``."""
+        return rows.scored(file, self.label, self.probability, self.top(top_k or len(self.scores)))
+
+    def to_dict(self, top_k: int | None = None, file: str | None = None) -> dict:
+        """The row's JSON form (:func:`imgclf.rows.document`): ``file``, ``label``,
+        ``probability``, ``scores`` (``[{"label", "probability"}, ...]``, best first, all labels
+        or the ``top_k`` most likely) and ``error`` (null)."""
+        return rows.document(self.row(file, top_k))
 
     def __repr__(self) -> str:
         others = ", ".join(f"{lbl!r}: {p:.4f}" for lbl, p in self.top(3)[1:])

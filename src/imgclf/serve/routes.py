@@ -16,12 +16,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from imgclf import rows
 from imgclf.data.imaging import load_array
 from imgclf.errors import ImageDecodeError
 from imgclf.options import TOP_K
 from imgclf.serve.auth import UNAUTHORIZED, require_key
 from imgclf.serve.handlers import HTTPError
-from imgclf.serve.schemas import ErrorResponse, ImageResult, LabelScore, ModelInfo, PredictError, PredictResponse
+from imgclf.serve.schemas import ErrorResponse, ImageResult, ModelInfo, PredictError, PredictResponse
 from imgclf.serve.state import ServeState, get_state
 from imgclf.serve.uploads import declared_length, parse_multipart, read_body
 from imgclf.version import __version__
@@ -87,10 +88,9 @@ async def score(state: ServeState, data: bytes, filename: str, top_k: int) -> tu
         try:
             array = await loop.run_in_executor(state.decode_pool, decode, state, data, filename)
         except ImageDecodeError as e:
-            return ImageResult(file=filename, error=str(e)), e.http_status
+            return ImageResult(**rows.document(rows.failed(filename, str(e)))), e.http_status
         p = await state.batcher.predict(array)
-    return ImageResult(file=filename, label=p.label, probability=p.probability,
-                       scores=[LabelScore(label=lbl, probability=v) for lbl, v in p.top(top_k)]), 200  # fmt: skip
+    return ImageResult(**p.to_dict(top_k, file=filename)), 200
 
 
 def decode(state: ServeState, data: bytes, filename: str):

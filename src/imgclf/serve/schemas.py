@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
+
+from imgclf import rows
 
 
 class LabelScore(BaseModel):
@@ -10,20 +12,23 @@ class LabelScore(BaseModel):
     probability: float
 
 
-class ImageResult(BaseModel):
-    """One image's outcome: ``label``/``probability``/``scores``, or ``error``."""
+def _image_result() -> type[BaseModel]:
+    """The typed form of :mod:`imgclf.rows`'s prediction row, field by field from its table."""
+    types = {"name": str, "text": str | None, "number": float | None, "ranking": list[LabelScore] | None}
+    fields = {
+        f.name: (types[f.kind], Field(... if f.kind == "name" else None, description=f.help)) for f in rows.FIELDS
+    }
+    return create_model("ImageResult", __doc__="One image's outcome: a prediction row (imgclf.rows).", **fields)
 
-    file: str
-    label: str | None = None
-    probability: float | None = None
-    scores: list[LabelScore] | None = None
-    error: str | None = None
+
+ImageResult = _image_result()
 
 
 class PredictResponse(BaseModel):
     results: list[ImageResult]
     model: str
     elapsed_ms: float
+    row_version: int = Field(rows.ROW_VERSION, description="the version of the prediction row (imgclf.rows)")
 
 
 class ErrorResponse(BaseModel):

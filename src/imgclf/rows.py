@@ -1,0 +1,155 @@
+r"""The prediction row: what one scored image carries, defined once, read by every output.
+
+A row is a plain dict keyed by the names in :data:`FIELDS`. Two encodings carry it, both
+built here from that one table, so a field added to :data:`FIELDS` appears everywhere:
+
+- **documents** (JSON: ``predict --json``, the HTTP API and the page, :meth:`Prediction.to_dict
+  <imgclf.inference.predictor.Prediction.to_dict>`): the keys that apply, in the table's
+  order (a scored image has no ``error``, a failed one only ``file`` and ``error``); the
+  ranking as ``"scores": [{"label", "probability"}, ...]``, best first;
+- **tables** (Parquet, CSV, JSON Lines, Ray, Spark's struct, MLflow's DataFrame):
+  ``path`` (valid UTF-8: bytes that are not are written ``\xNN``) and ``path_bytes`` (the
+  raw name in hex where it is not UTF-8, else null; :mod:`imgclf.names`), the ranking as two
+  list columns ``top_labels`` and ``top_probabilities``. Spark's struct and MLflow's frame
+  leave the path out: it stays in the caller's own frame.
+
+:data:`ROW_VERSION` counts changes to the fields: a results folder records it and refuses
+to be resumed by another version; the HTTP API answers it with every prediction.
+Versions: 1 the first columns; 2 added ``path_bytes``.
+
+Numpy-free and pyarrow-free: the library's layers ask for the types they need
+(:func:`arrow_fields`, :func:`spark_fields`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from imgclf.names import printable, raw_hex
+
+ROW_VERSION = 2
+
+
+@dataclass(frozen=True)
+class RowField:
+    """One thing a prediction carries. ``kind`` decides its encodings:
+    ``name`` (the image's name), ``text``, ``number`` (float32 in tables) or
+    ``ranking`` (labels with probabilities, best first)."""
+
+    name: str
+    kind: str
+    help: str
+
+
+FIELDS: tuple[RowField, ...] = (
+    RowField("file", "name", "the image's file name, path or URI, as given"),
+    RowField("label", "text", "the most likely label; null when the image could not be scored"),
+    RowField("probability", "number", "the probability of that label"),
+    RowField("scores", "ranking", "the top-k labels with their probabilities, most likely first"),
+    RowField("error", "text", "why the image could not be scored, in one line; null when it was"),
+)
+
+#: How each kind is written in a table: its columns, as (column suffix or name, element type).
+_TABLE = {"name": (("path", "text"), ("path_bytes", "text")), "text": (("", "text"),),
+          "number": (("", "number"),), "ranking": (("top_labels", "texts"), ("top_probabilities", "numbers"))}  # fmt: skip
+#: Columns that name the image: left out where the caller's own frame keeps the path (Spark, MLflow).
+NAME_COLUMNS = ("path", "path_bytes")
+
+
+def _table_columns(f: RowField) -> tuple[tuple[str, str], ...]:
+    return tuple((column or f.name, kind) for column, kind in _TABLE[f.kind])
+
+
+#: Every table column with its element type (``text``, ``number``, ``texts``, ``numbers``), in order.
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = tuple(c for f in FIELDS for c in _table_columns(f))
+COLUMNS: tuple[str, ...] = tuple(name for name, _ in TABLE_COLUMNS)
+DOCUMENT_KEYS: tuple[str, ...] = tuple(f.name for f in FIELDS)
+
+
+def scored(file: str, label: str, probability: float, top: Sequence[tuple[str, float]]) -> dict:
+    """The row of a scored image: ``top`` holds (label, probability) pairs, best first."""
+    row = dict.fromkeys(DOCUMENT_KEYS)
+    row.update(file=file, label=label, probability=float(probability),
+               scores=[(lbl, float(p)) for lbl, p in top], error=None)  # fmt: skip
+    return row
+
+
+def failed(file: str, error: str) -> dict:
+    """The row of an image that could not be scored."""
+    row = dict.fromkeys(DOCUMENT_KEYS)
+    row.update(file=file, error=error)
+    return row
+
+
+def document(row: dict) -> dict:
+    """The JSON form of one row: the keys of :data:`DOCUMENT_KEYS` that apply, in order."""
+    out = {}
+    for f in FIELDS:
+        value = row.get(f.name)
+        if value is None:
+            continue
+        if f.kind == "ranking":
+            value = [{"label": lbl, "probability": p} for lbl, p in value]
+        elif f.kind in ("name", "text"):  # valid UTF-8, whatever a name's bytes
+            value = printable(value)
+        out[f.name] = value
+    return out
+
+
+def columns(rows: Sequence[dict], with_name: bool = True) -> dict[str, list]:
+    """The table form of ``rows``, column by column in :data:`COLUMNS` order.
+    ``with_name=False`` leaves out :data:`NAME_COLUMNS` (Spark, MLflow)."""
+    out: dict[str, list] = {}
+    for f in FIELDS:
+        values = [row.get(f.name) for row in rows]
+        if f.kind == "name":
+            if with_name:
+                out["path"] = [None if v is None else printable(v) for v in values]
+                out["path_bytes"] = [None if v is None else raw_hex(v) for v in values]
+        elif f.kind == "ranking":
+            (labels, _), (probs, _) = _table_columns(f)
+            out[labels] = [None if v is None else [lbl for lbl, _ in v] for v in values]
+            out[probs] = [None if v is None else [p for _, p in v] for v in values]
+        elif f.kind == "text":  # valid UTF-8, like the path an error may quote
+            out[f.name] = [None if v is None else printable(v) for v in values]
+        else:
+            out[f.name] = values
+    return out
+
+
+def records(rows: Sequence[dict]) -> Iterator[dict]:
+    """One flat dict per row, in :data:`COLUMNS` order (CSV and JSON Lines)."""
+    cols = columns(rows)
+    for i in range(len(rows)):
+        yield {name: cols[name][i] for name in COLUMNS}
+
+
+def arrow_fields(pa, with_name: bool = True) -> list:
+    """The table columns as pyarrow fields (``pa``: the pyarrow module)."""
+    types = {"text": pa.string(), "number": pa.float32(), "texts": pa.list_(pa.string()),
+             "numbers": pa.list_(pa.float32())}  # fmt: skip
+    return [pa.field(n, types[k]) for n, k in TABLE_COLUMNS if with_name or n not in NAME_COLUMNS]
+
+
+def spark_fields(t) -> list:
+    """The table columns but the path as Spark struct fields (``t``: ``pyspark.sql.types``)."""
+    types = {"text": t.StringType(), "number": t.FloatType(), "texts": t.ArrayType(t.StringType()),
+             "numbers": t.ArrayType(t.FloatType())}  # fmt: skip
+    return [t.StructField(n, types[k]) for n, k in TABLE_COLUMNS if n not in NAME_COLUMNS]
+
+
+def line(row: dict, top_k: int = 1) -> str:
+    """The terminal's tab-separated line: file, label, probability (and the top ``top_k``)."""
+    text = f"{tsv_cell(row['file'])}\t{tsv_cell(row['label'])}\t{row['probability']:.4f}"
+    if top_k > 1:
+        text += "\t" + ", ".join(f"{tsv_cell(lbl)} {p:.4f}" for lbl, p in row["scores"][:top_k])
+    return text
+
+
+def tsv_cell(text: str) -> str:
+    r"""A field for tab-separated output: backslash, tab, newline and carriage return escaped
+    (``\\``, ``\t``, ``\n``, ``\r``), so a file name can never break a line or a column;
+    bytes of a name that are not UTF-8 are written ``\xNN`` instead of stopping the output."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return printable(text)

@@ -1,0 +1,73 @@
+"""The prediction row is defined once (imgclf.rows) and every encoding follows it: a field
+added to the table must appear in JSON documents, result files, Spark's struct, the HTTP
+API's typed model and MLflow's signature, without a second edit.
+
+The keys and columns users rely on are spelled out here, not imported, so a change to the
+row is a visible change to this file (and to ROW_VERSION and the CHANGELOG).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgclf import rows
+
+DOCUMENT = ["file", "label", "probability", "scores", "error"]
+TABLE = ["path", "path_bytes", "label", "probability", "top_labels", "top_probabilities", "error"]
+SCORED = rows.scored("a\tb.jpg", "roses", 0.75, [("roses", 0.75), ("tulips", 0.2)])
+BAD_NAME = b"bad\xff.jpg".decode("utf-8", "surrogateescape")  # a name whose bytes are not UTF-8
+FAILED = rows.failed(BAD_NAME, f"{BAD_NAME}: not an image")
+
+
+def test_the_row_users_rely_on():
+    assert rows.ROW_VERSION == 2
+    assert list(rows.DOCUMENT_KEYS) == DOCUMENT
+    assert list(rows.COLUMNS) == TABLE
+
+
+def test_documents_carry_the_keys_that_apply_in_order():
+    scored = rows.document(SCORED)
+    assert scored == {"file": "a\tb.jpg", "label": "roses", "probability": 0.75,
+                      "scores": [{"label": "roses", "probability": 0.75}, {"label": "tulips", "probability": 0.2}]}  # fmt: skip
+    assert list(scored) == DOCUMENT[:4]
+    failed = rows.document(FAILED)
+    assert failed == {"file": "bad\\xff.jpg", "error": "bad\\xff.jpg: not an image"}
+    json.dumps(failed)  # valid UTF-8 whatever the file name's bytes
+
+
+def test_tables_keep_the_raw_name_and_split_the_ranking():
+    cols = rows.columns([SCORED, FAILED])
+    assert list(cols) == TABLE
+    assert cols["path"] == ["a\tb.jpg", "bad\\xff.jpg"] and cols["path_bytes"] == [None, b"bad\xff.jpg".hex()]
+    assert cols["top_labels"] == [["roses", "tulips"], None] and cols["top_probabilities"] == [[0.75, 0.2], None]
+    assert list(rows.columns([SCORED], with_name=False)) == [c for c in TABLE if c not in ("path", "path_bytes")]
+    assert [list(r) for r in rows.records([SCORED])] == [TABLE]
+
+
+def test_the_terminal_line_escapes_what_would_break_a_column():
+    assert rows.line(SCORED) == "a\\tb.jpg\troses\t0.7500"
+    assert rows.line(SCORED, top_k=2) == "a\\tb.jpg\troses\t0.7500\troses 0.7500, tulips 0.2000"
+
+
+
+def test_every_field_reaches_arrow_and_the_typed_http_model():
+    pa = pytest.importorskip("pyarrow")
+    from imgclf.serve.schemas import ImageResult, PredictResponse
+
+    assert [f.name for f in rows.arrow_fields(pa)] == TABLE
+    assert list(ImageResult.model_fields) == DOCUMENT
+    assert ImageResult.model_fields["file"].is_required()
+    assert PredictResponse.model_fields["row_version"].default == 2
+    for f in rows.FIELDS:  # each field documented in the OpenAPI page
+        assert ImageResult.model_fields[f.name].description == f.help
+
+
+def test_every_field_but_the_path_reaches_spark_and_mlflow():
+    t = pytest.importorskip("pyspark.sql.types")
+    assert [f.name for f in rows.spark_fields(t)] == TABLE[2:]
+    pytest.importorskip("mlflow")
+    from imgclf.inference.mlflow_model import signature
+
+    assert signature().outputs.input_names() == TABLE[2:]
