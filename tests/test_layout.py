@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "imgclf"
 
 #: Layer of each top-level module or subpackage of imgclf; higher may import lower.
 LAYERS = {
-    "errors": 0, "atomic": 0, "filetypes": 0, "version": 0, "names": 0, "options": 0,
+    "errors": 0, "atomic": 0, "filetypes": 0, "version": 0, "names": 0, "options": 0, "rows": 0,
     "data": 1,
     "nets": 2,
     "inference": 3,
