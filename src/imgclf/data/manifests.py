@@ -209,20 +209,20 @@ def manifest_joiner(manifest: str) -> Callable[[str], str]:
     return join_local
 
 
-def iter_manifest(path: str, column: str | None = None) -> Iterator[str]:
-    """The image paths a manifest lists, streamed, relative ones joined to its folder; blank
-    entries (and a ``.txt``'s ``#`` comments) skipped. ``column``: the path column (detected
-    when None)."""
-    join = manifest_joiner(path)
+def iter_manifest(path: str, column: str | None = None, *, join: bool = True) -> Iterator[str]:
+    """The image paths a manifest lists, streamed, relative ones joined to its folder (as written
+    when not ``join``); blank entries (and a ``.txt``'s ``#`` comments) skipped. ``column``: the
+    path column (detected when None)."""
+    joiner = manifest_joiner(path) if join else str
     if not is_table(path):
         with _Reading(path), _open_text(path) as f:
             for line in f:
                 entry = line.strip()
                 if entry and not entry.startswith("#"):
-                    yield join(entry)
+                    yield joiner(entry)
         return
     column = column or path_column(path)
     for _, (entry,) in iter_rows(path, [column]):
         entry = "" if entry is None else str(entry).strip()
         if entry:
-            yield join(entry)
+            yield joiner(entry)
