@@ -173,6 +173,7 @@ def _one_line_exit_2(capsys, *argv) -> str:
         ("nums.csv", "path,label\na.jpg,7\n", ["--label-map", "{tmp}/names.txt"], "label '7' is not in the --label-map"),
         ("ok.csv", "path,label\na.jpg,0\n", ["--label-map", "{tmp}/none.txt"], "--label-map {tmp}/none.txt: no such file"),
         ("missing.csv", None, [], "missing.csv: no such manifest"),
+        ("paths.txt", "a.jpg\n", [], "a .txt manifest lists paths alone; labelled images need a table"),
     ],
 )  # fmt: skip
 def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, extra, said, tmp_path, capsys):
@@ -185,6 +186,11 @@ def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, ex
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     line = _one_line_exit_2(capsys, "train", manifest, *extra, "--out", tmp_path / "m.imgclf", "-q")
     assert said.replace("{tmp}", str(tmp_path)) in line, line
+
+
+def test_manifest_options_on_a_folder_are_refused(tmp_path, capsys):
+    line = _one_line_exit_2(capsys, "train", FLOWERS, "--path-column", "file", "--out", tmp_path / "m.imgclf")
+    assert "--path-column applies to manifests" in line
 
 
 def test_a_uri_whose_filesystem_package_is_missing_is_one_line(tmp_path, capsys):

@@ -116,7 +116,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, distributed) -> int:
     from imgclf.atomic import atomic_write_text, check_not_an_input
-    from imgclf.data.images import load_images_from_directory
     from imgclf.data.layouts import load_dataset
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
@@ -169,8 +168,8 @@ def _train(args: argparse.Namespace, distributed) -> int:
             if validation is not None and (args.validation_folder or args.validation_fraction):
                 flag = "--validation-folder" if args.validation_folder else "--validation-fraction"
                 raise OptionError(f"{flag}: {folder} has its own validation images ({len(validation)}); drop {flag}")
-            if args.validation_folder:
-                validation = load_images_from_directory(args.validation_folder)
+            if args.validation_folder:  # a folder of label subfolders, or a manifest
+                validation = load_dataset(args.validation_folder).images
             _print_warnings_now(caught)  # an empty label folder: said before the training, not after
             given = images + (validation or []) + (test or [])
             inputs = [im.source for im in given if isinstance(im.source, Path)] + dataset.manifests

@@ -31,6 +31,7 @@ from imgclf.data.manifests import (
     SPLIT_COLUMN,
     columns_of,
     find_column,
+    is_manifest,
     is_table,
     iter_rows,
     manifest_joiner,
@@ -86,6 +87,8 @@ def load_dataset(source: str | Path, *, path_column: str | None = None, label_co
         if not is_uri(text) and os.path.isdir(text):
             raise DataError(f"{text}: is a folder, not a manifest file")
         return _from_manifest(text, **names, what="manifest")
+    if is_manifest(text) and not os.path.isdir(text):
+        _path_column(text, None)  # a .txt list: one line saying what a labelled manifest needs
     if is_uri(text):
         raise DataError(f"{text}: labelled images from a URI come in a manifest (.csv, .tsv, .jsonl or .parquet "
                         "listing path and label); give its URI")  # fmt: skip
@@ -115,8 +118,11 @@ def _metadata_file(folder: Path) -> Path | None:
 def _split_folders(root: Path) -> dict[str, Path] | None:
     """``train/``, ``val/`` and ``test/`` (as :data:`SPLIT_FOLDERS` spells them) when ``root`` holds
     ``train/`` and one of the others and nothing else; None when it is not such a folder."""
-    with os.scandir(root) as entries:
-        folders = sorted(e.name for e in entries if not is_skipped(e.name) and e.is_dir())
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.name for e in entries if not is_skipped(e.name) and _is_folder(e))
+    except OSError:
+        return None  # the folder loader says what is wrong with it
     found: dict[str, list[str]] = defaultdict(list)
     for name in folders:
         for part, spellings in SPLIT_FOLDERS.items():
@@ -133,6 +139,13 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
         if len(names) > 1:
             raise DataError(f"{root}: has {' and '.join(n + '/' for n in names)}; keep one {part} folder")
     return {part: root / found[part][0] for part in SPLIT_FOLDERS if part in found}
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that cannot be followed
+        return False
 
 
 def _from_split_folders(root: Path, parts: dict[str, Path], names: dict) -> Dataset:

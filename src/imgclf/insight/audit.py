@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageData, content_hash, load_images_from_directory
+from imgclf.data.images import ImageData, content_hash
 from imgclf.data.imaging import open_image
 from imgclf.data.layouts import load_dataset, tagged
 from imgclf.data.parallel import ordered_map
@@ -226,7 +226,7 @@ def audit(
     n_folder = len(images)
     has_parts = against is None and len(dataset.parts) > 1
     if against is not None:
-        test_images = load_images_from_directory(against)
+        test_images = load_dataset(against).images
         test_names = _relative_names(against, test_images)
         images += [ImageData(im.source, im.label, name) for im, name in zip(test_images, test_names)]
     in_folder = np.arange(len(images)) < n_folder
