@@ -204,7 +204,7 @@ def test_stopped_midway_then_rerun_scores_each_input_once(small_onnx_model, tmp_
 def test_model_and_output_problems_stop_before_any_work(small_onnx_model, folder, tmp_path, capsys, argv, message):
     (tmp_path / "file.parquet").write_text("I was here first")
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
-    (tmp_path / "nopath.csv").write_text("file,label\na.jpg,x\n")
+    (tmp_path / "nopath.csv").write_text("name,label\na.jpg,x\n")  # "file" would be a path column
     (tmp_path / "notours.parquet").mkdir()
     (tmp_path / "notours.parquet" / "data.bin").write_text("keep me")
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -17,7 +17,7 @@ from imgclf.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray Data's own settings
 
-from .conftest import CORRUPT, PREDICT, assert_agrees_with_predict_json, predict_json, scoring_folder  # noqa: E402
+from .conftest import CORRUPT, FLOWERS, PREDICT, assert_agrees_with_predict_json, predict_json, scoring_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +34,19 @@ def test_engine_ray_agrees_with_predict_json(ray_session, small_onnx_model, tmp_
     listed = tmp_path / "lists"
     listed.mkdir()
     (listed / "more.txt").write_text(f"{PREDICT / 'classic-tulip.jpg'}\n# a comment\n{tmp_path / 'gone.jpg'}\n")
+    rose, sunflower = sorted((FLOWERS / "roses").glob("*.jpg"))[0], sorted((FLOWERS / "sunflowers").glob("*.jpg"))[0]
+    (listed / "hf.jsonl").write_text(json.dumps({"file_name": str(rose), "label": "roses"}) + "\n")  # as train reads it
+    (listed / "other.csv").write_text(f"image,note\n{sunflower},x\n")
     out = tmp_path / "results.parquet"
-    argv = ["predict", small_onnx_model, folder, listed / "more.txt", "--engine", "ray", "--out", out,
-            "--workers", 2, "--top-k", 2, "-q"]  # fmt: skip
+    argv = ["predict", small_onnx_model, folder, listed / "more.txt", listed / "hf.jsonl", listed / "other.csv",
+            "--engine", "ray", "--out", out, "--workers", 2, "--top-k", 2, "-q"]  # fmt: skip
     code = main([str(a) for a in argv])
     stdout, err = capsys.readouterr()
     assert code == 0, err
-    assert "Scored 9 image(s), 4 unreadable (error rows)" in stdout and "ray" in stdout
+    assert "Scored 11 image(s), 4 unreadable (error rows)" in stdout and "ray" in stdout
     table = pq.read_table(out)
     rows = table.to_pylist()
-    expected = predict_json(small_onnx_model, folder, PREDICT / "classic-tulip.jpg")
+    expected = predict_json(small_onnx_model, folder, PREDICT / "classic-tulip.jpg", rose, sunflower)
     expected[str(tmp_path / "gone.jpg")] = {"error": "missing"}
     assert_agrees_with_predict_json(rows, expected)
     assert {Path(r["path"]).name for r in rows if r["error"]} == CORRUPT | {"gone.jpg"}

@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, distributed) -> int:
     from imgclf.atomic import atomic_write_text, check_not_an_input
-    from imgclf.data.images import load_images_from_directory
+    from imgclf.data.layouts import load_dataset
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
     from imgclf.training.trainer import ImageClassificationTrainer
@@ -150,40 +150,57 @@ def _train(args: argparse.Namespace, distributed) -> int:
                               f"{ranks_here} processes per node; give one or the other")  # fmt: skip
     trainer.progress = trainer.progress and distributed.is_main_process()
 
-    folder = Path(args.folder) if args.folder else sample_data_dir("flowers")
+    folder = args.folder or sample_data_dir("flowers")
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            images = load_images_from_directory(folder)
-            validation = load_images_from_directory(args.validation_folder) if args.validation_folder else None
+            dataset = load_dataset(folder, **_manifest_columns(args))
+            images, validation, test = dataset.train, dataset.validation, dataset.test
+            if validation is not None and (args.validation_folder or args.validation_fraction):
+                flag = "--validation-folder" if args.validation_folder else "--validation-fraction"
+                raise OptionError(f"{flag}: {folder} has its own validation images ({len(validation)}); drop {flag}")
+            if args.validation_folder:  # a folder of label subfolders, or a manifest
+                validation = load_dataset(args.validation_folder).images
             _print_warnings_now(caught)  # an empty label folder: said before the training, not after
-            inputs = [im.source for im in images + (validation or [])] + ([args.weights] if args.weights else [])
+            given = images + (validation or []) + (test or [])
+            inputs = [im.source for im in given if isinstance(im.source, Path)] + dataset.manifests
+            inputs += [args.weights] if args.weights else []
             check_not_an_input(args.out, inputs, "model", option="--out")
             if args.metrics_json:
                 check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
             if args.report:
                 from imgclf.insight.report import check_outside_inputs
 
-                check_outside_inputs(Path(args.report), images + (validation or []), option="--report")
+                check_outside_inputs(Path(args.report), given, option="--report")
             if (args.nproc_per_node or 1) > 1 and not distributed.under_torchrun():
                 return distributed.launch(args.argv, args.nproc_per_node)  # N ranks of this command, torchrun
             labels = sorted({im.label for im in images})
-            print(f"Found {len(images)} images of {len(labels)} labels in {folder}: {', '.join(labels)}")
-            print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for evaluation",
-                  flush=True)  # fmt: skip
-            model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation)
+            counts = "" if len(dataset.parts) < 2 else f" ({', '.join(f'{len(v)} {k}' for k, v in dataset.parts)})"
+            print(f"Found {len(dataset.images)} images{counts} of {len(labels)} labels in {folder}: "
+                  f"{', '.join(labels)}")  # fmt: skip
+            print(f"Layout: {dataset.layout}")
+            if test is not None:
+                print(f"Training {args.arch}; its {len(test)} test images are held out for evaluation", flush=True)
+            else:
+                print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for "
+                      "evaluation", flush=True)  # fmt: skip
+            model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation,
+                                                   test_set=test)  # fmt: skip
             if not distributed.is_main_process():
                 caught.clear()  # rank 0 reports the warnings, evaluates, saves
                 return 0
             held_out = {id(im) for im in test}
             _warn_about_duplicates([im for im in images if id(im) not in held_out], test, validation)
-            metrics, out = _evaluate_and_save(model, test, args, [im for im in images if id(im) not in held_out])
+            part = "test" if dataset.test is not None else "held-out"
+            metrics, out = _evaluate_and_save(model, test, args, [im for im in images if id(im) not in held_out],
+                                              part)  # fmt: skip
         finally:
             _print_skipped(caught)
     # The model is safe on disk; only now the extras that could still fail.
     if args.metrics_json:
-        atomic_write_text(args.metrics_json, json.dumps(metrics.to_dict(), indent=2) + "\n", "metrics")
+        said = {**metrics.to_dict(), "measured_on": model.info["metrics"]["measured_on"]}
+        atomic_write_text(args.metrics_json, json.dumps(said, indent=2) + "\n", "metrics")
     print(f"\nSaved model to {out} ({time.perf_counter() - started:.1f} s in all)")
     if args.report:
         from imgclf.insight.report import write_report
@@ -194,6 +211,11 @@ def _train(args: argparse.Namespace, distributed) -> int:
     if trainer.tracker_:
         _finish_tracking(trainer.tracker_, model, out, metrics, args, test)
     return 0
+
+
+def _manifest_columns(args: argparse.Namespace) -> dict:
+    """--path-column, --label-column and --label-map as :func:`imgclf.data.layouts.load_dataset` takes them."""
+    return {"path_column": args.path_column, "label_column": args.label_column, "label_map": args.label_map}
 
 
 def _trackers(args: argparse.Namespace) -> list:
@@ -223,7 +245,7 @@ def _finish_tracking(tracker, model, out: Path, metrics, args: argparse.Namespac
             print(f"TensorBoard: tensorboard --logdir {each.log_dir}")
 
 
-def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):
+def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=(), part: str = "held-out"):
     """Report, evaluate on the held-out images, save. The run's checkpoint stays until the
     save succeeds, so if anything here fails (or is interrupted) --resume finishes in seconds."""
     from imgclf.errors import ModelFileError, TrainingInterrupted
@@ -238,11 +260,15 @@ def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=()):
             print("No checkpoint of this run to resume from; trained from the start")
         ext = model.info["extraction"]
         print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
-        print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} held out")
+        where = "test images" if part == "test" else "held out"
+        print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} {where}")
         from_features = model.held_out_features_ is not None and not model.tta
         ran = model.engine_choice(len(test))
         metrics = model.evaluate_held_out(test)
-        model.info["metrics"] = {**metrics.to_dict(), "precision": "fp32" if from_features else ran.precision}
+        measured_on = {"part": part, "images": metrics.count, "train_images": training["train_images"],
+                       "validation_images": training["validation_images"]}  # fmt: skip
+        model.info["metrics"] = {**metrics.to_dict(), "precision": "fp32" if from_features else ran.precision,
+                                 "measured_on": measured_on}  # fmt: skip
         print(metrics)
         decision = model.info.get("precision_decision") or {}
         if decision.get("line"):
@@ -277,7 +303,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with _warnings_as_lines():  # an empty label folder, a workspace that cannot be written: one line each
         result = audit(args.folder, args.against, arch=args.arch, weights=args.weights, workspace=args.workspace,
                        use_cache=not args.no_cache, device=args.device, test_fraction=args.test_fraction,
-                       seed=args.seed, progress=not (args.quiet or args.json))  # fmt: skip
+                       seed=args.seed, progress=not (args.quiet or args.json), **_manifest_columns(args))  # fmt: skip
     page = result.write_html(args.out) if args.out else None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -289,29 +315,40 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from imgclf.data.images import load_images_from_directory
     from imgclf.insight.report import write_report
 
     model = load_predictor(args.model, args.device)
     with _warnings_as_lines():  # an empty label folder; how many images could not be read (listed on the page)
-        images = load_images_from_directory(args.folder) if args.folder else None
+        images = _evaluation_images(args) if args.folder else None
         page = write_report(model, images, args.out, name=str(args.model))
     print(f"Report: {page}")
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgclf.data.images import load_images_from_directory
+def _evaluation_images(args: argparse.Namespace) -> list:
+    """The images ``evaluate`` and ``report`` measure on: a labelled input's test part when it has
+    one, else all of it; one line on stderr says which when the input is more than a folder."""
+    from imgclf.data.layouts import evaluation_images, load_dataset
 
+    dataset = load_dataset(args.folder, **_manifest_columns(args))
+    images, which = evaluation_images(dataset)
+    if len(dataset.parts) > 1 or dataset.manifests:
+        print(f"imgclf: {dataset.layout}; measuring on {which}", file=sys.stderr, flush=True)
+    return images
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     with _warnings_as_lines():
-        images = load_images_from_directory(args.folder)
+        images = _evaluation_images(args)
     model.job_size = len(images)  # a few images on a torch model run eagerly, at the same precision
     _engine_line(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = model.evaluate(images)
-    print(json.dumps({**metrics.to_dict(), "ran": model.engine_choice().to_dict()}, indent=2) if args.json else metrics)
+    said = {**metrics.to_dict(), "measured_on": {"images": metrics.count, "listed": len(images)},
+            "ran": model.engine_choice().to_dict()}  # fmt: skip
+    print(json.dumps(said, indent=2) if args.json else metrics)
     _print_skipped(caught)
     return 0
 

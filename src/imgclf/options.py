@@ -458,6 +458,18 @@ _PRECISION = Option("precision", default="auto", constraint=Choices(PRECISIONS),
                          "measured on a CPU like this one (300 unseen images, top labels 99% equal to fp32), "
                          "else fp32; never depends on the job's size")  # fmt: skip
 _TOP_K = Option("top_k", int, TOP_K, POSITIVE_INT, "also show the k most likely labels")
+#: A labelled input: a folder of label subfolders, a train/val/test folder of them, or a manifest.
+_LABELLED = ("folder with one subfolder of images per label, a folder of train/, val/ and test/ folders of them, or a "
+             "manifest (.csv, .tsv, .jsonl or .parquet listing path, label and optionally split)")  # fmt: skip
+_MANIFEST_COLUMNS = (
+    Option("path_column", metavar="NAME", help="the manifest's column of image paths",
+           shown_default="path, file_name, filepath, file or image"),
+    Option("label_column", metavar="NAME", help="the manifest's column of labels",
+           shown_default="label, labels, class or target"),
+    Option("label_map", metavar="FILE", help="names for labels a manifest gives as numbers: a JSON object "
+                                             "{\"0\": \"cat\"} or list, or a text file with one name per line "
+                                             "(line 1 names label 0)"),
+)  # fmt: skip
 
 #: How the network runs: what :func:`imgclf.nets.engines.choose_engine` and
 #: :func:`imgclf.nets.device.resolve_device` check (no command of its own).
@@ -469,8 +481,8 @@ _TRAIN = Schema(
     "train",
     "train a classifier on a folder of labelled images",
     (
-        Option("folder", positional=True, nargs="?", help="folder with one subfolder of images per label",
-               shown_default="bundled flowers"),
+        Option("folder", positional=True, nargs="?", help=_LABELLED, shown_default="bundled flowers"),
+        *_MANIFEST_COLUMNS,
         Option("out", default=DEFAULT_MODEL_PATH, help="model file to write"),
         _ARCH,
         _WEIGHTS,
@@ -538,16 +550,18 @@ _TRAIN = Schema(
         Option("weight_decay", float, 0.0, NON_NEGATIVE, "L2 penalty of the head", cli=False),
         Option("extraction_batch_size", int, 32, POSITIVE_INT, "images per feature-extraction call", cli=False),
     ),
-    description="Train on FOLDER (one subfolder per label), evaluate on a held-out split and save the model. "
-                "Without FOLDER, uses the bundled flower photos.",
+    description="Train on FOLDER (one subfolder per label, a train/val/test folder of them, or a manifest), evaluate "
+                "on a held-out split (or on its test images) and save the model. Without FOLDER, uses the bundled "
+                "flower photos.",
 )  # fmt: skip
 
 _EVALUATE = Schema(
     "evaluate",
-    "metrics of a model on a labelled folder",
+    "metrics of a model on a labelled folder or manifest",
     (
         _MODEL,
-        Option("folder", positional=True, help="folder with one subfolder of images per label"),
+        Option("folder", positional=True, help=f"{_LABELLED}; with test images, those alone are measured"),
+        *_MANIFEST_COLUMNS,
         replace(_JSON, help="print the metrics as JSON"),
         _DEVICE,
         _ENGINE,
@@ -661,7 +675,8 @@ _AUDIT = Schema(
     "audit",
     "find duplicates, leaks, label errors and odd images in a labelled folder",
     (
-        Option("folder", positional=True, help="folder with one subfolder of images per label"),
+        Option("folder", positional=True, help=_LABELLED),
+        *_MANIFEST_COLUMNS,
         Option("against", metavar="TEST_FOLDER", help="test folder to check for copies of FOLDER's images"),
         Option("out", metavar="DIR", help="write an HTML gallery of the findings to DIR/index.html"),
         replace(_JSON, help="print one JSON object instead of the summary"),
@@ -687,7 +702,9 @@ _REPORT = Schema(
     "training report: curves, confusion matrix, calibration, top losses",
     (
         _MODEL,
-        Option("folder", positional=True, nargs="?", help="labelled folder to evaluate on (one subfolder per label)"),
+        Option("folder", positional=True, nargs="?", help=f"labelled input to evaluate on: {_LABELLED}; with test "
+                                                          "images, those alone"),
+        *_MANIFEST_COLUMNS,
         Option("out", default="report", metavar="DIR", help="folder to write to"),
         _DEVICE,
     ),

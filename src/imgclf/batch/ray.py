@@ -27,6 +27,7 @@ from imgclf.batch.results import arrow_schema
 from imgclf.batch.scoring import ModelFile, load_scoring_model, score_sources
 from imgclf.batch.sources import Input, classify_inputs, is_uri, iter_image_paths, manifest_joiner, read_image_bytes
 from imgclf.batch.writers import PathSet, ResultFolder, check_output, count_rows, open_results
+from imgclf.data.manifests import iter_manifest, path_column
 from imgclf.data.uris import is_remote
 from imgclf.errors import DataError, ImageDecodeError, ImgclfError, MissingDependencyError, OptionError
 from imgclf.names import from_columns, is_text, printable, raw_hex
@@ -188,17 +189,18 @@ def _with_read_error(batch):
     return batch.append_column("path_bytes", pa.nulls(batch.num_rows, pa.string()))
 
 
-def _read_listed(batch, join, done: PathSet):
+def _read_listed(batch, join, done: PathSet, column: str = "path"):
     """A manifest's rows: paths joined to its folder, those done dropped, bytes read.
 
-    A ``.txt`` manifest arrives as ``text`` lines: blank ones and ``#`` comments are dropped.
+    ``column``: the manifest's path column (renamed ``path`` here). A ``.txt`` manifest
+    arrives as ``text`` lines: blank ones and ``#`` comments are dropped.
     One step, and no CPU reserved, so the actor pool can hold every CPU without
     starving the manifest's side of the pipeline.
     """
     import pyarrow as pa
 
-    column = "path" if "path" in batch.column_names else "text"
-    entries = [(e or "").strip() for e in batch.column(column).to_pylist()]
+    column = column if column in batch.column_names else "text"
+    entries = ["" if e is None else str(e).strip() for e in batch.column(column).to_pylist()]
     if "path_bytes" in batch.column_names:  # listed names that are not UTF-8 (see _listed_dataset)
         entries = [from_columns(e, b) for e, b in zip(entries, batch.column("path_bytes").to_pylist())]
     paths = [join(e) for e in entries if e and not (column == "text" and e.startswith("#"))]
@@ -219,18 +221,21 @@ def _read_listed(batch, join, done: PathSet):
 
 def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
     lower = manifest.lower()
+    column = path_column(manifest) or "text"  # as imgclf.data.manifests reads it: path, file_name, ...
     if lower.endswith(".parquet"):
-        listed = ray.data.read_parquet(manifest, columns=["path"], concurrency=readers, **IO_TASK)
+        listed = ray.data.read_parquet(manifest, columns=[column], concurrency=readers, **IO_TASK)
     elif lower.endswith(".csv"):
         import pyarrow.csv as pacsv
 
         listed = ray.data.read_csv(manifest, convert_options=pacsv.ConvertOptions(
-            include_columns=["path"], column_types={"path": "string"}), concurrency=readers, **IO_TASK)  # fmt: skip
+            include_columns=[column], column_types={column: "string"}), concurrency=readers, **IO_TASK)  # fmt: skip
+    elif lower.endswith((".tsv", ".jsonl")):  # read by imgclf's own reader, the paths then spread over tasks
+        listed = ray.data.from_items([{column: entry} for entry in iter_manifest(manifest, column, join=False)])
     else:
         listed = ray.data.read_text(manifest, concurrency=readers, **IO_TASK)
     return listed.map_batches(
-        _read_listed, fn_kwargs={"join": manifest_joiner(manifest), "done": done}, batch_format="pyarrow",
-        compute=_tasks(ray, readers), **IO_TASK)  # fmt: skip
+        _read_listed, fn_kwargs={"join": manifest_joiner(manifest), "done": done, "column": column},
+        batch_format="pyarrow", compute=_tasks(ray, readers), **IO_TASK)  # fmt: skip
 
 
 def _listed_dataset(ray, paths: list[str], readers: int):

@@ -6,9 +6,10 @@ An INPUT is one of:
 - a folder, walked recursively in sorted order (files with an image extension);
 - a glob (``photos/**/*.jpg``), its matches sorted; folders it matches are walked;
 - a manifest: a ``.txt`` with one path per line (blank lines and ``#`` comments
-  skipped), or a ``.csv`` / ``.parquet`` with a ``path`` column. Manifests are
-  streamed, never listed into memory. Relative entries are taken relative to the
-  manifest's own folder, so a manifest can travel with its images;
+  skipped), or a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.parquet`` with a path column,
+  read by :mod:`imgclf.data.manifests` as training reads it. Manifests are streamed,
+  never listed into memory. Relative entries are taken relative to the manifest's own
+  folder, so a manifest can travel with its images;
 - any of these as a URI (``s3://``, ``gs://``, ...), read through fsspec when the
   matching filesystem package is installed.
 
@@ -18,9 +19,7 @@ prints them for local files and folders.
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -29,11 +28,10 @@ from pathlib import Path
 from typing import Literal
 
 from imgclf.data.images import IMAGE_EXTENSIONS
-from imgclf.data.uris import filesystem, is_uri  # noqa: F401  (re-exported: where they used to live)
-from imgclf.errors import DataError, ImageDecodeError, MissingDependencyError
-from imgclf.options import install_hint
+from imgclf.data.manifests import MANIFEST_SUFFIXES, iter_manifest, manifest_joiner, path_column  # noqa: F401
+from imgclf.data.uris import filesystem, is_uri, read_image_bytes  # noqa: F401  (re-exported: where they used to live)
+from imgclf.errors import DataError
 
-MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 GLOB_CHARS = frozenset("*?[")
 
 InputKind = Literal["file", "folder", "glob", "manifest"]
@@ -167,129 +165,9 @@ def _walk_fs(fs, folder: str, spelled: str) -> Iterator[str]:
             yield uri
 
 
-# --- manifests ---
-
-
-def _open_text(path: str):
-    if is_uri(path):
-        fs, bare = filesystem(path)
-        return io.TextIOWrapper(fs.open(bare, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _open_binary(path: str):
-    if is_uri(path):
-        fs, bare = filesystem(path)
-        return fs.open(bare, "rb")
-    return open(path, "rb")
-
-
-def _parquet_file(path: str, handle):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise MissingDependencyError(f"{path}: Parquet manifests need pyarrow: {install_hint('batch')}") from None
-    try:
-        return pq.ParquetFile(handle)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+# --- manifests (read by imgclf.data.manifests, as training reads them) ---
 
 
 def _check_manifest(path: str) -> None:
-    """A ``.csv``/``.parquet`` manifest must have a ``path`` column; say so before any work."""
-    lower = path.lower()
-    try:
-        if lower.endswith(".csv"):
-            with _open_text(path) as f:
-                header = next(csv.reader(f), [])
-            columns = header
-        elif lower.endswith(".parquet"):
-            with _open_binary(path) as f:
-                columns = _parquet_file(path, f).schema_arrow.names
-        else:
-            with _open_text(path) as f:
-                f.read(1)
-            return
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: manifest is not UTF-8 text") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read manifest ({e.strerror or e})") from None
-    if "path" not in columns:
-        shown = ", ".join(columns[:8]) or "none"
-        raise DataError(f"{path}: manifest has no 'path' column (columns: {shown}); name the image column 'path'")
-
-
-def iter_manifest(path: str) -> Iterator[str]:
-    """The image paths a manifest lists, streamed; relative ones joined to its folder."""
-    lower = path.lower()
-    if lower.endswith(".parquet"):
-        entries = _iter_parquet_manifest(path)
-    elif lower.endswith(".csv"):
-        entries = _iter_csv_manifest(path)
-    else:
-        entries = _iter_txt_manifest(path)
-    join = manifest_joiner(path)
-    for entry in entries:
-        if entry:
-            yield join(entry)
-
-
-def manifest_joiner(manifest: str):
-    """A function giving an entry of ``manifest`` as a path usable from here:
-    URIs and absolute paths unchanged, relative ones under the manifest's folder."""
-    if is_uri(manifest):
-        base = manifest.rsplit("/", 1)[0]
-
-        def join(entry: str) -> str:
-            return entry if is_uri(entry) or entry.startswith("/") else posixpath.join(base, entry)
-
-        return join
-    base = os.path.dirname(manifest)
-
-    def join_local(entry: str) -> str:
-        return entry if is_uri(entry) or os.path.isabs(entry) else str(Path(base, entry))
-
-    return join_local
-
-
-def _iter_txt_manifest(path: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for line in f:
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                yield entry
-
-
-def _iter_csv_manifest(path: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for row in csv.DictReader(f):
-            yield (row.get("path") or "").strip()
-
-
-def _iter_parquet_manifest(path: str) -> Iterator[str]:
-    with _open_binary(path) as f:
-        for batch in _parquet_file(path, f).iter_batches(batch_size=16_384, columns=["path"]):
-            for entry in batch.column(0).to_pylist():
-                if entry:
-                    yield entry.strip()
-
-
-# --- reading one image ---
-
-
-def read_image_bytes(path: str) -> bytes:
-    """The bytes of one image, local or a URI; an unreadable one is an
-    :class:`ImageDecodeError` naming it (so it becomes an error row, not a crash)."""
-    try:
-        if is_uri(path):
-            fs, bare = filesystem(path)
-            with fs.open(bare, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
-    except MissingDependencyError as e:
-        raise ImageDecodeError(str(e)) from None
-    except OSError as e:
-        raise ImageDecodeError(f"{path}: cannot read file ({e.strerror or e})") from None
-    except Exception as e:  # a remote filesystem's own error types
-        raise ImageDecodeError(f"{path}: cannot read file ({type(e).__name__}: {e})") from None
+    """A table manifest must have a path column (``path``, ``file_name``, ...); say so before any work."""
+    path_column(path)

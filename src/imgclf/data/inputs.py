@@ -25,16 +25,12 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.images import ImageData
+from imgclf.data.manifests import LABEL_COLUMNS, PATH_COLUMNS  # a DataFrame's columns are named as a manifest's
 from imgclf.errors import DataError
-
-#: Column names taken as the image paths of a DataFrame, in this order (any case).
-PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "image", "image_path")
-#: Column names taken as the labels of a DataFrame, in this order (any case).
-LABEL_COLUMNS = ("label", "labels", "class", "target")
 
 #: How an array image is shaped and typed, for messages.
 ARRAY_SHAPES = "an HxW, HxWx1, HxWx3 or HxWx4 uint8 array (channels last)"
-ACCEPTED = ("a path, bytes, a binary file object, a PIL image, " + ARRAY_SHAPES + " or an ImageData")
+ACCEPTED = "a path, bytes, a binary file object, a PIL image, " + ARRAY_SHAPES + " or an ImageData"
 MANY = ("a list of images, an NxHxWxC uint8 array, a folder, or a DataFrame with a path column "
         f"({', '.join(PATH_COLUMNS)})")  # fmt: skip
 _CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from imgclf.errors import DataError, MissingDependencyError, ModelFileError
+from imgclf.errors import DataError, ImageDecodeError, MissingDependencyError, ModelFileError
 from imgclf.options import install_hint
 
 
@@ -43,9 +43,29 @@ def filesystem(uri: str):
     except ImportError:
         cls = known_implementations.get(scheme, {}).get("class", "")
         package = cls.split(".", 1)[0] or f"the fsspec filesystem for {scheme}://"
-        raise MissingDependencyError(f"{uri}: {scheme}:// needs the '{package}' package: pip install {package}") from None
+        raise MissingDependencyError(
+            f"{uri}: {scheme}:// needs the '{package}' package: pip install {package}"
+        ) from None
     except ValueError as e:
         raise DataError(f"{uri}: {e}; fsspec knows no filesystem for {scheme}://") from None
+
+
+def read_image_bytes(path: str) -> bytes:
+    """The bytes of one image, local or a URI; an unreadable one is an
+    :class:`ImageDecodeError` naming it (so it becomes an error row, not a crash)."""
+    try:
+        if is_uri(path):
+            fs, bare = filesystem(path)
+            with fs.open(bare, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except MissingDependencyError as e:
+        raise ImageDecodeError(str(e)) from None
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot read file ({e.strerror or e})") from None
+    except Exception as e:  # a remote filesystem's own error types
+        raise ImageDecodeError(f"{path}: cannot read file ({type(e).__name__}: {e})") from None
 
 
 _fetched: dict[str, Path] = {}
@@ -108,4 +128,6 @@ def _mlflow_model_file(uri: str) -> Path:
         flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
         return local / flavor["artifacts"][MLFLOW_MODEL_ARTIFACT]["path"]
     except (OSError, KeyError, TypeError) as e:
-        raise ModelFileError(f"{uri}: not a model logged by imgclf (no {MLFLOW_MODEL_ARTIFACT} artifact: {e})") from None
+        raise ModelFileError(
+            f"{uri}: not a model logged by imgclf (no {MLFLOW_MODEL_ARTIFACT} artifact: {e})"
+        ) from None

@@ -1,12 +1,14 @@
 """The data audit: what is wrong with a folder of labelled images, found before training on it.
 
-``audit(folder)`` reads every image once (hash, size, a small thumbnail, a
+``audit(folder)`` takes what ``imgclf train`` takes (a folder of label subfolders, a
+train/val/test folder of them, or a manifest: ``imgclf.data.layouts``), reads every image once (hash, size, a small thumbnail, a
 perceptual hash), takes backbone features from the workspace cache (computing
 only those missing, so a second audit of the same folder is fast), and
 reports: per-label counts, unreadable files, tiny, extreme or nearly blank
 images, exact and near-duplicates (``imgclf.insight.neardup``), leaks into
 ``against`` or across the split ``imgclf train`` would make, suspected label
-errors and outliers (``imgclf.insight.labels``).
+errors and outliers (``imgclf.insight.labels``). For an input with train/val/test parts, leaks
+are copies across its parts; for a manifest, the rows listing a file twice are listed too.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageData, content_hash, load_images_from_directory
+from imgclf.data.images import ImageData, content_hash
 from imgclf.data.imaging import open_image
+from imgclf.data.layouts import load_dataset, tagged
 from imgclf.data.parallel import ordered_map
 from imgclf.data.splits import train_test_split
 from imgclf.errors import ImageDecodeError
@@ -159,9 +162,16 @@ def extract_features(
 
 
 def _relative_names(folder: str | Path, images: list[ImageData]) -> list[str]:
-    """Each file as the folder was given, joined with its path inside the folder."""
+    """Each file as the folder was given, joined with its path inside the folder (a file a
+    manifest lists elsewhere, or a URI, as the manifest names it)."""
     root = Path(folder)
-    return [os.path.join(str(folder), str(Path(im.name).relative_to(root))) for im in images]
+    names = []
+    for im in images:
+        try:
+            names.append(os.path.join(str(folder), str(Path(im.name).relative_to(root))))
+        except ValueError:
+            names.append(im.name)
+    return names
 
 
 def _exact_groups(scans: list[_Scan], members: Sequence[int]) -> list[list[int]]:
@@ -191,24 +201,32 @@ def audit(
     seed: int = 1,
     folds: int = 5,
     progress: bool = True,
+    path_column: str | None = None,
+    label_column: str | None = None,
+    label_map: str | Path | None = None,
 ) -> AuditResult:
-    """Audit the labelled ``folder`` (one subfolder per label), optionally against a test folder.
+    """Audit the labelled ``folder`` (one subfolder per label, a train/val/test folder of them, or a
+    manifest), optionally against a test folder.
 
     ``test_fraction`` and ``seed`` are those of ``imgclf train``: without ``against``, leaks are
-    duplicates the training split would put on both sides. Raises :class:`DataError` for a
-    missing or empty folder; everything found in the images is reported, not raised.
+    duplicates the training split would put on both sides, or, when ``folder`` has its own
+    parts, duplicates across them. ``path_column``, ``label_column`` and ``label_map``: a
+    manifest's, as ``train`` reads them. Raises :class:`DataError` for a missing or empty folder
+    or an unusable manifest; everything found in the images is reported, not raised.
     """
     from imgclf.nets.workspace import default_workspace
 
     validate("audit", {"test_fraction": test_fraction, "seed": seed, "folds": folds, "device": device})
     timing: dict[str, float] = {}
     started = time.perf_counter()
-    images = load_images_from_directory(folder)
+    dataset = load_dataset(folder, path_column=path_column, label_column=label_column, label_map=label_map)
+    images, parts = tagged(dataset)
     names = _relative_names(folder, images)
     images = [ImageData(im.source, im.label, name) for im, name in zip(images, names)]
     n_folder = len(images)
+    has_parts = against is None and len(dataset.parts) > 1
     if against is not None:
-        test_images = load_images_from_directory(against)
+        test_images = load_dataset(against).images
         test_names = _relative_names(against, test_images)
         images += [ImageData(im.source, im.label, name) for im, name in zip(test_images, test_names)]
     in_folder = np.arange(len(images)) < n_folder
@@ -254,7 +272,7 @@ def audit(
         folder_usable = [i for i in usable if in_folder[i]]
         duplicates, group_of = _duplicate_findings(scans, folder_usable, near_edges, twins, in_folder)
         leaks = _leak_findings(scans, images, usable, near_edges, twins, in_folder, against is not None,
-                               group_of, test_fraction, seed, n_folder)  # fmt: skip
+                               group_of, test_fraction, seed, n_folder, parts if has_parts else None)  # fmt: skip
 
         t = time.perf_counter()
         label_issues, outliers, label_note = _label_findings(scans, folder_usable, features, group_of, folds, seed)
@@ -277,13 +295,16 @@ def audit(
         },
         "label_issues": label_note,
         "split": None if against is not None else {"test_fraction": test_fraction, "seed": seed},
+        "layout": dataset.layout,
     }
+    if has_parts:
+        method["split"] = {"parts": {part: len(members) for part, members in dataset.parts}}
     return AuditResult(
         folder=str(folder), against=None if against is None else str(against),
         labels=dict(sorted(counts.items())),
         unreadable=[{"file": s.name, "reason": s.error} for i, s in enumerate(scans) if s.error and in_folder[i]],
         image_problems=problems, duplicates=duplicates, leaks=leaks, label_issues=label_issues, outliers=outliers,
-        method=method, timing={k: round(v, 3) for k, v in timing.items()},
+        method=method, timing={k: round(v, 3) for k, v in timing.items()}, duplicate_rows=dataset.duplicate_rows,
     )  # fmt: skip
 
 
@@ -317,12 +338,17 @@ def _duplicate_findings(scans, members, near_edges, twins, in_folder):
 
 
 def _leak_findings(scans, images, usable, near_edges, twins, in_folder, has_against, group_of, test_fraction, seed,
-                   n_folder):  # fmt: skip
-    """Copies across FOLDER and ``against``; without ``against``, across the split ``train`` would make."""
+                   n_folder, parts=None):  # fmt: skip
+    """Copies across FOLDER and ``against``; without ``against``, across FOLDER's own parts (``parts``:
+    each image's), or across the split ``train`` would make."""
     if has_against:
         left = {i for i in usable if in_folder[i]}
         right = {i for i in usable if not in_folder[i]}
         where = "against"
+    elif parts is not None:
+        left = {i for i in usable if parts[i] == "train"}
+        right = {i for i in usable if parts[i] != "train"}
+        where = "train/{part} parts"
     else:
         # as `imgclf train` splits: the readable images only (unreadable ones are dropped first)
         train, test = train_test_split([images[i] for i in usable if in_folder[i]], test_fraction, seed)
@@ -345,7 +371,8 @@ def _leak_findings(scans, images, usable, near_edges, twins, in_folder, has_agai
                     seen.add((i, j))
                     leaks.append((i, j, "near", round(v, 5)))
     leaks.sort(key=lambda x: (x[2] != "exact", scans[x[0]].name, scans[x[1]].name))
-    return [{"file": scans[i].name, "against_file": scans[j].name, "kind": kind, "similarity": v, "between": where}
+    return [{"file": scans[i].name, "against_file": scans[j].name, "kind": kind, "similarity": v,
+             "between": where.format(part=parts[j]) if parts is not None else where}
             for i, j, kind, v in leaks]  # fmt: skip
 
 

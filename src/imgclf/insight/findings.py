@@ -34,6 +34,8 @@ class AuditResult:
     outliers: list[dict]
     method: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    #: a manifest's rows that list a file already listed: ``file``, ``row``, ``first_row``, ``labels``, ``splits``
+    duplicate_rows: list[dict] = field(default_factory=list)
 
     @property
     def imbalance(self) -> float:
@@ -50,6 +52,7 @@ class AuditResult:
             "unreadable": self.unreadable,
             "image_problems": self.image_problems,
             "duplicates": self.duplicates,
+            "duplicate_rows": self.duplicate_rows,
             "leaks": self.leaks,
             "label_issues": self.label_issues,
             "outliers": self.outliers,
@@ -98,7 +101,17 @@ def write_audit_page(result: AuditResult, out: Path) -> Path:
     body = f'<div class="groups">{body}</div>' if body else ""
     parts.append(section("Duplicates", len(result.duplicates), body, "No duplicates found."))
 
-    target = "the test folder" if result.against else "the held-out split `imgclf train` would make"
+    if result.duplicate_rows:
+        body = "".join(f"<tr><td>{escape(d['row'])}</td><td>{escape(d['first_row'])}</td><td>{escape(d['file'])}</td>"
+                       f"<td>{escape(' / '.join(d['labels']))}</td><td>{escape(' / '.join(d['splits']))}</td></tr>"
+                       for d in result.duplicate_rows)  # fmt: skip
+        parts.append(section("Rows listing a file twice", len(result.duplicate_rows),
+                             "<table><tr><th>row</th><th>repeats</th><th>file</th><th>labels</th><th>parts</th></tr>"
+                             f"{body}</table>", "None."))  # fmt: skip
+
+    target = (
+        "the test folder" if result.against else _leak_target(result, "the held-out split `imgclf train` would make")
+    )
     body = "".join(f'<div class="group alert"><span class="badge red">{escape(leak["kind"])} copy</span>'
                    f'{escape(leak["between"])}, similarity {leak["similarity"]:.4f}<div class="cards">'
                    + show(leak["file"], "training") + show(leak["against_file"], "test")
@@ -140,6 +153,12 @@ def write_audit_page(result: AuditResult, out: Path) -> Path:
     return write_page(out / "index.html", page("imgclf data audit", "".join(parts)))
 
 
+def _leak_target(result: AuditResult, otherwise: str) -> str:
+    """Where leaks were looked for without a test folder: the input's own parts, or ``otherwise``."""
+    split = result.method.get("split") or {}
+    return "the " + "/".join(split["parts"]) + " parts" if "parts" in split else otherwise
+
+
 def _names(files: list[str], limit: int = 3) -> str:
     shown = ", ".join(files[:limit])
     return shown + (f" (+{len(files) - limit})" if len(files) > limit else "")
@@ -166,7 +185,14 @@ def summary_lines(result: AuditResult) -> list[str]:
     for d in result.duplicates[:8]:
         flag = "ACROSS LABELS " if d["cross_label"] else ""
         lines.append(f"    {flag}{d['kind']} {d['similarity']:.4f}: {_names(d['files'])}")
-    where = "the test folder" if result.against else "the train/test split"
+    if result.duplicate_rows:
+        clash = [d for d in result.duplicate_rows if len(d["labels"]) > 1 or len(d["splits"]) > 1]
+        lines.append(f"  rows listing a file twice: {len(result.duplicate_rows)}"
+                     + (f", {len(clash)} WITH ANOTHER LABEL OR PART" if clash else ""))  # fmt: skip
+        for d in (clash or result.duplicate_rows)[:5]:
+            said = " / ".join(d["labels"]) + (f" in {' / '.join(d['splits'])}" if d["splits"] else "")
+            lines.append(f"    {d['row']} repeats {d['first_row']}: {d['file']} ({said})")
+    where = "the test folder" if result.against else _leak_target(result, "the train/test split")
     lines.append(f"  leaks into {where}: {len(result.leaks)}")
     for leak in result.leaks[:5]:
         lines.append(f"    {leak['kind']} {leak['similarity']:.4f}: {leak['file']} = {leak['against_file']}")

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageData, check_labels, load_images_from_directory
+from imgclf.data.images import ImageData, check_labels
 from imgclf.data.inputs import is_item_array, is_table, labelled_items
+from imgclf.data.layouts import load_dataset
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError, TrainingInterrupted
 from imgclf.inference.model import ImageClassifier, library_versions
@@ -78,7 +79,7 @@ def _as_images(images, labels=None, caller: str = "fit") -> list[ImageData]:
         if labels is not None:
             raise DataError(f"{caller}: a folder's labels are its subfolders' names; give labels with a list of "
                             "images, not with a folder")  # fmt: skip
-        return load_images_from_directory(images)
+        return load_dataset(images).images  # a folder of label subfolders, a train/val/test tree or a manifest
     if (isinstance(images, np.ndarray) and not is_item_array(images)) or (
         isinstance(images, (list, tuple)) and any(isinstance(im, (np.ndarray, Image.Image)) for im in images)
     ):
@@ -279,6 +280,7 @@ class ImageClassificationTrainer:
         validation_set: Sequence[ImageData] | str | Path | Any | None = None,
         *,
         labels: Sequence[str] | None = None,
+        test_set: Sequence[ImageData] | str | Path | Any | None = None,
     ) -> tuple[ImageClassifier, list[ImageData]]:
         """Train on all but a held-out share of ``images``; returns the model and the held-out images.
 
@@ -287,11 +289,15 @@ class ImageClassificationTrainer:
         images keeps one in each part; a label with fewer gets a warning, since
         evaluating on the held-out images cannot measure it. Each image goes
         through the network once. ``images`` and ``labels``: as :meth:`fit`.
+
+        ``test_set`` (or the ``test/`` part of a train/val/test folder or manifest given as
+        ``images``) is held out as given instead of a share of ``images``: its readable images
+        are those returned, and ``test_fraction`` is not used.
         """
         validate("train", {"test_fraction": test_fraction})
-        return self._tracked_fit(images, validation_set, hold_out=test_fraction, labels=labels)
+        return self._tracked_fit(images, validation_set, hold_out=test_fraction, labels=labels, test_set=test_set)
 
-    def _tracked_fit(self, images, validation_set, hold_out: float | None, labels=None):
+    def _tracked_fit(self, images, validation_set, hold_out: float | None, labels=None, test_set=None):
         """``_fit`` with the ``tracking`` trackers told (rank 0 alone): the run starts now and stays
         open for ``tracker_.finish``; a run that stops without a model is closed as failed."""
         self.tracker_ = None
@@ -300,7 +306,7 @@ class ImageClassificationTrainer:
             self.tracker_ = Trackers(open_tracking(self.tracking))
             self.tracker_.start(self.get_params())
         try:
-            return self._fit(images, validation_set, hold_out, labels=labels)
+            return self._fit(images, validation_set, hold_out, labels=labels, test_set=test_set)
         except BaseException as e:
             if self.tracker_:
                 self.tracker_.fail("KILLED" if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
@@ -313,18 +319,24 @@ class ImageClassificationTrainer:
             self.tracker_.epoch(m)
 
     def _fit(
-        self, images, validation_set, hold_out: float | None, labels=None
+        self, images, validation_set, hold_out: float | None, labels=None, test_set=None
     ) -> tuple[ImageClassifier, list[ImageData]]:
         from imgclf.nets.device import resolve_device
 
+        if isinstance(images, (str, Path)) and labels is None:  # its own parts, when it has them
+            dataset = load_dataset(images)
+            images = dataset.train
+            validation_set = dataset.validation if validation_set is None else validation_set
+            test_set = dataset.test if test_set is None and hold_out is not None else test_set
         images = _as_images(images, labels)
         validation_set = None if validation_set is None else _as_images(validation_set, caller="validation_set")
+        test_set = None if test_set is None else _as_images(test_set, caller="test_set")
         self._check_options()
         labels = check_labels(images)
-        if validation_set is not None:
-            unknown = sorted({im.label for im in validation_set} - set(labels))
+        for part, given in (("validation", validation_set), ("test", test_set)):
+            unknown = sorted({im.label for im in given or []} - set(labels))
             if unknown:
-                raise DataError(f"validation set has labels not in the training set: {', '.join(map(str, unknown))}")
+                raise DataError(f"{part} set has labels not in the training set: {', '.join(map(str, unknown))}")
 
         device = distributed.local_device(resolve_device(self.device))  # under torchrun: LOCAL_RANK's GPU
         distributed.setup(device)
@@ -344,15 +356,20 @@ class ImageClassificationTrainer:
 
         # Every image through the network (or the cache) first: only then is it known which
         # are readable, and the held-out and validation splits are made from those alone.
-        pool = distributed.extract_sharded(extractor, images)  # under torchrun each rank runs a share
+        everything = images + (test_set or [])
+        pool = distributed.extract_sharded(extractor, everything)  # under torchrun each rank runs a share
         skipped = list(pool.failures)
-        readable = [images[i] for i in pool.kept]
+        readable = [everything[i] for i in pool.kept]
         row_of = {id(im): r for r, im in enumerate(readable)}
+        held_out: list[ImageData] = []
+        if test_set is not None:  # held out as given
+            in_test = {id(im) for im in test_set}
+            held_out = [im for im in readable if id(im) in in_test]
+            readable = [im for im in readable if id(im) not in in_test]
         empty = [lbl for lbl in labels if not any(im.label == lbl for im in readable)]
         if empty:
             raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
-        held_out: list[ImageData] = []
-        if hold_out:
+        if hold_out and test_set is None:
             readable, held_out = _split_readable(readable, hold_out, self.seed, "held-out")
 
         def from_pool(part: list[ImageData]) -> ExtractionResult:
@@ -427,7 +444,7 @@ class ImageClassificationTrainer:
             "weights_source": network.source,
             "training": {**self.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
                          "train_images": int(len(y_train)), "resumed_from": resumed_from,
-                         "held_out_images": len(held_out) if hold_out else None,
+                         "held_out_images": len(held_out) if hold_out or test_set is not None else None,
                          "validation_images": 0 if y_val is None else int(len(y_val))},
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],

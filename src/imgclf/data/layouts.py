@@ -1,0 +1,348 @@
+"""What a labelled input is, and its images: one loader for ``train``, ``evaluate``, ``report`` and ``audit``.
+
+People bring labelled images in a few shapes, and each command should take them as they are
+rather than ask for a copy in imgclf's own:
+
+- a folder with one subfolder per label (``photos/cat/1.jpg``);
+- a folder whose subfolders are ``train/``, ``val/`` (or ``valid/``, ``validation/``) and ``test/``,
+  each with one subfolder per label: the ImageNet and Ultralytics classify layout, used as given;
+- a manifest (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``; on disk or a URI) with a path column, a
+  label column and optionally a ``split`` column (read by :mod:`imgclf.data.manifests`);
+- a folder holding Hugging Face imagefolder's ``metadata.csv`` / ``metadata.jsonl``, which is a
+  manifest (also inside each ``train/``, ``val/``, ``test/`` folder).
+
+:func:`load_dataset` says which one it found in one line (``Dataset.layout``). A manifest's
+images come out as the folder loader gives the same files: same names, same order, so a seeded
+split (and so the trained model) is the same whichever way the images were listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgclf.data.images import ImageData, is_skipped, load_images_from_directory
+from imgclf.data.manifests import (
+    LABEL_COLUMNS,
+    SPLIT_COLUMN,
+    columns_of,
+    find_column,
+    is_manifest,
+    is_table,
+    iter_rows,
+    manifest_joiner,
+    path_column,
+)
+from imgclf.data.parallel import ordered_map
+from imgclf.data.uris import filesystem, is_uri, read_image_bytes
+from imgclf.errors import DataError, ImageDecodeError
+
+#: The parts of a dataset, and how a ``split`` cell or a folder may spell each.
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+#: Hugging Face imagefolder's manifest, found in a folder (the first of these there).
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+@dataclass
+class Dataset:
+    """Labelled images in up to three parts: ``train`` (everything when the input has no parts),
+    ``validation`` and ``test`` (None when the input does not have them). ``layout``: one line
+    saying what the input was found to be. ``duplicate_rows``: manifest rows that list a file
+    already listed (each kept once: the first row)."""
+
+    train: list[ImageData]
+    validation: list[ImageData] | None = None
+    test: list[ImageData] | None = None
+    layout: str = ""
+    duplicate_rows: list[dict] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+
+    @property
+    def parts(self) -> list[tuple[str, list[ImageData]]]:
+        """(part, images) for each part it has, in train, val, test order."""
+        named = [("train", self.train), ("val", self.validation), ("test", self.test)]
+        return [(name, images) for name, images in named if images is not None]
+
+    @property
+    def images(self) -> list[ImageData]:
+        """Every image of every part."""
+        return [im for _, images in self.parts for im in images]
+
+
+def load_dataset(source: str | Path, *, path_column: str | None = None, label_column: str | None = None,
+                 label_map: str | Path | None = None) -> Dataset:  # fmt: skip
+    """The labelled images of ``source``: a folder (one subfolder per label, or ``train/``, ``val/``,
+    ``test/`` folders of them), or a manifest. ``path_column`` and ``label_column`` name a
+    manifest's columns (detected when None); ``label_map`` (a JSON object or list, or a text file
+    with one name per line) names the labels a manifest gives as numbers."""
+    text = str(source)
+    names = {"path_column": path_column, "label_column": label_column, "label_map": label_map}
+    if is_table(text):
+        if not is_uri(text) and os.path.isdir(text):
+            raise DataError(f"{text}: is a folder, not a manifest file")
+        return _from_manifest(text, **names, what="manifest")
+    if is_manifest(text) and not os.path.isdir(text):
+        _path_column(text, None)  # a .txt list: one line saying what a labelled manifest needs
+    if is_uri(text):
+        raise DataError(f"{text}: labelled images from a URI come in a manifest (.csv, .tsv, .jsonl or .parquet "
+                        "listing path and label); give its URI")  # fmt: skip
+    root = Path(text)
+    if root.is_dir():
+        parts = _split_folders(root)
+        if parts is not None:
+            return _from_split_folders(root, parts, names)
+        metadata = _metadata_file(root)
+        if metadata is not None:
+            return _from_manifest(str(metadata), **names, what="Hugging Face imagefolder metadata")
+    _refuse_manifest_options(text, names)
+    return Dataset(load_images_from_directory(root), layout=f"{root}: one subfolder per label")
+
+
+def _refuse_manifest_options(source: str, names: dict) -> None:
+    given = [name for name, value in names.items() if value is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise DataError(f"{flag} applies to manifests; {source} is a folder of label subfolders, so drop {flag}")
+
+
+def _metadata_file(folder: Path) -> Path | None:
+    return next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
+
+
+def _split_folders(root: Path) -> dict[str, Path] | None:
+    """``train/``, ``val/`` and ``test/`` (as :data:`SPLIT_FOLDERS` spells them) when ``root`` holds
+    ``train/`` and one of the others and nothing else; None when it is not such a folder."""
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.name for e in entries if not is_skipped(e.name) and _is_folder(e))
+    except OSError:
+        return None  # the folder loader says what is wrong with it
+    found: dict[str, list[str]] = defaultdict(list)
+    for name in folders:
+        for part, spellings in SPLIT_FOLDERS.items():
+            if name.lower() in spellings:
+                found[part].append(name)
+    if "train" not in found or not ({"val", "test"} & set(found)):
+        return None
+    others = [name for name in folders if not any(name in names for names in found.values())]
+    if others:
+        raise DataError(f"{root}: has train/ and {'val' if 'val' in found else 'test'}/ folders beside others "
+                        f"({', '.join(others[:5])}); a split layout holds only train/, val/ (or valid/, validation/) "
+                        "and test/, each with one subfolder per label: move the others out")  # fmt: skip
+    for part, names in found.items():
+        if len(names) > 1:
+            raise DataError(f"{root}: has {' and '.join(n + '/' for n in names)}; keep one {part} folder")
+    return {part: root / found[part][0] for part in SPLIT_FOLDERS if part in found}
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that cannot be followed
+        return False
+
+
+def _from_split_folders(root: Path, parts: dict[str, Path], names: dict) -> Dataset:
+    loaded: dict[str, list[ImageData]] = {}
+    duplicates: list[dict] = []
+    manifests: list[str] = []
+    for part, folder in parts.items():
+        metadata = _metadata_file(folder)
+        if metadata is None:
+            _refuse_manifest_options(str(folder), names)
+            loaded[part] = load_images_from_directory(folder)
+            continue
+        found = _from_manifest(str(metadata), **names, what="metadata")
+        if found.validation is not None or found.test is not None:
+            raise DataError(f"{metadata}: has a '{SPLIT_COLUMN}' column inside the {folder.name}/ folder; the "
+                            "folder says which part its images are: drop the column")  # fmt: skip
+        loaded[part] = found.train
+        duplicates += found.duplicate_rows
+        manifests += found.manifests
+    said = ", ".join(f"{p.name}/" for p in parts.values())
+    return Dataset(loaded["train"], loaded.get("val"), loaded.get("test"), layout=f"{root}: {said} folders, one "
+                   "subfolder per label in each", duplicate_rows=duplicates, manifests=manifests)  # fmt: skip
+
+
+def _from_manifest(manifest: str, *, path_column: str | None, label_column: str | None,
+                   label_map: str | Path | None, what: str) -> Dataset:  # fmt: skip
+    """A manifest's rows as a :class:`Dataset`: one part, or the parts its ``split`` column names."""
+    columns = columns_of(manifest)
+    paths = _path_column(manifest, path_column)
+    labels = find_column(manifest, columns, label_column, LABEL_COLUMNS, "label", "--label-column")
+    if labels is None:
+        raise DataError(f"{manifest}: manifest has no label column (nor {', '.join(LABEL_COLUMNS[1:])}; its columns: "
+                        f"{', '.join(columns[:10])}); name it 'label', or give --label-column")  # fmt: skip
+    split = find_column(manifest, columns, None, (SPLIT_COLUMN,), "split", "")
+    mapping = read_label_map(label_map) if label_map is not None else None
+    rows, duplicates = _rows(manifest, paths, labels, split, mapping)
+    kept = _as_images(rows)
+    by_part: dict[str, list[ImageData]] = defaultdict(list)
+    for image, part in kept:
+        by_part[part or "train"].append(image)
+    said = f"{manifest}: {what}, paths in '{paths}', labels in '{labels}'"
+    if split is not None:
+        said += f", parts in '{split}' ({', '.join(f'{len(v)} {k}' for k, v in by_part.items())})"
+    if duplicates:
+        _warn_duplicates(manifest, duplicates)
+    if split is None:
+        return Dataset(by_part["train"], layout=said, duplicate_rows=duplicates, manifests=[manifest])
+    if not by_part.get("train"):
+        raise DataError(f"{manifest}: no row has '{split}' train; the training images are the train rows")
+    return Dataset(by_part["train"], by_part.get("val"), by_part.get("test"), layout=said,
+                   duplicate_rows=duplicates, manifests=[manifest])  # fmt: skip
+
+
+def _path_column(manifest: str, given: str | None) -> str:
+    found = path_column(manifest, given)
+    if found is None:  # a .txt list
+        raise DataError(f"{manifest}: a .txt manifest lists paths alone; labelled images need a table with a path "
+                        "and a label column (.csv, .tsv, .jsonl or .parquet)")  # fmt: skip
+    return found
+
+
+def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: dict[str, str] | None):
+    """(path, label, part) per distinct file, in the folder loader's order; and the duplicate rows."""
+    join = manifest_joiner(manifest)
+    first: dict[str, tuple[str, str, str | None]] = {}
+    duplicates: list[dict] = []
+    wanted = [paths, labels] + ([split] if split else [])
+    for where, values in iter_rows(manifest, wanted):
+        entry = "" if values[0] is None else str(values[0]).strip()
+        if not entry:
+            raise DataError(f"{where}: no image path in column '{paths}'; fill it in or remove the row")
+        path = join(entry)
+        label = _label_text(values[1], where, labels, mapping)
+        part = _split_of(values[2], where, split) if split else None
+        if path in first:
+            was_where, was_label, was_part = first[path]
+            duplicates.append({"file": path, "row": _row_name(where), "first_row": _row_name(was_where),
+                               "labels": sorted({was_label, label}), "splits": sorted({was_part or "", part or ""} - {""})})  # fmt: skip
+            continue
+        first[path] = (where, label, part)
+    if not first:
+        raise DataError(f"{manifest}: manifest lists no images (a header and no rows)")
+    order = sorted(first, key=Path)  # the folder loader's order: a listing's order changes nothing
+    return [(path, first[path][1], first[path][2]) for path in order], duplicates
+
+
+def _row_name(where: str) -> str:
+    """``line 7`` of ``data.csv line 7``."""
+    return " ".join(where.rsplit(" ", 2)[-2:])
+
+
+def _warn_duplicates(manifest: str, duplicates: list[dict]) -> None:
+    clash = [d for d in duplicates if len(d["labels"]) > 1 or len(d["splits"]) > 1]
+    e = clash[0] if clash else duplicates[0]
+    detail = f"{e['row']} repeats {e['first_row']}, {e['file']}"
+    if len(e["labels"]) > 1:
+        detail += f", as {' and '.join(e['labels'])}"
+    elif len(e["splits"]) > 1:
+        detail += f", in {' and '.join(e['splits'])}"
+    said = f"; {len(clash)} of them with another label or split" if clash else ""
+    warnings.warn(f"{manifest}: ignored {len(duplicates)} row(s) listing a file already listed (e.g. {detail}){said}; "
+                  "the first row of each file counts; `imgclf audit` lists them", stacklevel=4)  # fmt: skip
+
+
+def _label_text(value: object, where: str, column: str, mapping: dict[str, str] | None) -> str:
+    """A label cell as the label's name: text as it is, a whole number as its digits (or its name
+    in ``mapping``)."""
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: no label in column '{column}'; give every image a label, or remove the row")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a column of numbers with a gap reads as floats
+    if isinstance(value, (str, int, float)):
+        text = str(value).strip()
+    else:
+        raise DataError(f"{where}: the label in column '{column}' is {type(value).__name__} {value!r}; a label is "
+                        "text or a number, one per row")  # fmt: skip
+    if mapping is None:
+        return text
+    if text not in mapping:
+        known = ", ".join(list(mapping)[:10])
+        raise DataError(f"{where}: label '{text}' is not in the --label-map (which has {known}); add it there")
+    return mapping[text]
+
+
+def _split_of(value: object, where: str, column: str) -> str:
+    text = "" if value is None else str(value).strip().lower()
+    if text not in SPLIT_NAMES:
+        said = f"'{value}'" if text else "nothing"
+        raise DataError(f"{where}: {said} in column '{column}'; each row's part is train, val (or valid, "
+                        "validation) or test")  # fmt: skip
+    return SPLIT_NAMES[text]
+
+
+def _as_images(rows: list[tuple[str, str, str | None]]) -> list[tuple[ImageData, str | None]]:
+    """Local files as paths (read when used; a missing one is skipped then, as in a folder); URIs
+    read now, in threads, since an image's content keys the feature cache."""
+    schemes = {}
+    for path, _, _ in rows:
+        if is_uri(path):
+            schemes.setdefault(path.split("://", 1)[0], path)
+    for uri in schemes.values():
+        filesystem(uri)  # a missing filesystem package: one line, before any image is read
+
+    def load(row: tuple[str, str, str | None]) -> tuple[ImageData | None, str | None]:
+        path, label, part = row
+        if not is_uri(path):
+            return ImageData(Path(path), label, path), part
+        try:
+            return ImageData(read_image_bytes(path), label, path), part
+        except ImageDecodeError as e:
+            warnings.warn(f"skipped {e}", stacklevel=2)
+            return None, part
+
+    return [(image, part) for image, part in ordered_map(load, rows) if image is not None]
+
+
+def read_label_map(path: str | Path) -> dict[str, str]:
+    """Label numbers to names: a JSON object (``{"0": "cat"}``), a JSON list or a text file with one
+    name per line (line ``i`` names label ``i``, counting from 0, as ImageNet's and YOLO's lists do)."""
+    where = f"--label-map {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if str(path).lower().endswith(".json"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{where}: not JSON ({e})") from None
+        if isinstance(value, list):
+            value = dict(enumerate(value))
+        if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
+            raise DataError(f'{where}: a label map is a JSON object of names ({{"0": "cat", "1": "dog"}}) or a list')
+        return {str(k): v for k, v in value.items()}
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names or not all(names):
+        raise DataError(f"{where}: give one label name per line (line 1 names label 0), no blank lines")
+    return {str(i): name for i, name in enumerate(names)}
+
+
+def evaluation_images(dataset: Dataset) -> tuple[list[ImageData], str]:
+    """What ``evaluate`` and ``report`` measure on: the test part when there is one, else every image;
+    and a few words saying which."""
+    if dataset.test is not None:
+        return dataset.test, f"the {len(dataset.test)} test images"
+    return dataset.images, f"all {len(dataset.images)} images"
+
+
+def tagged(dataset: Dataset) -> tuple[list[ImageData], list[str]]:
+    """Every image and the part it is in (what the audit checks for copies across parts)."""
+    images: list[ImageData] = []
+    parts: list[str] = []
+    for part, members in dataset.parts:
+        images += members
+        parts += [part] * len(members)
+    return images, parts
