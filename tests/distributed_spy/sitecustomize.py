@@ -9,6 +9,7 @@ head phase and the whole network after fine-tuning. Nothing is changed, except
 that IMGCLF_TEST_FAIL_RANK=N makes rank N fail as fine-tuning starts, and
 IMGCLF_TEST_PAUSE_AFTER=E makes rank 0 wait after writing the checkpoint of
 fine-tune epoch E, so a test can interrupt the run there, every time.
+IMGCLF_TEST_ONE_PROCESS=1 records a plain one-process run too (as rank 0).
 """
 
 import json
@@ -95,5 +96,5 @@ def _install() -> None:
     finetune.FineTuner.run = spied_run
 
 
-if SPY_DIR and "RANK" in os.environ:  # a rank; not the launcher
+if SPY_DIR and ("RANK" in os.environ or os.environ.get("IMGCLF_TEST_ONE_PROCESS")):  # a rank, or a plain run
     _install()
