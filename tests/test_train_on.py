@@ -33,12 +33,17 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def old_file(tmp_path_factory, workspace):
-    """A 3-label model, 8 photos each, 2 of them held out per label."""
+def old_run(tmp_path_factory, workspace):
+    """A 3-label model, 8 photos each, 2 of them held out per label: (file, held-out photos)."""
     folder = small_flower_folder(tmp_path_factory.mktemp("old"), per_class=8, labels=OLD_LABELS)
     trainer = ImageClassificationTrainer(epochs=15, workspace=workspace, progress=False)
-    model, _ = trainer.fit_and_hold_out(folder, test_fraction=0.25)
-    return model.save(tmp_path_factory.mktemp("old-model") / "old.imgclf")
+    model, held_out = trainer.fit_and_hold_out(folder, test_fraction=0.25)
+    return model.save(tmp_path_factory.mktemp("old-model") / "old.imgclf"), folder, held_out
+
+
+@pytest.fixture(scope="module")
+def old_file(old_run):
+    return old_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +181,22 @@ def test_a_file_that_is_not_a_model_or_keeps_no_features_is_one_line(old_file, t
                          (tmp_path / "missing.imgclf", "model file not found")):  # fmt: skip
         code, printed, err = run_cli(["train", tulips, "--from", source, "--out", tmp_path / "x.imgclf"], capsys)
         assert code == 2 and printed == "" and len(err.strip().splitlines()) == 1 and said in err, err
+
+
+def test_training_on_scores_as_training_from_scratch_on_both(old_run, extended, tulips, workspace):
+    """The acceptance test's shape, small: the 3-label model trained on with the fourth label's photos
+    and a 4-label model from scratch on the same training photos agree on the same held-out photos."""
+    from imgclf import load_images_from_directory
+
+    _, old_folder, old_held = old_run
+    model, new_held = extended
+    held = {im.name for im in [*old_held, *new_held]}
+    photos = load_images_from_directory(old_folder) + load_images_from_directory(tulips)
+    scratch = ImageClassificationTrainer(epochs=15, workspace=workspace, progress=False).fit(
+        [im for im in photos if im.name not in held])
+    test = [*old_held, *new_held]
+    on, fresh = model.evaluate(test), scratch.evaluate(test)
+    assert abs(on.micro_accuracy - fresh.micro_accuracy) <= 1 / len(test) + 1e-9  # one photo at most
+    agree = [a.label == b.label for a, b in zip(model.predict_batch([im.source for im in test]),
+                                              scratch.predict_batch([im.source for im in test]))]
+    assert sum(agree) >= len(test) - 1
