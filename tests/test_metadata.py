@@ -104,6 +104,14 @@ BAD_FIELDS = [
     ("arch", 7, "arch"),
     ("labels", DELETE, "missing labels"),
     ("format", DELETE, "missing format"),
+    ("stored_features.images", 0, "stored_features.images"),
+    ("stored_features.images", "18", "stored_features.images"),
+    ("stored_features.held_out", 10**6, "more than images"),
+    ("stored_features.dtype", "pickle", "stored_features.dtype"),
+    ("stored_features", [18], "stored_features"),
+    ("trained_on_from", {"sha256": "ab"}, "trained_on_from.sha256"),
+    ("trained_on_from", {"sha256": "0" * 64, "labels": [""]}, "trained_on_from.labels.0"),
+    ("trained_on_from", {}, "missing trained_on_from.sha256"),
 ]
 
 
@@ -192,7 +200,9 @@ JSON = st.recursive(
 )
 FIELDS = ["labels", "arch", "timm_name", "num_features", "format", "format_version", "tta", "metrics", "training",
           "preprocessing", "preprocessing.input_size", "preprocessing.crop_pct", "preprocessing.interpolation",
-          "preprocessing.mean", "preprocessing.std", "labels.0", "preprocessing.mean.1", "versions"]  # fmt: skip
+          "preprocessing.mean", "preprocessing.std", "labels.0", "preprocessing.mean.1", "versions",
+          "stored_features", "stored_features.images", "stored_features.held_out", "stored_features.dtype",
+          "trained_on_from", "trained_on_from.sha256", "trained_on_from.labels"]  # fmt: skip
 NEAR_VALID = st.sampled_from([0, 1, 2, 3, 15, 16, 223, 224, 1024, 1025, -1, 0.25, 0.875, 1.5, 1.51, 1e-300, True,
                               "bicubic", "lanczos", "", "daisy", [0.5, 0.5, 0.5], [1, 1, 1], [0.01, 0.01, 0.01]])  # fmt: skip
 
@@ -204,7 +214,12 @@ BOUNDARIES = st.sampled_from([
     ("preprocessing.mean", [0.5, v, 0.5]) for v in (-0.001, 0.0, 1.0, 1.001, float("nan"))] + [
     ("preprocessing.std", [0.5, 0.5, v]) for v in (0.0099, 0.01, 1.0, 1.001, float("inf"))] + [
     ("num_features", v) for v in (0, 65_537)] + [("format_version", v) for v in (0, 2)] + [
-    ("labels", ["daisy"]), ("labels", ["daisy", "x" * 256, "tulips"]), ("labels", ["daisy", "x" * 255, "tulips"])])  # fmt: skip
+    ("labels", ["daisy"]), ("labels", ["daisy", "x" * 256, "tulips"]), ("labels", ["daisy", "x" * 255, "tulips"])] + [
+    ("stored_features.images", v) for v in (0, 1, 10_000_000, 10_000_001)] + [
+    ("stored_features.held_out", v) for v in (-1, 0, 18, 19)] + [
+    ("stored_features.dtype", v) for v in ("float16", "float32")] + [
+    ("trained_on_from", {"sha256": v}) for v in ("0" * 64, "0" * 63, "0" * 65, "A" * 64, "g" * 64)] + [
+    ("trained_on_from", {"sha256": "0" * 64, "labels": v}) for v in (["a"], [], ["x" * 256], "a")])  # fmt: skip
 
 
 def mutate(config: dict, data) -> dict | str:
@@ -212,7 +227,10 @@ def mutate(config: dict, data) -> dict | str:
     if how == "raw":
         return data.draw(st.text(max_size=40) | JSON.map(json.dumps))
     if how == "boundary":
-        return changed(config, *data.draw(BOUNDARIES))
+        try:
+            return changed(config, *data.draw(BOUNDARIES))
+        except KeyError:  # a field this kind of file does not carry (an ONNX file keeps no stored features)
+            return config
     field = data.draw(st.sampled_from(FIELDS))
     value = DELETE if how == "delete" else data.draw(NEAR_VALID if how == "near" else JSON)
     try:
@@ -273,8 +291,33 @@ def documented_valid(config, kind: str) -> bool:
             isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name) is not None and len(name) <= 200,
             type(features) is int and 1 <= features <= 65_536,
             config.get("training") is None or isinstance(config["training"], dict),  # an ONNX file has none
+            _stored_features_valid(config.get("stored_features")),
+            _trained_on_from_valid(config.get("trained_on_from")),
         ]
     return all(checks)
+
+
+def _stored_features_valid(said) -> bool:
+    """docs/reliability.md: absent, or images 1 to 10,000,000, held_out 0 to images, dtype float16."""
+    if said is None:
+        return True
+    if not isinstance(said, dict):
+        return False
+    images, held = said.get("images"), said.get("held_out")
+    return (type(images) is int and 1 <= images <= 10_000_000 and type(held) is int and 0 <= held <= images
+            and said.get("dtype") == "float16")  # fmt: skip
+
+
+def _trained_on_from_valid(said) -> bool:
+    """docs/reliability.md: absent, or a sha256 of 64 lowercase hex digits and optional labels."""
+    if said is None:
+        return True
+    if not isinstance(said, dict) or not isinstance(said.get("sha256"), str):
+        return False
+    labels = said.get("labels")
+    return re.fullmatch(r"[0-9a-f]{64}", said["sha256"]) is not None and (labels is None or (
+        isinstance(labels, list) and len(labels) <= 100_000 and all(isinstance(x, str) and 1 <= len(x) <= 255
+                                                                    for x in labels)))  # fmt: skip
 
 
 def fits_the_weights(config: dict, original: dict, kind: str) -> bool:

@@ -28,6 +28,7 @@ EPILOG = """examples:
   imgclf train                                  train on the bundled flower photos
   imgclf train photos/ --out pets.imgclf        one subfolder per label in photos/
   imgclf train photos/ --fine-tune --nproc-per-node 4   one process per GPU (torchrun; docs: Distributed training)
+  imgclf train more/ --from pets.imgclf --out pets2.imgclf   add photos and labels without the old photos
   imgclf evaluate pets.imgclf holdout/ --json
   imgclf predict pets.imgclf some.jpg more_images/ --top-k 3
   imgclf predict pets.onnx archive/ list.txt --out results.parquet   resumable batch scoring
@@ -138,6 +139,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
         engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb, tracking=_trackers(args),
+        from_model=args.from_model, keep_features_mb=0.0 if args.no_keep_features else args.keep_features_mb,
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
@@ -180,16 +182,21 @@ def _train(args: argparse.Namespace, distributed) -> int:
             print(f"Found {len(dataset.images)} images{counts} of {len(labels)} labels in {folder}: "
                   f"{', '.join(labels)}")  # fmt: skip
             print(f"Layout: {dataset.layout}")
+            on = f" on from {args.from_model}" if args.from_model else ""
+            theirs = " (and the held-out features it keeps)" if args.from_model else ""
             if test is not None:
-                print(f"Training {args.arch}; its {len(test)} test images are held out for evaluation", flush=True)
+                print(f"Training {args.arch}{on}; its {len(test)} test images{theirs} are held out for evaluation",
+                      flush=True)  # fmt: skip
             else:
-                print(f"Training {args.arch}, holding out {args.test_fraction:.0%} of the readable images for "
-                      "evaluation", flush=True)  # fmt: skip
+                print(f"Training {args.arch}{on}, holding out {args.test_fraction:.0%} of the readable "
+                      f"{'new ' if on else ''}images{theirs} for evaluation", flush=True)  # fmt: skip
             model, test = trainer.fit_and_hold_out(images, args.test_fraction, validation_set=validation,
                                                    test_set=test)  # fmt: skip
             if not distributed.is_main_process():
                 caught.clear()  # rank 0 reports the warnings, evaluates, saves
                 return 0
+            if args.from_model:
+                _trained_on_line(model)
             held_out = {id(im) for im in test}
             _warn_about_duplicates([im for im in images if id(im) not in held_out], test, validation)
             part = "test" if dataset.test is not None else "held-out"
@@ -211,6 +218,20 @@ def _train(args: argparse.Namespace, distributed) -> int:
     if trainer.tracker_:
         _finish_tracking(trainer.tracker_, model, out, metrics, args, test)
     return 0
+
+
+def _trained_on_line(model) -> None:
+    """What a model trained on from another learned from, in one line."""
+    was = model.info["trained_on_from"]
+    old_train = was["stored_images"] - was["stored_held_out"]
+    new = [label for label in model.labels if label not in was["labels"]]
+    capped = (f" (it kept {was['stored_images']} of its {was['stored_of_images']} images' features)"
+              if was["stored_of_images"] > was["stored_images"] else "")  # fmt: skip
+    print(f"Trained on from {was['file']} (sha256 {was['sha256'][:12]}): its {old_train} stored training features"
+          f"{capped} and {model.info['training']['train_images'] - old_train} new images; "
+          f"{len(was['labels'])} labels{' + new: ' + ', '.join(new) if new else ', none new'}; its "
+          f"{was['stored_held_out']} held-out features are "
+          f"{'not measured (--tta scores photos)' if model.tta else 'measured with the new held-out images'}")  # fmt: skip
 
 
 def _manifest_columns(args: argparse.Namespace) -> dict:

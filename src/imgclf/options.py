@@ -94,6 +94,8 @@ def install_hint(extra: str) -> str:
 
 DEFAULT_ARCH = "efficientnet_lite0"
 DEFAULT_MODEL_PATH = "imageClassifier.imgclf"
+#: MB of training images' features a model file keeps for ``train --from`` (imgclf.inference.stored).
+KEEP_FEATURES_MB = 20.0
 #: Most likely labels each prediction carries (``predict --top-k``, ``/v1/predict?top_k``).
 TOP_K = 1
 #: ``device`` of the commands that run a trained model: the CPU, where one model gives one answer.
@@ -484,6 +486,10 @@ _TRAIN = Schema(
         Option("folder", positional=True, nargs="?", help=_LABELLED, shown_default="bundled flowers"),
         *_MANIFEST_COLUMNS,
         Option("out", default=DEFAULT_MODEL_PATH, help="model file to write"),
+        # 'from' is a Python keyword: the parameter is from_model, the flag --from
+        Option("from_model", flag="--from", metavar="MODEL",
+               help="train on from this model: add FOLDER's images and labels to what it learned, from the "
+                    "training features it keeps, without its photos (same --arch; docs: Training on)"),
         _ARCH,
         _WEIGHTS,
         Option("epochs", int, 50, POSITIVE_INT, "training epochs"),
@@ -516,6 +522,12 @@ _TRAIN = Schema(
         _SEED,
         _WORKSPACE,
         _NO_CACHE,
+        Option("keep_features_mb", float, KEEP_FEATURES_MB, Interval(float, 0, SIZE.high, "left"), metavar="MB",
+               help="keep the training images' pooled features (float16; 2.5 KB an image for efficientnet_lite0) "
+                    "in the model file up to this many MB, so --from can add to it later; over it, an equal share "
+                    "of each label; 0 leaves them out"),
+        Option("no_keep_features", bool, help="leave the training images' features out of the model file "
+                                              "(as --keep-features-mb 0; the model cannot be trained on with --from)"),
         Option("metrics_json", help="also write the held-out metrics as JSON to this file (or /dev/stdout)"),
         _TRAINING_DEVICE,
         Option("verbose", bool, short="-v", help="print metrics after every epoch"),

@@ -177,8 +177,9 @@ def label_names(images: Iterable[ImageData]) -> list[str]:
     return sorted({im.label for im in images if im.label is not None})
 
 
-def check_labels(images: Sequence[ImageData], what: str = "training set") -> list[str]:
-    """The sorted labels of ``images``; raises if any image lacks one or < 2 classes."""
+def check_labels(images: Sequence[ImageData], what: str = "training set", at_least: int = 2) -> list[str]:
+    """The sorted labels of ``images``; raises if any image lacks one or there are fewer than
+    ``at_least`` (1 where they add to a model's labels: ``train --from``)."""
     unlabeled = [im.name for im in images if im.label is None]
     if unlabeled:
         raise DataError(f"{unlabeled[0]}: image in the {what} has no label")
@@ -189,7 +190,10 @@ def check_labels(images: Sequence[ImageData], what: str = "training set") -> lis
         except UnicodeEncodeError:
             raise DataError(f"label {ascii(label)}: the folder name is not valid UTF-8 text; rename the folder "
                             "(labels are stored as text in the model file)") from None  # fmt: skip
-    if len(labels) < 2:
+    if len(labels) < at_least:
         found = f"only '{labels[0]}'" if labels else "none"
-        raise DataError(f"{what}: need images of at least 2 labels to train a classifier, found {found}")
+        raise DataError(
+            f"{what}: need images of at least {at_least} label{'s' if at_least > 1 else ''} to train "
+            f"a classifier, found {found}"
+        )
     return labels

@@ -21,7 +21,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from imgclf.data.imaging import RESAMPLING, Preprocessing
 from imgclf.errors import ModelFileError
@@ -33,6 +33,8 @@ MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 1.5
 MIN_STD = 0.01
 MAX_FEATURES = 65_536
 MAX_LABELS = 100_000
+#: Most training images whose features a model file may keep (train --keep-features-mb).
+MAX_STORED_IMAGES = 10_000_000
 
 _Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 _Std = Annotated[float, Field(ge=MIN_STD, le=1.0)]
@@ -67,6 +69,32 @@ class PrecisionMetrics(BaseModel):
     unseen_images: Annotated[int, Field(ge=0)] | None = None
     accuracy_change: Annotated[float, Field(ge=-1, le=1)] | None = None
     cpu: Annotated[str, StringConstraints(pattern=r"^(none|bf16|vnni|bf16\+vnni)$")] | None = None
+
+
+class StoredFeaturesSpec(BaseModel):
+    """How many training images' features the file keeps (:mod:`imgclf.inference.stored`); the
+    tensors themselves are checked against it when ``train --from`` reads them."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    images: Annotated[int, Field(ge=1, le=MAX_STORED_IMAGES)]
+    held_out: Annotated[int, Field(ge=0, le=MAX_STORED_IMAGES)]
+    dtype: Literal["float16"]
+
+    @model_validator(mode="after")
+    def _held_out_within(self) -> StoredFeaturesSpec:
+        if self.held_out > self.images:
+            raise ValueError(f"held_out ({self.held_out}) is more than images ({self.images})")
+        return self
+
+
+class TrainedOnFrom(BaseModel):
+    """The model a model was trained on from (``train --from``): its file's SHA-256 and labels."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    labels: Annotated[list[_Label], Field(max_length=MAX_LABELS)] | None = None
 
 
 class _CommonMetadata(BaseModel):
@@ -106,6 +134,8 @@ class ModelFileMetadata(_CommonMetadata):
     history: list[dict[str, Any]] | None = None
     skipped: list[dict[str, Any]] | None = None
     extraction: dict[str, Any] | None = None
+    stored_features: StoredFeaturesSpec | None = None
+    trained_on_from: TrainedOnFrom | None = None
 
     @field_validator("timm_name")
     @classmethod

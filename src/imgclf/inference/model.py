@@ -7,7 +7,9 @@ untrusted model cannot run code). The backbone's tensors are stored under
 versions) is JSON in the safetensors metadata under ``imgclf``. A model calibrated
 for int8 also carries its int8 graph (an ONNX QDQ graph, data, not code) as the
 uint8 tensor ``int8.onnx``, so it is calibrated once and travels with the file
-(to Ray actors, Spark executors, another machine).
+(to Ray actors, Spark executors, another machine). A head-only model also keeps its
+training images' pooled features under ``stored.`` (:mod:`imgclf.inference.stored`), read
+only by ``train --from``: prediction never loads them.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class ImageClassifier(Predictor):
             self._backbone = backbone.eval().to(device)
         self.head = head.eval().to(device)
         self.held_out_features_ = None  # the held-out images' pooled features, set by training (evaluate_held_out)
+        self.held_out_stored_ = None  # (features, label positions) of held-out images kept by a model trained on
+        self.stored_features_ = None  # StoredFeatures to save (imgclf.inference.stored)
+        self._stored_in: Path | None = None  # the file a loaded model's stored features are read from when saved
         self.engine = engine
         self.precision = precision
         self.int8_graph_ = int8_graph  # the calibrated int8 network (imgclf.inference.precision)
@@ -138,6 +143,9 @@ class ImageClassifier(Predictor):
         from imgclf.inference.metrics import compute_metrics
 
         targets = [self.labels.index(im.label) for im in images]
+        if self.held_out_stored_ is not None:  # trained on from a model: its held-out images count too
+            features = np.concatenate([features, self.held_out_stored_[0]])
+            targets += [int(t) for t in self.held_out_stored_[1]]
         return compute_metrics(self._head_probabilities(features), targets, self.labels)
 
     @property
@@ -257,13 +265,35 @@ class ImageClassifier(Predictor):
             import torch
 
             tensors[INT8_TENSOR] = torch.frombuffer(bytearray(self.int8_graph_), dtype=torch.uint8)
-        metadata = {FORMAT_NAME: json.dumps(self.config())}
+        config = self.config()
+        stored = self._stored_to_save(config)
+        config.pop("stored_features", None)
+        if stored is not None:
+            tensors.update(stored.tensors())
+            config["stored_features"] = stored.metadata()
+        metadata = {FORMAT_NAME: json.dumps(config)}
         with atomic_path(path, "model") as tmp:
             save_file(tensors, tmp, metadata=metadata)
         if self._checkpoint is not None:
             self._checkpoint.remove()
             self._checkpoint = None
         return path
+
+    def _stored_to_save(self, config: dict):
+        """The stored features to write: this model's, or those of the file it was loaded from
+        (read now, before the file may be replaced; a file gone since is one warning)."""
+        if self.stored_features_ is not None or self._stored_in is None:
+            return self.stored_features_
+        from imgclf.inference.stored import read_stored
+
+        try:
+            return read_stored(self._stored_in, config)
+        except (OSError, ModelFileError) as e:
+            import warnings
+
+            warnings.warn(f"{self._stored_in}: its stored features are not carried over ({e}); "
+                          "'train --from' cannot add to the saved model", stacklevel=3)  # fmt: skip
+            return None
 
     def export_onnx(self, path: str | Path, **options) -> Path:
         """Export the whole network to ONNX (see :func:`imgclf.inference.export.export_onnx`)."""
@@ -369,6 +399,10 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
     except Exception as e:
         raise ModelFileError(f"{path}: model tensors are unreadable ({type(e).__name__}: {_first_line(e)})") from None
     head = torch.nn.Linear(config["num_features"], len(config["labels"]))
+    from imgclf.inference.stored import FEATURES
+
+    stored_in = path if FEATURES in tensors else None
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("stored.")}  # read by train --from alone
     for prefix, module in (("backbone.", backbone), ("head.", head)):
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
@@ -377,9 +411,11 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
             raise ModelFileError(f"{path}: model weights are incomplete or do not match ({_first_line(e)})") from None
     info = {k: v for k, v in config.items() if k not in _CORE_KEYS}
     int8 = tensors.get(INT8_TENSOR)
-    return ImageClassifier(
+    model = ImageClassifier(
         backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
         preprocessing=preprocessing_of(config), info=info, device=resolve_device(device),
         engine=engine, tta=config.get("tta", False), precision=precision,
         int8_graph=None if int8 is None else int8.numpy().tobytes(),
     )  # fmt: skip
+    model._stored_in = stored_in
+    return model

@@ -30,8 +30,8 @@ from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
+from imgclf.options import KEEP_FEATURES_MB, install_hint, option_error, validate
 from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
-from imgclf.options import install_hint, option_error, validate
 from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
@@ -147,6 +147,11 @@ class ImageClassificationTrainer:
     ``"tensorboard"``, or trackers of :mod:`imgclf.training.tracking`) logs the run:
     ``fit`` finishes it with the model, ``fit_and_hold_out`` leaves it to
     ``tracker_.finish`` (for the held-out metrics).
+
+    ``from_model`` (a model file) trains on from it: the images given add to what it
+    learned, new labels after its own, from the training features it keeps
+    (:mod:`imgclf.training.train_on`). ``keep_features_mb`` bounds the features this model
+    keeps for that (0: none).
     """
 
     def __init__(
@@ -183,6 +188,8 @@ class ImageClassificationTrainer:
         progress: bool = True,
         max_memory_gb: float | None = None,
         tracking: str | Tracker | Sequence[str | Tracker] | None = None,
+        from_model: str | Path | None = None,
+        keep_features_mb: float = KEEP_FEATURES_MB,
     ):
         self.arch = arch
         self.epochs = epochs
@@ -215,13 +222,15 @@ class ImageClassificationTrainer:
         self.progress = progress
         self.max_memory_gb = max_memory_gb
         self.tracking = tracking
+        self.from_model = from_model
+        self.keep_features_mb = keep_features_mb
         self.tracker_: Trackers | None = None
 
     #: The parameters checked against ``imgclf train``'s options (imgclf.options), whose
     #: constraints and defaults they share.
     _CHECKED = ("epochs", "batch_size", "learning_rate", "lr_schedule", "decay_rate", "decay_epochs", "momentum",
                 "weight_decay", "validation_fraction", "class_weight", "seed", "device", "engine", "precision",
-                "max_memory_gb", "extraction_batch_size")  # fmt: skip
+                "max_memory_gb", "extraction_batch_size", "keep_features_mb")  # fmt: skip
 
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
@@ -238,8 +247,12 @@ class ImageClassificationTrainer:
         from imgclf.nets.device import resolve_device
 
         self._check_options()
-        get_architecture(self.arch)
+        arch = get_architecture(self.arch)
         resolve_device(self.device)
+        if self.from_model is not None:  # a model that cannot be trained on from costs a second, not a run
+            from imgclf.training.train_on import open_old_model
+
+            open_old_model(self.from_model, arch, preprocessing_for(arch), self.fine_tune)
 
     def fit(
         self,
@@ -332,7 +345,15 @@ class ImageClassificationTrainer:
         validation_set = None if validation_set is None else _as_images(validation_set, caller="validation_set")
         test_set = None if test_set is None else _as_images(test_set, caller="test_set")
         self._check_options()
-        labels = check_labels(images)
+        old = None
+        if self.from_model is not None:
+            from imgclf.training.train_on import open_old_model, union_labels
+
+            arch = get_architecture(self.arch)
+            old = open_old_model(self.from_model, arch, preprocessing_for(arch), self.fine_tune)
+            labels, new_labels = union_labels(old, images)
+        else:
+            labels = new_labels = check_labels(images)
         for part, given in (("validation", validation_set), ("test", test_set)):
             unknown = sorted({im.label for im in given or []} - set(labels))
             if unknown:
@@ -366,7 +387,7 @@ class ImageClassificationTrainer:
             in_test = {id(im) for im in test_set}
             held_out = [im for im in readable if id(im) in in_test]
             readable = [im for im in readable if id(im) not in in_test]
-        empty = [lbl for lbl in labels if not any(im.label == lbl for im in readable)]
+        empty = [lbl for lbl in new_labels if not any(im.label == lbl for im in readable)]
         if empty:
             raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
         if hold_out and test_set is None:
@@ -397,9 +418,18 @@ class ImageClassificationTrainer:
             x_val, y_val = self._xy(val, validation_set, labels)
         for name, reason in skipped:
             warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=3)
+        x_new, y_new = x_train, y_train  # the images given: what a precision is certified on
+        backbone = network.for_model()
+        if old is not None:  # the old model's training features join the new ones
+            from imgclf.training.train_on import check_same_backbone
+
+            check_same_backbone(old, backbone, network.source)
+            x_old, y_old = old.stored.part(held_out=False)
+            x_train, y_train = np.concatenate([x_train, x_old]), np.concatenate([y_train, y_old])
 
         class_weights = self._class_weights(y_train, len(labels))
         names = [im.name for im in images] + [im.name for im in validation_set or []]
+        names += [f"--from {old.sha256}"] if old is not None else []
         ignored = ("resume", "workspace", "use_cache", "device", "max_memory_gb")
         params = {k: v for k, v in self.get_params().items() if k not in ignored}
         checkpoint = Checkpoint(workspace, run_key(names, params)) if writable else None
@@ -411,7 +441,7 @@ class ImageClassificationTrainer:
                 x_train, y_train, x_val, y_val, len(labels), device, class_weights, checkpoint, saved
             )
             model = ImageClassifier(
-                network.for_model(), head, labels, arch=arch.name, timm_name=arch.timm_name,
+                backbone, head, labels, arch=arch.name, timm_name=arch.timm_name,
                 preprocessing=preprocessing, info={}, device=device, engine=self.engine,
             )  # fmt: skip
             tuner = None
@@ -430,6 +460,11 @@ class ImageClassificationTrainer:
                 if engine.built is not None and network.module is model._backbone:
                     model.features_engine = engine.built  # the backbone the engine was built from: reuse it
                 model.held_out_features_ = from_pool(held_out).features if held_out else None
+                if self.keep_features_mb > 0:
+                    model.stored_features_ = self._features_to_keep(x_train, y_train, x_val, y_val, labels,
+                                                                    from_pool(held_out).features, held_out, old)  # fmt: skip
+            if old is not None and model.held_out_features_ is not None:
+                model.held_out_stored_ = old.stored.part(held_out=True)
         except KeyboardInterrupt:
             if checkpoint is None:
                 raise TrainingInterrupted("training interrupted; the workspace is not writable, so no checkpoint "
@@ -439,12 +474,13 @@ class ImageClassificationTrainer:
                 "run the same command with --resume to continue"
             ) from None
         model._checkpoint = checkpoint  # removed by model.save(), once the result is safe
+        stored_held = 0 if model.held_out_stored_ is None or self.tta else len(model.held_out_stored_[1])
         model.tta = self.tta
         model.info = {
             "weights_source": network.source,
             "training": {**self.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
                          "train_images": int(len(y_train)), "resumed_from": resumed_from,
-                         "held_out_images": len(held_out) if hold_out or test_set is not None else None,
+                         "held_out_images": len(held_out) + stored_held if hold_out or test_set is not None else None,
                          "validation_images": 0 if y_val is None else int(len(y_val))},
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
@@ -452,6 +488,7 @@ class ImageClassificationTrainer:
             "extraction": {"extracted": pool.extracted, "cached": pool.cached, "engine": engine.name},
             "distributed": {"world_size": distributed.world_size(), "backend": distributed.backend_name()},
             "versions": library_versions(),
+            **({"trained_on_from": old.record()} if old is not None else {}),
         }  # fmt: skip
         if distributed.is_main_process():
             fine_tuned = tuner is not None and tuner.kept != "head-only"
@@ -463,7 +500,7 @@ class ImageClassificationTrainer:
             held = from_pool(held_out) if held_out else ExtractionResult(np.zeros((0, x_train.shape[1]), np.float32), [])
             y_held = np.array([labels.index(im.label) for im in held_out], dtype=np.int64)
             model.info["precision_decision"] = self._decide_precision(
-                model, fit_head, (x_train, y_train, images), (held.features, y_held, held_out), fine_tuned
+                model, fit_head, (x_new, y_new, images), (held.features, y_held, held_out), fine_tuned
             )
         return model, held_out
 
@@ -500,6 +537,19 @@ class ImageClassificationTrainer:
         ok, said = certificate_verdict(model.info.get("precision_metrics"), "bf16", caps)
         return {**decision, "line": f"{'bf16' if ok else 'fp32'}: {said}"}
 
+    def _features_to_keep(self, x_train, y_train, x_val, y_val, labels, x_held, held_out, old):
+        """The features the model keeps for ``train --from``: its training and validation images'
+        (with the old model's, when trained on from one) and, marked, its held-out images'."""
+        from imgclf.inference.stored import StoredFeatures
+
+        if x_val is not None:
+            x_train, y_train = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+        y_held = np.array([labels.index(im.label) for im in held_out], dtype=np.int64)
+        if old is not None:
+            x_old, y_old = old.stored.part(held_out=True)
+            x_held, y_held = np.concatenate([x_held, x_old]), np.concatenate([y_held, y_old])
+        return StoredFeatures.select((x_train, y_train), (x_held, y_held), self.keep_features_mb, self.seed)
+
     def _workspace(self) -> tuple[Path, bool]:
         """The workspace, and whether files can be written there.
 
@@ -525,7 +575,7 @@ class ImageClassificationTrainer:
         params = {k: v for k, v in vars(self).items() if k not in skip}
         params["early_stopping"] = asdict(self.early_stopping) if self.early_stopping else None
         params["fine_tune_options"] = asdict(self.fine_tune_options or FineTuneOptions()) if self.fine_tune else None
-        for key in ("weights", "workspace"):
+        for key in ("weights", "workspace", "from_model"):
             params[key] = None if params[key] is None else str(params[key])
         return params
 
