@@ -2,7 +2,7 @@
 path, whatever the job size, with default options, on this machine.
 
 Paths: Python ``predict`` (one image: eager PyTorch) and ``predict_batch`` (ONNX Runtime),
-the terminal (4 images), ``--json`` (300 images), ``--out`` Parquet (1,800 images),
+the terminal (4 images), ``--json`` (300 images), ``--out`` Parquet (400 images),
 ``evaluate``, ``serve``, and the exported ``.onnx`` (torch-free). Ray and Spark are checked
 against ``predict --json`` to 1e-5 in their own tests. Both capability paths run: on a CPU
 with native bf16 nothing changes unless the model carries a bf16 certificate.
@@ -39,9 +39,11 @@ def files():
 
 @pytest.fixture(scope="module")
 def jobs(files, tmp_path_factory):
-    """Folders of 300 and 1,800 images: hard links to the 24 photos under distinct names."""
+    """Folders of 300 and 400 images: hard links to the 24 photos under distinct names. No choice
+    depends on a job's size past 8 images (eager PyTorch below, ONNX Runtime above, same fp32
+    network); 1,800 images took 20 s more and checked nothing more (benchmarks/consistency.py runs 1,800)."""
     made = {}
-    for size in (300, 1800):
+    for size in (300, 400):
         folder = tmp_path_factory.mktemp(f"job{size}")
         for i in range(size):
             src = files[i % len(files)]
@@ -116,7 +118,7 @@ def test_python_one_image_at_a_time_and_the_terminal(model_file, files, referenc
         assert label == labels[int(want.argmax())] and abs(float(probability) - want.max()) <= 5e-5 + 1e-6
 
 
-def test_json_of_300_and_out_of_1800_give_the_same_answers(model_file, jobs, reference, tmp_path, monkeypatch):
+def test_json_of_300_and_out_of_400_give_the_same_answers(model_file, jobs, reference, tmp_path, monkeypatch):
     """As on a CPU with native bf16 and VNNI, where job size used to switch precisions."""
     import pyarrow.parquet as pq
 
@@ -129,11 +131,11 @@ def test_json_of_300_and_out_of_1800_give_the_same_answers(model_file, jobs, ref
     _check({r["file"]: {s["label"]: s["probability"] for s in r["scores"]} for r in rows}, reference)
 
     results = tmp_path / "r.parquet"
-    code, _, _ = _cli("predict", str(model_file), str(jobs[1800]), "--out", str(results), "-q", "--top-k", "5")
+    code, _, _ = _cli("predict", str(model_file), str(jobs[400]), "--out", str(results), "-q", "--top-k", "5")
     assert code == 0
     table = pq.read_table(results).to_pylist()
     assert list(table[0]) == COLUMNS and meta_version(results) == 2
-    assert len(table) == 1800
+    assert len(table) == 400
     _check({r["path"]: dict(zip(r["top_labels"], r["top_probabilities"])) for r in table}, reference)
     meta = json.loads((results / "_imgclf.json").read_text())
     assert meta["ran"] == {"engine": "onnxruntime", "precision": "fp32", "cpu": "bf16+vnni"}

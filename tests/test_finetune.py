@@ -1,6 +1,5 @@
 """Fine-tuning, other architectures via --weights, class weights, TTA, resume."""
 
-import json
 import signal
 import subprocess
 import sys

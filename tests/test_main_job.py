@@ -4,8 +4,6 @@ certificates made by cross-fitting and by ``imgclf certify``."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,35 +41,8 @@ def test_head_sgd_is_torch_sgd_step_for_step(momentum, decay):
         theirs.load_state_dict(saved)
 
 
-def test_a_warm_run_builds_no_network_and_gives_the_same_model(tmp_path):
-    """No run imports timm, torch.optim or onnx (the fresh one runs the graph template); the
-    second, on cached features, builds no network at all. Same head, same held-out metrics,
-    and model files that predict alike."""
-    folder = small_flower_folder(tmp_path / "photos", per_class=8)
-    code = (
-        "import sys, json; from imgclf.cli import main; rc = main(sys.argv[1:]); "
-        "print(json.dumps({m: m in sys.modules for m in ('timm', 'torch._dynamo', 'onnx', 'torchvision')}))"
-    )
-    runs = []
-    for name in ("fresh", "warm"):
-        out = tmp_path / f"{name}.imgclf"
-        done = subprocess.run([sys.executable, "-c", code, "train", str(folder), "--workspace", str(tmp_path / "ws"),
-                               "--epochs", "20", "--out", str(out), "-q"], capture_output=True, text=True)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        runs.append((done.stdout, out))
-    (fresh_out, fresh_model), (warm_out, warm_model) = runs
-    assert "24 images through the network" in fresh_out and "0 images through the network" in warm_out
-    for out in (fresh_out, warm_out):  # fresh: the shipped graph template runs the network (no timm, no export)
-        imported = __import__("json").loads(out.strip().splitlines()[-1])
-        assert imported == {"timm": False, "torch._dynamo": False, "onnx": False, "torchvision": False}
-    from imgclf import load_model
-
-    first, second = load_model(fresh_model), load_model(warm_model)
-    assert torch.equal(first.head.weight, second.head.weight)
-    assert first.info["metrics"] == second.info["metrics"]
-    files = sorted(PREDICT.glob("*g"))
-    for a, b in zip(first.predict_batch(files), second.predict_batch(files)):
-        assert a.label == b.label and max(abs(a.scores[k] - b.scores[k]) for k in a.scores) < 1e-5
+# A warm run builds no network and gives the same model: tests/test_end_to_end.py checks it on the
+# README's main job itself (it trained a second, smaller model here before).
 
 
 def test_held_out_metrics_from_cached_features_equal_a_network_pass(small_model, tmp_path):
