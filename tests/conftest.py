@@ -11,6 +11,8 @@ import pytest
 from imgclf.sample_data import sample_data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` on 2 cores: a thread each, not two threads each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FLOWERS = sample_data_dir("flowers")
 PREDICT = sample_data_dir("predict")
