@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from imgclf.data.imaging import RESAMPLING, Preprocessing
 from imgclf.errors import ModelFileError
+from imgclf.inference.unknown import MAX_BANK
 
 FORMAT_NAME = "imgclf"
 FORMAT_VERSION = 1
@@ -33,6 +34,7 @@ MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 1.5
 MIN_STD = 0.01
 MAX_FEATURES = 65_536
 MAX_LABELS = 100_000
+MAX_K = 1000
 
 _Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 _Std = Annotated[float, Field(ge=MIN_STD, le=1.0)]
@@ -69,6 +71,19 @@ class PrecisionMetrics(BaseModel):
     cpu: Annotated[str, StringConstraints(pattern=r"^(none|bf16|vnni|bf16\+vnni)$")] | None = None
 
 
+class UnknownSpec(BaseModel):
+    """The unknown-input detector (:mod:`imgclf.inference.unknown`): its score's threshold
+    (scores lie in [0, 2]), the rate it was placed for, and how many training vectors its bank holds."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    method: Literal["knn-cosine"]
+    k: Annotated[int, Field(ge=1, le=MAX_K)]
+    threshold: Annotated[float, Field(ge=0.0, le=2.0)]
+    rejection_rate: Annotated[float, Field(gt=0.0, le=0.5)]
+    bank_images: Annotated[int, Field(ge=1, le=MAX_BANK)]
+
+
 class _CommonMetadata(BaseModel):
     """Fields both kinds of file carry. Unknown fields are kept (newer minor versions add some)."""
 
@@ -82,6 +97,7 @@ class _CommonMetadata(BaseModel):
     versions: dict[str, str] | None = None
     precision_metrics: dict[Literal["fp32", "bf16", "int8"], PrecisionMetrics] | None = None
     calibration: dict[str, Any] | None = None
+    unknown: UnknownSpec | None = None
 
     @field_validator("labels")
     @classmethod
