@@ -92,7 +92,8 @@ def predict_json(model: Path, *inputs, top_k: int = 2) -> dict[str, dict]:
 
 
 def assert_agrees_with_predict_json(rows: list[dict], expected: dict[str, dict]) -> None:
-    """Same files, same labels, probabilities within 1e-5, error rows where predict has errors."""
+    """Same files, same labels, probabilities within 1e-5, the same ``known`` (its score within
+    1e-5), error rows where predict has errors."""
     assert sorted(r["path"] for r in rows) == sorted(expected)
     for row in rows:
         want = expected[row["path"]]
@@ -102,3 +103,4 @@ def assert_agrees_with_predict_json(rows: list[dict], expected: dict[str, dict])
             assert row["error"] is None, row
             assert row["label"] == want["label"], row
             assert abs(row["probability"] - want["probability"]) < 1e-5, row
+            assert row["known"] is want["known"] and abs(row["unknown_score"] - want["unknown_score"]) < 1e-5, row

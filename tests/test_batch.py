@@ -41,7 +41,9 @@ def read_rows(out: Path) -> list[dict]:
                 for r in csv.DictReader(f):
                     rows.append({k: (None if v == "" else v) for k, v in r.items()})
             for r in rows:
-                r["probability"] = None if r["probability"] is None else float(r["probability"])
+                for k in ("probability", "unknown_score"):
+                    r[k] = None if r[k] is None else float(r[k])
+                r["known"] = {None: None, "true": True, "false": False, True: True, False: False}[r["known"]]
                 for k in ("top_labels", "top_probabilities"):
                     r[k] = None if r[k] is None else json.loads(r[k]) if isinstance(r[k], str) else r[k]
         else:

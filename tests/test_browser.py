@@ -1,4 +1,5 @@
-"""A real browser uploads a photo to the page served by `imgclf serve` and reads the label."""
+"""A real browser uploads a photo to the page served by `imgclf serve` and reads the label; an MRI
+slice gets its label too, with the page saying it looks like nothing the model was trained on."""
 
 import os
 import shutil
@@ -9,6 +10,8 @@ import pytest
 from imgclf.serve.process import serve_in_subprocess
 
 from .conftest import PREDICT
+
+MRI_SLICE = Path(__file__).parent / "data" / "brain-mri" / "glioma" / "Te-glTr_0003.jpg"
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -30,6 +33,11 @@ def test_page_labels_uploaded_daisy(small_model_file, tmp_path):
             page.set_input_files("#picker", str(PREDICT / "classic-daisy.jpg"))
             label = page.wait_for_selector(".label", timeout=30_000)
             assert label.inner_text().startswith("daisy")
+            assert page.locator(".unknown").count() == 0  # a daisy is known
+            page.set_input_files("#picker", str(MRI_SLICE))
+            warning = page.wait_for_selector(".unknown", timeout=30_000)
+            assert "doesn't look like anything the model was trained on" in warning.inner_text()
+            assert page.locator(".label").count() == 2  # the label is still given
             page.set_input_files("#picker", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"text"}])
             error = page.wait_for_selector(".error", timeout=30_000)
             assert "notes.jpg" in error.inner_text()

@@ -53,8 +53,8 @@ def test_train_with_broken_images_skips_them_and_lists_them(tmp_path, capsys, wo
 def test_predict_prints_file_label_probability(model_file, capsys):
     code, out, _ = run(capsys, "predict", model_file, PREDICT / "classic-daisy.jpg")
     assert code == 0
-    name, label, prob = out.strip().split("\t")
-    assert name.endswith("classic-daisy.jpg") and label == "daisy" and 0 < float(prob) <= 1
+    name, label, prob, known = out.strip().split("\t")
+    assert name.endswith("classic-daisy.jpg") and label == "daisy" and 0 < float(prob) <= 1 and known == "known"
 
 
 def test_predict_json_walks_folders_and_reports_bad_images(model_file, tmp_path, capsys):
@@ -221,7 +221,7 @@ def test_tsv_escapes_newlines_and_tabs_in_names(model_file, tmp_path, capsys):
     code, out, _ = run(capsys, "predict", model_file, tmp_path)
     out.encode("utf-8")  # printable as UTF-8: a non-UTF-8 name stopped the output with a traceback
     rows = [line.split("\t") for line in out.splitlines()]
-    assert code == 0 and len(rows) == 4 and all(len(r) == 3 and r[1] == "daisy" for r in rows)
+    assert code == 0 and len(rows) == 4 and all(len(r) == 4 and r[1] == "daisy" for r in rows)
     assert sorted(r[0].rsplit("/", 1)[-1] for r in rows) == ["back\\\\slash.jpg", "caf\\xe9.jpg", "new\\nline.jpg",
                                                              "tab\\there.jpg"]  # fmt: skip
 

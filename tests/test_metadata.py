@@ -202,7 +202,9 @@ FIELDS = ["labels", "arch", "timm_name", "num_features", "format", "format_versi
           "preprocessing", "preprocessing.input_size", "preprocessing.crop_pct", "preprocessing.interpolation",
           "preprocessing.mean", "preprocessing.std", "labels.0", "preprocessing.mean.1", "versions",
           "stored_features", "stored_features.images", "stored_features.held_out", "stored_features.dtype",
-          "trained_on_from", "trained_on_from.sha256", "trained_on_from.labels"]  # fmt: skip
+          "trained_on_from", "trained_on_from.sha256", "trained_on_from.labels",
+          "unknown", "unknown.method", "unknown.k", "unknown.threshold", "unknown.rejection_rate",
+          "unknown.bank_images"]  # fmt: skip
 NEAR_VALID = st.sampled_from([0, 1, 2, 3, 15, 16, 223, 224, 1024, 1025, -1, 0.25, 0.875, 1.5, 1.51, 1e-300, True,
                               "bicubic", "lanczos", "", "daisy", [0.5, 0.5, 0.5], [1, 1, 1], [0.01, 0.01, 0.01]])  # fmt: skip
 
@@ -219,7 +221,9 @@ BOUNDARIES = st.sampled_from([
     ("stored_features.held_out", v) for v in (-1, 0, 18, 19)] + [
     ("stored_features.dtype", v) for v in ("float16", "float32")] + [
     ("trained_on_from", {"sha256": v}) for v in ("0" * 64, "0" * 63, "0" * 65, "A" * 64, "g" * 64)] + [
-    ("trained_on_from", {"sha256": "0" * 64, "labels": v}) for v in (["a"], [], ["x" * 256], "a")])  # fmt: skip
+    ("trained_on_from", {"sha256": "0" * 64, "labels": v}) for v in (["a"], [], ["x" * 256], "a")] + [
+    ("unknown.k", v) for v in (0, 1, 1000, 1001)] + [("unknown.threshold", v) for v in (-0.001, 0.0, 2.0, 2.001)] + [
+    ("unknown.rejection_rate", v) for v in (0.0, 1e-9, 0.5, 0.501)] + [("unknown.bank_images", v) for v in (0, 4097)])  # fmt: skip
 
 
 def mutate(config: dict, data) -> dict | str:
@@ -259,6 +263,16 @@ def _finite_everywhere(v) -> bool:
     return True
 
 
+def _valid_unknown(u) -> bool:
+    """docs/reliability.md's ranges of the unknown-input detector's metadata."""
+    if u is None:
+        return True
+    return (isinstance(u, dict) and u.get("method") == "knn-cosine" and type(u.get("k")) is int and 1 <= u["k"] <= 1000
+            and _number(u.get("threshold")) and 0 <= u["threshold"] <= 2
+            and _number(u.get("rejection_rate")) and 0 < u["rejection_rate"] <= 0.5
+            and type(u.get("bank_images")) is int and 1 <= u["bank_images"] <= 4096)  # fmt: skip
+
+
 def documented_valid(config, kind: str) -> bool:
     """Whether ``config`` is within every documented type and range (``kind``: imgclf or onnx)."""
     if not isinstance(config, dict) or not _finite_everywhere(config):
@@ -273,6 +287,7 @@ def documented_valid(config, kind: str) -> bool:
         config.get("metrics") is None or isinstance(config["metrics"], dict),
         config.get("versions") is None or (isinstance(config["versions"], dict)
                                            and all(isinstance(v, str) for v in config["versions"].values())),
+        _valid_unknown(config.get("unknown")),
     ]  # fmt: skip
     if all(checks):
         size, crop, mean, std = p["input_size"], p["crop_pct"], p["mean"], p["std"]
@@ -326,7 +341,9 @@ def fits_the_weights(config: dict, original: dict, kind: str) -> bool:
     if len(config["labels"]) != 3:
         return False
     if kind == "imgclf":
-        return config["timm_name"] == original["timm_name"] and config["num_features"] == original["num_features"]
+        bank = (config.get("unknown") or {}).get("bank_images", original["unknown"]["bank_images"])
+        return (config["timm_name"] == original["timm_name"] and config["num_features"] == original["num_features"]
+                and bank == original["unknown"]["bank_images"])  # fmt: skip
     return config["preprocessing"]["input_size"] == 224
 
 

@@ -69,7 +69,7 @@ def test_useful_reprs(small_model, folder):
     assert text.startswith("ImageClassifier(arch='efficientnet_lite0', labels=['daisy', 'dandelion', 'tulips']")
     assert "input_size=224" in text and "<" not in text
     p = small_model.predict(DAISY)
-    assert repr(p).startswith(f"Prediction(label='daisy', probability={p.probability:.4f}, next={{")
+    assert repr(p).startswith(f"Prediction(label='daisy', probability={p.probability:.4f}, known=True, next={{")
     m = small_model.evaluate(folder)
     assert repr(m).startswith(f"MulticlassMetrics(count={m.count}, labels=3, micro_accuracy=") and "[[" not in repr(m)
 

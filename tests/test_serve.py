@@ -334,13 +334,13 @@ def test_batches_hold_up_to_max_batch_images(small_onnx_model):
 
     predictor = load_onnx_model(small_onnx_model)
     sizes = []
-    real = predictor.predict_proba_arrays
+    real = predictor.predict_arrays  # probabilities and unknown scores, one network call
 
     def recording(x):
         sizes.append(len(x))
         return real(x)
 
-    predictor.predict_proba_arrays = recording
+    predictor.predict_arrays = recording
     photos = [f.read_bytes() for f in sorted((FLOWERS / "daisy").glob("*.jpg"))[:6]]
     with TestClient(create_app(predictor, max_batch=4, max_wait_ms=50)) as client:
         assert sorted(sizes) == [1, 2, 3, 4]  # the warm-up, one call per batch size

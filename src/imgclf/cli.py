@@ -338,7 +338,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from imgclf.insight.report import write_report
 
-    model = load_predictor(args.model, args.device)
+    with _warnings_as_lines():  # an old model file without an unknown-input detector says so, once
+        model = load_predictor(args.model, args.device)
     with _warnings_as_lines():  # an empty label folder; how many images could not be read (listed on the page)
         images = _evaluation_images(args) if args.folder else None
         page = write_report(model, images, args.out, name=str(args.model))
@@ -359,14 +360,15 @@ def _evaluation_images(args: argparse.Namespace) -> list:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
+    with _warnings_as_lines():  # an old model file without an unknown-input detector says so, once
+        model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     with _warnings_as_lines():
         images = _evaluation_images(args)
     model.job_size = len(images)  # a few images on a torch model run eagerly, at the same precision
     _engine_line(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = model.evaluate(images)
+        metrics = model.evaluate(images, reject_unknown=args.reject_unknown)
     said = {**metrics.to_dict(), "measured_on": {"images": metrics.count, "listed": len(images)},
             "ran": model.engine_choice().to_dict()}  # fmt: skip
     print(json.dumps(said, indent=2) if args.json else metrics)
@@ -379,11 +381,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.out or args.engine == "ray":
         return cmd_predict_to_file(args)
-    model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
+    with _warnings_as_lines():  # an old model file without an unknown-input detector says so, once
+        model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     files = find_image_files(args.images)
     if not files:
         raise ImgclfError(f"no images found in {', '.join(args.images)}")
     model.job_size = len(files)  # a few images on a torch model run eagerly, at the same precision
+    if args.reject_unknown and model.unknown_threshold is None:
+        raise OptionError(f"--reject-unknown: {args.model} has no unknown-input detector (it was trained before "
+                          "imgclf had one); train it again to get one")  # fmt: skip
     _engine_line(model)
     ran = model.engine_choice().to_dict()
     results, failed = [], 0
@@ -395,6 +401,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"error: {rows.tsv_cell(str(outcome))}", file=sys.stderr)
         else:
             row = outcome.row(name, args.top_k if args.top_k > 1 else None)
+            if args.reject_unknown:
+                row = rows.rejected(row)
             if not args.json:
                 print(rows.line(row, args.top_k))
         results.append({**rows.document(row), **ran})

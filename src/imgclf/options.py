@@ -102,6 +102,8 @@ TOP_K = 1
 INFERENCE_DEVICE = "cpu"
 #: ``device`` of the commands that extract features to learn from: a GPU when there is one.
 TRAINING_DEVICE = "auto"
+#: The share of in-distribution images the unknown-input detector rejects (``train --unknown-rate``).
+DEFAULT_UNKNOWN_RATE = 0.05
 #: Images per network call when scoring into files (``predict --out``, Ray, Spark).
 SCORING_BATCH_SIZE = 32
 #: Seconds between committed parts of a results folder.
@@ -460,6 +462,8 @@ _PRECISION = Option("precision", default="auto", constraint=Choices(PRECISIONS),
                          "measured on a CPU like this one (300 unseen images, top labels 99% equal to fp32), "
                          "else fp32; never depends on the job's size")  # fmt: skip
 _TOP_K = Option("top_k", int, TOP_K, POSITIVE_INT, "also show the k most likely labels")
+_REJECT_UNKNOWN_HELP = ("images whose known is false (they look like nothing the model was trained on) get the label "
+                        "'unknown' instead of the model's")  # fmt: skip
 #: A labelled input: a folder of label subfolders, a train/val/test folder of them, or a manifest.
 _LABELLED = ("folder with one subfolder of images per label, a folder of train/, val/ and test/ folders of them, or a "
              "manifest (.csv, .tsv, .jsonl or .parquet listing path, label and optionally split)")  # fmt: skip
@@ -516,6 +520,9 @@ _TRAIN = Schema(
         Option("keep_orientation", bool, False, help="no flips, rotations or shears (for images whose orientation "
                                                      "carries meaning)", needs="fine_tune"),
         Option("tta", bool, help="average each prediction with its mirror image"),
+        Option("unknown_rate", float, DEFAULT_UNKNOWN_RATE, Interval(float, 0, 0.5, "right"),
+               help="share of images like the training images that the unknown-input detector may reject: its "
+                    "threshold is placed there on cross-fitted training images (docs: Known inputs)"),
         Option("class_weight", default=None, constraint=Choices(("balanced",)),
                help="weigh rare labels up (for skewed folders)"),
         Option("resume", bool, help="continue an interrupted run from its last checkpoint"),
@@ -575,6 +582,8 @@ _EVALUATE = Schema(
         Option("folder", positional=True, help=f"{_LABELLED}; with test images, those alone are measured"),
         *_MANIFEST_COLUMNS,
         replace(_JSON, help="print the metrics as JSON"),
+        Option("reject_unknown", bool, help="also report how many images the unknown-input detector rejects, and "
+                                            "the accuracy on the others"),
         _DEVICE,
         _ENGINE,
         _PRECISION,
@@ -592,6 +601,8 @@ _PREDICT = Schema(
                     ".parquet with a path column) and URIs"),
         _TOP_K,
         replace(_JSON, help="print one JSON array, an object per image"),
+        Option("reject_unknown", bool, excludes="out",
+               help=f"{_REJECT_UNKNOWN_HELP}; results files (--out) carry the known column instead"),
         _DEVICE,
         Option("out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
                            "running the same command again continues where it stopped"),

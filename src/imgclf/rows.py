@@ -15,7 +15,8 @@ built here from that one table, so a field added to :data:`FIELDS` appears every
 
 :data:`ROW_VERSION` counts changes to the fields: a results folder records it and refuses
 to be resumed by another version; the HTTP API answers it with every prediction.
-Versions: 1 the first columns; 2 added ``path_bytes``.
+Versions: 1 the first columns; 2 added ``path_bytes``; 3 added ``known`` and ``unknown_score``
+(the unknown-input detector, :mod:`imgclf.inference.unknown`).
 
 Numpy-free and pyarrow-free: the library's layers ask for the types they need
 (:func:`arrow_fields`, :func:`spark_fields`).
@@ -28,14 +29,14 @@ from dataclasses import dataclass
 
 from imgclf.names import printable, raw_hex
 
-ROW_VERSION = 2
+ROW_VERSION = 3
 
 
 @dataclass(frozen=True)
 class RowField:
     """One thing a prediction carries. ``kind`` decides its encodings:
-    ``name`` (the image's name), ``text``, ``number`` (float32 in tables) or
-    ``ranking`` (labels with probabilities, best first)."""
+    ``name`` (the image's name), ``text``, ``number`` (float32 in tables), ``flag`` (true or
+    false; boolean in tables) or ``ranking`` (labels with probabilities, best first)."""
 
     name: str
     kind: str
@@ -47,12 +48,16 @@ FIELDS: tuple[RowField, ...] = (
     RowField("label", "text", "the most likely label; null when the image could not be scored"),
     RowField("probability", "number", "the probability of that label"),
     RowField("scores", "ranking", "the top-k labels with their probabilities, most likely first"),
+    RowField("known", "flag", "false when the image looks like nothing the model was trained on (its features lie "
+             "farther from the training images' than the model's threshold); null for a model without a detector"),
+    RowField("unknown_score", "number", "how far the image's features lie from the training images' (1 - mean "
+             "cosine similarity to the nearest ones): higher is less like them; known is this <= the threshold"),
     RowField("error", "text", "why the image could not be scored, in one line; null when it was"),
 )
 
 #: How each kind is written in a table: its columns, as (column suffix or name, element type).
 _TABLE = {"name": (("path", "text"), ("path_bytes", "text")), "text": (("", "text"),),
-          "number": (("", "number"),), "ranking": (("top_labels", "texts"), ("top_probabilities", "numbers"))}  # fmt: skip
+          "number": (("", "number"),), "flag": (("", "flag"),), "ranking": (("top_labels", "texts"), ("top_probabilities", "numbers"))}  # fmt: skip
 #: Columns that name the image: left out where the caller's own frame keeps the path (Spark, MLflow).
 NAME_COLUMNS = ("path", "path_bytes")
 
@@ -61,18 +66,38 @@ def _table_columns(f: RowField) -> tuple[tuple[str, str], ...]:
     return tuple((column or f.name, kind) for column, kind in _TABLE[f.kind])
 
 
-#: Every table column with its element type (``text``, ``number``, ``texts``, ``numbers``), in order.
+#: Every table column with its element type (``text``, ``number``, ``flag``, ``texts``, ``numbers``), in order.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = tuple(c for f in FIELDS for c in _table_columns(f))
 COLUMNS: tuple[str, ...] = tuple(name for name, _ in TABLE_COLUMNS)
 DOCUMENT_KEYS: tuple[str, ...] = tuple(f.name for f in FIELDS)
 
 
-def scored(file: str, label: str, probability: float, top: Sequence[tuple[str, float]]) -> dict:
-    """The row of a scored image: ``top`` holds (label, probability) pairs, best first."""
+def scored(
+    file: str,
+    label: str,
+    probability: float,
+    top: Sequence[tuple[str, float]],
+    known: bool | None = None,
+    unknown_score: float | None = None,
+) -> dict:
+    """The row of a scored image: ``top`` holds (label, probability) pairs, best first;
+    ``known`` and ``unknown_score`` are None for a model without an unknown-input detector."""
     row = dict.fromkeys(DOCUMENT_KEYS)
     row.update(file=file, label=label, probability=float(probability),
-               scores=[(lbl, float(p)) for lbl, p in top], error=None)  # fmt: skip
+               scores=[(lbl, float(p)) for lbl, p in top], error=None,
+               known=None if known is None else bool(known),
+               unknown_score=None if unknown_score is None else float(unknown_score))  # fmt: skip
     return row
+
+
+def rejected(row: dict) -> dict:
+    """``row`` as ``--reject-unknown`` writes it: the label ``unknown`` where ``known`` is false
+    (the ranking still names the labels the model would have given)."""
+    return {**row, "label": UNKNOWN_LABEL} if row.get("known") is False else row
+
+
+#: The label ``--reject-unknown`` gives an image whose ``known`` is false.
+UNKNOWN_LABEL = "unknown"
 
 
 def failed(file: str, error: str) -> dict:
@@ -127,21 +152,24 @@ def records(rows: Sequence[dict]) -> Iterator[dict]:
 
 def arrow_fields(pa, with_name: bool = True) -> list:
     """The table columns as pyarrow fields (``pa``: the pyarrow module)."""
-    types = {"text": pa.string(), "number": pa.float32(), "texts": pa.list_(pa.string()),
+    types = {"text": pa.string(), "number": pa.float32(), "flag": pa.bool_(), "texts": pa.list_(pa.string()),
              "numbers": pa.list_(pa.float32())}  # fmt: skip
     return [pa.field(n, types[k]) for n, k in TABLE_COLUMNS if with_name or n not in NAME_COLUMNS]
 
 
 def spark_fields(t) -> list:
     """The table columns but the path as Spark struct fields (``t``: ``pyspark.sql.types``)."""
-    types = {"text": t.StringType(), "number": t.FloatType(), "texts": t.ArrayType(t.StringType()),
+    types = {"text": t.StringType(), "number": t.FloatType(), "flag": t.BooleanType(),
+             "texts": t.ArrayType(t.StringType()),
              "numbers": t.ArrayType(t.FloatType())}  # fmt: skip
     return [t.StructField(n, types[k]) for n, k in TABLE_COLUMNS if n not in NAME_COLUMNS]
 
 
 def line(row: dict, top_k: int = 1) -> str:
-    """The terminal's tab-separated line: file, label, probability (and the top ``top_k``)."""
-    text = f"{tsv_cell(row['file'])}\t{tsv_cell(row['label'])}\t{row['probability']:.4f}"
+    """The terminal's tab-separated line: file, label, probability, ``known`` or ``unknown``
+    (``-`` for a model without a detector), and the top ``top_k`` when more than one."""
+    known = {True: "known", False: "unknown", None: "-"}[row.get("known")]
+    text = f"{tsv_cell(row['file'])}\t{tsv_cell(row['label'])}\t{row['probability']:.4f}\t{known}"
     if top_k > 1:
         text += "\t" + ", ".join(f"{tsv_cell(lbl)} {p:.4f}" for lbl, p in row["scores"][:top_k])
     return text

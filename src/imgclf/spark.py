@@ -67,6 +67,22 @@ def result_type():
     return t.StructType(rows.spark_fields(t))
 
 
+def _batch_type():
+    """The struct ``predict_batch_udf`` returns: :func:`result_type` with each flag (``known``) as
+    a float (1, 0, NaN for null), since it takes no booleans; :func:`predict_udf` casts them back."""
+    _, t = _pyspark()
+    flags = {name for name, kind in rows.TABLE_COLUMNS if kind == "flag"}
+    return t.StructType([t.StructField(f.name, t.FloatType()) if f.name in flags else f for f in rows.spark_fields(t)])
+
+
+def _with_flags(column):
+    """The batch UDF's struct as :func:`result_type`: its flags cast to booleans."""
+    from pyspark.sql import functions as F
+
+    return F.struct(*[column[name].cast("boolean").alias(name) if kind == "flag" else column[name].alias(name)
+                      for name, kind in rows.TABLE_COLUMNS if name not in rows.NAME_COLUMNS])  # fmt: skip
+
+
 def _struct_columns(columns: dict[str, list], k: int) -> dict[str, np.ndarray]:
     """The result columns as the arrays ``predict_batch_udf`` wants: lists as (rows, k) object
     arrays (null lists as k nulls), numbers as float32 with NaN for null."""
@@ -77,8 +93,8 @@ def _struct_columns(columns: dict[str, list], k: int) -> dict[str, np.ndarray]:
         values = columns[name]
         if kind in ("texts", "numbers"):
             out[name] = np.array([v or [None] * k for v in values], dtype=object).reshape(-1, k)
-        elif kind == "number":
-            out[name] = np.array([np.nan if v is None else v for v in values], np.float32)
+        elif kind in ("number", "flag"):  # a flag travels as 1.0, 0.0 or NaN (see _batch_type)
+            out[name] = np.array([np.nan if v is None else float(v) for v in values], np.float32)
         else:
             out[name] = np.array(values, dtype=object)
     return out
@@ -137,13 +153,13 @@ def predict_udf(
 
         return predict
 
-    unnamed = ml_functions.predict_batch_udf(make_predict_fn, return_type=result_type(), batch_size=batch_size)
-    named = ml_functions.predict_batch_udf(make_named_predict_fn, return_type=result_type(), batch_size=batch_size)
+    unnamed = ml_functions.predict_batch_udf(make_predict_fn, return_type=_batch_type(), batch_size=batch_size)
+    named = ml_functions.predict_batch_udf(make_named_predict_fn, return_type=_batch_type(), batch_size=batch_size)
 
     def udf(content, path=None):
         """The prediction column for ``content`` (image bytes) and, to name each image, ``path``."""
         check_workers()
-        return unnamed(content) if path is None else named(content, path)
+        return _with_flags(unnamed(content) if path is None else named(content, path))
 
     return udf
 

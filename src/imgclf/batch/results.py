@@ -62,9 +62,12 @@ class ResultBatch:
         probabilities: np.ndarray,
         labels: Sequence[str],
         top_k: int,
+        unknown_scores: np.ndarray | None = None,
+        known: np.ndarray | None = None,
     ) -> ResultBatch:
         """Rows for ``paths``: ``outcomes`` are decoded images or their errors, and
-        ``probabilities`` holds one row per decoded image, in order."""
+        ``probabilities`` (and ``unknown_scores`` and ``known``, for a model with an
+        unknown-input detector) hold one row per decoded image, in order."""
         k = min(top_k, len(labels))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k] if len(probabilities) else None
         batch = cls()
@@ -75,7 +78,9 @@ class ResultBatch:
                 continue
             best, probs = order[scored], probabilities[scored]
             top = [(labels[i], float(probs[i])) for i in best]
-            batch.rows.append(prediction_rows.scored(path, top[0][0], top[0][1], top))
+            batch.rows.append(prediction_rows.scored(
+                path, top[0][0], top[0][1], top, None if known is None else bool(known[scored]),
+                None if unknown_scores is None else float(unknown_scores[scored])))  # fmt: skip
             scored += 1
         return batch
 

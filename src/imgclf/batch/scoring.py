@@ -127,7 +127,7 @@ def score_loaded(
     """Rows for images already decoded (errors stay error rows)."""
     good = [o for o in outcomes if not isinstance(o, ImageDecodeError)]
     if good:
-        probabilities = predictor.predict_proba_arrays(np.stack(good))
+        probabilities, scores = predictor.predict_arrays(np.stack(good))
     else:
-        probabilities = np.zeros((0, len(predictor.labels)), np.float32)
-    return ResultBatch.build(paths, outcomes, probabilities, predictor.labels, top_k)
+        probabilities, scores = np.zeros((0, len(predictor.labels)), np.float32), None
+    return ResultBatch.build(paths, outcomes, probabilities, predictor.labels, top_k, scores, predictor.known_of(scores))

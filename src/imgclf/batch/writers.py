@@ -216,6 +216,8 @@ class _ParquetPart(_Part):
 def _csv_cell(value):
     if value is None:
         return ""
+    if isinstance(value, bool):  # the ``known`` flag, as JSON writes it
+        return "true" if value else "false"
     if isinstance(value, list):
         return json.dumps(value)
     if isinstance(value, float):

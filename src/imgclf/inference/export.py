@@ -5,7 +5,11 @@ batch axis. Labels, architecture and preprocessing go into the ONNX metadata
 (key ``imgclf``), so the file alone is enough to use the model from any
 language. Input: float32 NCHW ``(N, 3, S, S)``, RGB, resized and
 centre-cropped as the metadata says, then ``(pixel / 255 - mean) / std``.
-Output ``probabilities``: float32 ``(N, classes)``, in metadata label order.
+Output ``probabilities``: float32 ``(N, classes)``, in metadata label order. A model with an
+unknown-input detector (:mod:`imgclf.inference.unknown`) has a second output,
+``unknown_score``: float32 ``(N,)``, computed in the graph from the same pooled features
+against the training features it carries; the metadata's ``unknown.threshold`` says
+which scores are ``known: false``, so any runtime in any language can tell.
 
 A model trained with test-time augmentation (``tta``) is exported with the
 flip-average in the graph: each image and its mirror image go through the
@@ -26,6 +30,7 @@ from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError, OptionError
 from imgclf.inference.metadata import without_non_finite
 from imgclf.inference.runtime import METADATA_KEY
+from imgclf.inference.unknown import SCORE_OUTPUT
 from imgclf.options import option_error, validate
 
 INPUT_NAME = "input"
@@ -46,25 +51,10 @@ class Exportable(Protocol):
     tta: bool
     info: dict[str, Any]
     int8_graph_: bytes | None
+    unknown_: Any
 
-    def network(self) -> Any:
-        """Backbone, head and softmax as one torch module."""
-
-
-def _flip_averaged(network):
-    """``network`` averaged over each image and its horizontal mirror (test-time augmentation)."""
-    import torch
-
-    class FlipAveraged(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            both = self.inner(torch.cat([x, torch.flip(x, dims=[3])], dim=0))
-            return both.reshape(2, -1, both.shape[-1]).mean(dim=0)
-
-    return FlipAveraged(network).eval()
+    def scored_network(self) -> Any:
+        """Backbone, head, softmax (flip-averaged with ``tta``) and the unknown score as one torch module."""
 
 
 @contextmanager
@@ -151,11 +141,10 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
         with atomic_path(path, "ONNX file") as tmp:
             onnx.save(graph, tmp)
         return path
-    network = model.network().cpu()
-    if model.tta:
-        network = _flip_averaged(network)
+    network = model.scored_network().cpu()
+    outputs = (OUTPUT_NAME,) if model.unknown_ is None else (OUTPUT_NAME, SCORE_OUTPUT)
     graph = onnx.load_from_string(
-        to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
+        to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=outputs)
     )
     config = {
         "labels": model.labels,
@@ -170,7 +159,10 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
             "channels": "RGB",
             "range": "(pixel / 255 - mean) / std",
         },  # fmt: skip
-        "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities in label order"},
+        "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities in label order",
+                   **({"unknown_score": f"second output {SCORE_OUTPUT}, (N,): known is unknown_score <= "
+                                        "unknown.threshold"} if model.unknown_ is not None else {})},
+        **({"unknown": model.unknown_.config()} if model.unknown_ is not None else {}),
         "metrics": model.info.get("metrics"),
         "precision": "fp32",
         "precision_metrics": model.info.get("precision_metrics"),

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from imgclf.data.imaging import RESAMPLING, Preprocessing
 from imgclf.errors import ModelFileError
+from imgclf.inference.unknown import MAX_BANK
 
 FORMAT_NAME = "imgclf"
 FORMAT_VERSION = 1
@@ -35,6 +36,7 @@ MAX_FEATURES = 65_536
 MAX_LABELS = 100_000
 #: Most training images whose features a model file may keep (train --keep-features-mb).
 MAX_STORED_IMAGES = 10_000_000
+MAX_K = 1000
 
 _Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 _Std = Annotated[float, Field(ge=MIN_STD, le=1.0)]
@@ -95,6 +97,17 @@ class TrainedOnFrom(BaseModel):
 
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     labels: Annotated[list[_Label], Field(max_length=MAX_LABELS)] | None = None
+class UnknownSpec(BaseModel):
+    """The unknown-input detector (:mod:`imgclf.inference.unknown`): its score's threshold
+    (scores lie in [0, 2]), the rate it was placed for, and how many training vectors its bank holds."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    method: Literal["knn-cosine"]
+    k: Annotated[int, Field(ge=1, le=MAX_K)]
+    threshold: Annotated[float, Field(ge=0.0, le=2.0)]
+    rejection_rate: Annotated[float, Field(gt=0.0, le=0.5)]
+    bank_images: Annotated[int, Field(ge=1, le=MAX_BANK)]
 
 
 class _CommonMetadata(BaseModel):
@@ -110,6 +123,7 @@ class _CommonMetadata(BaseModel):
     versions: dict[str, str] | None = None
     precision_metrics: dict[Literal["fp32", "bf16", "int8"], PrecisionMetrics] | None = None
     calibration: dict[str, Any] | None = None
+    unknown: UnknownSpec | None = None
 
     @field_validator("labels")
     @classmethod

@@ -37,6 +37,9 @@ class MulticlassMetrics:
     confusion_matrix: list[list[int]]  # rows: true label, columns: predicted label
     per_class: dict[str, dict[str, float | None]]  # precision, recall, f1 (None: not measured), support
     count: int
+    #: ``evaluate(..., reject_unknown=True)``: how many images the unknown-input detector rejected
+    #: (``rejected``, a share of ``count``) and the accuracy on the others (``accepted_accuracy``).
+    unknown: dict | None = None
 
     @property
     def labels_not_measured(self) -> list[str]:
@@ -56,6 +59,7 @@ class MulticlassMetrics:
             "per_class": self.per_class,
             "labels_not_measured": self.labels_not_measured,
             "count": self.count,
+            **({"unknown": self.unknown} if self.unknown is not None else {}),
         }
 
     def __str__(self) -> str:
@@ -136,6 +140,11 @@ def format_metrics(m: MulticlassMetrics) -> str:
         "  top-k accuracy      " + "  ".join(f"top-{k}: {v:.4f}" for k, v in m.top_k_accuracy.items()),
         "",
     ]
+    if m.unknown is not None:
+        u = m.unknown
+        accepted = "n/a" if u["accepted_accuracy"] is None else f"{u['accepted_accuracy']:.4f}"
+        lines[-1:-1] = [f"  rejected as unknown {u['rejected']:.4f}  ({u['rejected_images']} of {m.count} images; "
+                        f"accuracy on the other {m.count - u['rejected_images']}: {accepted})"]  # fmt: skip
     width = max(8, *(len(lbl) for lbl in m.labels))
     lines.append(f"  {'label':<{width}}  precision  recall  f1      support  log-loss")
     for label in m.labels:

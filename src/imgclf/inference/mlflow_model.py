@@ -40,7 +40,7 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    types = {"text": "string", "number": "double", "texts": Array("string"), "numbers": Array("double")}
+    types = {"text": "string", "number": "double", "flag": "boolean", "texts": Array("string"), "numbers": Array("double")}
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
     outputs = Schema([ColSpec(types[kind], name, required=False)  # null where an image could not be scored
                       for name, kind in rows.TABLE_COLUMNS if name not in rows.NAME_COLUMNS])  # fmt: skip

@@ -9,7 +9,10 @@ for int8 also carries its int8 graph (an ONNX QDQ graph, data, not code) as the
 uint8 tensor ``int8.onnx``, so it is calibrated once and travels with the file
 (to Ray actors, Spark executors, another machine). A head-only model also keeps its
 training images' pooled features under ``stored.`` (:mod:`imgclf.inference.stored`), read
-only by ``train --from``: prediction never loads them.
+only by ``train --from``: prediction never loads them. A model trained since the
+unknown-input detector exists carries its bank of training features as
+``unknown.bank`` and its threshold under the metadata's ``unknown``
+(:mod:`imgclf.inference.unknown`); an older file loads without one, and says so once.
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ from imgclf.inference.metadata import (
     without_non_finite,
 )
 from imgclf.inference.predictor import Predictor, short_list
+from imgclf.inference.unknown import BANK_TENSOR, UnknownDetector
 from imgclf.options import DEFAULT_MODEL_PATH as DEFAULT_MODEL_PATH  # the default of train --out
 
 INT8_TENSOR = "int8.onnx"
-_CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta")
+_CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta",
+              "unknown")  # fmt: skip
+#: What an old model file says, once, about the ``known`` it cannot give.
+NO_DETECTOR = ("has no unknown-input detector (it was trained before imgclf had one): its predictions carry "
+               "known: null; train it again to get one")  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:
@@ -84,7 +92,9 @@ class ImageClassifier(Predictor):
         tta: bool = False,
         precision: str = "auto",
         int8_graph: bytes | None = None,
+        unknown: UnknownDetector | None = None,
     ):
+        self.unknown_ = unknown  # the unknown-input detector, fitted by training (imgclf.inference.unknown)
         self.tta = tta  # average with the horizontally flipped image
         self.device = device
         self.timm_name = timm_name
@@ -165,6 +175,30 @@ class ImageClassifier(Predictor):
 
         return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
 
+    def scored_network(self, tta: bool | None = None):
+        """The exported module: images -> probabilities (flip-averaged when ``tta``), and with a
+        detector the unknown score of the image as given, as a second output."""
+        import torch
+
+        tta = self.tta if tta is None else tta
+        detector = None if self.unknown_ is None else self.unknown_.module()
+
+        class Scored(torch.nn.Module):
+            def __init__(self, backbone, head, detector):
+                super().__init__()
+                self.backbone, self.head, self.detector = backbone, head, detector
+
+            def forward(self, x: torch.Tensor):
+                features = self.backbone(x)
+                probs = torch.softmax(self.head(features), dim=1)
+                if tta:
+                    probs = (probs + torch.softmax(self.head(self.backbone(torch.flip(x, dims=[3]))), dim=1)) / 2
+                if self.detector is None:
+                    return probs
+                return probs, self.detector(features)
+
+        return Scored(self.backbone, self.head, detector).eval()
+
     def engine_choice(self, images: int | None = None):
         """The engine and precision :func:`imgclf.nets.engines.choose_engine` picks for this
         model's ``engine`` and ``precision`` (``images``: the job's size, if known)."""
@@ -212,14 +246,23 @@ class ImageClassifier(Predictor):
         self.features_engine = built
         return built
 
-    def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
+    @property
+    def unknown_threshold(self) -> float | None:
+        return None if self.unknown_ is None else self.unknown_.threshold
+
+    def _outputs(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         engine = self._engine_for(len(arrays))
         if getattr(engine, "precision", "fp32") == "int8":
-            return engine(arrays)  # the calibrated graph holds head, softmax and test-time augmentation
-        probs = self._head_probabilities(engine(arrays))
+            # the calibrated graph holds head, softmax, test-time augmentation and (since the
+            # detector exists) the unknown score as its second output, computed in float
+            outputs = engine.outputs(arrays)
+            score = outputs[1].reshape(-1) if len(outputs) > 1 and self.unknown_ is not None else None
+            return outputs[0], score
+        features = engine(arrays)
+        probs = self._head_probabilities(features)
         if self.tta:
             probs = (probs + self._head_probabilities(engine(np.ascontiguousarray(arrays[..., ::-1])))) / 2
-        return probs
+        return probs, None if self.unknown_ is None else self.unknown_.score(features)
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
         return head_probabilities(self.head, features)
@@ -245,6 +288,7 @@ class ImageClassifier(Predictor):
                 "num_features": int(self.head.in_features),
                 "preprocessing": self.preprocessing.to_dict(),
                 "tta": bool(self.tta),
+                **({"unknown": self.unknown_.config()} if self.unknown_ is not None else {}),
                 **self.info,
             }
         )
@@ -261,6 +305,10 @@ class ImageClassifier(Predictor):
         tensors = {f"backbone.{k}": v for k, v in self._backbone_state().items()}
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if self.unknown_ is not None:
+            import torch
+
+            tensors[BANK_TENSOR] = torch.from_numpy(np.ascontiguousarray(self.unknown_.bank, np.float32))
         if self.int8_graph_ is not None:
             import torch
 
@@ -363,6 +411,15 @@ def _check_tensor_shapes(path: Path, config: dict[str, Any]) -> None:
             f"{path}: the classifier weights are for {shapes['head.weight'][0]} labels of "
             f"{shapes['head.weight'][-1]} features, but the metadata names {n_labels} labels of {n_features}"
         )
+    unknown = config.get("unknown")
+    if unknown is not None:
+        with safe_open(str(path), framework="numpy") as f:
+            bank = list(f.get_slice(BANK_TENSOR).get_shape()) if BANK_TENSOR in f.keys() else None
+            dtype = f.get_slice(BANK_TENSOR).get_dtype() if bank is not None else None
+        if bank != [unknown["bank_images"], n_features] or dtype != "F32":
+            raise ModelFileError(f"{path}: the unknown-input detector's bank is {bank or 'missing'} ({dtype}), but "
+                                 f"the metadata names {unknown['bank_images']} float32 vectors of {n_features} "
+                                 "features")  # fmt: skip
 
 
 def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", precision: str = "auto") -> ImageClassifier:
@@ -411,11 +468,18 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
             raise ModelFileError(f"{path}: model weights are incomplete or do not match ({_first_line(e)})") from None
     info = {k: v for k, v in config.items() if k not in _CORE_KEYS}
     int8 = tensors.get(INT8_TENSOR)
+    unknown = None
+    if config.get("unknown") is not None:
+        unknown = UnknownDetector.from_config(config["unknown"], tensors[BANK_TENSOR].numpy())
+    else:
+        import warnings
+
+        warnings.warn(f"{path}: {NO_DETECTOR}", stacklevel=2)
     model = ImageClassifier(
         backbone, head, config["labels"], arch=config["arch"], timm_name=config["timm_name"],
         preprocessing=preprocessing_of(config), info=info, device=resolve_device(device),
         engine=engine, tta=config.get("tta", False), precision=precision,
-        int8_graph=None if int8 is None else int8.numpy().tobytes(),
+        int8_graph=None if int8 is None else int8.numpy().tobytes(), unknown=unknown,
     )  # fmt: skip
     model._stored_in = stored_in
     return model

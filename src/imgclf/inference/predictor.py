@@ -2,7 +2,7 @@
 
 The torch model (``imgclf.inference.model``) and the torch-free ONNX model
 (``imgclf.inference.runtime``) differ only in how a batch of preprocessed images becomes
-probabilities (``_probabilities``); decoding in parallel threads, batching,
+probabilities and unknown scores (``_outputs``); decoding in parallel threads, batching,
 error reporting and evaluation live here once.
 """
 
@@ -82,6 +82,11 @@ class Prediction:
     label: str
     probability: float
     scores: dict[str, float] = field(repr=False)
+    #: False when the image looks like nothing the model was trained on (:mod:`imgclf.inference.unknown`);
+    #: None for a model without an unknown-input detector.
+    known: bool | None = None
+    #: How far its features lie from the training images' (higher: less like them); None without a detector.
+    unknown_score: float | None = None
 
     def top(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` most likely labels with their probabilities, best first."""
@@ -89,7 +94,8 @@ class Prediction:
 
     def row(self, file: str | None = None, top_k: int | None = None) -> dict:
         """This prediction as a prediction row (:mod:`imgclf.rows`), all labels or the ``top_k``."""
-        return rows.scored(file, self.label, self.probability, self.top(top_k or len(self.scores)))
+        return rows.scored(file, self.label, self.probability, self.top(top_k or len(self.scores)),
+                           self.known, self.unknown_score)  # fmt: skip
 
     def to_dict(self, top_k: int | None = None, file: str | None = None) -> dict:
         """The row's JSON form (:func:`imgclf.rows.document`): ``file``, ``label``,
@@ -100,12 +106,13 @@ class Prediction:
     def __repr__(self) -> str:
         others = ", ".join(f"{lbl!r}: {p:.4f}" for lbl, p in self.top(3)[1:])
         more = ", ..." if len(self.scores) > 3 else ""
-        return f"Prediction(label={self.label!r}, probability={self.probability:.4f}, next={{{others}{more}}})"
+        known = "" if self.known is None else f", known={self.known}"
+        return f"Prediction(label={self.label!r}, probability={self.probability:.4f}{known}, next={{{others}{more}}})"
 
 
 class Predictor:
     """Base of trained models. Subclasses set ``labels``, ``preprocessing``
-    and implement ``_probabilities``."""
+    and implement ``_outputs``."""
 
     labels: list[str]
     preprocessing: Preprocessing
@@ -124,19 +131,44 @@ class Predictor:
         """Held-out metrics measured at training time, if the model file has them."""
         return self.info.get("metrics")
 
+    @property
+    def unknown_threshold(self) -> float | None:
+        """Unknown scores above this are ``known: false``; None for a model without a detector."""
+        return None
+
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 preprocessed images -> (N, classes) probabilities."""
+        return self._outputs(arrays)[0]
+
+    def _outputs(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 3, H, W) float32 preprocessed images -> (N, classes) probabilities and (N,)
+        unknown scores (None for a model without an unknown-input detector)."""
         raise NotImplementedError
 
-    def _prediction(self, probs: np.ndarray) -> Prediction:
+    def _prediction(self, probs: np.ndarray, score: float | None = None) -> Prediction:
         best = int(probs.argmax())
-        return Prediction(self.labels[best], float(probs[best]),
-                          {lbl: float(p) for lbl, p in zip(self.labels, probs)})  # fmt: skip
+        known = None if score is None or self.unknown_threshold is None else bool(score <= self.unknown_threshold)
+        return Prediction(self.labels[best], float(probs[best]), {lbl: float(p) for lbl, p in zip(self.labels, probs)},
+                          known, None if score is None else float(score))  # fmt: skip
+
+    def known_of(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """``known`` for each unknown score (None where the model has no detector)."""
+        if scores is None or self.unknown_threshold is None:
+            return None
+        return np.asarray(scores) <= self.unknown_threshold
+
+    def predict_arrays(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and unknown scores (None without a detector) for already preprocessed images, in batches."""
+        outputs = [self._outputs(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size)]
+        if not outputs:
+            return np.zeros((0, len(self.labels)), np.float32), None
+        probs = np.concatenate([p for p, _ in outputs])
+        scores = None if any(s is None for _, s in outputs) else np.concatenate([s for _, s in outputs])
+        return probs, scores
 
     def predict_proba_arrays(self, arrays: np.ndarray) -> np.ndarray:
         """Probabilities for already preprocessed images, in batches."""
-        outputs = [self._probabilities(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
+        return self.predict_arrays(arrays)[0]
 
     @overload
     def predict(self, image: ImageInput, name: str | None = None) -> Prediction: ...
@@ -157,7 +189,8 @@ class Predictor:
                 raise DataError("name names one image; several images are named by their paths (or positions)")
             return self.predict_batch(image)
         source, name = image_source(image, name)
-        return self._prediction(self._probabilities(load_array(source, self.preprocessing, name)[None])[0])
+        probs, scores = self._outputs(load_array(source, self.preprocessing, name)[None])
+        return self._prediction(probs[0], None if scores is None else scores[0])
 
     def predict_batch(self, images: ManyImages | str | Path) -> list[Prediction]:
         """Score many images: a list (or tuple, or Series) of anything :meth:`predict` takes, an
@@ -192,17 +225,22 @@ class Predictor:
         loaded = ordered_map(self._load, items, self.workers, prefetch=2 * self.batch_size)
         for chunk in batched(loaded, self.batch_size):
             good = [(i, arr) for i, (_, arr) in enumerate(chunk) if not isinstance(arr, ImageDecodeError)]
-            probs = self._probabilities(np.stack([a for _, a in good])) if good else []
-            by_index = {i: self._prediction(p) for (i, _), p in zip(good, probs)}
+            probs, scores = self._outputs(np.stack([a for _, a in good])) if good else ([], None)
+            scores = [None] * len(probs) if scores is None else scores
+            by_index = {i: self._prediction(p, s) for (i, _), p, s in zip(good, probs, scores)}
             for i, (name, arr) in enumerate(chunk):
                 yield name, by_index.get(i, arr)
 
-    def evaluate(self, images: ManyImages | str | Path, labels: Sequence[str] | None = None) -> MulticlassMetrics:
+    def evaluate(
+        self, images: ManyImages | str | Path, labels: Sequence[str] | None = None, *, reject_unknown: bool = False
+    ) -> MulticlassMetrics:
         """Metrics on labelled images: ``ImageData`` with labels, a folder with one subfolder per
         label, a DataFrame with path and label columns (``label``, ``class``...), or any images
         :meth:`predict_batch` takes with ``labels``, one per image (scikit-learn's ``score(X, y)``).
         Paths given alone are labelled by the name of their folder (fastai's ``parent_label``).
-        Unreadable images are skipped with a warning, and a label with no image is warned about."""
+        Unreadable images are skipped with a warning, and a label with no image is warned about.
+        ``reject_unknown``: also measure how many images the unknown-input detector rejects and
+        the accuracy on the others (``metrics.unknown``); a model without a detector refuses it."""
         import warnings
 
         if isinstance(images, (str, Path)):
@@ -217,13 +255,17 @@ class Predictor:
             hint = (" (a path given alone is labelled by its folder's name; give evaluate(paths, labels))"
                     if from_folders else "")  # fmt: skip
             raise DataError(f"evaluation images have labels the model does not know: {said}{hint}")
-        probs, targets = [], []
+        if reject_unknown and self.unknown_threshold is None:
+            raise DataError("reject_unknown: this model has no unknown-input detector (it was trained before imgclf "
+                            "had one); train it again to get one")  # fmt: skip
+        probs, targets, known = [], [], []
         for (_, _, label), (_, outcome) in zip(items, self.iter_predictions((im, n) for im, n, _ in items)):
             if isinstance(outcome, ImageDecodeError):
                 warnings.warn(f"skipped {outcome}", stacklevel=2)
                 continue
             probs.append([outcome.scores[lbl] for lbl in self.labels])
             targets.append(self.labels.index(label))
+            known.append(outcome.known)
         if not probs:
             raise DataError("no readable images to evaluate on")
         present = set(targets)
@@ -231,4 +273,11 @@ class Predictor:
         if absent:
             warnings.warn(f"no evaluation image of label(s) {', '.join(absent)}: their recall is not measured "
                           "and the accuracy leaves them out", stacklevel=2)  # fmt: skip
-        return compute_metrics(np.asarray(probs), targets, self.labels)
+        metrics = compute_metrics(np.asarray(probs), targets, self.labels)
+        if reject_unknown:
+            kept = np.asarray(known, bool)
+            right = np.asarray(probs).argmax(axis=1) == np.asarray(targets)
+            metrics.unknown = {"rejected": float(1 - kept.mean()), "rejected_images": int((~kept).sum()),
+                               "accepted_accuracy": float(right[kept].mean()) if kept.any() else None,
+                               "threshold": self.unknown_threshold}  # fmt: skip
+        return metrics

@@ -20,6 +20,9 @@ from imgclf.inference.predictor import Predictor, short_list
 from imgclf.nets.engines import EngineChoice, OnnxSession, choose_engine, open_engine
 
 METADATA_KEY = "imgclf"
+#: What an old exported file says, once, about the ``known`` it cannot give.
+NO_DETECTOR = ("has no unknown-input detector (it was exported from a model trained before imgclf had one): its "
+               "predictions carry known: null; train and export it again to get one")  # fmt: skip
 
 
 class OnnxClassifier(Predictor):
@@ -39,9 +42,19 @@ class OnnxClassifier(Predictor):
         self.tta = bool(config.get("tta", False))
         self.preprocessing = preprocessing_of(config)
         self.info = {k: v for k, v in config.items() if k not in ("labels", "preprocessing")}
+        # the graph computes the unknown score as its second output where the metadata has the threshold
+        self.scores_unknown = config.get("unknown") is not None and session.signature().outputs > 1
 
-    def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
-        return self.session(arrays)
+    @property
+    def unknown_threshold(self) -> float | None:
+        unknown = self.config.get("unknown")
+        return None if unknown is None or not self.scores_unknown else float(unknown["threshold"])
+
+    def _outputs(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.scores_unknown:
+            return self.session(arrays), None
+        probs, scores = self.session.outputs(arrays)[:2]
+        return probs, scores.reshape(-1)
 
     def engine_choice(self, images: int | None = None) -> EngineChoice:
         """The engine and precision running this file (chosen when it was loaded)."""
@@ -70,6 +83,9 @@ def _check_graph(path: Path, session: OnnxSession, config: dict[str, Any]) -> No
         raise ModelFileError(f"{path}: the ONNX input is {signature.input_type}, not float32")
     if signature.classes is not None and signature.classes != n_labels:
         raise ModelFileError(f"{path}: ONNX output has {signature.classes} classes but metadata names {n_labels}")
+    if config.get("unknown") is not None and signature.outputs < 2:
+        raise ModelFileError(f"{path}: the metadata names an unknown-input detector but the ONNX graph has no "
+                             "unknown_score output; the file was altered after export")  # fmt: skip
     try:
         probe = session(np.zeros((1, 3, size, size), np.float32))
     except Exception as e:
@@ -124,6 +140,10 @@ def load_onnx_model(
     _check_graph(path, session, config)
     model = OnnxClassifier(session, config, str(path))
     model.threads = threads
+    if not model.scores_unknown:
+        import warnings
+
+        warnings.warn(f"{path}: {NO_DETECTOR}", stacklevel=2)
     return model
 
 

@@ -299,7 +299,11 @@ class OnnxSession:
         self.precision = precision
 
     def __call__(self, arrays: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(arrays, dtype=np.float32)})[0]
+        return self.outputs(arrays)[0]
+
+    def outputs(self, arrays: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph (an exported model's second is its unknown score)."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(arrays, dtype=np.float32)})
 
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
@@ -312,6 +316,7 @@ class OnnxSession:
             input_float32=bool(inputs) and inputs[0].type == "tensor(float)",
             input_type=inputs[0].type if inputs else "none",
             classes=outputs[0].shape[-1] if outputs and isinstance(outputs[0].shape[-1], int) else None,
+            outputs=len(outputs),
         )
 
 
@@ -324,6 +329,7 @@ class Signature:
     input_float32: bool
     input_type: str
     classes: int | None  # the output's last axis, None where dynamic
+    outputs: int = 1  # an exported model with an unknown-input detector has two
 
 
 class OpenVinoEngine:
@@ -361,13 +367,18 @@ class OpenVinoEngine:
         last = outputs[0].get_partial_shape()[-1] if outputs else None
         kind = inputs[0].get_element_type().get_type_name() if inputs else "none"
         return Signature(
-            len(inputs), shape, kind == "f32", kind, last.get_length() if last and last.is_static else None
+            len(inputs), shape, kind == "f32", kind, last.get_length() if last and last.is_static else None,
+            len(outputs),
         )
 
     def __call__(self, arrays: np.ndarray) -> np.ndarray:
+        return self.outputs(arrays)[0]
+
+    def outputs(self, arrays: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph (an exported model's second is its unknown score)."""
         with self._lock:
             result = self.request.infer({0: np.ascontiguousarray(arrays, dtype=np.float32)})
-            return np.array(result[0], copy=True)  # the request reuses its output buffer
+            return [np.array(result[i], copy=True) for i in range(len(self.compiled.outputs))]  # buffers are reused
 
 
 class TorchEngine:

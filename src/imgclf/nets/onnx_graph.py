@@ -60,17 +60,20 @@ def to_onnx_bytes(
     input_size: int,
     *,
     input_name: str = "input",
-    output_name: str = "output",
+    output_name: str | tuple[str, ...] = "output",
     opset: int = DEFAULT_OPSET,
 ) -> bytes:
-    """The ONNX graph of ``module`` for float32 (N, 3, size, size) input, N dynamic."""
+    """The ONNX graph of ``module`` for float32 (N, 3, size, size) input, N dynamic;
+    ``output_name`` names its output, or each of its outputs (a tuple)."""
+    names = (output_name,) if isinstance(output_name, str) else tuple(output_name)
     module = with_static_padding(module, input_size).cpu()
     example = torch.zeros(1, 3, input_size, input_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), buffer, input_names=[input_name], output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
+            module, (example,), buffer, input_names=[input_name], output_names=list(names),
+            dynamic_axes={input_name: {0: "batch"}, **{n: {0: "batch"} for n in names}}, opset_version=opset,
+            dynamo=False,
         )  # fmt: skip
     return buffer.getvalue()

@@ -35,7 +35,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         for n in range(self.max_batch, 0, -1):
             warm = np.zeros((n, 3, size, size), np.float32)
-            await loop.run_in_executor(self.inference, self.predictor.predict_proba_arrays, warm)
+            await loop.run_in_executor(self.inference, self.predictor.predict_arrays, warm)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -67,7 +67,7 @@ class Batcher:
                     break
             batch = np.stack([a for a, _ in items])
             try:
-                probs = await loop.run_in_executor(self.inference, self.predictor.predict_proba_arrays, batch)
+                probs, scores = await loop.run_in_executor(self.inference, self.predictor.predict_arrays, batch)
             except Exception as e:  # the network failing must not kill the worker
                 for _, fut in items:
                     if not fut.done():
@@ -75,6 +75,7 @@ class Batcher:
                 continue
             self.batches += 1
             self.images += len(items)
-            for (_, fut), p in zip(items, probs):
+            scores = [None] * len(items) if scores is None else scores
+            for (_, fut), p, s in zip(items, probs, scores):
                 if not fut.done():
-                    fut.set_result(self.predictor._prediction(p))
+                    fut.set_result(self.predictor._prediction(p, s))

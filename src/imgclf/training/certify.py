@@ -24,21 +24,11 @@ import numpy as np
 from imgclf.data.images import ImageData
 from imgclf.inference.model import head_probabilities
 from imgclf.inference.precision import compare_to_fp32, measure_precisions, record_certificate
+from imgclf.inference.unknown import stratified_folds as _folds  # one fold-maker: the detector's threshold too
 from imgclf.nets.engines import EngineChoice, create_engine
 from imgclf.nets.features import FeatureExtractor
 
 FOLDS = 5
-
-
-def _folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """``k`` stratified, seeded folds of the row indices of labels ``y``."""
-    rng = np.random.default_rng(seed)
-    folds: list[list[int]] = [[] for _ in range(k)]
-    for label in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == label))
-        for i, row in enumerate(rows):
-            folds[i % k].append(int(row))
-    return [np.asarray(sorted(f), int) for f in folds if f]
 
 
 def lossy_features(model, images: Sequence[ImageData], precision: str, workers: int | None = None):

@@ -30,7 +30,7 @@ from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
-from imgclf.options import KEEP_FEATURES_MB, install_hint, option_error, validate
+from imgclf.options import DEFAULT_UNKNOWN_RATE, KEEP_FEATURES_MB, install_hint, option_error, validate
 from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
 from imgclf.training import distributed
 from imgclf.training.checkpoint import Checkpoint, run_key
@@ -174,6 +174,7 @@ class ImageClassificationTrainer:
         fine_tune: bool = False,
         fine_tune_options: FineTuneOptions | None = None,
         tta: bool = False,
+        unknown_rate: float = DEFAULT_UNKNOWN_RATE,
         resume: bool = False,
         metrics_callback: Callable[[EpochMetrics], None] | None = None,
         seed: int = 1,
@@ -208,6 +209,7 @@ class ImageClassificationTrainer:
         self.fine_tune = fine_tune
         self.fine_tune_options = fine_tune_options
         self.tta = tta
+        self.unknown_rate = unknown_rate
         self.resume = resume
         self.metrics_callback = metrics_callback
         self.seed = seed
@@ -230,7 +232,7 @@ class ImageClassificationTrainer:
     #: constraints and defaults they share.
     _CHECKED = ("epochs", "batch_size", "learning_rate", "lr_schedule", "decay_rate", "decay_epochs", "momentum",
                 "weight_decay", "validation_fraction", "class_weight", "seed", "device", "engine", "precision",
-                "max_memory_gb", "extraction_batch_size", "keep_features_mb")  # fmt: skip
+                "max_memory_gb", "extraction_batch_size", "keep_features_mb", "unknown_rate")  # fmt: skip
 
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
@@ -490,8 +492,10 @@ class ImageClassificationTrainer:
             "versions": library_versions(),
             **({"trained_on_from": old.record()} if old is not None else {}),
         }  # fmt: skip
+        fine_tuned = tuner is not None and tuner.kept != "head-only"
         if distributed.is_main_process():
-            fine_tuned = tuner is not None and tuner.kept != "head-only"
+            self._fit_unknown(model, uncarved if not fine_tuned else images, held_out, labels, fine_tuned,
+                              from_pool, device)  # fmt: skip
 
             def fit_head(x, y):
                 return self._train_head(x, y, None, None, len(labels), device,
@@ -503,6 +507,35 @@ class ImageClassificationTrainer:
                 model, fit_head, (x_new, y_new, images), (held.features, y_held, held_out), fine_tuned
             )
         return model, held_out
+
+    def _fit_unknown(self, model, train_images, held_out, labels, fine_tuned: bool, from_pool,
+                     device: str) -> None:  # fmt: skip
+        """Fit the unknown-input detector (:mod:`imgclf.inference.unknown`) on the features the
+        model itself computes: the cached ones for a head-only model, the fine-tuned backbone's
+        otherwise (one more pass over the training and held-out images); record in its metadata
+        the share of the held-out images it rejects."""
+        from imgclf.inference.unknown import fit_detector
+        from imgclf.nets.engines import create_engine
+
+        if fine_tuned:
+            engine = create_engine(model.backbone, model.preprocessing.input_size, device)
+            own = FeatureExtractor(engine, model.preprocessing, "unknown", batch_size=self.extraction_batch_size,
+                                   workers=self.workers, progress=False)  # fmt: skip
+            result = own.transform(list(train_images) + list(held_out))
+            rows = {i: r for r, i in enumerate(result.kept)}
+            train_rows = [rows[i] for i in range(len(train_images)) if i in rows]
+            held_rows = [rows[i] for i in range(len(train_images), len(train_images) + len(held_out)) if i in rows]
+            x, held = result.features[train_rows], result.features[held_rows]
+            y = np.array([labels.index(train_images[result.kept[r]].label) for r in train_rows], dtype=np.int64)
+        else:
+            x, y = self._xy(from_pool(train_images), train_images, labels)
+            held = from_pool(held_out).features if held_out else np.zeros((0, x.shape[1]), np.float32)
+        detector = fit_detector(x, y, self.unknown_rate, seed=self.seed)
+        detector.measured["features"] = "fine-tuned backbone" if fine_tuned else "pretrained backbone"
+        if len(held):
+            detector.measured["held_out_images"] = int(len(held))
+            detector.measured["held_out_rejected"] = float(np.mean(~detector.known(detector.score(held))))
+        model.unknown_ = detector
 
     def _decide_precision(self, model, fit_head, train, held, fine_tuned: bool) -> dict:
         """Prepare and certify what ``precision`` asks for; returns the decision, said in one line
