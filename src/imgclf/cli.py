@@ -393,7 +393,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _engine_line(model)
     ran = model.engine_choice().to_dict()
     results, failed = [], 0
-    for name, outcome in model.iter_predictions((f, str(f)) for f in files):
+    explained = None
+    if args.explain:
+        from imgclf.inference.explain import ExplanationFolder
+
+        explained = ExplanationFolder(args.explain, model)
+    outcomes = model.iter_predictions((f, str(f)) for f in files) if explained is None else explained.run(files)
+    for name, outcome in outcomes:
+        extra = {}
+        if explained is not None and not isinstance(outcome, ImgclfError):
+            outcome, extra = outcome
         if isinstance(outcome, ImgclfError):
             failed += 1
             row = rows.failed(name, str(outcome))
@@ -405,7 +414,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 row = rows.rejected(row)
             if not args.json:
                 print(rows.line(row, args.top_k))
-        results.append({**rows.document(row), **ran})
+        results.append({**rows.document(row), **ran, **extra})
+    if explained is not None:
+        explained.close()
+        if not args.json:
+            print(f"explained {explained.count} image(s) in {args.explain} (index.jsonl lists them)", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0

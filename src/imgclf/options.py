@@ -603,6 +603,10 @@ _PREDICT = Schema(
         replace(_JSON, help="print one JSON array, an object per image"),
         Option("reject_unknown", bool, excludes="out",
                help=f"{_REJECT_UNKNOWN_HELP}; results files (--out) carry the known column instead"),
+        Option("explain", excludes="out", metavar="DIR",
+               help="also write what the model looked at into this folder, for each image: an overlay PNG and the "
+                    "class activation map of the predicted label as .npy (float32, the image's full upright height "
+                    "x width, higher: more evidence), listed in DIR/index.jsonl"),
         _DEVICE,
         Option("out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
                            "running the same command again continues where it stopped"),

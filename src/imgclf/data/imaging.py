@@ -158,6 +158,17 @@ def load_array(
         return to_array(_decode(img, draft_size), prep)
 
 
+def oriented_size(source: ImageSource, name: str = "<image>", *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the whole image as :func:`open_image` turns it upright, read from
+    its header and EXIF (no pixels decoded): the size an explanation's map is given at, which
+    a reduced-size decode (``fast_decode``) does not tell."""
+    img = _open_lazily(source, name, None, max_pixels)
+    with _decode_errors(name, max_pixels):
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    width, height = img.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def decode_bytes(img: Image.Image, draft_size: int | None = None) -> int:
     """Estimated peak memory, in bytes, to decode an opened (not yet loaded) image
     into RGB: the decoded pixels at Pillow's bytes per pixel, what converting them

@@ -9,7 +9,10 @@ Output ``probabilities``: float32 ``(N, classes)``, in metadata label order. A m
 unknown-input detector (:mod:`imgclf.inference.unknown`) has a second output,
 ``unknown_score``: float32 ``(N,)``, computed in the graph from the same pooled features
 against the training features it carries; the metadata's ``unknown.threshold`` says
-which scores are ``known: false``, so any runtime in any language can tell.
+which scores are ``known: false``, so any runtime in any language can tell. A model whose
+network ends in global average pooling (every built-in architecture) has a last output,
+``class_maps``: float32 ``(N, classes, h, w)``, the class activation maps of the crop
+(:mod:`imgclf.inference.explain`); the metadata's ``explain`` says so.
 
 A model trained with test-time augmentation (``tta``) is exported with the
 flip-average in the graph: each image and its mirror image go through the
@@ -28,6 +31,7 @@ from typing import Any, Protocol
 from imgclf.atomic import atomic_path
 from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError, OptionError
+from imgclf.inference.explain import MAPS_OUTPUT, METHOD
 from imgclf.inference.metadata import without_non_finite
 from imgclf.inference.runtime import METADATA_KEY
 from imgclf.inference.unknown import SCORE_OUTPUT
@@ -53,8 +57,12 @@ class Exportable(Protocol):
     int8_graph_: bytes | None
     unknown_: Any
 
-    def scored_network(self) -> Any:
-        """Backbone, head, softmax (flip-averaged with ``tta``) and the unknown score as one torch module."""
+    def scored_network(self, tta: bool | None = None, maps: bool = False) -> Any:
+        """Backbone, head, softmax (flip-averaged with ``tta``), the unknown score and (``maps``)
+        the class activation maps as one torch module."""
+
+    def why_not_explainable(self) -> str | None:
+        """None where class activation maps are exact for the network."""
 
 
 @contextmanager
@@ -141,8 +149,10 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
         with atomic_path(path, "ONNX file") as tmp:
             onnx.save(graph, tmp)
         return path
-    network = model.scored_network().cpu()
-    outputs = (OUTPUT_NAME,) if model.unknown_ is None else (OUTPUT_NAME, SCORE_OUTPUT)
+    explainable = model.why_not_explainable() is None
+    network = model.scored_network(maps=explainable).cpu()
+    outputs = ((OUTPUT_NAME,) + (() if model.unknown_ is None else (SCORE_OUTPUT,))
+               + ((MAPS_OUTPUT,) if explainable else ()))  # fmt: skip
     graph = onnx.load_from_string(
         to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=outputs)
     )
@@ -161,7 +171,10 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
         },  # fmt: skip
         "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities in label order",
                    **({"unknown_score": f"second output {SCORE_OUTPUT}, (N,): known is unknown_score <= "
-                                        "unknown.threshold"} if model.unknown_ is not None else {})},
+                                        "unknown.threshold"} if model.unknown_ is not None else {}),
+                   **({"class_maps": f"last output {MAPS_OUTPUT}, (N, classes, h, w): the class activation map "
+                                     "of each label on the centre crop"} if explainable else {})},
+        **({"explain": {"method": METHOD, "output": MAPS_OUTPUT}} if explainable else {}),
         **({"unknown": model.unknown_.config()} if model.unknown_ is not None else {}),
         "metrics": model.info.get("metrics"),
         "precision": "fp32",

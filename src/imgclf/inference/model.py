@@ -114,6 +114,7 @@ class ImageClassifier(Predictor):
         self.features_engine = None  # built on first use, see _engine_for
         self._eager = None
         self._backbone_graph = None  # the backbone exported once, whichever engine then runs it
+        self._explain_session = None  # the graph with class maps, built on the first explanation
         self.labels = list(labels)
         self.classes_ = self.labels
         self.arch = arch
@@ -138,6 +139,7 @@ class ImageClassifier(Predictor):
     def backbone(self, module) -> None:
         self._backbone, self._backbone_tensors = module, None
         self.held_out_features_ = None  # a new backbone makes other features
+        self._explain_session = None
 
     def _backbone_state(self) -> dict:
         return self._backbone_tensors if self._backbone is None else self._backbone.state_dict()
@@ -175,13 +177,31 @@ class ImageClassifier(Predictor):
 
         return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
 
-    def scored_network(self, tta: bool | None = None):
+    def scored_network(self, tta: bool | None = None, maps: bool = False):
         """The exported module: images -> probabilities (flip-averaged when ``tta``), and with a
-        detector the unknown score of the image as given, as a second output."""
+        detector the unknown score of the image as given, as a second output; with ``maps``,
+        the class activation maps (:mod:`imgclf.inference.explain`) as the last output."""
         import torch
 
         tta = self.tta if tta is None else tta
         detector = None if self.unknown_ is None else self.unknown_.module()
+        if maps:
+            from imgclf.inference.explain import explained_module
+
+            explained = explained_module(self.backbone, self.head, tta)
+
+            class Mapped(torch.nn.Module):
+                def __init__(self, explained, detector):
+                    super().__init__()
+                    self.explained, self.detector = explained, detector
+
+                def forward(self, x: torch.Tensor):
+                    features, probs, class_maps = self.explained(x)
+                    if self.detector is None:
+                        return probs, class_maps
+                    return probs, self.detector(features), class_maps
+
+            return Mapped(explained, detector).eval()
 
         class Scored(torch.nn.Module):
             def __init__(self, backbone, head, detector):
@@ -198,6 +218,33 @@ class ImageClassifier(Predictor):
                 return probs, self.detector(features)
 
         return Scored(self.backbone, self.head, detector).eval()
+
+    def why_not_explainable(self) -> str | None:
+        """None where class activation maps are exact for this network (global average
+        pooling, then the linear head); else why they are not."""
+        from imgclf.inference.explain import why_not_explainable
+
+        return why_not_explainable(self.backbone)
+
+    def _explained(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Probabilities, unknown scores and class maps, from the graph that export writes
+        (built once, run by ONNX Runtime): the same maps as the exported file gives."""
+        if getattr(self, "_explain_session", None) is None:
+            from imgclf.inference.explain import NotExplainableError
+            from imgclf.nets.engines import OnnxSession
+            from imgclf.nets.onnx_graph import to_onnx_bytes
+
+            why = self.why_not_explainable()
+            if why is not None:
+                raise NotExplainableError(f"cannot explain this model's predictions: {why}")
+            names = ("probabilities", "class_maps") if self.unknown_ is None else (
+                "probabilities", "unknown_score", "class_maps")  # fmt: skip
+            graph = to_onnx_bytes(self.scored_network(maps=True).cpu(), self.preprocessing.input_size,
+                                  output_name=names)  # fmt: skip
+            self._explain_session = OnnxSession(graph, self.threads)
+        outputs = self._explain_session.outputs(arrays)
+        scores = outputs[1].reshape(-1) if self.unknown_ is not None else None
+        return outputs[0], scores, outputs[-1]
 
     def engine_choice(self, images: int | None = None):
         """The engine and precision :func:`imgclf.nets.engines.choose_engine` picks for this
@@ -273,7 +320,7 @@ class ImageClassifier(Predictor):
             self._backbone.to(device)
         self.head.to(device)
         self.device = device
-        self.features_engine = self._eager = self._backbone_graph = None
+        self.features_engine = self._eager = self._backbone_graph = self._explain_session = None
         return self
 
     def config(self) -> dict[str, Any]:

@@ -145,6 +145,68 @@ class Predictor:
         unknown scores (None for a model without an unknown-input detector)."""
         raise NotImplementedError
 
+    def _explained(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """As :meth:`_outputs`, plus the (N, classes, h, w) class activation maps
+        (:mod:`imgclf.inference.explain`); raises ``NotExplainableError`` where the model has none."""
+        raise NotImplementedError
+
+    def why_not_explainable(self) -> str | None:
+        """None where this model gives class activation maps; else why not."""
+        return "this model type gives no class activation maps"
+
+    def explain(self, image: ImageInput, name: str | None = None, *, map_size: bool = True):
+        """Predict one image (anything :meth:`predict` takes) and say where the evidence for the
+        predicted label lies: an :class:`imgclf.inference.explain.Explanation`, whose ``map`` has
+        the full upright size of the image (``map_size=False``: leave ``map`` out, the server's
+        case, which needs only the cells)."""
+        source, name = image_source(image, name)
+        return self._explanations([(source, name, load_array(source, self.preprocessing, name))], map_size)[0]
+
+    def iter_explanations(self, items: Iterable[tuple[ImageInput, str | None]]):
+        """(name, explanation or error) for each (image, name), in order, streaming, as
+        :meth:`iter_predictions`; each explanation's map has its image's full upright size."""
+
+        def load(item):
+            image, name = item
+            try:
+                source, name = image_source(image, name)
+                return name, (source, load_array(source, self.preprocessing, name))
+            except ImageDecodeError as e:
+                return name or str(getattr(image, "name", "") or "<file object>"), e
+
+        loaded = ordered_map(load, items, self.workers, prefetch=2 * self.batch_size)
+        for chunk in batched(loaded, self.batch_size):
+            good = [(i, name, value) for i, (name, value) in enumerate(chunk) if not isinstance(value, ImageDecodeError)]
+            try:
+                done = self._explanations([(v[0], name, v[1]) for _, name, v in good], True) if good else []
+            except ImageDecodeError as e:  # the header read for the full size: rare, one image at a time then
+                done = [self._explanation_or_error(v[0], name, v[1]) for _, name, v in good]
+                del e
+            by_index = {i: result for (i, _, _), result in zip(good, done)}
+            for i, (name, value) in enumerate(chunk):
+                yield name, by_index.get(i, value)
+
+    def _explanation_or_error(self, source, name, array):
+        try:
+            return self._explanations([(source, name, array)], True)[0]
+        except ImageDecodeError as e:
+            return e
+
+    def _explanations(self, loaded, map_size: bool) -> list:
+        from imgclf.data.imaging import oriented_size
+        from imgclf.inference.explain import Explanation, crop_box, full_size_map
+
+        probs, scores, maps = self._explained(np.stack([array for _, _, array in loaded]))
+        results = []
+        for k, (source, name, _) in enumerate(loaded):
+            prediction = self._prediction(probs[k], None if scores is None else scores[k])
+            cells = np.ascontiguousarray(maps[k, self.labels.index(prediction.label)], np.float32)
+            size = oriented_size(source, name) if map_size else None
+            full = full_size_map(cells, size, self.preprocessing) if size else np.zeros((0, 0), np.float32)
+            crop = crop_box(size, self.preprocessing) if size else (0.0, 0.0, 0.0, 0.0)
+            results.append(Explanation(prediction, cells, full, crop))
+        return results
+
     def _prediction(self, probs: np.ndarray, score: float | None = None) -> Prediction:
         best = int(probs.argmax())
         known = None if score is None or self.unknown_threshold is None else bool(score <= self.unknown_threshold)

@@ -56,6 +56,22 @@ class OnnxClassifier(Predictor):
         probs, scores = self.session.outputs(arrays)[:2]
         return probs, scores.reshape(-1)
 
+    def why_not_explainable(self) -> str | None:
+        """None where the graph has the class maps output (exported since imgclf has explanations)."""
+        if self.config.get("explain") is None or self.session.signature().outputs < 2:
+            return "the file has no class_maps output (it was exported before imgclf had explanations); export it again"
+        return None
+
+    def _explained(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Probabilities, unknown scores and class maps: the graph's first, second and last outputs."""
+        why = self.why_not_explainable()
+        if why is not None:
+            from imgclf.inference.explain import NotExplainableError
+
+            raise NotExplainableError(f"{self.path}: cannot explain its predictions: {why}")
+        outputs = self.session.outputs(arrays)
+        return outputs[0], outputs[1].reshape(-1) if self.scores_unknown else None, outputs[-1]
+
     def engine_choice(self, images: int | None = None) -> EngineChoice:
         """The engine and precision running this file (chosen when it was loaded)."""
         choice = getattr(self.session, "choice", None)
