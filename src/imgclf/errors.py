@@ -38,6 +38,13 @@ class ModelFileError(ImgclfError):
     """A model file is missing, incomplete, corrupt or not an imgclf model."""
 
 
+class NotExplainableError(ImgclfError):
+    """The model gives no class activation maps: its network is not average-pooled, or the
+    ONNX file was exported before imgclf had explanations (``imgclf.inference.explain``)."""
+
+    http_status = 422
+
+
 class ArchitectureError(ImgclfError):
     """An architecture name is unknown or cannot be built."""
 

@@ -28,14 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imgclf.data.imaging import Preprocessing
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, NotExplainableError, OptionError
 
 MAPS_OUTPUT = "class_maps"
 METHOD = "cam"
-
-
-class NotExplainableError(ImgclfError):
-    """The model cannot give class activation maps (not average-pooled, or exported before maps existed)."""
 
 
 def why_not_explainable(backbone) -> str | None:
@@ -243,7 +239,7 @@ class ExplanationFolder:
             raise NotExplainableError(f"--explain: cannot explain this model's predictions: {why}")
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
-            raise NotExplainableError(f"--explain: {folder} is a file; give a folder")
+            raise OptionError(f"--explain: {folder} is a file; give a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.count = 0

@@ -230,7 +230,7 @@ class ImageClassifier(Predictor):
         """Probabilities, unknown scores and class maps, from the graph that export writes
         (built once, run by ONNX Runtime): the same maps as the exported file gives."""
         if getattr(self, "_explain_session", None) is None:
-            from imgclf.inference.explain import NotExplainableError
+            from imgclf.errors import NotExplainableError
             from imgclf.nets.engines import OnnxSession
             from imgclf.nets.onnx_graph import to_onnx_bytes
 

@@ -66,7 +66,7 @@ class OnnxClassifier(Predictor):
         """Probabilities, unknown scores and class maps: the graph's first, second and last outputs."""
         why = self.why_not_explainable()
         if why is not None:
-            from imgclf.inference.explain import NotExplainableError
+            from imgclf.errors import NotExplainableError
 
             raise NotExplainableError(f"{self.path}: cannot explain its predictions: {why}")
         outputs = self.session.outputs(arrays)
