@@ -1,5 +1,6 @@
 """A real browser uploads a photo to the page served by `imgclf serve` and reads the label; an MRI
-slice gets its label too, with the page saying it looks like nothing the model was trained on."""
+slice gets its label too, with the page saying it looks like nothing the model was trained on; with
+"show what it looked at" ticked, the page draws the class activation map over the photo."""
 
 import os
 import shutil
@@ -38,6 +39,18 @@ def test_page_labels_uploaded_daisy(small_model_file, tmp_path):
             warning = page.wait_for_selector(".unknown", timeout=30_000)
             assert "doesn't look like anything the model was trained on" in warning.inner_text()
             assert page.locator(".label").count() == 2  # the label is still given
+            page.check("#explain")  # show what it looked at: the overlay is drawn on the page
+            page.set_input_files("#picker", str(PREDICT / "classic-daisy.jpg"))
+            page.wait_for_selector("canvas.overlay[data-drawn=true]", timeout=30_000)
+            coloured = page.evaluate("""() => {
+                const c = document.querySelector("canvas.overlay");
+                const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                let red = 0;
+                for (let i = 0; i < d.length; i += 4) { if (d[i] > d[i + 1] + 60 && d[i] > d[i + 2] + 60) red++; }
+                return [c.width, c.height, red];
+            }""")  # fmt: skip
+            assert coloured[0] > 100 and coloured[1] > 100 and coloured[2] > 0.01 * coloured[0] * coloured[1]
+            assert page.locator(".looked").first.inner_text().startswith("What it looked at for daisy")
             page.set_input_files("#picker", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"text"}])
             error = page.wait_for_selector(".error", timeout=30_000)
             assert "notes.jpg" in error.inner_text()

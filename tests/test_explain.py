@@ -143,3 +143,31 @@ def test_predict_explain_writes_an_overlay_and_the_map_for_each_image(small_onnx
         with Image.open(entry["overlay"]) as picture:
             assert picture.size == (width, height) and picture.format == "PNG"
     assert sum(1 for e in index if e["path_bytes"]) == 1
+
+
+def test_http_explain_returns_the_map_cells_and_a_small_png(small_onnx_model, rotated):
+    import base64
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from imgclf.inference.runtime import load_onnx_model
+    from imgclf.serve import create_app
+
+    with TestClient(create_app(small_onnx_model)) as client:
+        plain = client.post("/v1/predict", content=rotated.read_bytes(), headers={"content-type": "image/jpeg"})
+        r = client.post("/v1/predict?explain=true", content=rotated.read_bytes(),
+                        headers={"content-type": "image/jpeg"})  # fmt: skip
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "explanation" not in plain.json()["results"][0]
+    result = r.json()["results"][0]
+    ex = result["explanation"]
+    assert ex["label"] == result["label"] == plain.json()["results"][0]["label"]
+    assert (ex["image_width"], ex["image_height"]) == (260, 400)
+    expected = load_onnx_model(small_onnx_model).explain(rotated, map_size=False)
+    np.testing.assert_allclose(np.asarray(ex["cells"]), expected.cells, atol=1e-4)
+    np.testing.assert_allclose(ex["crop"], expected.crop, atol=0.01)
+    with Image.open(io.BytesIO(base64.b64decode(ex["png"]))) as png:
+        assert png.size == (7, 7) and png.mode == "L"
+        assert np.asarray(png).argmax() == expected.cells.argmax()
+    assert "ImageExplanation" in schema and "explanation" in schema["ExplainedImageResult"]["properties"]

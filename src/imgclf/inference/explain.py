@@ -87,6 +87,7 @@ class Explanation:
     cells: np.ndarray = field(repr=False)  # (h, w) float32: the map as the network computed it
     map: np.ndarray = field(repr=False)  # (H, W) float32 at the image's full size
     crop: tuple[float, float, float, float]  # (left, top, right, bottom) of the crop, in image pixels
+    size: tuple[int, int] = (0, 0)  # (width, height) of the whole upright image
 
     @property
     def label(self) -> str:

@@ -158,7 +158,7 @@ class Predictor:
         """Predict one image (anything :meth:`predict` takes) and say where the evidence for the
         predicted label lies: an :class:`imgclf.inference.explain.Explanation`, whose ``map`` has
         the full upright size of the image (``map_size=False``: leave ``map`` out, the server's
-        case, which needs only the cells)."""
+        case, which needs only the cells and the crop)."""
         source, name = image_source(image, name)
         return self._explanations([(source, name, load_array(source, self.preprocessing, name))], map_size)[0]
 
@@ -201,10 +201,9 @@ class Predictor:
         for k, (source, name, _) in enumerate(loaded):
             prediction = self._prediction(probs[k], None if scores is None else scores[k])
             cells = np.ascontiguousarray(maps[k, self.labels.index(prediction.label)], np.float32)
-            size = oriented_size(source, name) if map_size else None
-            full = full_size_map(cells, size, self.preprocessing) if size else np.zeros((0, 0), np.float32)
-            crop = crop_box(size, self.preprocessing) if size else (0.0, 0.0, 0.0, 0.0)
-            results.append(Explanation(prediction, cells, full, crop))
+            size = oriented_size(source, name)
+            full = full_size_map(cells, size, self.preprocessing) if map_size else np.zeros((0, 0), np.float32)
+            results.append(Explanation(prediction, cells, full, crop_box(size, self.preprocessing), size))
         return results
 
     def _prediction(self, probs: np.ndarray, score: float | None = None) -> Prediction:

@@ -22,7 +22,14 @@ from imgclf.errors import ImageDecodeError
 from imgclf.options import TOP_K
 from imgclf.serve.auth import UNAUTHORIZED, require_key
 from imgclf.serve.handlers import HTTPError
-from imgclf.serve.schemas import ErrorResponse, ImageResult, ModelInfo, PredictError, PredictResponse
+from imgclf.serve.schemas import (
+    ErrorResponse,
+    ExplainedImageResult,
+    ImageExplanation,
+    ModelInfo,
+    PredictError,
+    PredictResponse,
+)
 from imgclf.serve.state import ServeState, get_state
 from imgclf.serve.uploads import declared_length, parse_multipart, read_body
 from imgclf.version import __version__
@@ -51,7 +58,11 @@ async def model_info(state: Annotated[ServeState, Depends(get_state)]) -> ModelI
 
 
 async def predict(
-    request: Request, state: Annotated[ServeState, Depends(get_state)], top_k: int = Query(TOP_K, ge=1, le=100)
+    request: Request,
+    state: Annotated[ServeState, Depends(get_state)],
+    top_k: int = Query(TOP_K, ge=1, le=100),
+    explain: bool = Query(False, description="also return what the model looked at: the class activation map of "
+                          "the predicted label (explanation: cells and a small PNG)"),
 ) -> JSONResponse:
     """Score images: a multipart upload (field ``files`` or ``file``, one or many; 64 at most by default)
     or a raw image body. Each image gets a label and scores, or an error; the others are still scored."""
@@ -70,7 +81,11 @@ async def predict(
         del body
         if not uploads:
             raise HTTPError(422, "no image in the request; send files in the multipart field 'files'")
-        scored = await asyncio.gather(*(score(state, data, fname, top_k) for fname, data in uploads))
+        if explain:
+            why = state.predictor.why_not_explainable()
+            if why is not None:
+                raise HTTPError(422, f"explain: cannot explain this model's predictions: {why}")
+        scored = await asyncio.gather(*(score(state, data, fname, top_k, explain) for fname, data in uploads))
     results = [r for r, _ in scored]
     response = PredictResponse(results=results, model=state.name,
                                elapsed_ms=round((time.perf_counter() - started) * 1000, 2))  # fmt: skip
@@ -80,7 +95,9 @@ async def predict(
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
-async def score(state: ServeState, data: bytes, filename: str, top_k: int) -> tuple[ImageResult, int]:
+async def score(
+    state: ServeState, data: bytes, filename: str, top_k: int, explain: bool = False
+) -> tuple[ExplainedImageResult, int]:
     """One image decoded (in the decode threads, within the decode budget) and scored
     (through the batching queue), with the status its error would have (200 if none)."""
     loop = asyncio.get_running_loop()
@@ -88,9 +105,29 @@ async def score(state: ServeState, data: bytes, filename: str, top_k: int) -> tu
         try:
             array = await loop.run_in_executor(state.decode_pool, decode, state, data, filename)
         except ImageDecodeError as e:
-            return ImageResult(**rows.document(rows.failed(filename, str(e)))), e.http_status
+            return ExplainedImageResult(**rows.document(rows.failed(filename, str(e)))), e.http_status
+        if explain:  # the graph with the maps, outside the batching queue (an explanation is asked for one by one)
+            explained = await loop.run_in_executor(state.decode_pool, explain_array, state, data, filename, array)
+            return ExplainedImageResult(**explained.prediction.to_dict(top_k, file=filename),
+                                        explanation=explanation_of(explained)), 200  # fmt: skip
         p = await state.batcher.predict(array)
-    return ImageResult(**p.to_dict(top_k, file=filename)), 200
+    return ExplainedImageResult(**p.to_dict(top_k, file=filename)), 200
+
+
+def explain_array(state: ServeState, data: bytes, filename: str, array):
+    """The explanation of one decoded image, its map left at the cells (no full-size map)."""
+    return state.predictor._explanations([(data, filename, array)], False)[0]
+
+
+def explanation_of(explained) -> ImageExplanation:
+    import base64
+
+    from imgclf.inference.explain import map_png
+
+    return ImageExplanation(label=explained.label, cells=[[round(float(v), 5) for v in row] for row in explained.cells],
+                            png=base64.b64encode(map_png(explained.cells)).decode("ascii"),
+                            crop=[round(float(v), 2) for v in explained.crop], image_width=explained.size[0],
+                            image_height=explained.size[1])  # fmt: skip
 
 
 def decode(state: ServeState, data: bytes, filename: str):

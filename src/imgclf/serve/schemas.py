@@ -24,8 +24,30 @@ def _image_result() -> type[BaseModel]:
 ImageResult = _image_result()
 
 
+class ImageExplanation(BaseModel):
+    """What the model looked at (``explain=true``): the class activation map of the predicted
+    label on the centre crop the network saw (imgclf.inference.explain)."""
+
+    label: str = Field(description="the label the map explains: the predicted one")
+    cells: list[list[float]] = Field(description="the map, rows of cells (7x7 for Lite0), in the head's logit "
+                                     "units: higher = more evidence for the label; their mean is its logit")  # fmt: skip
+    png: str = Field(description="the same map as a base64 greyscale PNG, one pixel per cell, 0 its minimum and "
+                     "255 its maximum")  # fmt: skip
+    crop: list[float] = Field(description="left, top, right, bottom of the crop the map covers, in pixels of the "
+                              "whole image turned upright per its EXIF orientation; outside it the map is its "
+                              "minimum")  # fmt: skip
+    image_width: int = Field(description="width of the whole upright image")
+    image_height: int = Field(description="height of the whole upright image")
+
+
+class ExplainedImageResult(ImageResult):  # type: ignore[valid-type, misc]
+    """One image's outcome (a prediction row), with ``explanation`` when ``explain=true`` was asked."""
+
+    explanation: ImageExplanation | None = None
+
+
 class PredictResponse(BaseModel):
-    results: list[ImageResult]
+    results: list[ExplainedImageResult]
     model: str
     elapsed_ms: float
     row_version: int = Field(rows.ROW_VERSION, description="the version of the prediction row (imgclf.rows)")
