@@ -171,3 +171,20 @@ def test_http_explain_returns_the_map_cells_and_a_small_png(small_onnx_model, ro
         assert png.size == (7, 7) and png.mode == "L"
         assert np.asarray(png).argmax() == expected.cells.argmax()
     assert "ImageExplanation" in schema and "explanation" in schema["ExplainedImageResult"]["properties"]
+
+
+def test_report_top_losses_show_what_the_model_looked_at(small_onnx_model, tmp_path):
+    from imgclf import load_images_from_directory
+    from imgclf.inference.runtime import load_onnx_model
+    from imgclf.insight.report import write_report
+
+    from .conftest import small_flower_folder
+
+    images = load_images_from_directory(small_flower_folder(tmp_path / "flowers", per_class=1))
+    page = write_report(load_onnx_model(small_onnx_model), images, tmp_path / "report")
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(data["top_losses"]) == 3 and all(t["overlay"].startswith("explained/") for t in data["top_losses"])
+    for t in data["top_losses"]:
+        with Image.open(tmp_path / "report" / t["overlay"]) as picture:
+            assert 100 < max(picture.size) <= 256 and picture.mode == "RGB"
+    assert page.read_text().count("class='overlay'") == 3

@@ -164,9 +164,19 @@ def write_report(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             charts["top_losses"] = plots.top_losses(data["top_losses"], pictures, out / "top_losses.png").name
+        from imgclf.insight.explained import overlay_thumbnails
+
+        for item, url in _matched(data["top_losses"], overlay_thumbnails(model, [t["file"] for t in data["top_losses"]],
+                                                                         out)):  # fmt: skip
+            item["overlay"] = url
     data["charts"] = charts
     (out / "report.json").write_text(json.dumps(data, indent=2))
     return write_page(out / "index.html", page(f"imgclf report: {name}", _body(data, Thumbnails(out))))
+
+
+def _matched(items: list[dict], urls: dict[str, str]):
+    """(item, overlay URL) for each top loss that has an overlay."""
+    return [(item, urls[item["file"]]) for item in items if item["file"] in urls]
 
 
 def _number(value: float | None) -> str:
@@ -227,8 +237,13 @@ def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
     if data.get("top_losses"):
         parts.append("<div class='cards'>" + "".join(
             card(thumbs, t["file"], f"true <b>{escape(t['true'])}</b>, predicted <b>{escape(t['predicted'])}</b> "
-                 f"{t['probability']:.2f}<br>p(true) {t['true_probability']:.2f}, loss {t['loss']:.2f}")
+                 f"{t['probability']:.2f}<br>p(true) {t['true_probability']:.2f}, loss {t['loss']:.2f}"
+                 + (f"<img class='overlay' src='{escape(t['overlay'])}' alt='what it looked at for "
+                    f"{escape(t['predicted'])}'>" if t.get("overlay") else ""))
             for t in data["top_losses"]) + "</div>")  # fmt: skip
+        if any(t.get("overlay") for t in data["top_losses"]):
+            parts.append("<p class='muted'>Under each photo, what the model looked at for the label it predicted: "
+                         "its class activation map, red where the evidence was strongest.</p>")  # fmt: skip
         parts.append(f"<p class='muted'>As one picture: <a href='{charts['top_losses']}'>top_losses.png</a>; "
                      "the numbers: <a href='report.json'>report.json</a>.</p>")  # fmt: skip
     else:
