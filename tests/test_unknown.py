@@ -138,7 +138,7 @@ def test_the_exported_graph_scores_unknown_inputs_itself(small_onnx_model):
     import onnx
 
     graph = onnx.load(str(small_onnx_model))
-    assert [o.name for o in graph.graph.output] == ["probabilities", "unknown_score"]
+    assert [o.name for o in graph.graph.output] == ["probabilities", "unknown_score", "class_maps"]  # maps: explain
     config = json.loads({p.key: p.value for p in graph.metadata_props}["imgclf"])
     assert config["unknown"]["method"] == "knn-cosine" and 0 < config["unknown"]["threshold"] < 2
     exported = load_model(small_onnx_model)

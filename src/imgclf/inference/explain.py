@@ -229,7 +229,7 @@ def write_explanation(folder, name: str, source, explanation: Explanation) -> tu
 
 class ExplanationFolder:
     """``predict --explain DIR``: explains each image into ``DIR`` and lists it in
-    ``DIR/index.jsonl`` (one JSON object per image: ``path``, ``path_bytes`` where the name is
+    ``DIR/index.jsonl`` (this run's images, one JSON object each: ``path``, ``path_bytes`` where the name is
     not UTF-8, ``label``, ``overlay``, ``map``), so every file can be traced to its image."""
 
     def __init__(self, folder, model):
@@ -244,7 +244,7 @@ class ExplanationFolder:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.count = 0
-        self._index = open(self.folder / "index.jsonl", "a", encoding="utf-8")
+        self._index = open(self.folder / "index.jsonl", "w", encoding="utf-8")  # this run's images
 
     def run(self, files):
         """(name, (prediction, extra row fields) or error) for each file, explanations written."""

@@ -179,9 +179,8 @@ class Predictor:
             good = [(i, name, value) for i, (name, value) in enumerate(chunk) if not isinstance(value, ImageDecodeError)]
             try:
                 done = self._explanations([(v[0], name, v[1]) for _, name, v in good], True) if good else []
-            except ImageDecodeError as e:  # the header read for the full size: rare, one image at a time then
+            except ImageDecodeError:  # reading a header again for the full size failed: one image at a time
                 done = [self._explanation_or_error(v[0], name, v[1]) for _, name, v in good]
-                del e
             by_index = {i: result for (i, _, _), result in zip(good, done)}
             for i, (name, value) in enumerate(chunk):
                 yield name, by_index.get(i, value)
