@@ -62,9 +62,11 @@ class ResultBatch:
         probabilities: np.ndarray,
         labels: Sequence[str],
         top_k: int,
+        thresholds: Sequence[float] | None = None,
     ) -> ResultBatch:
         """Rows for ``paths``: ``outcomes`` are decoded images or their errors, and
-        ``probabilities`` holds one row per decoded image, in order."""
+        ``probabilities`` holds one row per decoded image, in order. ``thresholds``: a
+        multi-label model's, whose rows then carry the labels over them."""
         k = min(top_k, len(labels))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k] if len(probabilities) else None
         batch = cls()
@@ -75,7 +77,11 @@ class ResultBatch:
                 continue
             best, probs = order[scored], probabilities[scored]
             top = [(labels[i], float(probs[i])) for i in best]
-            batch.rows.append(prediction_rows.scored(path, top[0][0], top[0][1], top))
+            answered = None
+            if thresholds is not None:
+                over = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]]
+                answered = [(labels[i], float(probs[i])) for i in over]
+            batch.rows.append(prediction_rows.scored(path, top[0][0], top[0][1], top, answered))
             scored += 1
         return batch
 

@@ -130,4 +130,5 @@ def score_loaded(
         probabilities = predictor.predict_proba_arrays(np.stack(good))
     else:
         probabilities = np.zeros((0, len(predictor.labels)), np.float32)
-    return ResultBatch.build(paths, outcomes, probabilities, predictor.labels, top_k)
+    return ResultBatch.build(paths, outcomes, probabilities, predictor.labels, top_k,
+                             thresholds=getattr(predictor, "thresholds", None))  # fmt: skip

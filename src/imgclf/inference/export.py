@@ -67,6 +67,20 @@ def _flip_averaged(network):
     return FlipAveraged(network).eval()
 
 
+def _multilabel(model: Exportable) -> bool:
+    return getattr(model, "thresholds", None) is not None
+
+
+def _multilabel_fields(model: Exportable) -> dict[str, Any]:
+    """A multi-label model's metadata: its thresholds, and the format version an older imgclf
+    refuses (the graph ends in a sigmoid, not a softmax)."""
+    if not _multilabel(model):
+        return {}
+    from imgclf.inference.metadata import MULTILABEL_FORMAT_VERSION
+
+    return {"multilabel": {"thresholds": list(model.thresholds)}, "format_version": MULTILABEL_FORMAT_VERSION}
+
+
 @contextmanager
 def _quiet_onnxruntime():
     """ONNX Runtime's quantizer logs dozens of warnings (tensors it leaves in float) to the root
@@ -170,13 +184,15 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
             "channels": "RGB",
             "range": "(pixel / 255 - mean) / std",
         },  # fmt: skip
-        "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities in label order"},
+        "output": {"name": OUTPUT_NAME, "meaning": "sigmoid probabilities, one per label, in label order (multi-label: "
+                   "a label applies from its threshold)" if _multilabel(model) else "softmax probabilities in label order"},
         "metrics": model.info.get("metrics"),
         "precision": "fp32",
         "precision_metrics": model.info.get("precision_metrics"),
         "versions": model.info.get("versions"),
         "opset": DEFAULT_OPSET,
         "quantized": quantize,
+        **_multilabel_fields(model),
     }
     del graph.metadata_props[:]
     entry = graph.metadata_props.add()

@@ -25,7 +25,8 @@ from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError
 from imgclf.inference.metadata import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    MULTILABEL_FORMAT_VERSION,
+    SINGLE_LABEL_FORMAT_VERSION,
     parse_metadata,
     preprocessing_of,
     without_non_finite,
@@ -34,7 +35,8 @@ from imgclf.inference.predictor import Predictor, short_list
 from imgclf.options import DEFAULT_MODEL_PATH as DEFAULT_MODEL_PATH  # the default of train --out
 
 INT8_TENSOR = "int8.onnx"
-_CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta")
+_CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta",
+              "multilabel")  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:
@@ -84,7 +86,9 @@ class ImageClassifier(Predictor):
         tta: bool = False,
         precision: str = "auto",
         int8_graph: bytes | None = None,
+        thresholds: list[float] | None = None,
     ):
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]  # multi-label: sigmoid head
         self.tta = tta  # average with the horizontally flipped image
         self.device = device
         self.timm_name = timm_name
@@ -140,6 +144,12 @@ class ImageClassifier(Predictor):
         features = self.held_out_features_
         if features is None or self.tta or len(features) != len(images):
             return self.evaluate(images)
+        if self.multilabel:
+            from imgclf.data.images import label_set
+            from imgclf.inference.multilabel import compute_multilabel_metrics, label_matrix
+
+            y = label_matrix([label_set(im) for im in images], self.labels)
+            return compute_multilabel_metrics(self._head_probabilities(features), y, self.labels, self.thresholds)
         from imgclf.inference.metrics import compute_metrics
 
         targets = [self.labels.index(im.label) for im in images]
@@ -160,10 +170,11 @@ class ImageClassifier(Predictor):
                 f"input_size={self.preprocessing.input_size}, tta={self.tta}, device={self.device!r}{held_out})")  # fmt: skip
 
     def network(self):
-        """Backbone, head and softmax as one module (for export)."""
+        """Backbone, head and softmax (a sigmoid for a multi-label model) as one module (for export)."""
         import torch
 
-        return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
+        last = torch.nn.Sigmoid() if self.multilabel else torch.nn.Softmax(dim=1)
+        return torch.nn.Sequential(self.backbone, self.head, last)
 
     def engine_choice(self, images: int | None = None):
         """The engine and precision :func:`imgclf.nets.engines.choose_engine` picks for this
@@ -222,6 +233,11 @@ class ImageClassifier(Predictor):
         return probs
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        if self.multilabel:
+            from imgclf.inference.multilabel import sigmoid
+
+            weight = self.head.weight.detach().float().cpu().numpy()
+            return sigmoid(features @ weight.T + self.head.bias.detach().float().cpu().numpy())
         return head_probabilities(self.head, features)
 
     def to(self, device: str) -> ImageClassifier:
@@ -238,13 +254,14 @@ class ImageClassifier(Predictor):
         return without_non_finite(
             {
                 "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
+                "format_version": MULTILABEL_FORMAT_VERSION if self.multilabel else SINGLE_LABEL_FORMAT_VERSION,
                 "labels": self.labels,
                 "arch": self.arch,
                 "timm_name": self.timm_name,
                 "num_features": int(self.head.in_features),
                 "preprocessing": self.preprocessing.to_dict(),
                 "tta": bool(self.tta),
+                **({"multilabel": {"thresholds": self.thresholds}} if self.multilabel else {}),
                 **self.info,
             }
         )
@@ -416,6 +433,7 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
         preprocessing=preprocessing_of(config), info=info, device=resolve_device(device),
         engine=engine, tta=config.get("tta", False), precision=precision,
         int8_graph=None if int8 is None else int8.numpy().tobytes(),
+        thresholds=(config.get("multilabel") or {}).get("thresholds"),
     )  # fmt: skip
     model._stored_in = stored_in
     return model

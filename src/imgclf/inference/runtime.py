@@ -39,6 +39,8 @@ class OnnxClassifier(Predictor):
         self.tta = bool(config.get("tta", False))
         self.preprocessing = preprocessing_of(config)
         self.info = {k: v for k, v in config.items() if k not in ("labels", "preprocessing")}
+        thresholds = (config.get("multilabel") or {}).get("thresholds")  # a sigmoid graph: a set of labels
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
 
     def _probabilities(self, arrays: np.ndarray) -> np.ndarray:
         return self.session(arrays)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageData, check_labels
+from imgclf.data.images import ImageData, check_labels, is_multilabel
 from imgclf.data.inputs import is_item_array, is_table, labelled_items
 from imgclf.data.layouts import load_dataset
 from imgclf.data.splits import train_test_split
@@ -152,6 +152,10 @@ class ImageClassificationTrainer:
     learned, new labels after its own, from the training features it keeps
     (:mod:`imgclf.training.train_on`). ``keep_features_mb`` bounds the features this model
     keeps for that (0: none).
+
+    Images with sets of labels (``ImageData.labels``: a manifest cell ``"a;b"`` or a list) train
+    a multi-label model (:mod:`imgclf.training.multilabel`); ``frame`` picks its preprocessing
+    (``"whole"``, its default, or ``"crop"``) and applies to multi-label training alone.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class ImageClassificationTrainer:
         tracking: str | Tracker | Sequence[str | Tracker] | None = None,
         from_model: str | Path | None = None,
         keep_features_mb: float = KEEP_FEATURES_MB,
+        frame: str | None = None,
     ):
         self.arch = arch
         self.epochs = epochs
@@ -224,13 +229,14 @@ class ImageClassificationTrainer:
         self.tracking = tracking
         self.from_model = from_model
         self.keep_features_mb = keep_features_mb
+        self.frame = frame  # multi-label only: "whole" (the default there) or "crop" (imgclf.training.multilabel)
         self.tracker_: Trackers | None = None
 
     #: The parameters checked against ``imgclf train``'s options (imgclf.options), whose
     #: constraints and defaults they share.
     _CHECKED = ("epochs", "batch_size", "learning_rate", "lr_schedule", "decay_rate", "decay_epochs", "momentum",
                 "weight_decay", "validation_fraction", "class_weight", "seed", "device", "engine", "precision",
-                "max_memory_gb", "extraction_batch_size", "keep_features_mb")  # fmt: skip
+                "max_memory_gb", "extraction_batch_size", "keep_features_mb", "frame")  # fmt: skip
 
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
@@ -344,6 +350,12 @@ class ImageClassificationTrainer:
         images = _as_images(images, labels)
         validation_set = None if validation_set is None else _as_images(validation_set, caller="validation_set")
         test_set = None if test_set is None else _as_images(test_set, caller="test_set")
+        if is_multilabel(images + (validation_set or []) + (test_set or [])):
+            from imgclf.training.multilabel import fit_multilabel
+
+            return fit_multilabel(self, images, validation_set, test_set, hold_out)
+        if self.frame is not None:
+            raise option_error("frame", "{frame}: applies to multi-label training; these images have one label each")
         self._check_options()
         old = None
         if self.from_model is not None:
@@ -572,7 +584,7 @@ class ImageClassificationTrainer:
     def get_params(self) -> dict:
         """The options, JSON-friendly (recorded in the model file)."""
         skip = ("metrics_callback", "progress", "workers", "fine_tune_options", "tracking", "tracker_")
-        params = {k: v for k, v in vars(self).items() if k not in skip}
+        params = {k: v for k, v in vars(self).items() if k not in skip and not (k == "frame" and v is None)}
         params["early_stopping"] = asdict(self.early_stopping) if self.early_stopping else None
         params["fine_tune_options"] = asdict(self.fine_tune_options or FineTuneOptions()) if self.fine_tune else None
         for key in ("weights", "workspace", "from_model"):
