@@ -21,7 +21,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -36,10 +36,11 @@ from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.options import option_error
 from imgclf.training import distributed
 from imgclf.training.history import BestEpoch, EpochMetrics
-from imgclf.training.optim import HeadSGD
+from imgclf.training.optim import HeadSGD, learning_rate_at
 
-if TYPE_CHECKING:
-    from imgclf.training.trainer import ImageClassificationTrainer
+#: What these functions read their options from: an ``imgclf.training.trainer.ImageClassificationTrainer``
+#: (not imported: the trainer imports this module).
+Trainer = Any
 
 #: The preprocessing a multi-label model uses unless told otherwise (see the module's docstring).
 DEFAULT_FRAME = "whole"
@@ -47,7 +48,7 @@ DEFAULT_FRAME = "whole"
 THRESHOLD_FOLDS = 5
 
 
-def refuse_unsupported(trainer: ImageClassificationTrainer) -> None:
+def refuse_unsupported(trainer: Trainer) -> None:
     """One line for each option multi-label training does not do yet (before any work)."""
     if trainer.fine_tune:
         raise option_error("fine_tune", "{fine_tune}: multi-label models train their head only for now; drop "
@@ -77,7 +78,7 @@ def _check_labels(images: list[ImageData], others: Sequence[tuple[str, list[Imag
     return labels
 
 
-def fit_multilabel(trainer: ImageClassificationTrainer, images: list[ImageData],
+def fit_multilabel(trainer: Trainer, images: list[ImageData],
                    validation_set: list[ImageData] | None, test_set: list[ImageData] | None,
                    hold_out: float | None) -> tuple[ImageClassifier, list[ImageData]]:  # fmt: skip
     """What :meth:`ImageClassificationTrainer._fit` does, for images with sets of labels."""
@@ -202,8 +203,6 @@ def train_sigmoid_head(trainer, x_train: np.ndarray, y_train: np.ndarray, x_val:
     (1 - hamming loss). Returns (head, history, best epoch)."""
     import torch
     import torch.nn.functional as F
-
-    from imgclf.training.trainer import learning_rate_at
 
     torch.manual_seed(trainer.seed)
     generator = torch.Generator().manual_seed(trainer.seed)

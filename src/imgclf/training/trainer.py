@@ -37,6 +37,7 @@ from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD
+from imgclf.training.optim import learning_rate_at as learning_rate_at  # it lived here first
 from imgclf.training.tracking import Tracker, Trackers, open_tracking
 
 
@@ -117,25 +118,6 @@ def _split_readable(images: list[ImageData], fraction: float, seed: int, part: s
         warnings.warn(f"label(s) {', '.join(map(str, missing))} have too few readable images to keep one in the "
                       f"{part} set; their accuracy there is not measured", stacklevel=4)  # fmt: skip
     return first, second
-
-
-def learning_rate_at(
-    epoch: int,
-    base: float,
-    schedule: str,
-    epochs: int,
-    decay_rate: float,
-    decay_epochs: int,
-    end_lr: float,
-    power: float,
-) -> float:
-    """The learning rate for (0-based) ``epoch`` under ``schedule``."""
-    if schedule == "exponential":  # ML.NET's ExponentialLRDecay (staircase)
-        return base * decay_rate ** (epoch // decay_epochs)
-    if schedule == "polynomial":  # ML.NET's PolynomialLRDecay
-        frac = min(epoch, epochs) / max(1, epochs)
-        return (base - end_lr) * (1 - frac) ** power + end_lr
-    return base
 
 
 class ImageClassificationTrainer:
