@@ -29,8 +29,8 @@ TOLERANCE = 1e-4
 #: The prediction row every path carries (imgclf.rows, version 3), spelled out: a scored image's
 #: JSON keys and the results file's columns.
 SCORED_KEYS = ["file", "label", "probability", "scores", "known", "unknown_score"]
-COLUMNS = ["path", "path_bytes", "label", "probability", "top_labels", "top_probabilities", "known", "unknown_score",
-           "error"]  # fmt: skip
+COLUMNS = ["path", "path_bytes", "label", "probability", "top_labels", "top_probabilities", "labels",
+           "label_probabilities", "known", "unknown_score", "error"]  # fmt: skip
 MRI = __import__("pathlib").Path(__file__).parent / "data" / "brain-mri"
 
 
@@ -157,7 +157,7 @@ def test_json_of_300_and_out_of_400_give_the_same_answers(model_file, jobs, refe
     code, _, _ = _cli("predict", str(model_file), str(jobs[400]), "--out", str(results), "-q", "--top-k", "5")
     assert code == 0
     table = pq.read_table(results).to_pylist()
-    assert list(table[0]) == COLUMNS and meta_version(results) == 3
+    assert list(table[0]) == COLUMNS and meta_version(results) == 4
     assert len(table) == 400
     _check({r["path"]: dict(zip(r["top_labels"], r["top_probabilities"])) for r in table}, reference)
     _check_known({r["path"]: (r["known"], r["unknown_score"]) for r in table}, known)
@@ -188,7 +188,7 @@ def test_exported_onnx_serve_and_evaluate_agree(model_file, small_model, files, 
             r = client.post(f"/v1/predict?top_k={len(small_model.labels)}",
                             files=[("files", (f.name, f.read_bytes(), "image/jpeg"))])  # fmt: skip
             res = r.json()["results"][0]
-            assert list(res) == SCORED_KEYS and r.json()["row_version"] == 3
+            assert list(res) == SCORED_KEYS and r.json()["row_version"] == 4
             served[f.name] = {s["label"]: s["probability"] for s in res["scores"]}
             flags[f.name] = (res["known"], res["unknown_score"])
         _check(served, reference)

@@ -202,7 +202,8 @@ FIELDS = ["labels", "arch", "timm_name", "num_features", "format", "format_versi
           "preprocessing", "preprocessing.input_size", "preprocessing.crop_pct", "preprocessing.interpolation",
           "preprocessing.mean", "preprocessing.std", "labels.0", "preprocessing.mean.1", "versions",
           "stored_features", "stored_features.images", "stored_features.held_out", "stored_features.dtype",
-          "trained_on_from", "trained_on_from.sha256", "trained_on_from.labels",
+          "trained_on_from", "trained_on_from.sha256", "trained_on_from.labels", "multilabel",
+          "preprocessing.frame",
           "unknown", "unknown.method", "unknown.k", "unknown.threshold", "unknown.rejection_rate",
           "unknown.bank_images"]  # fmt: skip
 NEAR_VALID = st.sampled_from([0, 1, 2, 3, 15, 16, 223, 224, 1024, 1025, -1, 0.25, 0.875, 1.5, 1.51, 1e-300, True,
@@ -215,7 +216,9 @@ BOUNDARIES = st.sampled_from([
     ("preprocessing.crop_pct", v) for v in (0.249, 0.25, 1.5, 1.501, float("nan"))] + [
     ("preprocessing.mean", [0.5, v, 0.5]) for v in (-0.001, 0.0, 1.0, 1.001, float("nan"))] + [
     ("preprocessing.std", [0.5, 0.5, v]) for v in (0.0099, 0.01, 1.0, 1.001, float("inf"))] + [
-    ("num_features", v) for v in (0, 65_537)] + [("format_version", v) for v in (0, 2)] + [
+    ("num_features", v) for v in (0, 65_537)] + [("format_version", v) for v in (0, 2, 3)] + [
+    ("multilabel", {"thresholds": v}) for v in ([0.5] * 3, [0.5, 0.5], [0.0, 1.0, 0.5], [0.5, 0.5, 1.01])] + [
+    ("preprocessing.frame", v) for v in ("whole", "crop", "squash")] + [
     ("labels", ["daisy"]), ("labels", ["daisy", "x" * 256, "tulips"]), ("labels", ["daisy", "x" * 255, "tulips"])] + [
     ("stored_features.images", v) for v in (0, 1, 10_000_000, 10_000_001)] + [
     ("stored_features.held_out", v) for v in (-1, 0, 18, 19)] + [
@@ -246,7 +249,7 @@ def mutate(config: dict, data) -> dict | str:
 # The oracle: which metadata must load, from the ranges docs/reliability.md states (written out
 # here, not imported from imgclf.inference.metadata, so a loosened check fails these tests).
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
-PREPROCESSING_KEYS = {"input_size", "crop_pct", "interpolation", "mean", "std"}
+PREPROCESSING_KEYS = {"input_size", "crop_pct", "interpolation", "mean", "std"}  # and an optional frame
 
 
 def _number(v) -> bool:
@@ -282,7 +285,10 @@ def documented_valid(config, kind: str) -> bool:
         isinstance(labels, list) and 2 <= len(labels) <= 100_000 and len(set(map(str, labels))) == len(labels)
         and all(isinstance(x, str) and 1 <= len(x) <= 255 for x in labels),
         isinstance(arch, str) and 1 <= len(arch) <= 200,
-        isinstance(p, dict) and set(p) == PREPROCESSING_KEYS,
+        isinstance(p, dict) and set(p) - {"frame"} == PREPROCESSING_KEYS and p.get("frame", "crop") in ("crop", "whole"),
+        _multilabel_valid(config.get("multilabel"), labels),
+        kind == "imgclf" or "format_version" not in config or (type(config["format_version"]) is int
+                                                               and 1 <= config["format_version"] <= 2),
         type(config.get("tta", False)) is bool,
         config.get("metrics") is None or isinstance(config["metrics"], dict),
         config.get("versions") is None or (isinstance(config["versions"], dict)
@@ -302,7 +308,8 @@ def documented_valid(config, kind: str) -> bool:
         name, features = config.get("timm_name"), config.get("num_features")
         checks += [
             config.get("format") == "imgclf",
-            type(config.get("format_version")) is int and config["format_version"] == 1,
+            type(config.get("format_version")) is int and config["format_version"] in ((2,) if config.get("multilabel")
+                                                                                  is not None else (1, 2)),
             isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name) is not None and len(name) <= 200,
             type(features) is int and 1 <= features <= 65_536,
             config.get("training") is None or isinstance(config["training"], dict),  # an ONNX file has none
@@ -310,6 +317,15 @@ def documented_valid(config, kind: str) -> bool:
             _trained_on_from_valid(config.get("trained_on_from")),
         ]
     return all(checks)
+
+
+def _multilabel_valid(said, labels) -> bool:
+    """docs/model-file.md: absent, or one threshold in [0, 1] per label (format version 2)."""
+    if said is None:
+        return True
+    thresholds = said.get("thresholds") if isinstance(said, dict) else None
+    return (isinstance(thresholds, list) and isinstance(labels, list) and len(thresholds) == len(labels)
+            and len(thresholds) >= 2 and all(_number(t) and 0 <= t <= 1 for t in thresholds))  # fmt: skip
 
 
 def _stored_features_valid(said) -> bool:

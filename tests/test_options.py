@@ -148,6 +148,7 @@ DOCUMENTED_RANGES = {
     ("train", "max_memory_gb"): ([0.01, 64], [0, -1, 1e9]),
     ("train", "lr_schedule"): (["exponential", "polynomial", "constant"], ["cosine"]),
     ("train", "class_weight"): (["balanced", None], ["inverse"]),
+    ("train", "frame"): (["whole", "crop", None], ["squash"]),
     ("train", "device"): (["auto", "cpu", "cuda", "cuda:1", "mps"], ["gpu", "cuda:x", ""]),
     ("predict", "top_k"): ([1, 5], [0, -1]),
     ("predict", "batch_size"): ([1, 32], [0]),

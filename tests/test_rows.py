@@ -14,18 +14,21 @@ import pytest
 
 from imgclf import rows
 
-DOCUMENT = ["file", "label", "probability", "scores", "known", "unknown_score", "error"]
-TABLE = ["path", "path_bytes", "label", "probability", "top_labels", "top_probabilities", "known", "unknown_score",
-         "error"]  # fmt: skip
+DOCUMENT = ["file", "label", "probability", "scores", "labels", "known", "unknown_score", "error"]
+TABLE = ["path", "path_bytes", "label", "probability", "top_labels", "top_probabilities", "labels",
+         "label_probabilities", "known", "unknown_score", "error"]  # fmt: skip
 SCORED = rows.scored("a\tb.jpg", "roses", 0.75, [("roses", 0.75), ("tulips", 0.2)], True, 0.25)
 STRANGE = rows.scored("steel.jpg", "roses", 0.5, [("roses", 0.5)], False, 0.75)
 OLD_MODEL = rows.scored("c.jpg", "roses", 0.75, [("roses", 0.75)])  # a model file without a detector
+#: A multi-label model's row: the labels over their thresholds, with their probabilities.
+MULTI = rows.scored("m.jpg", "roses", 0.9, [("roses", 0.9), ("tulips", 0.7), ("daisy", 0.1)],
+                    labels=[("roses", 0.9), ("tulips", 0.7)])  # fmt: skip
 BAD_NAME = b"bad\xff.jpg".decode("utf-8", "surrogateescape")  # a name whose bytes are not UTF-8
 FAILED = rows.failed(BAD_NAME, f"{BAD_NAME}: not an image")
 
 
 def test_the_row_users_rely_on():
-    assert rows.ROW_VERSION == 3
+    assert rows.ROW_VERSION == 4
     assert list(rows.DOCUMENT_KEYS) == DOCUMENT
     assert list(rows.COLUMNS) == TABLE
 
@@ -35,7 +38,7 @@ def test_documents_carry_the_keys_that_apply_in_order():
     assert scored == {"file": "a\tb.jpg", "label": "roses", "probability": 0.75,
                       "scores": [{"label": "roses", "probability": 0.75}, {"label": "tulips", "probability": 0.2}],
                       "known": True, "unknown_score": 0.25}  # fmt: skip
-    assert list(scored) == DOCUMENT[:6]
+    assert list(scored) == [k for k in DOCUMENT if k not in ("labels", "error")]
     assert rows.document(STRANGE)["known"] is False  # false is said, not left out
     assert "known" not in rows.document(OLD_MODEL) and "unknown_score" not in rows.document(OLD_MODEL)
     failed = rows.document(FAILED)
@@ -51,6 +54,17 @@ def test_tables_keep_the_raw_name_and_split_the_ranking():
     assert cols["known"] == [True, None] and cols["unknown_score"] == [0.25, None]
     assert list(rows.columns([SCORED], with_name=False)) == [c for c in TABLE if c not in ("path", "path_bytes")]
     assert [list(r) for r in rows.records([SCORED])] == [TABLE]
+    assert cols["labels"] == [None, None] and cols["label_probabilities"] == [None, None]
+
+
+def test_a_multilabel_row_carries_its_set_of_labels():
+    said = rows.document(MULTI)
+    assert said["labels"] == [{"label": "roses", "probability": 0.9}, {"label": "tulips", "probability": 0.7}]
+    assert list(said) == DOCUMENT[:5]  # a model without a detector: no known
+    cols = rows.columns([MULTI, rows.scored("n.jpg", "daisy", 0.3, [("daisy", 0.3)], labels=[])])
+    assert cols["labels"] == [["roses", "tulips"], []] and cols["label_probabilities"] == [[0.9, 0.7], []]
+    assert rows.line(MULTI) == "m.jpg\troses;tulips\t0.9000;0.7000\t-"
+    assert rows.line(rows.scored("n.jpg", "daisy", 0.3, [("daisy", 0.3)], labels=[])) == "n.jpg\t\t\t-"
 
 
 def test_the_terminal_line_escapes_what_would_break_a_column():
@@ -73,7 +87,7 @@ def test_every_field_reaches_arrow_and_the_typed_http_model():
     assert [f.name for f in rows.arrow_fields(pa)] == TABLE
     assert list(ImageResult.model_fields) == DOCUMENT
     assert ImageResult.model_fields["file"].is_required()
-    assert PredictResponse.model_fields["row_version"].default == 3
+    assert PredictResponse.model_fields["row_version"].default == 4
     for f in rows.FIELDS:  # each field documented in the OpenAPI page
         assert ImageResult.model_fields[f.name].description == f.help
 

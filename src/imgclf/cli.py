@@ -109,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, distributed) -> int:
     from imgclf.atomic import atomic_write_text, check_not_an_input
+    from imgclf.data.images import is_multilabel, label_names
     from imgclf.data.layouts import load_dataset
     from imgclf.sample_data import sample_data_dir
     from imgclf.training.history import EarlyStopping
@@ -140,6 +141,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
         fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
         engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb, tracking=_trackers(args),
         from_model=args.from_model, keep_features_mb=0.0 if args.no_keep_features else args.keep_features_mb,
+        frame=args.frame,
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
@@ -177,9 +179,13 @@ def _train(args: argparse.Namespace, distributed) -> int:
                 check_outside_inputs(Path(args.report), given, option="--report")
             if (args.nproc_per_node or 1) > 1 and not distributed.under_torchrun():
                 return distributed.launch(args.argv, args.nproc_per_node)  # N ranks of this command, torchrun
-            labels = sorted({im.label for im in images})
+            labels = label_names(images)
+            if is_multilabel(images) and args.report:  # refused before training, not after it
+                raise OptionError("--report: the report page is single-label only for now; 'imgclf evaluate MODEL "
+                                  "DATA --json' gives a multi-label model's metrics")  # fmt: skip
             counts = "" if len(dataset.parts) < 2 else f" ({', '.join(f'{len(v)} {k}' for k, v in dataset.parts)})"
-            print(f"Found {len(dataset.images)} images{counts} of {len(labels)} labels in {folder}: "
+            kind = " (multi-label: sets of labels)" if is_multilabel(images) else ""
+            print(f"Found {len(dataset.images)} images{counts} of {len(labels)} labels{kind} in {folder}: "
                   f"{', '.join(labels)}")  # fmt: skip
             print(f"Layout: {dataset.layout}")
             on = f" on from {args.from_model}" if args.from_model else ""

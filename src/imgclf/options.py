@@ -525,6 +525,9 @@ _TRAIN = Schema(
                     "threshold is placed there on cross-fitted training images (docs: Known inputs)"),
         Option("class_weight", default=None, constraint=Choices(("balanced",)),
                help="weigh rare labels up (for skewed folders)"),
+        Option("frame", default=None, constraint=Choices(("whole", "crop")), shown_default="whole",
+               help="multi-label training only (labels like 'a;b'): 'whole' resizes each whole image to the "
+                    "network's square, keeping objects at the edges; 'crop' centre-crops as single-label models do"),
         Option("resume", bool, help="continue an interrupted run from its last checkpoint"),
         _SEED,
         _WORKSPACE,

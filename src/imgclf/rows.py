@@ -16,7 +16,8 @@ built here from that one table, so a field added to :data:`FIELDS` appears every
 :data:`ROW_VERSION` counts changes to the fields: a results folder records it and refuses
 to be resumed by another version; the HTTP API answers it with every prediction.
 Versions: 1 the first columns; 2 added ``path_bytes``; 3 added ``known`` and ``unknown_score``
-(the unknown-input detector, :mod:`imgclf.inference.unknown`).
+(the unknown-input detector, :mod:`imgclf.inference.unknown`); 4 added ``labels`` (a multi-label
+model's answer; tables: ``labels`` and ``label_probabilities``, null for a single-label model).
 
 Numpy-free and pyarrow-free: the library's layers ask for the types they need
 (:func:`arrow_fields`, :func:`spark_fields`).
@@ -29,14 +30,15 @@ from dataclasses import dataclass
 
 from imgclf.names import printable, raw_hex
 
-ROW_VERSION = 3
+ROW_VERSION = 4
 
 
 @dataclass(frozen=True)
 class RowField:
     """One thing a prediction carries. ``kind`` decides its encodings:
     ``name`` (the image's name), ``text``, ``number`` (float32 in tables), ``flag`` (true or
-    false; boolean in tables) or ``ranking`` (labels with probabilities, best first)."""
+    false; boolean in tables), ``ranking`` (labels with probabilities, best first) or ``labelset``
+    (encoded as a ranking: the labels a multi-label model answers, with their probabilities)."""
 
     name: str
     kind: str
@@ -48,6 +50,8 @@ FIELDS: tuple[RowField, ...] = (
     RowField("label", "text", "the most likely label; null when the image could not be scored"),
     RowField("probability", "number", "the probability of that label"),
     RowField("scores", "ranking", "the top-k labels with their probabilities, most likely first"),
+    RowField("labels", "labelset", "a multi-label model's answer: every label over its threshold with its "
+             "probability, most likely first (may be empty); null for a single-label model"),
     RowField("known", "flag", "false when the image looks like nothing the model was trained on (its features lie "
              "farther from the training images' than the model's threshold); null for a model without a detector"),
     RowField("unknown_score", "number", "how far the image's features lie from the training images' (1 - mean "
@@ -57,7 +61,9 @@ FIELDS: tuple[RowField, ...] = (
 
 #: How each kind is written in a table: its columns, as (column suffix or name, element type).
 _TABLE = {"name": (("path", "text"), ("path_bytes", "text")), "text": (("", "text"),),
-          "number": (("", "number"),), "flag": (("", "flag"),), "ranking": (("top_labels", "texts"), ("top_probabilities", "numbers"))}  # fmt: skip
+          "number": (("", "number"),), "flag": (("", "flag"),),
+          "ranking": (("top_labels", "texts"), ("top_probabilities", "numbers")),
+          "labelset": (("", "texts"), ("label_probabilities", "numbers"))}  # fmt: skip
 #: Columns that name the image: left out where the caller's own frame keeps the path (Spark, MLflow).
 NAME_COLUMNS = ("path", "path_bytes")
 
@@ -79,14 +85,18 @@ def scored(
     top: Sequence[tuple[str, float]],
     known: bool | None = None,
     unknown_score: float | None = None,
+    labels: Sequence[tuple[str, float]] | None = None,
 ) -> dict:
     """The row of a scored image: ``top`` holds (label, probability) pairs, best first;
-    ``known`` and ``unknown_score`` are None for a model without an unknown-input detector."""
+    ``known`` and ``unknown_score`` are None for a model without an unknown-input detector;
+    ``labels`` a multi-label model's answer (pairs, best first; None for a single-label model)."""
     row = dict.fromkeys(DOCUMENT_KEYS)
     row.update(file=file, label=label, probability=float(probability),
                scores=[(lbl, float(p)) for lbl, p in top], error=None,
                known=None if known is None else bool(known),
                unknown_score=None if unknown_score is None else float(unknown_score))  # fmt: skip
+    if labels is not None:
+        row["labels"] = [(lbl, float(p)) for lbl, p in labels]
     return row
 
 
@@ -114,7 +124,7 @@ def document(row: dict) -> dict:
         value = row.get(f.name)
         if value is None:
             continue
-        if f.kind == "ranking":
+        if f.kind in ("ranking", "labelset"):
             value = [{"label": lbl, "probability": p} for lbl, p in value]
         elif f.kind in ("name", "text"):  # valid UTF-8, whatever a name's bytes
             value = printable(value)
@@ -132,7 +142,7 @@ def columns(rows: Sequence[dict], with_name: bool = True) -> dict[str, list]:
             if with_name:
                 out["path"] = [None if v is None else printable(v) for v in values]
                 out["path_bytes"] = [None if v is None else raw_hex(v) for v in values]
-        elif f.kind == "ranking":
+        elif f.kind in ("ranking", "labelset"):
             (labels, _), (probs, _) = _table_columns(f)
             out[labels] = [None if v is None else [lbl for lbl, _ in v] for v in values]
             out[probs] = [None if v is None else [p for _, p in v] for v in values]
@@ -167,9 +177,15 @@ def spark_fields(t) -> list:
 
 def line(row: dict, top_k: int = 1) -> str:
     """The terminal's tab-separated line: file, label, probability, ``known`` or ``unknown``
-    (``-`` for a model without a detector), and the top ``top_k`` when more than one."""
+    (``-`` for a model without a detector), and the top ``top_k`` when more than one; for a
+    multi-label answer, its labels joined by ``;`` and their probabilities likewise (both
+    empty when it answers none) in place of label and probability."""
     known = {True: "known", False: "unknown", None: "-"}[row.get("known")]
-    text = f"{tsv_cell(row['file'])}\t{tsv_cell(row['label'])}\t{row['probability']:.4f}\t{known}"
+    if row.get("labels") is not None:
+        said = ";".join(tsv_cell(lbl) for lbl, _ in row["labels"])
+        text = f"{tsv_cell(row['file'])}\t{said}\t{';'.join(f'{p:.4f}' for _, p in row['labels'])}\t{known}"
+    else:
+        text = f"{tsv_cell(row['file'])}\t{tsv_cell(row['label'])}\t{row['probability']:.4f}\t{known}"
     if top_k > 1:
         text += "\t" + ", ".join(f"{tsv_cell(lbl)} {p:.4f}" for lbl, p in row["scores"][:top_k])
     return text

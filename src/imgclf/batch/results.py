@@ -64,10 +64,12 @@ class ResultBatch:
         top_k: int,
         unknown_scores: np.ndarray | None = None,
         known: np.ndarray | None = None,
+        thresholds: Sequence[float] | None = None,
     ) -> ResultBatch:
         """Rows for ``paths``: ``outcomes`` are decoded images or their errors, and
         ``probabilities`` (and ``unknown_scores`` and ``known``, for a model with an
-        unknown-input detector) hold one row per decoded image, in order."""
+        unknown-input detector) hold one row per decoded image, in order. ``thresholds``: a
+        multi-label model's, whose rows then carry the labels over them."""
         k = min(top_k, len(labels))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k] if len(probabilities) else None
         batch = cls()
@@ -78,9 +80,13 @@ class ResultBatch:
                 continue
             best, probs = order[scored], probabilities[scored]
             top = [(labels[i], float(probs[i])) for i in best]
+            answered = None
+            if thresholds is not None:
+                over = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]]
+                answered = [(labels[i], float(probs[i])) for i in over]
             batch.rows.append(prediction_rows.scored(
                 path, top[0][0], top[0][1], top, None if known is None else bool(known[scored]),
-                None if unknown_scores is None else float(unknown_scores[scored])))  # fmt: skip
+                None if unknown_scores is None else float(unknown_scores[scored]), answered))  # fmt: skip
             scored += 1
         return batch
 

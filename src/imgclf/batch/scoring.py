@@ -130,4 +130,5 @@ def score_loaded(
         probabilities, scores = predictor.predict_arrays(np.stack(good))
     else:
         probabilities, scores = np.zeros((0, len(predictor.labels)), np.float32), None
-    return ResultBatch.build(paths, outcomes, probabilities, predictor.labels, top_k, scores, predictor.known_of(scores))
+    return ResultBatch.build(paths, outcomes, probabilities, predictor.labels, top_k, scores, predictor.known_of(scores),
+                             thresholds=getattr(predictor, "thresholds", None))  # fmt: skip

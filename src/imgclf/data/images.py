@@ -27,13 +27,22 @@ TOOL_FOLDERS = frozenset(
 _LAYOUT = "one subfolder per label, named after it, holding that label's images (photos/cat/1.jpg, photos/dog/2.jpg)"
 
 
+#: How a multi-label image's labels are joined in ``ImageData.label`` (and split in a manifest cell).
+LABEL_SEPARATOR = ";"
+
+
 @dataclass(frozen=True)
 class ImageData:
-    """One image: a file path or raw bytes, with an optional label."""
+    """One image: a file path or raw bytes, with an optional label.
+
+    A multi-label image (a manifest cell ``"a;b"``, or a list) has ``labels``, the set of its
+    labels (possibly empty), and ``label`` is them joined by :data:`LABEL_SEPARATOR`: code that
+    only reads ``label`` (splits, warnings, listings) still sees one string per image."""
 
     source: Path | bytes
     label: str | None = None
     name: str = ""
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.source, str):
@@ -48,7 +57,9 @@ class ImageData:
                 parts.append(f"name={self.name!r}")
         else:
             parts = [f"<{len(self.source):,} bytes>", f"name={self.name!r}"]
-        if self.label is not None:
+        if self.labels is not None:
+            parts.append(f"labels={self.labels!r}")
+        elif self.label is not None:
             parts.append(f"label={self.label!r}")
         return f"ImageData({', '.join(parts)})"
 
@@ -57,6 +68,31 @@ class ImageData:
         if isinstance(self.source, Path):
             return self.source.read_bytes()
         return bytes(self.source)
+
+
+def multilabel_image(source: Path | bytes, labels: Iterable[str], name: str = "") -> ImageData:
+    """An image with a set of labels (multi-label training): ``label`` is them joined."""
+    labels = tuple(dict.fromkeys(labels))
+    return ImageData(source, LABEL_SEPARATOR.join(labels), name, labels)
+
+
+def is_multilabel(images: Iterable[ImageData]) -> bool:
+    """Whether any of ``images`` carries a set of labels: the dataset trains a multi-label model."""
+    return any(im.labels is not None for im in images)
+
+
+def label_set(image: ImageData) -> tuple[str, ...]:
+    """An image's labels as a set: its ``labels``, else its one ``label`` split at the separator."""
+    if image.labels is not None:
+        return image.labels
+    return split_labels(image.label)
+
+
+def split_labels(label: str | None) -> tuple[str, ...]:
+    """A label string as a set of labels: ``"a;b"`` is ``("a", "b")``, ``""`` none."""
+    if not label:
+        return ()
+    return tuple(dict.fromkeys(p.strip() for p in label.split(LABEL_SEPARATOR) if p.strip()))
 
 
 def image_from_bytes(data: bytes, label: str | None = None, name: str = "<bytes>") -> ImageData:
@@ -173,8 +209,15 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 
 def label_names(images: Iterable[ImageData]) -> list[str]:
-    """The distinct labels, sorted: the position of a label is its key."""
-    return sorted({im.label for im in images if im.label is not None})
+    """The distinct labels, sorted: the position of a label is its key (a multi-label image
+    contributes each of its labels)."""
+    names: set[str] = set()
+    for im in images:
+        if im.labels is not None:
+            names.update(im.labels)
+        elif im.label is not None:
+            names.add(im.label)
+    return sorted(names)
 
 
 def check_labels(images: Sequence[ImageData], what: str = "training set", at_least: int = 2) -> list[str]:

@@ -74,6 +74,10 @@ class Preprocessing:
     Images are resized (aspect kept) so the shorter side is
     ``round(input_size / crop_pct)``, centre-cropped to ``input_size``
     square, scaled to [0, 1] and normalised with ``mean`` and ``std``.
+
+    ``frame="whole"`` resizes the whole image to ``input_size`` square instead (aspect not
+    kept, nothing cropped): what multi-label models use, since the objects of a multi-label
+    photo often sit at its edges, where a centre crop cuts them off.
     """
 
     input_size: int
@@ -81,13 +85,19 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    frame: str = "crop"
 
     @property
     def resize_to(self) -> int:
-        return int(self.input_size / self.crop_pct)
+        return self.input_size if self.frame == "whole" else int(self.input_size / self.crop_pct)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as saved; ``frame`` only when it is not the centre crop, so a file that
+        crops reads as it always has (an older imgclf refuses a field it does not know)."""
+        d = asdict(self)
+        if self.frame == "crop":
+            del d["frame"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
@@ -97,13 +107,14 @@ class Preprocessing:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
+            frame=str(d.get("frame", "crop")),
         )
 
     def key(self) -> str:
         """A short string that changes whenever the produced pixels would."""
         return f"{self.input_size}-{self.crop_pct:g}-{self.interpolation}-" + "-".join(
             f"{x:g}" for x in self.mean + self.std
-        )
+        ) + ("-whole" if self.frame == "whole" else "")
 
 
 def open_image(
@@ -367,7 +378,11 @@ def resize_shorter_side(img: Image.Image, prep: Preprocessing) -> Image.Image:
 
 
 def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the shorter side to ``prep.resize_to`` and centre-crop a square."""
+    """Resize the shorter side to ``prep.resize_to`` and centre-crop a square (or, for
+    ``frame="whole"``, resize the whole image to the square)."""
+    if prep.frame == "whole":
+        size = (prep.input_size, prep.input_size)
+        return img if img.size == size else img.resize(size, RESAMPLING[prep.interpolation])
     img = resize_shorter_side(img, prep)
     size = prep.input_size
     left = int(round((img.size[0] - size) / 2.0))

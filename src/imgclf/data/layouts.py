@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.data.images import ImageData, is_skipped, load_images_from_directory
+from imgclf.data.images import LABEL_SEPARATOR, ImageData, is_skipped, load_images_from_directory, multilabel_image
 from imgclf.data.manifests import (
     LABEL_COLUMNS,
     SPLIT_COLUMN,
@@ -218,18 +218,40 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
         if not entry:
             raise DataError(f"{where}: no image path in column '{paths}'; fill it in or remove the row")
         path = join(entry)
-        label = _label_text(values[1], where, labels, mapping)
+        label = _label_cell(values[1], where, labels, mapping)
         part = _split_of(values[2], where, split) if split else None
         if path in first:
             was_where, was_label, was_part = first[path]
             duplicates.append({"file": path, "row": _row_name(where), "first_row": _row_name(was_where),
-                               "labels": sorted({was_label, label}), "splits": sorted({was_part or "", part or ""} - {""})})  # fmt: skip
+                               "labels": sorted({_joined(was_label), _joined(label)}),
+                               "splits": sorted({was_part or "", part or ""} - {""})})  # fmt: skip
             continue
         first[path] = (where, label, part)
     if not first:
         raise DataError(f"{manifest}: manifest lists no images (a header and no rows)")
     order = sorted(first, key=Path)  # the folder loader's order: a listing's order changes nothing
-    return [(path, first[path][1], first[path][2]) for path in order], duplicates
+    multi = any(isinstance(first[path][1], tuple) for path in order)  # one set of labels: every row is a set
+    return [(path, _as_set(first[path][1]) if multi else first[path][1], first[path][2]) for path in order], duplicates
+
+
+def _joined(label: str | tuple[str, ...]) -> str:
+    return label if isinstance(label, str) else LABEL_SEPARATOR.join(label)
+
+
+def _as_set(label: str | tuple[str, ...]) -> tuple[str, ...]:
+    return label if isinstance(label, tuple) else (label,)
+
+
+def _label_cell(value: object, where: str, column: str, mapping: dict[str, str] | None) -> str | tuple[str, ...]:
+    """A label cell: one label (text), or a set of labels (a tuple) when the cell is a list
+    (Parquet, JSON Lines) or text holding the separator (``"cat;dog"``); a multi-label cell
+    may be an empty list (an image with none of the labels)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(dict.fromkeys(_label_text(v, where, column, mapping) for v in value))
+    if isinstance(value, str) and LABEL_SEPARATOR in value:
+        parts = [p for p in (p.strip() for p in value.split(LABEL_SEPARATOR)) if p]
+        return tuple(dict.fromkeys(_label_text(p, where, column, mapping) for p in parts))
+    return _label_text(value, where, column, mapping)
 
 
 def _row_name(where: str) -> str:
@@ -261,7 +283,7 @@ def _label_text(value: object, where: str, column: str, mapping: dict[str, str] 
         text = str(value).strip()
     else:
         raise DataError(f"{where}: the label in column '{column}' is {type(value).__name__} {value!r}; a label is "
-                        "text or a number, one per row")  # fmt: skip
+                        "text or a number, or a list of them (or \"a;b\") for several labels")  # fmt: skip
     if mapping is None:
         return text
     if text not in mapping:
@@ -279,7 +301,11 @@ def _split_of(value: object, where: str, column: str) -> str:
     return SPLIT_NAMES[text]
 
 
-def _as_images(rows: list[tuple[str, str, str | None]]) -> list[tuple[ImageData, str | None]]:
+def _image(source: Path | bytes, label: str | tuple[str, ...], name: str) -> ImageData:
+    return multilabel_image(source, label, name) if isinstance(label, tuple) else ImageData(source, label, name)
+
+
+def _as_images(rows: list[tuple[str, str | tuple[str, ...], str | None]]) -> list[tuple[ImageData, str | None]]:
     """Local files as paths (read when used; a missing one is skipped then, as in a folder); URIs
     read now, in threads, since an image's content keys the feature cache."""
     schemes = {}
@@ -289,12 +315,12 @@ def _as_images(rows: list[tuple[str, str, str | None]]) -> list[tuple[ImageData,
     for uri in schemes.values():
         filesystem(uri)  # a missing filesystem package: one line, before any image is read
 
-    def load(row: tuple[str, str, str | None]) -> tuple[ImageData | None, str | None]:
+    def load(row: tuple[str, str | tuple[str, ...], str | None]) -> tuple[ImageData | None, str | None]:
         path, label, part = row
         if not is_uri(path):
-            return ImageData(Path(path), label, path), part
+            return _image(Path(path), label, path), part
         try:
-            return ImageData(read_image_bytes(path), label, path), part
+            return _image(read_image_bytes(path), label, path), part
         except ImageDecodeError as e:
             warnings.warn(f"skipped {e}", stacklevel=2)
             return None, part

@@ -46,10 +46,11 @@ def why_not_explainable(backbone) -> str | None:
     return None
 
 
-def explained_module(backbone, head, tta: bool):
+def explained_module(backbone, head, tta: bool, multilabel: bool = False):
     """A torch module: images -> (pooled features, probabilities, class maps): the same
-    features and probabilities as ``head(backbone(x))``, plus ``head`` applied at every
-    position of the last feature map (a 1x1 convolution with the head's weights)."""
+    features and probabilities as ``head(backbone(x))`` (softmax, or a sigmoid per label for
+    a multi-label model), plus ``head`` applied at every position of the last feature map
+    (a 1x1 convolution with the head's weights)."""
     import torch
 
     class Explained(torch.nn.Module):
@@ -61,9 +62,9 @@ def explained_module(backbone, head, tta: bool):
             fmap = self.backbone.forward_features(x)
             features = self.backbone.forward_head(fmap)
             weight = self.head.weight[:, :, None, None]
-            return features, torch.softmax(self.head(features), dim=1), torch.nn.functional.conv2d(
-                fmap, weight, self.head.bias
-            )
+            logits = self.head(features)
+            probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+            return features, probs, torch.nn.functional.conv2d(fmap, weight, self.head.bias)
 
         def forward(self, x: torch.Tensor):
             features, probs, maps = self._one(x)
@@ -106,6 +107,9 @@ def crop_box(size: tuple[int, int], prep: Preprocessing) -> tuple[float, float, 
 
 
 def _resized_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
+    """The image's size after the resize, before the crop (a whole-frame model: the square itself)."""
+    if getattr(prep, "frame", "crop") == "whole":
+        return prep.input_size, prep.input_size
     width, height = size
     short = prep.resize_to
     if width <= height:

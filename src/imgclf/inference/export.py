@@ -65,6 +65,20 @@ class Exportable(Protocol):
         """None where class activation maps are exact for the network."""
 
 
+def _multilabel(model: Exportable) -> bool:
+    return getattr(model, "thresholds", None) is not None
+
+
+def _multilabel_fields(model: Exportable) -> dict[str, Any]:
+    """A multi-label model's metadata: its thresholds, and the format version an older imgclf
+    refuses (the graph ends in a sigmoid, not a softmax)."""
+    if not _multilabel(model):
+        return {}
+    from imgclf.inference.metadata import MULTILABEL_FORMAT_VERSION
+
+    return {"multilabel": {"thresholds": list(model.thresholds)}, "format_version": MULTILABEL_FORMAT_VERSION}
+
+
 @contextmanager
 def _quiet_onnxruntime():
     """ONNX Runtime's quantizer logs dozens of warnings (tensors it leaves in float) to the root
@@ -169,7 +183,8 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
             "channels": "RGB",
             "range": "(pixel / 255 - mean) / std",
         },  # fmt: skip
-        "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities in label order",
+        "output": {"name": OUTPUT_NAME, "meaning": "sigmoid probabilities, one per label, in label order (multi-label: "
+                   "a label applies from its threshold)" if _multilabel(model) else "softmax probabilities in label order",
                    **({"unknown_score": f"second output {SCORE_OUTPUT}, (N,): known is unknown_score <= "
                                         "unknown.threshold"} if model.unknown_ is not None else {}),
                    **({"class_maps": f"last output {MAPS_OUTPUT}, (N, classes, h, w): the class activation map "
@@ -182,6 +197,7 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
         "versions": model.info.get("versions"),
         "opset": DEFAULT_OPSET,
         "quantized": quantize,
+        **_multilabel_fields(model),
     }
     del graph.metadata_props[:]
     entry = graph.metadata_props.add()

@@ -28,7 +28,12 @@ from imgclf.errors import ModelFileError
 from imgclf.inference.unknown import MAX_BANK
 
 FORMAT_NAME = "imgclf"
-FORMAT_VERSION = 1
+#: The newest format this imgclf reads. A single-label file is still written as version 1, so
+#: every older imgclf reads it; a multi-label file (sigmoid head, ``multilabel`` field) is
+#: version 2, so an older imgclf refuses it in one line instead of applying softmax.
+FORMAT_VERSION = 2
+SINGLE_LABEL_FORMAT_VERSION = 1
+MULTILABEL_FORMAT_VERSION = 2
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024
 MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 1.5
 MIN_STD = 0.01
@@ -54,9 +59,19 @@ class PreprocessingSpec(BaseModel):
     interpolation: Literal[tuple(RESAMPLING)]  # type: ignore[valid-type]
     mean: tuple[_Unit, _Unit, _Unit]
     std: tuple[_Std, _Std, _Std]
+    frame: Literal["crop", "whole"] = "crop"
 
     def build(self) -> Preprocessing:
-        return Preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std)
+        return Preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std, self.frame)
+
+
+class MultilabelSpec(BaseModel):
+    """A multi-label model: a sigmoid per label, and the probability from which each label is
+    answered (chosen on validation images at training), one per label in label order."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    thresholds: Annotated[list[_Unit], Field(min_length=2, max_length=MAX_LABELS)]
 
 
 class PrecisionMetrics(BaseModel):
@@ -124,6 +139,14 @@ class _CommonMetadata(BaseModel):
     precision_metrics: dict[Literal["fp32", "bf16", "int8"], PrecisionMetrics] | None = None
     calibration: dict[str, Any] | None = None
     unknown: UnknownSpec | None = None
+    multilabel: MultilabelSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_threshold_per_label(self):
+        if self.multilabel is not None and len(self.multilabel.thresholds) != len(self.labels):
+            raise ValueError(f"multilabel.thresholds has {len(self.multilabel.thresholds)} values for "
+                             f"{len(self.labels)} labels")  # fmt: skip
+        return self
 
     @field_validator("labels")
     @classmethod
@@ -151,6 +174,12 @@ class ModelFileMetadata(_CommonMetadata):
     stored_features: StoredFeaturesSpec | None = None
     trained_on_from: TrainedOnFrom | None = None
 
+    @model_validator(mode="after")
+    def _multilabel_version(self) -> ModelFileMetadata:
+        if self.multilabel is not None and self.format_version < MULTILABEL_FORMAT_VERSION:
+            raise ValueError(f"a multi-label model is format {MULTILABEL_FORMAT_VERSION}, not {self.format_version}")
+        return self
+
     @field_validator("timm_name")
     @classmethod
     def _registry_name(cls, name: str) -> str:
@@ -164,6 +193,7 @@ class OnnxMetadata(_CommonMetadata):
     """The ``imgclf`` metadata property of an exported ONNX file."""
 
     timm_name: str | None = None
+    format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)] | None = None
     opset: int | None = None
     quantized: Literal["int8"] | None = None
     precision: Literal["fp32", "int8"] = "fp32"  # int8: the calibrated static graph
@@ -221,7 +251,7 @@ def parse_metadata(raw: str | bytes, path: object, kind: Literal["imgclf", "onnx
     if not isinstance(config, dict):
         raise ModelFileError(f"{path}: imgclf metadata is not a JSON object; the file is corrupt")
     version = config.get("format_version")
-    if kind == "imgclf" and type(version) is int and version > FORMAT_VERSION:
+    if type(version) is int and version > FORMAT_VERSION:
         raise ModelFileError(f"{path}: made by a newer imgclf (format {version}); upgrade imgclf")
     bad = _first_non_finite(config)
     if bad:

@@ -28,7 +28,8 @@ from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ModelFileError
 from imgclf.inference.metadata import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    MULTILABEL_FORMAT_VERSION,
+    SINGLE_LABEL_FORMAT_VERSION,
     parse_metadata,
     preprocessing_of,
     without_non_finite,
@@ -39,7 +40,7 @@ from imgclf.options import DEFAULT_MODEL_PATH as DEFAULT_MODEL_PATH  # the defau
 
 INT8_TENSOR = "int8.onnx"
 _CORE_KEYS = ("labels", "arch", "timm_name", "preprocessing", "num_features", "format", "format_version", "tta",
-              "unknown")  # fmt: skip
+              "unknown", "multilabel")  # fmt: skip
 #: What an old model file says, once, about the ``known`` it cannot give.
 NO_DETECTOR = ("has no unknown-input detector (it was trained before imgclf had one): its predictions carry "
                "known: null; train it again to get one")  # fmt: skip
@@ -93,8 +94,10 @@ class ImageClassifier(Predictor):
         precision: str = "auto",
         int8_graph: bytes | None = None,
         unknown: UnknownDetector | None = None,
+        thresholds: list[float] | None = None,
     ):
         self.unknown_ = unknown  # the unknown-input detector, fitted by training (imgclf.inference.unknown)
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]  # multi-label: sigmoid head
         self.tta = tta  # average with the horizontally flipped image
         self.device = device
         self.timm_name = timm_name
@@ -152,6 +155,12 @@ class ImageClassifier(Predictor):
         features = self.held_out_features_
         if features is None or self.tta or len(features) != len(images):
             return self.evaluate(images)
+        if self.multilabel:
+            from imgclf.data.images import label_set
+            from imgclf.inference.multilabel import compute_multilabel_metrics, label_matrix
+
+            y = label_matrix([label_set(im) for im in images], self.labels)
+            return compute_multilabel_metrics(self._head_probabilities(features), y, self.labels, self.thresholds)
         from imgclf.inference.metrics import compute_metrics
 
         targets = [self.labels.index(im.label) for im in images]
@@ -172,15 +181,17 @@ class ImageClassifier(Predictor):
                 f"input_size={self.preprocessing.input_size}, tta={self.tta}, device={self.device!r}{held_out})")  # fmt: skip
 
     def network(self):
-        """Backbone, head and softmax as one module (for export)."""
+        """Backbone, head and softmax (a sigmoid for a multi-label model) as one module (for export)."""
         import torch
 
-        return torch.nn.Sequential(self.backbone, self.head, torch.nn.Softmax(dim=1))
+        last = torch.nn.Sigmoid() if self.multilabel else torch.nn.Softmax(dim=1)
+        return torch.nn.Sequential(self.backbone, self.head, last)
 
     def scored_network(self, tta: bool | None = None, maps: bool = False):
-        """The exported module: images -> probabilities (flip-averaged when ``tta``), and with a
-        detector the unknown score of the image as given, as a second output; with ``maps``,
-        the class activation maps (:mod:`imgclf.inference.explain`) as the last output."""
+        """The exported module: images -> probabilities (softmax, or a sigmoid per label for a
+        multi-label model; flip-averaged when ``tta``), and with a detector the unknown score of
+        the image as given, as a second output; with ``maps``, the class activation maps
+        (:mod:`imgclf.inference.explain`) as the last output."""
         import torch
 
         tta = self.tta if tta is None else tta
@@ -188,7 +199,7 @@ class ImageClassifier(Predictor):
         if maps:
             from imgclf.inference.explain import explained_module
 
-            explained = explained_module(self.backbone, self.head, tta)
+            explained = explained_module(self.backbone, self.head, tta, multilabel=self.multilabel)
 
             class Mapped(torch.nn.Module):
                 def __init__(self, explained, detector):
@@ -202,6 +213,10 @@ class ImageClassifier(Predictor):
                     return probs, self.detector(features), class_maps
 
             return Mapped(explained, detector).eval()
+        multilabel = self.multilabel
+
+        def probabilities(logits: torch.Tensor) -> torch.Tensor:  # a multi-label head: one sigmoid per label
+            return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
         class Scored(torch.nn.Module):
             def __init__(self, backbone, head, detector):
@@ -210,9 +225,9 @@ class ImageClassifier(Predictor):
 
             def forward(self, x: torch.Tensor):
                 features = self.backbone(x)
-                probs = torch.softmax(self.head(features), dim=1)
+                probs = probabilities(self.head(features))
                 if tta:
-                    probs = (probs + torch.softmax(self.head(self.backbone(torch.flip(x, dims=[3]))), dim=1)) / 2
+                    probs = (probs + probabilities(self.head(self.backbone(torch.flip(x, dims=[3]))))) / 2
                 if self.detector is None:
                     return probs
                 return probs, self.detector(features)
@@ -312,6 +327,11 @@ class ImageClassifier(Predictor):
         return probs, None if self.unknown_ is None else self.unknown_.score(features)
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        if self.multilabel:
+            from imgclf.inference.multilabel import sigmoid
+
+            weight = self.head.weight.detach().float().cpu().numpy()
+            return sigmoid(features @ weight.T + self.head.bias.detach().float().cpu().numpy())
         return head_probabilities(self.head, features)
 
     def to(self, device: str) -> ImageClassifier:
@@ -328,7 +348,7 @@ class ImageClassifier(Predictor):
         return without_non_finite(
             {
                 "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
+                "format_version": MULTILABEL_FORMAT_VERSION if self.multilabel else SINGLE_LABEL_FORMAT_VERSION,
                 "labels": self.labels,
                 "arch": self.arch,
                 "timm_name": self.timm_name,
@@ -336,6 +356,7 @@ class ImageClassifier(Predictor):
                 "preprocessing": self.preprocessing.to_dict(),
                 "tta": bool(self.tta),
                 **({"unknown": self.unknown_.config()} if self.unknown_ is not None else {}),
+                **({"multilabel": {"thresholds": self.thresholds}} if self.multilabel else {}),
                 **self.info,
             }
         )
@@ -527,6 +548,7 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
         preprocessing=preprocessing_of(config), info=info, device=resolve_device(device),
         engine=engine, tta=config.get("tta", False), precision=precision,
         int8_graph=None if int8 is None else int8.numpy().tobytes(), unknown=unknown,
+        thresholds=(config.get("multilabel") or {}).get("thresholds"),
     )  # fmt: skip
     model._stored_in = stored_in
     return model

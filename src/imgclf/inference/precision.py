@@ -97,9 +97,16 @@ def _kept_in_float(graph):
     return nncf.IgnoredScope(names=convs[:1], types=["Gemm", "MatMul", "Softmax"], validate=False)
 
 
+def _refuse_multilabel(model) -> None:
+    if getattr(model, "multilabel", False):
+        raise OptionError("a multi-label model runs at fp32: bf16 and int8 are certified for single-label models "
+                          "only for now")  # fmt: skip
+
+
 def calibrate_int8(model: ImageClassifier, images: Sequence[ImageData], *, limit: int = CALIBRATION_IMAGES) -> bytes:
     """Quantize ``model`` to int8, calibrated on ``images`` (its training images), and
     keep the graph in the model (``model.int8_graph_``, saved with it); returns it.
+    A multi-label model is refused: its precisions are not certified yet.
 
     The graph is the complete exported network (head, softmax, test-time
     augmentation, metadata with ``precision: int8``) as a static QDQ graph: it
@@ -108,6 +115,7 @@ def calibrate_int8(model: ImageClassifier, images: Sequence[ImageData], *, limit
     """
     from imgclf.errors import MissingDependencyError
 
+    _refuse_multilabel(model)
     if not int8_calibration_available():
         raise MissingDependencyError(f"calibrating int8 needs NNCF: {install_hint('openvino')}")
     import onnx
@@ -195,6 +203,7 @@ def measure_precisions(
     The fp32 entry has the accuracy where labels exist; the others are certificate
     entries (:func:`compare_to_fp32`). The model's engine settings are restored after.
     """
+    _refuse_multilabel(model)
     images = list(images)
     if not images:
         raise DataError("no images to measure precisions on")

@@ -22,6 +22,7 @@ from imgclf.data.inputs import ACCEPTED, array_image, image_items, is_many, labe
 from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
+from imgclf.inference.multilabel import MultilabelMetrics, compute_multilabel_metrics, label_matrix
 
 #: What ``predict`` takes: encoded bytes, a path, an open binary file, a PIL image, a uint8
 #: image array (HxW, HxWx1, HxWx3 or HxWx4), or an ``ImageData``.
@@ -87,6 +88,9 @@ class Prediction:
     known: bool | None = None
     #: How far its features lie from the training images' (higher: less like them); None without a detector.
     unknown_score: float | None = None
+    #: A multi-label model's answer: every label whose probability reaches its threshold, with
+    #: that probability, most likely first (possibly none). None for a single-label model.
+    labels: list[tuple[str, float]] | None = None
 
     def top(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` most likely labels with their probabilities, best first."""
@@ -95,7 +99,7 @@ class Prediction:
     def row(self, file: str | None = None, top_k: int | None = None) -> dict:
         """This prediction as a prediction row (:mod:`imgclf.rows`), all labels or the ``top_k``."""
         return rows.scored(file, self.label, self.probability, self.top(top_k or len(self.scores)),
-                           self.known, self.unknown_score)  # fmt: skip
+                           self.known, self.unknown_score, self.labels)  # fmt: skip
 
     def to_dict(self, top_k: int | None = None, file: str | None = None) -> dict:
         """The row's JSON form (:func:`imgclf.rows.document`): ``file``, ``label``,
@@ -104,6 +108,9 @@ class Prediction:
         return rows.document(self.row(file, top_k))
 
     def __repr__(self) -> str:
+        if self.labels is not None:
+            said = ", ".join(f"{lbl!r}: {p:.4f}" for lbl, p in self.labels)
+            return f"Prediction(labels={{{said}}}, top={self.label!r})"
         others = ", ".join(f"{lbl!r}: {p:.4f}" for lbl, p in self.top(3)[1:])
         more = ", ..." if len(self.scores) > 3 else ""
         known = "" if self.known is None else f", known={self.known}"
@@ -121,6 +128,12 @@ class Predictor:
     workers: int | None = None
     threads: int | None = None  # threads of the network's engine; None: its default
     job_size: int | None = None  # images the caller will score, if known: a small job skips compiling
+    thresholds: list[float] | None = None  # a multi-label model's per-label thresholds (imgclf.inference.multilabel)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether this model answers a set of labels (sigmoid per label) rather than one."""
+        return self.thresholds is not None
 
     def engine_choice(self, images: int | None = None):
         """The :class:`imgclf.nets.engines.EngineChoice` running (or about to run) the network."""
@@ -208,8 +221,12 @@ class Predictor:
     def _prediction(self, probs: np.ndarray, score: float | None = None) -> Prediction:
         best = int(probs.argmax())
         known = None if score is None or self.unknown_threshold is None else bool(score <= self.unknown_threshold)
+        answered = None
+        if self.thresholds is not None:
+            over = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.thresholds[i]]
+            answered = [(self.labels[i], float(probs[i])) for i in over]
         return Prediction(self.labels[best], float(probs[best]), {lbl: float(p) for lbl, p in zip(self.labels, probs)},
-                          known, None if score is None else float(score))  # fmt: skip
+                          known=known, unknown_score=None if score is None else float(score), labels=answered)  # fmt: skip
 
     def known_of(self, scores: np.ndarray | None) -> np.ndarray | None:
         """``known`` for each unknown score (None where the model has no detector)."""
@@ -293,7 +310,7 @@ class Predictor:
 
     def evaluate(
         self, images: ManyImages | str | Path, labels: Sequence[str] | None = None, *, reject_unknown: bool = False
-    ) -> MulticlassMetrics:
+    ) -> MulticlassMetrics | MultilabelMetrics:
         """Metrics on labelled images: ``ImageData`` with labels, a folder with one subfolder per
         label, a DataFrame with path and label columns (``label``, ``class``...), or any images
         :meth:`predict_batch` takes with ``labels``, one per image (scikit-learn's ``score(X, y)``).
@@ -309,6 +326,8 @@ class Predictor:
                                 "of images, not with a folder")  # fmt: skip
             images = load_images_from_directory(images)
         items, from_folders = labelled_items(images, labels, "evaluate")
+        if self.multilabel:
+            return self._evaluate_multilabel(items)
         unknown = sorted({label for _, _, label in items if label not in self.labels})
         if unknown:
             said = ", ".join(repr(x) for x in unknown) if from_folders else ", ".join(unknown)
@@ -341,3 +360,26 @@ class Predictor:
                                "accepted_accuracy": float(right[kept].mean()) if kept.any() else None,
                                "threshold": self.unknown_threshold}  # fmt: skip
         return metrics
+
+    def _evaluate_multilabel(self, items: list[tuple[Any, str | None, str]]) -> MultilabelMetrics:
+        """A multi-label model's metrics: each item's label is its set of labels joined by ``;``
+        (as ``ImageData.label`` holds it; a single-label image is a set of one)."""
+        import warnings
+
+        from imgclf.data.images import split_labels
+
+        sets = [split_labels(label) for _, _, label in items]
+        unknown = sorted({name for names in sets for name in names} - set(self.labels))
+        if unknown:
+            raise DataError(f"evaluation images have labels the model does not know: {', '.join(unknown)}")
+        probs, kept = [], []
+        for names, (_, outcome) in zip(sets, self.iter_predictions((im, n) for im, n, _ in items)):
+            if isinstance(outcome, ImageDecodeError):
+                warnings.warn(f"skipped {outcome}", stacklevel=3)
+                continue
+            probs.append([outcome.scores[lbl] for lbl in self.labels])
+            kept.append(names)
+        if not probs:
+            raise DataError("no readable images to evaluate on")
+        return compute_multilabel_metrics(np.asarray(probs), label_matrix(kept, self.labels), self.labels,
+                                          self.thresholds)  # fmt: skip

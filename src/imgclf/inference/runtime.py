@@ -44,6 +44,8 @@ class OnnxClassifier(Predictor):
         self.info = {k: v for k, v in config.items() if k not in ("labels", "preprocessing")}
         # the graph computes the unknown score as its second output where the metadata has the threshold
         self.scores_unknown = config.get("unknown") is not None and session.signature().outputs > 1
+        thresholds = (config.get("multilabel") or {}).get("thresholds")  # a sigmoid graph: a set of labels
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
 
     @property
     def unknown_threshold(self) -> float | None:

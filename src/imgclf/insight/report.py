@@ -119,6 +119,11 @@ def write_report(
     from imgclf.data.imaging import open_image
     from imgclf.insight import plots
 
+    if getattr(model, "multilabel", False):
+        from imgclf.errors import OptionError
+
+        raise OptionError("the report page is single-label only for now; 'imgclf evaluate MODEL DATA --json' gives "
+                          "a multi-label model's metrics")  # fmt: skip
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; give a folder for the report")

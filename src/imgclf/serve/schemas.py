@@ -14,7 +14,8 @@ class LabelScore(BaseModel):
 
 def _image_result() -> type[BaseModel]:
     """The typed form of :mod:`imgclf.rows`'s prediction row, field by field from its table."""
-    types = {"name": str, "text": str | None, "number": float | None, "flag": bool | None, "ranking": list[LabelScore] | None}
+    types = {"name": str, "text": str | None, "number": float | None, "flag": bool | None,
+             "ranking": list[LabelScore] | None, "labelset": list[LabelScore] | None}  # fmt: skip
     fields = {
         f.name: (types[f.kind], Field(... if f.kind == "name" else None, description=f.help)) for f in rows.FIELDS
     }

@@ -60,3 +60,22 @@ class HeadSGD:
         for i, entry in saved["state"].items():
             buf = entry.get("momentum_buffer")
             self.buffers[int(i)] = None if buf is None else buf.clone().to(self.params[int(i)].device)
+
+
+def learning_rate_at(
+    epoch: int,
+    base: float,
+    schedule: str,
+    epochs: int,
+    decay_rate: float,
+    decay_epochs: int,
+    end_lr: float,
+    power: float,
+) -> float:
+    """The learning rate for (0-based) ``epoch`` under ``schedule``."""
+    if schedule == "exponential":  # ML.NET's ExponentialLRDecay (staircase)
+        return base * decay_rate ** (epoch // decay_epochs)
+    if schedule == "polynomial":  # ML.NET's PolynomialLRDecay
+        frac = min(epoch, epochs) / max(1, epochs)
+        return (base - end_lr) * (1 - frac) ** power + end_lr
+    return base

@@ -70,6 +70,9 @@ def open_old_model(path: str | Path, arch: Architecture, preprocessing: Preproce
     path = local_model_file(path)
     config = read_model_config(path)  # not a model, unreadable, an ONNX file: one ModelFileError line
     name = f"{{from_model}} {path}"
+    if config.get("multilabel") is not None:
+        raise option_error("from_model", f"{name}: is a multi-label model; training on from one is not supported "
+                                         "yet: train on the old and new photos together")  # fmt: skip
     kept = (config.get("fine_tune") or {}).get("kept")
     if kept not in (None, "head-only"):
         raise option_error("from_model", f"{name}: was fine-tuned ({kept}), so its backbone is not the pretrained "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageData, check_labels
+from imgclf.data.images import ImageData, check_labels, is_multilabel
 from imgclf.data.inputs import is_item_array, is_table, labelled_items
 from imgclf.data.layouts import load_dataset
 from imgclf.data.splits import train_test_split
@@ -37,6 +37,7 @@ from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD
+from imgclf.training.optim import learning_rate_at as learning_rate_at  # it lived here first
 from imgclf.training.tracking import Tracker, Trackers, open_tracking
 
 
@@ -119,25 +120,6 @@ def _split_readable(images: list[ImageData], fraction: float, seed: int, part: s
     return first, second
 
 
-def learning_rate_at(
-    epoch: int,
-    base: float,
-    schedule: str,
-    epochs: int,
-    decay_rate: float,
-    decay_epochs: int,
-    end_lr: float,
-    power: float,
-) -> float:
-    """The learning rate for (0-based) ``epoch`` under ``schedule``."""
-    if schedule == "exponential":  # ML.NET's ExponentialLRDecay (staircase)
-        return base * decay_rate ** (epoch // decay_epochs)
-    if schedule == "polynomial":  # ML.NET's PolynomialLRDecay
-        frac = min(epoch, epochs) / max(1, epochs)
-        return (base - end_lr) * (1 - frac) ** power + end_lr
-    return base
-
-
 class ImageClassificationTrainer:
     """Retrains a pretrained ImageNet network on your labelled images.
 
@@ -152,6 +134,10 @@ class ImageClassificationTrainer:
     learned, new labels after its own, from the training features it keeps
     (:mod:`imgclf.training.train_on`). ``keep_features_mb`` bounds the features this model
     keeps for that (0: none).
+
+    Images with sets of labels (``ImageData.labels``: a manifest cell ``"a;b"`` or a list) train
+    a multi-label model (:mod:`imgclf.training.multilabel`); ``frame`` picks its preprocessing
+    (``"whole"``, its default, or ``"crop"``) and applies to multi-label training alone.
     """
 
     def __init__(
@@ -191,6 +177,7 @@ class ImageClassificationTrainer:
         tracking: str | Tracker | Sequence[str | Tracker] | None = None,
         from_model: str | Path | None = None,
         keep_features_mb: float = KEEP_FEATURES_MB,
+        frame: str | None = None,
     ):
         self.arch = arch
         self.epochs = epochs
@@ -226,13 +213,14 @@ class ImageClassificationTrainer:
         self.tracking = tracking
         self.from_model = from_model
         self.keep_features_mb = keep_features_mb
+        self.frame = frame  # multi-label only: "whole" (the default there) or "crop" (imgclf.training.multilabel)
         self.tracker_: Trackers | None = None
 
     #: The parameters checked against ``imgclf train``'s options (imgclf.options), whose
     #: constraints and defaults they share.
     _CHECKED = ("epochs", "batch_size", "learning_rate", "lr_schedule", "decay_rate", "decay_epochs", "momentum",
                 "weight_decay", "validation_fraction", "class_weight", "seed", "device", "engine", "precision",
-                "max_memory_gb", "extraction_batch_size", "keep_features_mb", "unknown_rate")  # fmt: skip
+                "max_memory_gb", "extraction_batch_size", "keep_features_mb", "unknown_rate", "frame")  # fmt: skip
 
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
@@ -346,6 +334,12 @@ class ImageClassificationTrainer:
         images = _as_images(images, labels)
         validation_set = None if validation_set is None else _as_images(validation_set, caller="validation_set")
         test_set = None if test_set is None else _as_images(test_set, caller="test_set")
+        if is_multilabel(images + (validation_set or []) + (test_set or [])):
+            from imgclf.training.multilabel import fit_multilabel
+
+            return fit_multilabel(self, images, validation_set, test_set, hold_out)
+        if self.frame is not None:
+            raise option_error("frame", "{frame}: applies to multi-label training; these images have one label each")
         self._check_options()
         old = None
         if self.from_model is not None:
@@ -605,7 +599,7 @@ class ImageClassificationTrainer:
     def get_params(self) -> dict:
         """The options, JSON-friendly (recorded in the model file)."""
         skip = ("metrics_callback", "progress", "workers", "fine_tune_options", "tracking", "tracker_")
-        params = {k: v for k, v in vars(self).items() if k not in skip}
+        params = {k: v for k, v in vars(self).items() if k not in skip and not (k == "frame" and v is None)}
         params["early_stopping"] = asdict(self.early_stopping) if self.early_stopping else None
         params["fine_tune_options"] = asdict(self.fine_tune_options or FineTuneOptions()) if self.fine_tune else None
         for key in ("weights", "workspace", "from_model"):

@@ -1,0 +1,258 @@
+"""Multi-label training: a sigmoid head on the frozen backbone's cached features.
+
+A dataset whose images carry sets of labels (a manifest cell ``"a;b"``, or a list) trains a
+model that answers a set: one logistic output per label, trained with binary cross-entropy,
+and per label the probability from which it is answered, chosen for the best F1 on the
+validation images (or, with none, on out-of-fold predictions of the training images: each
+fold's head never saw the images it scores, so the thresholds are not chosen on memorised
+answers).
+
+The images are resized whole to the network's square (``Preprocessing.frame="whole"``): the
+objects of a multi-label photo often sit at its edges, where the single-label centre crop
+cuts them off (measured in docs/benchmarks.md). Fine-tuning, training on from a model,
+checkpoints, several processes and bf16/int8 certification are single-label only for now,
+and each is refused in one line here rather than trained wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+
+from imgclf.data.images import ImageData, check_labels, label_names, label_set
+from imgclf.data.splits import train_test_split
+from imgclf.errors import DataError, OptionError
+from imgclf.inference.model import ImageClassifier, library_versions
+from imgclf.inference.multilabel import choose_thresholds, label_matrix, sigmoid
+from imgclf.nets.archs import get_architecture, preprocessing_for
+from imgclf.nets.features import FeatureExtractor
+from imgclf.nets.pretrained import PretrainedNetwork
+from imgclf.options import option_error
+from imgclf.training import distributed
+from imgclf.training.history import BestEpoch, EpochMetrics
+from imgclf.training.optim import HeadSGD, learning_rate_at
+
+#: What these functions read their options from: an ``imgclf.training.trainer.ImageClassificationTrainer``
+#: (not imported: the trainer imports this module).
+Trainer = Any
+
+#: The preprocessing a multi-label model uses unless told otherwise (see the module's docstring).
+DEFAULT_FRAME = "whole"
+#: Folds of the training images whose out-of-fold predictions choose the thresholds without validation.
+THRESHOLD_FOLDS = 5
+
+
+def refuse_unsupported(trainer: Trainer) -> None:
+    """One line for each option multi-label training does not do yet (before any work)."""
+    if trainer.fine_tune:
+        raise option_error("fine_tune", "{fine_tune}: multi-label models train their head only for now; drop "
+                                        "{fine_tune}")  # fmt: skip
+    if trainer.from_model is not None:
+        raise option_error("from_model", "{from_model}: training on from a model is single-label only for now; "
+                                         "train on the old and new photos together")  # fmt: skip
+    if trainer.resume:
+        raise option_error("resume", "{resume}: multi-label training keeps no checkpoint (its head trains in seconds "
+                                     "on cached features); drop {resume}")  # fmt: skip
+    if trainer.precision not in ("auto", "fp32"):
+        raise option_error("precision", f"{{precision}} {trainer.precision}: multi-label models are not certified "
+                                        "at bf16 or int8 yet; use auto or fp32")  # fmt: skip
+    if trainer.tracking is not None:
+        raise option_error("tracking", "multi-label runs are not logged to MLflow or TensorBoard yet; drop the "
+                                       "tracking option")  # fmt: skip
+    if distributed.world_size() > 1:
+        raise OptionError("multi-label training runs in one process for now; drop --nproc-per-node")
+
+
+def _check_labels(images: list[ImageData], others: Sequence[tuple[str, list[ImageData] | None]]) -> list[str]:
+    labels = check_labels(images)  # every image labelled, names are text, at least two labels
+    for part, given in others:
+        unknown = sorted(set(label_names(given or [])) - set(labels))
+        if unknown:
+            raise DataError(f"{part} set has labels not in the training set: {', '.join(unknown)}")
+    return labels
+
+
+def fit_multilabel(trainer: Trainer, images: list[ImageData],
+                   validation_set: list[ImageData] | None, test_set: list[ImageData] | None,
+                   hold_out: float | None) -> tuple[ImageClassifier, list[ImageData]]:  # fmt: skip
+    """What :meth:`ImageClassificationTrainer._fit` does, for images with sets of labels."""
+    from imgclf.nets.device import resolve_device
+
+    refuse_unsupported(trainer)
+    trainer._check_options()
+    labels = _check_labels(images, (("validation", validation_set), ("test", test_set)))
+    device = resolve_device(trainer.device)
+    arch = get_architecture(trainer.arch)
+    preprocessing = replace(preprocessing_for(arch), frame=trainer.frame or DEFAULT_FRAME)
+    network = PretrainedNetwork(arch, trainer.weights, device, trainer.engine, preprocessing.input_size)
+    engine = network.feature_engine()
+    workspace, writable = trainer._workspace()
+    extractor = FeatureExtractor(engine, preprocessing, network.cache_key, batch_size=trainer.extraction_batch_size,
+                                 workers=trainer.workers, workspace=workspace if trainer.use_cache else None,
+                                 cache_writable=writable, progress=trainer.progress)  # fmt: skip
+    if extractor.cache is not None:
+        network.keep_tensors_in(extractor.cache.folder, writable)
+
+    everything = images + (test_set or [])
+    pool = extractor.transform(everything)
+    skipped = list(pool.failures)
+    readable = [everything[i] for i in pool.kept]
+    row_of = {id(im): r for r, im in enumerate(readable)}
+    held_out: list[ImageData] = []
+    if test_set is not None:
+        in_test = {id(im) for im in test_set}
+        held_out = [im for im in readable if id(im) in in_test]
+        readable = [im for im in readable if id(im) not in in_test]
+    elif hold_out:
+        readable, held_out = _split(readable, hold_out, trainer.seed, "held-out", labels)
+
+    def features(part: list[ImageData]) -> np.ndarray:
+        return pool.features[[row_of[id(im)] for im in part]]
+
+    x_val = y_val = None
+    if validation_set is None and trainer.validation_fraction:
+        readable, validation_set = _split(readable, trainer.validation_fraction, trainer.seed, "validation", labels)
+        x_val = features(validation_set)
+    elif validation_set:
+        val = extractor.transform(validation_set)
+        skipped += val.failures
+        validation_set = [validation_set[i] for i in val.kept]
+        x_val = val.features
+    if x_val is not None:
+        y_val = label_matrix([label_set(im) for im in validation_set], labels)
+    empty = [lbl for lbl in labels if not any(lbl in label_set(im) for im in readable)]
+    if empty:
+        raise DataError(f"label '{empty[0]}' has no readable training image left; add images of it")
+    for name, reason in skipped:
+        warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=3)
+
+    x_train = features(readable)
+    y_train = label_matrix([label_set(im) for im in readable], labels)
+    head, history, best_epoch = train_sigmoid_head(trainer, x_train, y_train, x_val, y_val, device)
+    if x_val is not None and len(x_val):
+        thresholds = choose_thresholds(_probabilities(head, x_val), y_val)
+        chosen_on = f"the {len(x_val)} validation images"
+    else:
+        thresholds, folds = _cross_fitted_thresholds(trainer, x_train, y_train, device)
+        chosen_on = f"out-of-fold predictions of the training images ({folds} folds)"
+    model = ImageClassifier(network.for_model(), head, labels, arch=arch.name, timm_name=arch.timm_name,
+                            preprocessing=preprocessing, info={}, device=device, engine=trainer.engine,
+                            tta=trainer.tta, thresholds=thresholds)  # fmt: skip
+    if engine.built is not None and network.module is model._backbone:
+        model.features_engine = engine.built
+    model.held_out_features_ = features(held_out) if held_out else None
+    model.info = {
+        "weights_source": network.source,
+        "training": {**trainer.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
+                     "train_images": len(readable), "resumed_from": None,
+                     "held_out_images": len(held_out) if hold_out or test_set is not None else None,
+                     "validation_images": 0 if x_val is None else len(x_val),
+                     "thresholds_chosen_on": chosen_on},
+        "history": [asdict(h) for h in history],
+        "skipped": [{"file": n, "reason": r} for n, r in skipped],
+        "extraction": {"extracted": pool.extracted, "cached": pool.cached, "engine": engine.name},
+        "distributed": {"world_size": 1, "backend": distributed.backend_name()},
+        "versions": library_versions(),
+        "precision_decision": {"asked": trainer.precision, "line": "fp32 (multi-label models are not certified at "
+                               "bf16 or int8 yet)"},
+    }  # fmt: skip
+    return model, held_out
+
+
+def _split(images: list[ImageData], fraction: float, seed: int, part: str, labels: list[str]):
+    """A seeded split stratified by each image's set of labels; warns about labels the second part misses."""
+    first, second = train_test_split(images, fraction, seed)
+    missing = sorted(set(labels) - set(label_names(second)))
+    if missing:
+        warnings.warn(f"label(s) {', '.join(missing)} have too few readable images to keep one in the {part} set; "
+                      "they are not measured there", stacklevel=4)  # fmt: skip
+    return first, second
+
+
+def _probabilities(head, x: np.ndarray) -> np.ndarray:
+    weight = head.weight.detach().float().cpu().numpy()
+    return sigmoid(x @ weight.T + head.bias.detach().float().cpu().numpy())
+
+
+def _cross_fitted_thresholds(trainer, x: np.ndarray, y: np.ndarray, device: str) -> tuple[list[float], int]:
+    """Thresholds chosen on out-of-fold probabilities: each image scored by a head that never saw it."""
+    folds = max(2, min(THRESHOLD_FOLDS, len(x) // 2))
+    order = list(range(len(x)))
+    random.Random(trainer.seed).shuffle(order)
+    fold_of = np.empty(len(x), np.int64)
+    fold_of[order] = np.arange(len(x)) % folds
+    out_of_fold = np.zeros_like(y)
+    for k in range(folds):
+        fit, score = fold_of != k, fold_of == k
+        head, _, _ = train_sigmoid_head(trainer, x[fit], y[fit], None, None, device, report=False)
+        out_of_fold[score] = _probabilities(head, x[score])
+    return choose_thresholds(out_of_fold, y), folds
+
+
+def train_sigmoid_head(trainer, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None,
+                       y_val: np.ndarray | None, device: str, report: bool = True):  # fmt: skip
+    """A linear head with one sigmoid per label, trained with binary cross-entropy by the
+    trainer's SGD, schedule and early stopping (the single-label head's recipe with the loss
+    that fits). The reported accuracy is the share of image-label decisions right at 0.5
+    (1 - hamming loss). Returns (head, history, best epoch)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(trainer.seed)
+    generator = torch.Generator().manual_seed(trainer.seed)
+    xt, yt = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
+    xv = None if x_val is None else torch.from_numpy(x_val).to(device)
+    yv = None if y_val is None else torch.from_numpy(y_val).to(device)
+    pos_weight = None
+    if trainer.class_weight == "balanced":  # each label's positives weigh as much as its negatives
+        positives = y_train.sum(0)
+        pos_weight = torch.tensor((len(y_train) - positives) / np.maximum(positives, 1), dtype=torch.float32)
+        pos_weight = pos_weight.to(device)
+    head = torch.nn.Linear(xt.shape[1], yt.shape[1]).to(device)
+    torch.nn.init.zeros_(head.weight)  # logistic regression: a zero start is deterministic and converges
+    torch.nn.init.zeros_(head.bias)
+    optimizer = HeadSGD(head.parameters(), lr=trainer.learning_rate, momentum=trainer.momentum,
+                        nesterov=trainer.momentum > 0, weight_decay=trainer.weight_decay)  # fmt: skip
+    best = BestEpoch(trainer.early_stopping)
+    history: list[EpochMetrics] = []
+
+    def measure(x, y):
+        with torch.no_grad():
+            logits = head(x)
+            return float(((logits >= 0) == (y > 0.5)).float().mean()), float(F.binary_cross_entropy_with_logits(logits, y))
+
+    for epoch in range(trainer.epochs):
+        lr = learning_rate_at(epoch, trainer.learning_rate, trainer.lr_schedule, trainer.epochs, trainer.decay_rate,
+                              trainer.decay_epochs, trainer.end_learning_rate, trainer.power)  # fmt: skip
+        optimizer.param_groups[0]["lr"] = lr
+        head.train()
+        order = torch.randperm(len(yt), generator=generator).to(device)
+        for start in range(0, len(yt), trainer.batch_size):
+            idx = order[start : start + trainer.batch_size]
+            loss = F.binary_cross_entropy_with_logits(head(xt[idx]), yt[idx], pos_weight=pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        head.eval()
+        m = EpochMetrics(epoch + 1, lr, *measure(xt, yt))
+        if not math.isfinite(m.train_loss):
+            raise OptionError(f"training diverged in epoch {epoch + 1} (the loss is not a finite number); "
+                              f"lower the learning rate (now {trainer.learning_rate:g})")  # fmt: skip
+        if xv is not None and len(xv):
+            m.validation_accuracy, m.validation_loss = measure(xv, yv)
+        history.append(m)
+        if report:
+            trainer._report_epoch(m)
+        watched = (m.validation_accuracy, m.validation_loss) if m.validation_loss is not None else (
+            m.train_accuracy, m.train_loss)  # fmt: skip
+        if best.update(epoch + 1, *watched, {"head": head}):
+            break
+    best.restore_best({"head": head})
+    return head.eval(), history, best.epoch or len(history)
+
