@@ -48,6 +48,10 @@ def test_full_size_map_lays_the_crop_back_and_holds_the_minimum_outside():
     assert inside[0, 0] == pytest.approx(cells[0, 0]) and inside[-1, -1] == pytest.approx(cells[-1, -1])
     flat = full_size_map(np.full((7, 7), 2.5, np.float32), (300, 200), PREP)
     assert np.all(flat == 2.5)
+    whole = Preprocessing(224, 0.875, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), frame="whole")  # multi-label
+    assert crop_box((300, 200), whole) == (0, 0, 300, 200)
+    squashed = full_size_map(cells, (300, 200), whole)
+    assert squashed[0, 0] == cells[0, 0] and squashed[-1, -1] == cells[-1, -1] and squashed[:, 0].max() > cells.min()
 
 
 def test_file_stems_never_collide_and_take_any_bytes():
