@@ -16,7 +16,6 @@ and each is refused in one line here rather than trained wrongly.
 
 from __future__ import annotations
 
-import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -35,8 +34,6 @@ from imgclf.nets.features import FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.options import option_error
 from imgclf.training import distributed
-from imgclf.training.history import BestEpoch, EpochMetrics
-from imgclf.training.optim import HeadSGD, learning_rate_at
 
 #: What these functions read their options from: an ``imgclf.training.trainer.ImageClassificationTrainer``
 #: (not imported: the trainer imports this module).
@@ -204,55 +201,18 @@ def train_sigmoid_head(trainer, x_train: np.ndarray, y_train: np.ndarray, x_val:
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(trainer.seed)
-    generator = torch.Generator().manual_seed(trainer.seed)
-    xt, yt = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
-    xv = None if x_val is None else torch.from_numpy(x_val).to(device)
-    yv = None if y_val is None else torch.from_numpy(y_val).to(device)
     pos_weight = None
     if trainer.class_weight == "balanced":  # each label's positives weigh as much as its negatives
         positives = y_train.sum(0)
         pos_weight = torch.tensor((len(y_train) - positives) / np.maximum(positives, 1), dtype=torch.float32)
         pos_weight = pos_weight.to(device)
-    head = torch.nn.Linear(xt.shape[1], yt.shape[1]).to(device)
-    torch.nn.init.zeros_(head.weight)  # logistic regression: a zero start is deterministic and converges
-    torch.nn.init.zeros_(head.bias)
-    optimizer = HeadSGD(head.parameters(), lr=trainer.learning_rate, momentum=trainer.momentum,
-                        nesterov=trainer.momentum > 0, weight_decay=trainer.weight_decay)  # fmt: skip
-    best = BestEpoch(trainer.early_stopping)
-    history: list[EpochMetrics] = []
 
-    def measure(x, y):
-        with torch.no_grad():
-            logits = head(x)
-            return float(((logits >= 0) == (y > 0.5)).float().mean()), float(F.binary_cross_entropy_with_logits(logits, y))
+    def loss_fn(logits, y):
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
 
-    for epoch in range(trainer.epochs):
-        lr = learning_rate_at(epoch, trainer.learning_rate, trainer.lr_schedule, trainer.epochs, trainer.decay_rate,
-                              trainer.decay_epochs, trainer.end_learning_rate, trainer.power)  # fmt: skip
-        optimizer.param_groups[0]["lr"] = lr
-        head.train()
-        order = torch.randperm(len(yt), generator=generator).to(device)
-        for start in range(0, len(yt), trainer.batch_size):
-            idx = order[start : start + trainer.batch_size]
-            loss = F.binary_cross_entropy_with_logits(head(xt[idx]), yt[idx], pos_weight=pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        head.eval()
-        m = EpochMetrics(epoch + 1, lr, *measure(xt, yt))
-        if not math.isfinite(m.train_loss):
-            raise OptionError(f"training diverged in epoch {epoch + 1} (the loss is not a finite number); "
-                              f"lower the learning rate (now {trainer.learning_rate:g})")  # fmt: skip
-        if xv is not None and len(xv):
-            m.validation_accuracy, m.validation_loss = measure(xv, yv)
-        history.append(m)
-        if report:
-            trainer._report_epoch(m)
-        watched = (m.validation_accuracy, m.validation_loss) if m.validation_loss is not None else (
-            m.train_accuracy, m.train_loss)  # fmt: skip
-        if best.update(epoch + 1, *watched, {"head": head}):
-            break
-    best.restore_best({"head": head})
-    return head.eval(), history, best.epoch or len(history)
+    def score_fn(logits, y):  # decisions right at 0.5, and the unweighted loss
+        return float(((logits >= 0) == (y > 0.5)).float().mean()), float(F.binary_cross_entropy_with_logits(logits, y))
+
+    return trainer._train_head(x_train, y_train, x_val, y_val, y_train.shape[1], device, report=report,
+                               loss_fn=loss_fn, score_fn=score_fn)  # fmt: skip
 

@@ -646,7 +646,11 @@ class ImageClassificationTrainer:
         return tuner
 
     def _train_head(self, x_train, y_train, x_val, y_val, n_classes: int, device: str, class_weights=None,
-                    checkpoint: Checkpoint | None = None, saved: dict | None = None, report: bool = True):  # fmt: skip
+                    checkpoint: Checkpoint | None = None, saved: dict | None = None, report: bool = True,
+                    loss_fn=None, score_fn=None):  # fmt: skip
+        """The linear head on pooled features: SGD, the schedule, early stopping, checkpoints.
+        Softmax cross-entropy by default; ``loss_fn(logits, y)`` and ``score_fn(logits, y) ->
+        (accuracy, loss)`` give another objective (the multi-label head's, :mod:`.multilabel`)."""
         import torch
         import torch.nn.functional as F
 
@@ -678,7 +682,12 @@ class ImageClassificationTrainer:
         def measure(x, y):
             with torch.no_grad():
                 logits = head(x)
+                if score_fn is not None:
+                    return score_fn(logits, y)
                 return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+        def loss_of(logits, y):
+            return F.cross_entropy(logits, y, weight=weight) if loss_fn is None else loss_fn(logits, y)
 
         for epoch in range(start, self.epochs):
             lr = learning_rate_at(epoch, self.learning_rate, self.lr_schedule, self.epochs, self.decay_rate,
@@ -689,7 +698,7 @@ class ImageClassificationTrainer:
             order = torch.randperm(len(yt), generator=generator).to(device)
             for start_i in range(0, len(yt), self.batch_size):
                 idx = order[start_i : start_i + self.batch_size]
-                loss = F.cross_entropy(head(xt[idx]), yt[idx], weight=weight)
+                loss = loss_of(head(xt[idx]), yt[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -698,12 +707,13 @@ class ImageClassificationTrainer:
             if not math.isfinite(m.train_loss):
                 raise OptionError(f"training diverged in epoch {epoch + 1} (the loss is not a finite number); "
                                   f"lower the learning rate (now {self.learning_rate:g})")  # fmt: skip
-            if xv is not None:
+            if xv is not None and len(xv):
                 m.validation_accuracy, m.validation_loss = measure(xv, yv)
             history.append(m)
             if report:
                 self._report_epoch(m)
-            watched = (m.validation_accuracy, m.validation_loss) if xv is not None else (m.train_accuracy, m.train_loss)
+            watched = ((m.validation_accuracy, m.validation_loss) if m.validation_loss is not None
+                       else (m.train_accuracy, m.train_loss))  # fmt: skip
             done = best.update(epoch + 1, *watched, {"head": head})
             if checkpoint is not None:
                 states, extra = best.checkpoint_parts()
