@@ -77,8 +77,8 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workspace", default=None, help="feature cache (default: imgclf's)")
-    parser.add_argument("--fill", choices=("mean", "blur"), default="mean",
-                        help="what masked pixels become: the normalisation mean, or the image Gaussian-blurred (sigma 8 pixels)")
+    parser.add_argument("--fill", choices=("mean", "blur", "black"), default="mean",
+                        help="what masked pixels become: the normalisation mean, the image Gaussian-blurred (sigma 8 pixels), or black")
     parser.add_argument("--map", choices=("cam", "contrast"), default="cam",
                         help="cam: W_c . F + b_c; contrast: that minus the probability-weighted maps of all labels")
     args = parser.parse_args()
@@ -96,7 +96,7 @@ def main() -> int:
         size = model.preprocessing.input_size
         for i in fold:
             x = load_array(flowers[i].source, model.preprocessing, flowers[i].name)
-            fill = blurred(x) if args.fill == "blur" else np.zeros_like(x)
+            fill = {"blur": blurred, "black": black, "mean": np.zeros_like}[args.fill](x)
             _, _, maps = model._explained(x[None])
             logp = log_softmax(maps.mean(axis=(2, 3)))[0]  # the maps' spatial means are the logits
             best = int(logp.argmax())
@@ -141,6 +141,14 @@ def main() -> int:
         print(f"{name:<18} {mean_drop:>15.3f}  {pairs:>36}  {int(vs_mean.sum())}/{n} ({vs_mean.mean():.0%})")
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0
+
+
+def black(x: np.ndarray) -> np.ndarray:
+    """Black pixels in the network's normalised space (the usual deletion-metric fill)."""
+    from imgclf.nets.archs import get_architecture, preprocessing_for
+
+    prep = preprocessing_for(get_architecture("efficientnet_lite0"))
+    return np.broadcast_to((-np.asarray(prep.mean) / np.asarray(prep.std))[:, None, None], x.shape).astype(x.dtype)
 
 
 def blurred(x: np.ndarray, radius: float = 16) -> np.ndarray:
