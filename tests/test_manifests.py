@@ -174,10 +174,15 @@ def _one_line_exit_2(capsys, *argv) -> str:
         ("ok.csv", "path,label\na.jpg,0\n", ["--label-map", "{tmp}/none.txt"], "--label-map {tmp}/none.txt: no such file"),
         ("missing.csv", None, [], "missing.csv: no such manifest"),
         ("paths.txt", "a.jpg\n", [], "a .txt manifest lists paths alone; labelled images need a table"),
+        ("nul.csv", "path,label\na\x00b.jpg,x\n", [], "nul.csv line 2: the image path in column 'path' holds a NUL byte"),
+        ("twice.csv", "path,label\na.jpg,0\n", ["--label-map", "{tmp}/twice.txt"], "names both 0 and 1 'cat'"),
+        ("semis.csv", "path,label\na.jpg,x\nb.jpg,;;\n", [], "semis.csv line 3: ';;' in column 'label' names no label"),
+        ("bool.jsonl", '{"path": "a.jpg", "label": true}\n', [], "bool.jsonl line 1: the label in column 'label' is true"),
     ],
 )  # fmt: skip
 def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, extra, said, tmp_path, capsys):
     (tmp_path / "names.txt").write_text("cat\ndog\n")
+    (tmp_path / "twice.txt").write_text("cat\ncat\n")
     manifest = tmp_path / name
     if isinstance(content, bytes):
         manifest.write_bytes(content)

@@ -217,6 +217,8 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
         entry = "" if values[0] is None else str(values[0]).strip()
         if not entry:
             raise DataError(f"{where}: no image path in column '{paths}'; fill it in or remove the row")
+        if "\x00" in entry:
+            raise DataError(f"{where}: the image path in column '{paths}' holds a NUL byte; fix or remove the row")
         path = join(entry)
         label = _label_cell(values[1], where, labels, mapping)
         part = _split_of(values[2], where, split) if split else None
@@ -250,6 +252,9 @@ def _label_cell(value: object, where: str, column: str, mapping: dict[str, str] 
         return tuple(dict.fromkeys(_label_text(v, where, column, mapping) for v in value))
     if isinstance(value, str) and LABEL_SEPARATOR in value:
         parts = [p for p in (p.strip() for p in value.split(LABEL_SEPARATOR)) if p]
+        if not parts:
+            raise DataError(f"{where}: '{value.strip()}' in column '{column}' names no label; give the image's "
+                            "labels (\"a;b\"), or remove the row")  # fmt: skip
         return tuple(dict.fromkeys(_label_text(p, where, column, mapping) for p in parts))
     return _label_text(value, where, column, mapping)
 
@@ -277,6 +282,9 @@ def _label_text(value: object, where: str, column: str, mapping: dict[str, str] 
     in ``mapping``)."""
     if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{where}: no label in column '{column}'; give every image a label, or remove the row")
+    if isinstance(value, bool):  # JSON true/false: not a label's name nor its number
+        raise DataError(f"{where}: the label in column '{column}' is {str(value).lower()}; a label is text or a "
+                        "number, or a list of them (or \"a;b\") for several labels")  # fmt: skip
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # a column of numbers with a gap reads as floats
     if isinstance(value, (str, int, float)):
@@ -347,13 +355,24 @@ def read_label_map(path: str | Path) -> dict[str, str]:
             value = dict(enumerate(value))
         if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
             raise DataError(f'{where}: a label map is a JSON object of names ({{"0": "cat", "1": "dog"}}) or a list')
-        return {str(k): v for k, v in value.items()}
+        return _distinct({str(k): v for k, v in value.items()}, where)
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names or not all(names):
         raise DataError(f"{where}: give one label name per line (line 1 names label 0), no blank lines")
-    return {str(i): name for i, name in enumerate(names)}
+    return _distinct({str(i): name for i, name in enumerate(names)}, where)
+
+
+def _distinct(mapping: dict[str, str], where: str) -> dict[str, str]:
+    """``mapping``, refused when it gives two numbers one name (which would merge two labels silently)."""
+    seen: dict[str, str] = {}
+    for number, name in mapping.items():
+        if name in seen:
+            raise DataError(f"{where}: names both {seen[name]} and {number} '{name}', which would merge two labels; "
+                            "give each number its own name")  # fmt: skip
+        seen[name] = number
+    return mapping
 
 
 def evaluation_images(dataset: Dataset) -> tuple[list[ImageData], str]:
