@@ -148,6 +148,20 @@ def test_a_manifests_split_column_and_unreadable_and_repeated_rows(tmp_path, cap
     assert json.loads((tmp_path / "m.json").read_text())["measured_on"]["images"] == 4
 
 
+@pytest.mark.parametrize("part", ["test", "val"])
+def test_a_part_with_no_readable_image_is_one_line_before_the_head_trains(part, tmp_path, capsys, workspace):
+    """A test (or val) part whose every image is unreadable: refused, naming it, not trained on and dropped."""
+    rows = [[str(p), label, "train"] for label in ("daisy", "tulips") for p in photos(label, 0, 5)]
+    rows += [["missing.jpg", "daisy", part]]
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("\n".join(",".join(r) for r in [["path", "label", "split"], *rows]) + "\n")
+    line = _one_line_exit_2(capsys, "train", manifest, "--epochs", "3", "--workspace", workspace,
+                            "--out", tmp_path / "m.imgclf", "-q")  # fmt: skip
+    named = "test" if part == "test" else "validation"
+    assert f"{named} set: none of its 1 image(s) is readable (e.g. {tmp_path / 'missing.jpg'}: " in line, line
+    assert not (tmp_path / "m.imgclf").exists()
+
+
 def _one_line_exit_2(capsys, *argv) -> str:
     code, out, err = run(capsys, *argv)
     lines = err.strip().splitlines()
