@@ -290,6 +290,16 @@ def test_a_split_tree_with_other_folders_is_refused(tmp_path):
         load_dataset(tmp_path)
 
 
+@pytest.mark.parametrize("folders, said", [(("train",), "holds only train/; "), (("val", "test"), "holds only test/, val/; ")])
+def test_a_tree_of_part_folders_without_train_and_val_or_test_is_refused(folders, said, tmp_path):
+    """Not read as a folder of labels called train (or val and test): a model of those would be nonsense."""
+    for name in folders:
+        (tmp_path / name / "cat").mkdir(parents=True)
+        (tmp_path / name / "dog").mkdir(parents=True)
+    with pytest.raises(DataError, match=said):
+        load_dataset(tmp_path)
+
+
 def test_scoring_reads_the_same_manifests(tmp_path):
     from imgclf.batch.sources import classify_inputs, iter_image_paths
 

@@ -129,6 +129,11 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
             if name.lower() in spellings:
                 found[part].append(name)
     if "train" not in found or not ({"val", "test"} & set(found)):
+        if folders and all(any(name in names for names in found.values()) for name in folders):
+            said = ", ".join(f"{name}/" for name in folders)  # only part folders: not labels called train or val
+            fix = f"add val/ or test/ beside it, or give {root / found['train'][0]}" if "train" in found else "add train/"
+            raise DataError(f"{root}: holds only {said}; a split layout has train/ and val/ or test/, each with one "
+                            f"subfolder per label: {fix}")  # fmt: skip
         return None
     others = [name for name in folders if not any(name in names for names in found.values())]
     if others:
