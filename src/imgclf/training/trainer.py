@@ -434,6 +434,12 @@ class ImageClassificationTrainer:
             from imgclf.training.train_on import check_same_backbone
 
             check_same_backbone(old, backbone, network.source)
+            known = {row.tobytes() for row in old.stored.features.astype(np.float16)}
+            again = sum(row.tobytes() in known for row in pool.features.astype(np.float16))
+            if again:  # the same photos again: counted twice, and a held-out one may be trained on
+                warnings.warn(f"--from {self.from_model}: {again} of the new images are already in it (their features "
+                              "match ones it keeps), so they count twice and the held-out measure may include "
+                              "photos it trained on; give only photos it has not seen", stacklevel=3)  # fmt: skip
             x_old, y_old = old.stored.part(held_out=False)
             x_train, y_train = np.concatenate([x_train, x_old]), np.concatenate([y_train, y_old])
 
