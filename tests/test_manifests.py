@@ -298,6 +298,8 @@ def test_a_tree_of_part_folders_without_train_and_val_or_test_is_refused(folders
         (tmp_path / name / "dog").mkdir(parents=True)
     with pytest.raises(DataError, match=said):
         load_dataset(tmp_path)
+    (tmp_path / "metadata.csv").write_text(f"file_name,label\n{folders[0]}/cat/a.jpg,cat\n")  # imagefolder's: as is
+    assert load_dataset(tmp_path).layout.endswith("Hugging Face imagefolder metadata, paths in 'file_name', labels in 'label'")
 
 
 def test_scoring_reads_the_same_manifests(tmp_path):

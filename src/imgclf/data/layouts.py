@@ -100,6 +100,7 @@ def load_dataset(source: str | Path, *, path_column: str | None = None, label_co
         metadata = _metadata_file(root)
         if metadata is not None:
             return _from_manifest(str(metadata), **names, what="Hugging Face imagefolder metadata")
+        _refuse_lone_parts(root)
     _refuse_manifest_options(text, names)
     return Dataset(load_images_from_directory(root), layout=f"{root}: one subfolder per label")
 
@@ -129,11 +130,6 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
             if name.lower() in spellings:
                 found[part].append(name)
     if "train" not in found or not ({"val", "test"} & set(found)):
-        if folders and all(any(name in names for names in found.values()) for name in folders):
-            said = ", ".join(f"{name}/" for name in folders)  # only part folders: not labels called train or val
-            fix = f"add val/ or test/ beside it, or give {root / found['train'][0]}" if "train" in found else "add train/"
-            raise DataError(f"{root}: holds only {said}; a split layout has train/ and val/ or test/, each with one "
-                            f"subfolder per label: {fix}")  # fmt: skip
         return None
     others = [name for name in folders if not any(name in names for names in found.values())]
     if others:
@@ -144,6 +140,23 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
         if len(names) > 1:
             raise DataError(f"{root}: has {' and '.join(n + '/' for n in names)}; keep one {part} folder")
     return {part: root / found[part][0] for part in SPLIT_FOLDERS if part in found}
+
+
+def _refuse_lone_parts(root: Path) -> None:
+    """One line when ``root`` holds part folders alone but not a split layout's (only ``train/``, or only
+    ``val/`` and ``test/``): read as one subfolder per label, it would train labels called train or val."""
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.name for e in entries if not is_skipped(e.name) and _is_folder(e))
+    except OSError:
+        return  # the folder loader says what is wrong with it
+    parts = {part for name in folders for part, spellings in SPLIT_FOLDERS.items() if name.lower() in spellings}
+    if not folders or len(parts) != len(folders) or ("train" in parts and len(parts) > 1):
+        return
+    said = ", ".join(f"{name}/" for name in folders)
+    fix = f"add val/ or test/ beside it, or give {root / folders[0]}" if "train" in parts else "add train/"
+    raise DataError(f"{root}: holds only {said}; a split layout has train/ and val/ or test/, each with one "
+                    f"subfolder per label: {fix}")  # fmt: skip
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
