@@ -191,6 +191,7 @@ def _one_line_exit_2(capsys, *argv) -> str:
         ("nul.csv", "path,label\na\x00b.jpg,x\n", [], "nul.csv line 2: the image path in column 'path' holds a NUL byte"),
         ("twice.csv", "path,label\na.jpg,0\n", ["--label-map", "{tmp}/twice.txt"], "names both 0 and 1 'cat'"),
         ("semis.csv", "path,label\na.jpg,x\nb.jpg,;;\n", [], "semis.csv line 3: ';;' in column 'label' names no label"),
+        ("twice.tsv", "path\tlabel\tlabel\na.jpg\tx\ty\n", [], "twice.tsv: its header names column 'label' twice"),
         ("bool.jsonl", '{"path": "a.jpg", "label": true}\n', [], "bool.jsonl line 1: the label in column 'label' is true"),
     ],
 )  # fmt: skip
