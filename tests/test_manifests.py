@@ -313,6 +313,14 @@ def test_scoring_reads_the_same_manifests(tmp_path):
     assert found == [str(tmp_path / p.name) for p in chosen] + [str(p) for p in chosen]
 
 
+def test_a_scored_manifest_line_holding_a_nul_byte_is_an_unreadable_image_not_a_traceback(tmp_path):
+    from imgclf.data.imaging import Preprocessing, load_array
+    from imgclf.errors import ImageDecodeError
+
+    with pytest.raises(ImageDecodeError, match="^line 2: cannot read file \\(embedded null byte\\)$"):
+        load_array(str(tmp_path / "a\x00b.jpg"), Preprocessing(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3), "line 2")
+
+
 def test_a_manifest_audit_lists_repeated_rows_and_copies_across_parts(tmp_path):
     pytest.importorskip("imagehash")
     from imgclf import audit
