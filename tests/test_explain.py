@@ -149,6 +149,14 @@ def test_predict_explain_writes_an_overlay_and_the_map_for_each_image(small_onnx
     assert sum(1 for e in index if e["path_bytes"]) == 1
 
 
+@pytest.mark.parametrize("where", ["", " "])
+def test_an_empty_explain_folder_is_refused_not_ignored(small_onnx_model, where, capsys):
+    from imgclf.cli import main
+
+    assert main(["predict", str(small_onnx_model), str(DAISY), "--explain", where]) == 2
+    assert capsys.readouterr().err.strip() == f"imgclf: error: --explain must be a folder name, got {where!r}"
+
+
 def test_http_explain_returns_the_map_cells_and_a_small_png(small_onnx_model, rotated):
     import base64
 

@@ -148,6 +148,20 @@ def test_a_manifests_split_column_and_unreadable_and_repeated_rows(tmp_path, cap
     assert json.loads((tmp_path / "m.json").read_text())["measured_on"]["images"] == 4
 
 
+@pytest.mark.parametrize("part", ["test", "val"])
+def test_a_part_with_no_readable_image_is_one_line_before_the_head_trains(part, tmp_path, capsys, workspace):
+    """A test (or val) part whose every image is unreadable: refused, naming it, not trained on and dropped."""
+    rows = [[str(p), label, "train"] for label in ("daisy", "tulips") for p in photos(label, 0, 5)]
+    rows += [["missing.jpg", "daisy", part]]
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("\n".join(",".join(r) for r in [["path", "label", "split"], *rows]) + "\n")
+    line = _one_line_exit_2(capsys, "train", manifest, "--epochs", "3", "--workspace", workspace,
+                            "--out", tmp_path / "m.imgclf", "-q")  # fmt: skip
+    named = "test" if part == "test" else "validation"
+    assert f"{named} set: none of its 1 image(s) is readable (e.g. {tmp_path / 'missing.jpg'}: " in line, line
+    assert not (tmp_path / "m.imgclf").exists()
+
+
 def _one_line_exit_2(capsys, *argv) -> str:
     code, out, err = run(capsys, *argv)
     lines = err.strip().splitlines()
@@ -174,10 +188,16 @@ def _one_line_exit_2(capsys, *argv) -> str:
         ("ok.csv", "path,label\na.jpg,0\n", ["--label-map", "{tmp}/none.txt"], "--label-map {tmp}/none.txt: no such file"),
         ("missing.csv", None, [], "missing.csv: no such manifest"),
         ("paths.txt", "a.jpg\n", [], "a .txt manifest lists paths alone; labelled images need a table"),
+        ("nul.csv", "path,label\na\x00b.jpg,x\n", [], "nul.csv line 2: the image path in column 'path' holds a NUL byte"),
+        ("twice.csv", "path,label\na.jpg,0\n", ["--label-map", "{tmp}/twice.txt"], "names both 0 and 1 'cat'"),
+        ("semis.csv", "path,label\na.jpg,x\nb.jpg,;;\n", [], "semis.csv line 3: ';;' in column 'label' names no label"),
+        ("twice.tsv", "path\tlabel\tlabel\na.jpg\tx\ty\n", [], "twice.tsv: its header names column 'label' twice"),
+        ("bool.jsonl", '{"path": "a.jpg", "label": true}\n', [], "bool.jsonl line 1: the label in column 'label' is true"),
     ],
 )  # fmt: skip
 def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, extra, said, tmp_path, capsys):
     (tmp_path / "names.txt").write_text("cat\ndog\n")
+    (tmp_path / "twice.txt").write_text("cat\ncat\n")
     manifest = tmp_path / name
     if isinstance(content, bytes):
         manifest.write_bytes(content)
@@ -271,6 +291,18 @@ def test_a_split_tree_with_other_folders_is_refused(tmp_path):
         load_dataset(tmp_path)
 
 
+@pytest.mark.parametrize("folders, said", [(("train",), "holds only train/; "), (("val", "test"), "holds only test/, val/; ")])
+def test_a_tree_of_part_folders_without_train_and_val_or_test_is_refused(folders, said, tmp_path):
+    """Not read as a folder of labels called train (or val and test): a model of those would be nonsense."""
+    for name in folders:
+        (tmp_path / name / "cat").mkdir(parents=True)
+        (tmp_path / name / "dog").mkdir(parents=True)
+    with pytest.raises(DataError, match=said):
+        load_dataset(tmp_path)
+    (tmp_path / "metadata.csv").write_text(f"file_name,label\n{folders[0]}/cat/a.jpg,cat\n")  # imagefolder's: as is
+    assert load_dataset(tmp_path).layout.endswith("Hugging Face imagefolder metadata, paths in 'file_name', labels in 'label'")
+
+
 def test_scoring_reads_the_same_manifests(tmp_path):
     from imgclf.batch.sources import classify_inputs, iter_image_paths
 
@@ -279,6 +311,14 @@ def test_scoring_reads_the_same_manifests(tmp_path):
     (tmp_path / "b.tsv").write_text("label\timage\n" + "".join(f"x\t{p}\n" for p in chosen))
     found = list(iter_image_paths(classify_inputs([tmp_path / "a.jsonl", tmp_path / "b.tsv"])))
     assert found == [str(tmp_path / p.name) for p in chosen] + [str(p) for p in chosen]
+
+
+def test_a_scored_manifest_line_holding_a_nul_byte_is_an_unreadable_image_not_a_traceback(tmp_path):
+    from imgclf.data.imaging import Preprocessing, load_array
+    from imgclf.errors import ImageDecodeError
+
+    with pytest.raises(ImageDecodeError, match="^line 2: cannot read file \\(embedded null byte\\)$"):
+        load_array(str(tmp_path / "a\x00b.jpg"), Preprocessing(224, 0.875, "bicubic", (0.5,) * 3, (0.5,) * 3), "line 2")
 
 
 def test_a_manifest_audit_lists_repeated_rows_and_copies_across_parts(tmp_path):

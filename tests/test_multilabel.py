@@ -263,6 +263,20 @@ def test_http_api_carries_the_set(model_file, trained):
 # --- what is not done yet refuses a multi-label model in one line ---
 
 
+def test_reject_unknown_is_refused_and_loading_does_not_call_it_old(model_file, manifest, capsys):
+    """A multi-label model has no detector by design: no "trained before imgclf had one, train it again"
+    warning on loading, and --reject-unknown is one line (it was ignored by evaluate)."""
+    from imgclf.cli import main
+
+    image = str(next(iter(load_dataset(manifest).train)).source)
+    for argv in (["predict", str(model_file), image, "--reject-unknown"],
+                 ["evaluate", str(model_file), str(manifest), "--reject-unknown"]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "trained before imgclf had one" not in "\n".join(err)
+        assert err[-1].startswith("imgclf: error: --reject-unknown: ") and "multi-label" in err[-1], err
+
+
 def test_paths_not_done_yet_refuse_it(trained, manifest, tmp_path):
     from imgclf import ImageClassificationTrainer
     from imgclf.inference.precision import measure_precisions

@@ -157,6 +157,15 @@ def test_the_command_line_trains_on_from_a_manifest(old_file, tulips, workspace,
     assert read_model_config(out)["labels"] == [*OLD_LABELS, "tulips"]
 
 
+def test_the_same_photos_again_are_said(old_run, workspace, tmp_path, capsys):
+    """--from with the photos it was trained on: each would count twice (and held-out ones be trained on)."""
+    old_file, folder, _ = old_run
+    code, printed, err = run_cli(["train", folder, "--from", old_file, "--out", tmp_path / "again.imgclf",
+                                  "--epochs", "3", "--workspace", workspace, "-q"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "warning: --from " in err and ": 24 of the new images are already in it" in err, err
+
+
 @pytest.mark.parametrize("extra, said", [
     (["--arch", "efficientnet_lite1"], "--arch efficientnet_lite1: --from .* is efficientnet_lite0; training on "
                                        "keeps its architecture: give --arch efficientnet_lite0"),

@@ -239,6 +239,8 @@ def _is_api_key(value: object) -> bool:
 #: A key a client can send in an HTTP header: an empty one served with no key at all, one with
 #: spaces at its ends or outside printable ASCII could never be matched (headers are trimmed).
 API_KEY = Check("api key", _is_api_key, "a non-empty key of printable ASCII characters, without spaces at its ends")
+#: A folder to write to: an empty name would be no folder (and was read as the option not given).
+FOLDER_NAME = Check("folder", lambda value: isinstance(value, str) and value.strip() != "", "a folder name")
 POSITIVE_INT = Interval(int, 1, None)
 POSITIVE = Interval(float, 0, None, "neither")
 NON_NEGATIVE = Interval(float, 0, None, "left")
@@ -606,7 +608,7 @@ _PREDICT = Schema(
         replace(_JSON, help="print one JSON array, an object per image"),
         Option("reject_unknown", bool, excludes="out",
                help=f"{_REJECT_UNKNOWN_HELP}; results files (--out) carry the known column instead"),
-        Option("explain", excludes="out", metavar="DIR",
+        Option("explain", constraint=FOLDER_NAME, excludes="out", metavar="DIR",
                help="also write what the model looked at into this folder, for each image: an overlay PNG and the "
                     "class activation map of the predicted label as .npy (float32, the image's full upright height "
                     "x width, higher: more evidence), listed in DIR/index.jsonl"),

@@ -261,8 +261,8 @@ def _open_lazily(source: ImageSource, name: str, draft_size: int | None, max_pix
     if isinstance(source, (str, Path)):
         try:
             data = Path(source).read_bytes()
-        except OSError as e:
-            raise ImageDecodeError(f"{name}: cannot read file ({e.strerror or e})") from None
+        except (OSError, ValueError) as e:  # ValueError: a path holding a NUL byte (from a manifest line)
+            raise ImageDecodeError(f"{name}: cannot read file ({getattr(e, 'strerror', None) or e})") from None
     else:
         data = bytes(source)
     if not data:

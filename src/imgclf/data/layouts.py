@@ -100,6 +100,7 @@ def load_dataset(source: str | Path, *, path_column: str | None = None, label_co
         metadata = _metadata_file(root)
         if metadata is not None:
             return _from_manifest(str(metadata), **names, what="Hugging Face imagefolder metadata")
+        _refuse_lone_parts(root)
     _refuse_manifest_options(text, names)
     return Dataset(load_images_from_directory(root), layout=f"{root}: one subfolder per label")
 
@@ -139,6 +140,23 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
         if len(names) > 1:
             raise DataError(f"{root}: has {' and '.join(n + '/' for n in names)}; keep one {part} folder")
     return {part: root / found[part][0] for part in SPLIT_FOLDERS if part in found}
+
+
+def _refuse_lone_parts(root: Path) -> None:
+    """One line when ``root`` holds part folders alone but not a split layout's (only ``train/``, or only
+    ``val/`` and ``test/``): read as one subfolder per label, it would train labels called train or val."""
+    try:
+        with os.scandir(root) as entries:
+            folders = sorted(e.name for e in entries if not is_skipped(e.name) and _is_folder(e))
+    except OSError:
+        return  # the folder loader says what is wrong with it
+    parts = {part for name in folders for part, spellings in SPLIT_FOLDERS.items() if name.lower() in spellings}
+    if not folders or len(parts) != len(folders) or ("train" in parts and len(parts) > 1):
+        return
+    said = ", ".join(f"{name}/" for name in folders)
+    fix = f"add val/ or test/ beside it, or give {root / folders[0]}" if "train" in parts else "add train/"
+    raise DataError(f"{root}: holds only {said}; a split layout has train/ and val/ or test/, each with one "
+                    f"subfolder per label: {fix}")  # fmt: skip
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -217,6 +235,8 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
         entry = "" if values[0] is None else str(values[0]).strip()
         if not entry:
             raise DataError(f"{where}: no image path in column '{paths}'; fill it in or remove the row")
+        if "\x00" in entry:
+            raise DataError(f"{where}: the image path in column '{paths}' holds a NUL byte; fix or remove the row")
         path = join(entry)
         label = _label_cell(values[1], where, labels, mapping)
         part = _split_of(values[2], where, split) if split else None
@@ -250,6 +270,9 @@ def _label_cell(value: object, where: str, column: str, mapping: dict[str, str] 
         return tuple(dict.fromkeys(_label_text(v, where, column, mapping) for v in value))
     if isinstance(value, str) and LABEL_SEPARATOR in value:
         parts = [p for p in (p.strip() for p in value.split(LABEL_SEPARATOR)) if p]
+        if not parts:
+            raise DataError(f"{where}: '{value.strip()}' in column '{column}' names no label; give the image's "
+                            "labels (\"a;b\"), or remove the row")  # fmt: skip
         return tuple(dict.fromkeys(_label_text(p, where, column, mapping) for p in parts))
     return _label_text(value, where, column, mapping)
 
@@ -277,6 +300,9 @@ def _label_text(value: object, where: str, column: str, mapping: dict[str, str] 
     in ``mapping``)."""
     if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{where}: no label in column '{column}'; give every image a label, or remove the row")
+    if isinstance(value, bool):  # JSON true/false: not a label's name nor its number
+        raise DataError(f"{where}: the label in column '{column}' is {str(value).lower()}; a label is text or a "
+                        "number, or a list of them (or \"a;b\") for several labels")  # fmt: skip
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # a column of numbers with a gap reads as floats
     if isinstance(value, (str, int, float)):
@@ -347,13 +373,24 @@ def read_label_map(path: str | Path) -> dict[str, str]:
             value = dict(enumerate(value))
         if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
             raise DataError(f'{where}: a label map is a JSON object of names ({{"0": "cat", "1": "dog"}}) or a list')
-        return {str(k): v for k, v in value.items()}
+        return _distinct({str(k): v for k, v in value.items()}, where)
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names or not all(names):
         raise DataError(f"{where}: give one label name per line (line 1 names label 0), no blank lines")
-    return {str(i): name for i, name in enumerate(names)}
+    return _distinct({str(i): name for i, name in enumerate(names)}, where)
+
+
+def _distinct(mapping: dict[str, str], where: str) -> dict[str, str]:
+    """``mapping``, refused when it gives two numbers one name (which would merge two labels silently)."""
+    seen: dict[str, str] = {}
+    for number, name in mapping.items():
+        if name in seen:
+            raise DataError(f"{where}: names both {seen[name]} and {number} '{name}', which would merge two labels; "
+                            "give each number its own name")  # fmt: skip
+        seen[name] = number
+    return mapping
 
 
 def evaluation_images(dataset: Dataset) -> tuple[list[ImageData], str]:

@@ -118,7 +118,11 @@ def columns_of(path: str) -> list[str]:
                 header = next(csv.reader(f, delimiter=_delimiter(path)), None)
                 if not header or not any(h.strip() for h in header):
                     raise DataError(f"{path}: manifest is empty; its first line names the columns (path,label)")
-                return [h.strip() for h in header]
+                names = [h.strip() for h in header]
+                twice = next((n for i, n in enumerate(names) if n and n in names[:i]), None)
+                if twice is not None:  # a row would keep the last of them alone, silently
+                    raise DataError(f"{path}: its header names column '{twice}' twice; rename or remove one")
+                return names
             f.read(1)
             return []
 

@@ -23,6 +23,7 @@ from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
 from imgclf.inference.multilabel import MultilabelMetrics, compute_multilabel_metrics, label_matrix
+from imgclf.options import option_error
 
 #: What ``predict`` takes: encoded bytes, a path, an open binary file, a PIL image, a uint8
 #: image array (HxW, HxWx1, HxWx3 or HxWx4), or an ``ImageData``.
@@ -326,6 +327,9 @@ class Predictor:
                                 "of images, not with a folder")  # fmt: skip
             images = load_images_from_directory(images)
         items, from_folders = labelled_items(images, labels, "evaluate")
+        if reject_unknown and self.multilabel:
+            raise option_error("reject_unknown", "{reject_unknown}: multi-label models have no unknown-input detector "
+                                                 "yet; drop {reject_unknown}")  # fmt: skip
         if self.multilabel:
             return self._evaluate_multilabel(items)
         unknown = sorted({label for _, _, label in items if label not in self.labels})

@@ -110,6 +110,16 @@ def _labels_or_validation(labels, validation_set):
     return labels, None
 
 
+def _none_readable(part: str, given: list[ImageData], skipped: list[tuple[str, str]]) -> str:
+    """The line refusing a given ``part`` none of whose images can be read (so nothing to measure on)."""
+    names = {im.name for im in given}
+    first = next((reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped
+                  if name in names), "")  # fmt: skip
+    example = f" (e.g. {first})" if first else ""
+    return (f"{part} set: none of its {len(given)} image(s) is readable{example}; fix or replace them, "
+            f"or leave the {part} part out")  # fmt: skip
+
+
 def _split_readable(images: list[ImageData], fraction: float, seed: int, part: str):
     """A stratified split of readable images; warns about labels the second part misses."""
     first, second = train_test_split(images, fraction, seed)
@@ -383,6 +393,8 @@ class ImageClassificationTrainer:
             in_test = {id(im) for im in test_set}
             held_out = [im for im in readable if id(im) in in_test]
             readable = [im for im in readable if id(im) not in in_test]
+            if test_set and not held_out:
+                raise DataError(_none_readable("test", test_set, skipped))
         empty = [lbl for lbl in new_labels if not any(im.label == lbl for im in readable)]
         if empty:
             raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
@@ -410,6 +422,8 @@ class ImageClassificationTrainer:
         if val is None and validation_set is not None and len(validation_set):
             val = distributed.extract_sharded(extractor, validation_set)
             skipped += val.failures
+            if not len(val.kept):
+                raise DataError(_none_readable("validation", validation_set, val.failures))
         if val is not None and len(val.kept):
             x_val, y_val = self._xy(val, validation_set, labels)
         for name, reason in skipped:
@@ -420,6 +434,12 @@ class ImageClassificationTrainer:
             from imgclf.training.train_on import check_same_backbone
 
             check_same_backbone(old, backbone, network.source)
+            known = {row.tobytes() for row in old.stored.features.astype(np.float16)}
+            again = sum(row.tobytes() in known for row in pool.features.astype(np.float16))
+            if again:  # the same photos again: counted twice, and a held-out one may be trained on
+                warnings.warn(f"--from {self.from_model}: {again} of the new images are already in it (their features "
+                              "match ones it keeps), so they count twice and the held-out measure may include "
+                              "photos it trained on; give only photos it has not seen", stacklevel=3)  # fmt: skip
             x_old, y_old = old.stored.part(held_out=False)
             x_train, y_train = np.concatenate([x_train, x_old]), np.concatenate([y_train, y_old])
 
