@@ -193,6 +193,7 @@ def _one_line_exit_2(capsys, *argv) -> str:
         ("semis.csv", "path,label\na.jpg,x\nb.jpg,;;\n", [], "semis.csv line 3: ';;' in column 'label' names no label"),
         ("twice.tsv", "path\tlabel\tlabel\na.jpg\tx\ty\n", [], "twice.tsv: its header names column 'label' twice"),
         ("bool.jsonl", '{"path": "a.jpg", "label": true}\n', [], "bool.jsonl line 1: the label in column 'label' is true"),
+        ("same.csv", "path,label\na.jpg,x\n", ["--label-column", "path"], "label column and the path column are both 'path'"),
     ],
 )  # fmt: skip
 def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, extra, said, tmp_path, capsys):

@@ -197,6 +197,9 @@ def _from_manifest(manifest: str, *, path_column: str | None, label_column: str 
     if labels is None:
         raise DataError(f"{manifest}: manifest has no label column (nor {', '.join(LABEL_COLUMNS[1:])}; its columns: "
                         f"{', '.join(columns[:10])}); name it 'label', or give --label-column")  # fmt: skip
+    if labels == paths:
+        raise DataError(f"{manifest}: the label column and the path column are both '{paths}'; give --label-column "
+                        "the column that holds the labels")  # fmt: skip
     split = find_column(manifest, columns, None, (SPLIT_COLUMN,), "split", "")
     mapping = read_label_map(label_map) if label_map is not None else None
     rows, duplicates = _rows(manifest, paths, labels, split, mapping)
