@@ -192,6 +192,31 @@ def test_a_file_that_is_not_a_model_or_keeps_no_features_is_one_line(old_file, t
         assert code == 2 and printed == "" and len(err.strip().splitlines()) == 1 and said in err, err
 
 
+def test_without_arch_the_old_models_architecture_is_used(old_file, tmp_path, capsys):
+    """`train NEW --from lite1.imgclf` needs no --arch: the old model's is taken, in one line; a typed
+    --arch is the user's (and a mismatch stays the one-line refusal above)."""
+    import argparse
+
+    from safetensors.torch import load_file, save_file
+
+    from imgclf.cli import _arch_from_old_model, _given
+
+    config = read_model_config(old_file)
+    config["arch"] = "efficientnet_lite1"  # what a Lite1 model's file says
+    lite1 = tmp_path / "lite1.imgclf"
+    save_file(load_file(str(old_file)), str(lite1), metadata={"imgclf": json.dumps(config)})
+    args = argparse.Namespace(from_model=str(lite1), arch="efficientnet_lite0", argv=["train", "new/", "--from", "x"])
+    assert not _given(args, "--arch")
+    _arch_from_old_model(args)
+    assert args.arch == "efficientnet_lite1"
+    assert capsys.readouterr().out == f"Architecture: efficientnet_lite1, as {lite1} (training on keeps it)\n"
+    typed = argparse.Namespace(argv=["train", "new/", "--arch=efficientnet_lite0"])
+    assert _given(typed, "--arch") and _given(argparse.Namespace(argv=["--arch", "x"]), "--arch")
+    broken = argparse.Namespace(from_model=str(tmp_path / "missing.imgclf"), arch="efficientnet_lite0", argv=[])
+    _arch_from_old_model(broken)  # left to training on's own one-line checks
+    assert broken.arch == "efficientnet_lite0"
+
+
 def test_training_on_scores_as_training_from_scratch_on_both(old_run, extended, tulips, workspace):
     """The acceptance test's shape, small: the 3-label model trained on with the fourth label's photos
     and a 4-label model from scratch on the same training photos agree on the same held-out photos."""

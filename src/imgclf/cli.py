@@ -133,6 +133,8 @@ def _train(args: argparse.Namespace, distributed) -> int:
         if args.verbose or m.phase == "fine-tune" or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
             print(f"  {m}", flush=True)
 
+    if args.from_model and not _given(args, "--arch"):
+        _arch_from_old_model(args)
     trainer = ImageClassificationTrainer(
         args.arch, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         lr_schedule=args.lr_schedule, early_stopping=early, metrics_callback=report, seed=args.seed,
@@ -270,6 +272,26 @@ def _finish_tracking(tracker, model, out: Path, metrics, args: argparse.Namespac
             print(f"MLflow run {each.run_id_}: model at {each.model_uri_}{version}")
         elif getattr(each, "log_dir", None):
             print(f"TensorBoard: tensorboard --logdir {each.log_dir}")
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag`` was typed (not just left at its default)."""
+    return any(a == flag or a.startswith(flag + "=") for a in args.argv)
+
+
+def _arch_from_old_model(args: argparse.Namespace) -> None:
+    """``train --from`` without ``--arch``: the old model's architecture, said in one line. An
+    unreadable old model is left to the checks of training on, which say why in one line."""
+    from imgclf.data.uris import local_model_file
+    from imgclf.inference.model import read_model_config
+
+    try:
+        arch = read_model_config(local_model_file(args.from_model))["arch"]
+    except (ImgclfError, OSError, KeyError):
+        return
+    if arch != args.arch:
+        print(f"Architecture: {arch}, as {args.from_model} (training on keeps it)")
+        args.arch = arch
 
 
 def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=(), part: str = "held-out"):

@@ -495,7 +495,7 @@ _TRAIN = Schema(
         # 'from' is a Python keyword: the parameter is from_model, the flag --from
         Option("from_model", flag="--from", metavar="MODEL",
                help="train on from this model: add FOLDER's images and labels to what it learned, from the "
-                    "training features it keeps, without its photos (same --arch; docs: Training on)"),
+                    "training features it keeps, without its photos (its --arch is kept; docs: Training on)"),
         _ARCH,
         _WEIGHTS,
         Option("epochs", int, 50, POSITIVE_INT, "training epochs"),
