@@ -170,6 +170,7 @@ def test_the_same_photos_again_are_said(old_run, workspace, tmp_path, capsys):
     (["--arch", "efficientnet_lite1"], "--arch efficientnet_lite1: --from .* is efficientnet_lite0; training on "
                                        "keeps its architecture: give --arch efficientnet_lite0"),
     (["--fine-tune"], "--from with --fine-tune: fine-tuning trains the backbone on the photos"),
+    (["--keep-features-mb", "5", "--no-keep-features"], "give --keep-features-mb or --no-keep-features, not both"),
 ])  # fmt: skip
 def test_what_cannot_be_mixed_is_one_line(extra, said, old_file, tulips, tmp_path, capsys):
     code, printed, err = run_cli(["train", tulips, "--from", old_file, "--out", tmp_path / "x.imgclf", *extra], capsys)

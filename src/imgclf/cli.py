@@ -133,6 +133,8 @@ def _train(args: argparse.Namespace, distributed) -> int:
         if args.verbose or m.phase == "fine-tune" or m.epoch == 1 or m.epoch % 10 == 0 or m.epoch == args.epochs:
             print(f"  {m}", flush=True)
 
+    if args.no_keep_features and _given(args, "--keep-features-mb"):
+        raise OptionError("give --keep-features-mb or --no-keep-features, not both")
     if args.from_model and not _given(args, "--arch"):
         _arch_from_old_model(args)
     trainer = ImageClassificationTrainer(
