@@ -20,9 +20,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/multilabel.py builds the same mosaics
 import multilabel as bench
 from imgclf import ImageClassificationTrainer
+from imgclf.inference.model import head_probabilities
 from imgclf.inference.multilabel import compute_multilabel_metrics, label_matrix
 from imgclf.nets.archs import create_backbone, get_architecture, preprocessing_for
-from imgclf.training.multilabel import _cross_fitted_thresholds, _probabilities, train_sigmoid_head
+from imgclf.training.multilabel import _cross_fitted_thresholds, train_sigmoid_head
 
 torch.set_num_threads(2)
 arch = get_architecture("efficientnet_lite0")
@@ -61,7 +62,7 @@ for seed in (1, 2, 3):
         xte = feats([str(manifest.parent / r["path"]) for r in te], size)
         thresholds, _ = _cross_fitted_thresholds(trainer, xtr, ytr.astype(np.float32), "cpu")
         head, _, _ = train_sigmoid_head(trainer, xtr, ytr.astype(np.float32), None, None, "cpu", report=False)
-        m = compute_multilabel_metrics(_probabilities(head, xte), yte, labels, thresholds)
+        m = compute_multilabel_metrics(head_probabilities(head, xte, multilabel=True), yte, labels, thresholds)
         results[name].append((m.mean_average_precision, m.micro_f1))
         print(seed, name, f"mAP {m.mean_average_precision:.4f} micro-F1 {m.micro_f1:.4f}", flush=True)
 for name, r in results.items():

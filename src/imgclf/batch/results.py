@@ -15,6 +15,7 @@ import numpy as np
 
 from imgclf import rows as prediction_rows
 from imgclf.errors import ImgclfError
+from imgclf.inference.multilabel import labels_over
 from imgclf.rows import COLUMNS as COLUMNS  # the table's columns, re-exported for the writers
 
 METADATA_KEY = "imgclf"
@@ -80,10 +81,7 @@ class ResultBatch:
                 continue
             best, probs = order[scored], probabilities[scored]
             top = [(labels[i], float(probs[i])) for i in best]
-            answered = None
-            if thresholds is not None:
-                over = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]]
-                answered = [(labels[i], float(probs[i])) for i in over]
+            answered = None if thresholds is None else labels_over(probs, thresholds, labels)
             batch.rows.append(prediction_rows.scored(
                 path, top[0][0], top[0][1], top, None if known is None else bool(known[scored]),
                 None if unknown_scores is None else float(unknown_scores[scored]), answered))  # fmt: skip

@@ -29,6 +29,7 @@ import numpy as np
 
 from imgclf.data.imaging import Preprocessing
 from imgclf.errors import ImgclfError, NotExplainableError, OptionError
+from imgclf.inference.multilabel import torch_probabilities
 
 MAPS_OUTPUT = "class_maps"
 METHOD = "cam"
@@ -63,7 +64,7 @@ def explained_module(backbone, head, tta: bool, multilabel: bool = False):
             features = self.backbone.forward_head(fmap)
             weight = self.head.weight[:, :, None, None]
             logits = self.head(features)
-            probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+            probs = torch_probabilities(logits, multilabel)
             return features, probs, torch.nn.functional.conv2d(fmap, weight, self.head.bias)
 
         def forward(self, x: torch.Tensor):

@@ -62,11 +62,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def head_probabilities(head, features: np.ndarray) -> np.ndarray:
-    """Softmax of a linear ``head`` (torch ``Linear``) on pooled ``features``, in numpy: the
-    model's own head, and the fold heads that certify a precision (:mod:`imgclf.training.certify`)."""
+def head_probabilities(head, features: np.ndarray, multilabel: bool = False) -> np.ndarray:
+    """Softmax (a sigmoid per label when ``multilabel``) of a linear ``head`` (torch ``Linear``)
+    on pooled ``features``, in numpy: the model's own head, the fold heads that certify a
+    precision (:mod:`imgclf.training.certify`) and those that place multi-label thresholds."""
     weight = head.weight.detach().float().cpu().numpy()
     logits = features @ weight.T + head.bias.detach().float().cpu().numpy()
+    if multilabel:
+        from imgclf.inference.multilabel import sigmoid
+
+        return sigmoid(logits)
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     return exp / exp.sum(axis=1, keepdims=True)
@@ -213,10 +218,12 @@ class ImageClassifier(Predictor):
                     return probs, self.detector(features), class_maps
 
             return Mapped(explained, detector).eval()
+        from imgclf.inference.multilabel import torch_probabilities
+
         multilabel = self.multilabel
 
-        def probabilities(logits: torch.Tensor) -> torch.Tensor:  # a multi-label head: one sigmoid per label
-            return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+        def probabilities(logits: torch.Tensor) -> torch.Tensor:
+            return torch_probabilities(logits, multilabel)
 
         class Scored(torch.nn.Module):
             def __init__(self, backbone, head, detector):
@@ -327,12 +334,7 @@ class ImageClassifier(Predictor):
         return probs, None if self.unknown_ is None else self.unknown_.score(features)
 
     def _head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        if self.multilabel:
-            from imgclf.inference.multilabel import sigmoid
-
-            weight = self.head.weight.detach().float().cpu().numpy()
-            return sigmoid(features @ weight.T + self.head.bias.detach().float().cpu().numpy())
-        return head_probabilities(self.head, features)
+        return head_probabilities(self.head, features, self.multilabel)
 
     def to(self, device: str) -> ImageClassifier:
         """Move to ``device`` ("cpu", "cuda", ...) and return self."""

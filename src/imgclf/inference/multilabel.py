@@ -28,6 +28,21 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.where(logits >= 0, 1 / (1 + e), e / (1 + e))
 
 
+def labels_over(probabilities: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]) -> list[tuple[str, float]]:
+    """A multi-label answer for one image: each label whose probability reaches its threshold,
+    with that probability, most likely first (possibly none)."""
+    order = np.argsort(-probabilities, kind="stable")
+    return [(labels[i], float(probabilities[i])) for i in order if probabilities[i] >= thresholds[i]]
+
+
+def torch_probabilities(logits, multilabel: bool):
+    """The head's logits as probabilities in a torch graph: a sigmoid per label for a
+    multi-label model, else the softmax over labels."""
+    import torch
+
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+
+
 def label_matrix(label_sets: Sequence[Sequence[str]], labels: Sequence[str]) -> np.ndarray:
     """(images, labels) 0/1 float32: whether each image has each label."""
     index = {label: i for i, label in enumerate(labels)}

@@ -22,7 +22,7 @@ from imgclf.data.inputs import ACCEPTED, array_image, image_items, is_many, labe
 from imgclf.data.parallel import batched, ordered_map
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
-from imgclf.inference.multilabel import MultilabelMetrics, compute_multilabel_metrics, label_matrix
+from imgclf.inference.multilabel import MultilabelMetrics, compute_multilabel_metrics, label_matrix, labels_over
 from imgclf.options import option_error
 
 #: What ``predict`` takes: encoded bytes, a path, an open binary file, a PIL image, a uint8
@@ -222,10 +222,7 @@ class Predictor:
     def _prediction(self, probs: np.ndarray, score: float | None = None) -> Prediction:
         best = int(probs.argmax())
         known = None if score is None or self.unknown_threshold is None else bool(score <= self.unknown_threshold)
-        answered = None
-        if self.thresholds is not None:
-            over = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.thresholds[i]]
-            answered = [(self.labels[i], float(probs[i])) for i in over]
+        answered = None if self.thresholds is None else labels_over(probs, self.thresholds, self.labels)
         return Prediction(self.labels[best], float(probs[best]), {lbl: float(p) for lbl, p in zip(self.labels, probs)},
                           known=known, unknown_score=None if score is None else float(score), labels=answered)  # fmt: skip
 

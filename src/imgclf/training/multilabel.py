@@ -27,8 +27,8 @@ import numpy as np
 from imgclf.data.images import ImageData, check_labels, label_names, label_set
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError
-from imgclf.inference.model import ImageClassifier, library_versions
-from imgclf.inference.multilabel import choose_thresholds, label_matrix, sigmoid
+from imgclf.inference.model import ImageClassifier, head_probabilities, library_versions
+from imgclf.inference.multilabel import choose_thresholds, label_matrix
 from imgclf.nets.archs import get_architecture, preprocessing_for
 from imgclf.nets.features import FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
@@ -133,7 +133,7 @@ def fit_multilabel(trainer: Trainer, images: list[ImageData],
     y_train = label_matrix([label_set(im) for im in readable], labels)
     head, history, best_epoch = train_sigmoid_head(trainer, x_train, y_train, x_val, y_val, device)
     if x_val is not None and len(x_val):
-        thresholds = choose_thresholds(_probabilities(head, x_val), y_val)
+        thresholds = choose_thresholds(head_probabilities(head, x_val, multilabel=True), y_val)
         chosen_on = f"the {len(x_val)} validation images"
     else:
         thresholds, folds = _cross_fitted_thresholds(trainer, x_train, y_train, device)
@@ -172,11 +172,6 @@ def _split(images: list[ImageData], fraction: float, seed: int, part: str, label
     return first, second
 
 
-def _probabilities(head, x: np.ndarray) -> np.ndarray:
-    weight = head.weight.detach().float().cpu().numpy()
-    return sigmoid(x @ weight.T + head.bias.detach().float().cpu().numpy())
-
-
 def _cross_fitted_thresholds(trainer, x: np.ndarray, y: np.ndarray, device: str) -> tuple[list[float], int]:
     """Thresholds chosen on out-of-fold probabilities: each image scored by a head that never saw it."""
     folds = max(2, min(THRESHOLD_FOLDS, len(x) // 2))
@@ -188,7 +183,7 @@ def _cross_fitted_thresholds(trainer, x: np.ndarray, y: np.ndarray, device: str)
     for k in range(folds):
         fit, score = fold_of != k, fold_of == k
         head, _, _ = train_sigmoid_head(trainer, x[fit], y[fit], None, None, device, report=False)
-        out_of_fold[score] = _probabilities(head, x[score])
+        out_of_fold[score] = head_probabilities(head, x[score], multilabel=True)
     return choose_thresholds(out_of_fold, y), folds
 
 
