@@ -26,40 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import combinations
 from pathlib import Path
 
-from PIL import Image
-
 from imgclf import sample_data_dir
+from imgclf.testing import write_mosaics
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
 HELD_OUT = 8
 SIDE = 224
-
-
-def _tile(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BICUBIC)
-
-
-def build_mosaics(dest: Path, photos: dict[str, list[Path]], count: int, seed: int, prefix: str) -> list[tuple[str, str]]:
-    """``count`` mosaics of two photos of different labels (each pair of labels equally often,
-    each side equally often), written as JPEG under ``dest``; returns (file name, "a;b") rows."""
-    rng = random.Random(seed)
-    pairs = list(combinations(sorted(photos), 2))
-    rows = []
-    for i in range(count):
-        a, b = pairs[i % len(pairs)]
-        left, right = (a, b) if rng.random() < 0.5 else (b, a)
-        mosaic = Image.new("RGB", (2 * SIDE, SIDE))
-        mosaic.paste(_tile(rng.choice(photos[left])), (0, 0))
-        mosaic.paste(_tile(rng.choice(photos[right])), (SIDE, 0))
-        name = f"{prefix}-{i:04d}.jpg"
-        mosaic.save(dest / name, quality=90)
-        rows.append((name, f"{a};{b}"))
-    return rows
 
 
 def build_set(dest: Path, seed: int, train: int, test: int) -> Path:
@@ -72,8 +47,8 @@ def build_set(dest: Path, seed: int, train: int, test: int) -> Path:
         rng.shuffle(files)
         test_photos[label], train_photos[label] = files[:HELD_OUT], files[HELD_OUT:]
     dest.mkdir(parents=True, exist_ok=True)
-    rows = [(*r, "train") for r in build_mosaics(dest, train_photos, train, seed, "train")]
-    rows += [(*r, "test") for r in build_mosaics(dest, test_photos, test, seed + 1000, "test")]
+    rows = [(*r, "train") for r in write_mosaics(dest, train_photos, train, seed, "train")]
+    rows += [(*r, "test") for r in write_mosaics(dest, test_photos, test, seed + 1000, "test")]
     manifest = dest / "mosaics.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f)

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
-import random
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from imgclf.data.images import ImageData
 from imgclf.data.layouts import load_dataset
@@ -27,6 +24,7 @@ from imgclf.inference.multilabel import (
     choose_thresholds,
     compute_multilabel_metrics,
 )
+from imgclf.testing import write_mosaics
 
 from .conftest import FLOWERS
 
@@ -35,20 +33,8 @@ TILE = 112
 
 
 def mosaics(dest: Path, photos: dict[str, list[Path]], count: int, seed: int, prefix: str) -> list[tuple[str, str]]:
-    """``count`` side-by-side mosaics of two photos of different labels; (file, "a;b") rows."""
-    rng = random.Random(seed)
-    pairs = list(combinations(sorted(photos), 2))
-    rows = []
-    for i in range(count):
-        a, b = pairs[i % len(pairs)]
-        left, right = (a, b) if rng.random() < 0.5 else (b, a)
-        image = Image.new("RGB", (2 * TILE, TILE))
-        for x, label in ((0, left), (TILE, right)):
-            with Image.open(rng.choice(photos[label])) as photo:
-                image.paste(photo.convert("RGB").resize((TILE, TILE)), (x, 0))
-        image.save(dest / f"{prefix}-{i:03d}.jpg", quality=90)
-        rows.append((f"{prefix}-{i:03d}.jpg", f"{a};{b}"))
-    return rows
+    """``count`` side-by-side mosaics of two photos of different labels (112-pixel tiles); (file, "a;b") rows."""
+    return write_mosaics(dest, photos, count, seed, prefix, tile=TILE)
 
 
 @pytest.fixture(scope="module")
