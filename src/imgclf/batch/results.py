@@ -89,10 +89,6 @@ class ResultBatch:
         return batch
 
     @property
-    def paths(self) -> list[str]:
-        return [row["file"] for row in self.rows]
-
-    @property
     def failed(self) -> int:
         return sum(row["error"] is not None for row in self.rows)
 
