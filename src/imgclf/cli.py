@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
 
         fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, keep_orientation=args.keep_orientation,
                                             epochs=args.fine_tune_epochs)  # fmt: skip
-        _print_log_lines("imgclf")  # the fine-tune's decisions, one line each
+    _print_log_lines("imgclf")  # the quality's and the fine-tune's decisions, one line each
     early = None
     if args.early_stopping:
         early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
@@ -142,7 +142,8 @@ def _train(args: argparse.Namespace, distributed) -> int:
         lr_schedule=args.lr_schedule, early_stopping=early, metrics_callback=report, seed=args.seed,
         weights=args.weights, device=args.device, workspace=args.workspace, use_cache=not args.no_cache,
         validation_fraction=args.validation_fraction, progress=not args.quiet, class_weight=args.class_weight,
-        fine_tune=args.fine_tune, fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
+        quality=args.quality, time_limit=args.time_limit, fine_tune=args.fine_tune,
+        fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
         engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb, tracking=_trackers(args),
         from_model=args.from_model, keep_features_mb=0.0 if args.no_keep_features else args.keep_features_mb,
         frame=args.frame,

@@ -104,6 +104,35 @@ INFERENCE_DEVICE = "cpu"
 TRAINING_DEVICE = "auto"
 #: The share of in-distribution images the unknown-input detector rejects (``train --unknown-rate``).
 DEFAULT_UNKNOWN_RATE = 0.05
+#: ``train --quality``: how much training (imgclf.training.presets); balanced decides from the photos.
+QUALITIES = ("fast", "balanced", "best")
+DEFAULT_QUALITY = "balanced"
+#: ``--quality balanced``'s time limit when none is given: a brain-MRI fold's speed-first fine-tune
+#: (480 photos) takes about 5 minutes on two CPU cores (docs: Benchmarks).
+BALANCED_TIME_LIMIT_S = 600.0
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds from ``600``, ``"600"``, ``"90s"``, ``"10m"``, ``"1.5h"`` or ``"1h30m"``; None when
+    ``value`` is none of these or not a positive, finite duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif re.fullmatch(r"(\d+(\.\d+)?\s*[smh]\s*)+", text):
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", text))
+        else:
+            return None
+    else:
+        return None
+    return seconds if math.isfinite(seconds) and 0 < seconds < 1e9 else None
+
+
 #: Images per network call when scoring into files (``predict --out``, Ray, Spark).
 SCORING_BATCH_SIZE = 32
 #: Seconds between committed parts of a results folder.
@@ -239,6 +268,9 @@ def _is_api_key(value: object) -> bool:
 #: A key a client can send in an HTTP header: an empty one served with no key at all, one with
 #: spaces at its ends or outside printable ASCII could never be matched (headers are trimmed).
 API_KEY = Check("api key", _is_api_key, "a non-empty key of printable ASCII characters, without spaces at its ends")
+#: A duration: seconds, or with units (90s, 10m, 1.5h, 1h30m).
+DURATION = Check("duration", lambda value: parse_duration(value) is not None,
+                 "a positive duration such as 90s, 10m, 1.5h or 1h30m (a bare number: seconds)")
 #: A folder to write to: an empty name would be no folder (and was read as the option not given).
 FOLDER_NAME = Check("folder", lambda value: isinstance(value, str) and value.strip() != "", "a folder name")
 POSITIVE_INT = Interval(int, 1, None)
@@ -513,8 +545,16 @@ _TRAIN = Schema(
         Option("patience", int, 10, POSITIVE_INT, "epochs without improvement before stopping", needs="early_stopping"),
         Option("min_delta", float, 0.0, NON_NEGATIVE, "smallest change that counts as improvement",
                needs="early_stopping"),
+        Option("quality", default=DEFAULT_QUALITY, constraint=Choices(QUALITIES),
+               help="how much training: fast = the head alone (seconds); best = the whole backbone fine-tuned at "
+                    "full resolution; balanced decides from the photos (fine-tunes those unlike ImageNet, within "
+                    "--time-limit) and says why in one line (docs: Presets and time limits)"),
+        Option("time_limit", default=None, constraint=DURATION, metavar="DURATION",
+               help="most time the training may take (90s, 10m, 1.5h): fine-tuning plans its epochs to fit and "
+                    "stops between epochs, keeping the best model so far",
+               shown_default=f"{BALANCED_TIME_LIMIT_S / 60:.0f}m with --quality balanced, none otherwise"),
         Option("fine_tune", bool, help="after the head, train the backbone too, with augmentation "
-                                       "(slower, usually more accurate)"),
+                                       "(slower, usually more accurate); with --quality best, its recipe"),
         Option("unfreeze", int, None, POSITIVE_INT, "train only the last N blocks", needs="fine_tune",
                shown_default="all"),
         Option("fine_tune_epochs", int, 10, POSITIVE_INT,

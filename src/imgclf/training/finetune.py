@@ -51,6 +51,7 @@ from imgclf.errors import OptionError
 from imgclf.nets.device import mixed_precision_dtype
 from imgclf.options import COMMANDS, check
 from imgclf.training import distributed
+from imgclf.training.budget import EpochCosts, epochs_that_fit, plan_line, say_duration
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 
 log = logging.getLogger("imgclf")
@@ -405,7 +406,10 @@ class FineTuner:
 
     def __init__(self, model, options: FineTuneOptions, *, device: str, seed: int, tta: bool = False,
                  class_weights: torch.Tensor | None = None, callback: Callable | None = None,
-                 early_stopping=None, checkpoint=None):  # fmt: skip
+                 early_stopping=None, checkpoint=None, budget=None, passes_after: int = 0):  # fmt: skip
+        """``budget`` (:class:`imgclf.training.presets.TimeBudget`): the run's time limit, which the
+        epochs are planned to fit; ``passes_after``: images the network still scores after the last
+        epoch (what the plan keeps time for)."""
         import torchvision.transforms.v2 as T
 
         self.model, self.o, self.device, self.tta, self.seed = model, options, device, tta, seed
@@ -426,6 +430,9 @@ class FineTuner:
         self.history: list[EpochMetrics] = []
         self.kept_epoch = self.best_fine_tune_epoch = 0
         self.images_per_second: list[float] = []
+        self.budget, self.passes_after = budget, passes_after
+        self.planned_epochs = options.epochs  # fewer when a time limit allows fewer
+        self.stopped_for_time = False
         self._net = None
 
     # -- measuring the photos and deciding the recipe ------------------------------------------------
@@ -488,8 +495,11 @@ class FineTuner:
                                    "lr": o.learning_rate})  # fmt: skip
         return optimizer
 
-    def train_epoch(self, loader, optimizer, epoch: int, total_steps: int) -> EpochMetrics:
-        """One pass over the training photos; returns its metrics (without validation)."""
+    def train_epoch(self, loader, optimizer, epoch: int, total_steps: int | None,
+                    probe: Callable[[int, float], bool] | None = None) -> EpochMetrics | None:  # fmt: skip
+        """One pass over the training photos; returns its metrics (without validation).
+        ``total_steps`` of the schedule (None: the planned epochs'); ``probe(steps done, seconds)``
+        runs after each step; True stops the epoch (None returned)."""
         o, backbone = self.o, self.model.backbone
         if hasattr(loader.sampler, "set_epoch"):  # under torchrun: a new shuffle of the shards
             loader.sampler.set_epoch(epoch)
@@ -500,7 +510,7 @@ class FineTuner:
         loss_sum, factor = 0.0, 1.0
         started = time.perf_counter()
         for s, (crops, target) in enumerate(loader):
-            factor = lr_factor(epoch * steps + s, warmup, total_steps)
+            factor = lr_factor(epoch * steps + s, warmup, total_steps or self.planned_epochs * steps)
             for group in optimizer.param_groups:
                 group["lr"] = o.learning_rate * group["lr_scale"] * factor
             x, target = self._normalize(crops), target.to(self.device, non_blocking=True)
@@ -513,6 +523,8 @@ class FineTuner:
             seen += len(target)
             correct += int((logits.argmax(1) == target).sum())
             loss_sum += float(loss.detach()) * len(target)
+            if probe is not None and probe(s + 1, time.perf_counter() - started):
+                return None
         self.images_per_second.append(seen / max(1e-9, time.perf_counter() - started))
         distributed.sync_buffers(backbone)  # under torchrun: rank 0's batch-norm statistics on every rank
         seen, correct, loss_sum = distributed.sum_across(seen, correct, loss_sum)  # and every rank's shard
@@ -585,7 +597,8 @@ class FineTuner:
         rule = self.early_stopping or EarlyStopping(metric="accuracy", patience=o.patience)
         best = BestEpoch(rule if has_val else None)  # over fine-tune epochs: an early dip does not end the run
         modules = {"backbone": backbone, "head": head}
-        head_only = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()} if has_val else None
+        keep_head_only = has_val or self.budget is not None  # to go back to, if no epoch beats it or fits in time
+        head_only = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()} if keep_head_only else None
         history: list = []
         start = 0
         if saved is not None and saved["phase"] == "fine-tune":
@@ -594,11 +607,22 @@ class FineTuner:
             history = [EpochMetrics(**h) for h in saved["history"] if h.get("phase") == "fine-tune"]
             best.resume(saved)
             self.head_only_score = saved["extra"].get("head_only_score")
+            self.planned_epochs = saved["extra"].get("planned_epochs", o.epochs)
         elif has_val:
             self.head_only_score = self.evaluate(val_pictures, yv)
-        total_steps = o.epochs * len(loader)
-        for epoch in range(start, o.epochs):
-            m = self.train_epoch(loader, optimizer, epoch, total_steps)
+        scored = (len(val_pictures) * (2 if self.tta else 1) if has_val else 0) + (
+            min(64, len(pictures)) if self.recipe.batch_norm == "adapt" else 0)  # fmt: skip
+        probe = None
+        if self.budget is not None and start == 0:
+            probe = self._time_probe(len(loader), scored)
+        aborted = False
+        epoch = start
+        while epoch < self.planned_epochs:
+            epoch_started = time.perf_counter()
+            m = self.train_epoch(loader, optimizer, epoch, None, probe if epoch == start else None)
+            if m is None:  # not one epoch fits in the time limit
+                aborted = True
+                break
             if self.recipe.batch_norm == "adapt":
                 recalibrate_batch_norm(backbone, self.test_view_batches(pictures))
             if has_val:
@@ -610,25 +634,68 @@ class FineTuner:
             if self.checkpoint is not None:
                 states, extra = best.checkpoint_parts()
                 extra["head_only_score"] = self.head_only_score
+                extra["planned_epochs"] = self.planned_epochs
                 self.checkpoint.save("fine-tune", epoch + 1, {**modules, **states}, optimizer, self.generator,
                                      [vars(h) for h in (prior_history or []) + history], extra)  # fmt: skip
-            if stop:
+            epoch += 1
+            if stop or self._out_of_time(epoch, time.perf_counter() - epoch_started, scored):
                 break
         best.restore_best(modules)
         kept = best.epoch if has_val else len(history)
-        if has_val and not self._beats_head_only(best, rule):
+        if aborted or (has_val and not self._beats_head_only(best, rule)):
             for name, module in modules.items():
                 module.load_state_dict(head_only[name])
             kept = 0
         self.history, self.kept_epoch, self.best_fine_tune_epoch = history, kept, best.epoch
         self.kept = "head-only" if kept == 0 else "fine-tune"
-        self._report_kept(kept, best, has_val)
+        if not aborted:
+            self._report_kept(kept, best, has_val)
         for p in backbone.parameters():
             p.requires_grad = False
         backbone.eval()
         head.eval()
         self._net = None
         return history, kept
+
+    # -- the time limit -----------------------------------------------------------------------------
+
+    def _decision(self, line: str) -> None:
+        self.recipe.decisions.append(line)
+        log.info("fine-tune: %s", line)
+
+    def _time_probe(self, steps: int, scored: int) -> Callable[[int, float], bool]:
+        """Times the first steps of the first epoch, then plans the epochs that fit in the time
+        left (every rank takes rank 0's plan); True (stop now) when not even this epoch fits."""
+        timed = min(steps, max(3, steps // 10))
+
+        def probe(done: int, seconds: float) -> bool:
+            if done != timed:
+                return False
+            costs = EpochCosts.from_steps(seconds, done, steps, self.o.batch_size, scored_images=scored,
+                                          passes_after=self.passes_after)  # fmt: skip
+            planned = epochs_that_fit(self.budget.remaining(), costs, done, self.o.epochs)
+            self.planned_epochs = distributed.broadcast_object(planned)
+            self._costs = costs
+            self._decision(plan_line(self.planned_epochs, self.o.epochs, costs, self.budget.seconds,
+                                     self.budget.elapsed()))  # fmt: skip
+            return self.planned_epochs == 0
+
+        return probe
+
+    def _out_of_time(self, epochs_done: int, epoch_seconds: float, scored: int) -> bool:
+        """After an epoch: whether another would pass the time limit (then training stops here)."""
+        if self.budget is None or epochs_done >= self.planned_epochs:
+            return False
+        costs = getattr(self, "_costs", None)
+        if costs is None:  # a resumed run: its first epoch is the measure
+            costs = EpochCosts.from_steps(epoch_seconds, 1, 1, self.o.batch_size, scored_images=scored,
+                                          passes_after=self.passes_after)  # fmt: skip
+        late = bool(distributed.broadcast_object(self.budget.remaining() - costs.reserve < epoch_seconds))
+        if late:
+            self.stopped_for_time = True
+            self._decision(f"time limit {say_duration(self.budget.seconds)}: stopped after epoch {epochs_done} of "
+                           f"{self.planned_epochs}: another (about {say_duration(epoch_seconds)}) would pass it")  # fmt: skip
+        return late
 
     def _beats_head_only(self, best: BestEpoch, rule: EarlyStopping) -> bool:
         """Whether the best fine-tune epoch scored better on the validation photos than head-only."""
@@ -669,6 +736,8 @@ class FineTuner:
                 "accuracy": self.head_only_score[0], "loss": self.head_only_score[1]},
             "train_images_per_second": round(statistics.median(self.images_per_second), 2)
             if self.images_per_second else None,
+            "planned_epochs": self.planned_epochs,
+            "stopped_for_time": self.stopped_for_time,
         }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ and each is refused in one line here rather than trained wrongly.
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from imgclf.nets.features import FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.options import option_error
 from imgclf.training import distributed
+from imgclf.training.presets import plan_quality
 
 #: What these functions read their options from: an ``imgclf.training.trainer.ImageClassificationTrainer``
 #: (not imported: the trainer imports this module).
@@ -50,6 +52,9 @@ def refuse_unsupported(trainer: Trainer) -> None:
     if trainer.fine_tune:
         raise option_error("fine_tune", "{fine_tune}: multi-label models train their head only for now; drop "
                                         "{fine_tune}")  # fmt: skip
+    if trainer.quality == "best":
+        raise option_error("quality", "{quality} best: multi-label models train their head only for now; choose "
+                                      "balanced or fast")  # fmt: skip
     if trainer.from_model is not None:
         raise option_error("from_model", "{from_model}: training on from a model is single-label only for now; "
                                          "train on the old and new photos together")  # fmt: skip
@@ -83,6 +88,9 @@ def fit_multilabel(trainer: Trainer, images: list[ImageData],
 
     refuse_unsupported(trainer)
     trainer._check_options()
+    plan = plan_quality(trainer.quality, trainer.fine_tune, None, input_size=0, distance=None, fewest_per_label=0,
+                        time_limit=None, why_head_only="multi-label models train their head only for now")  # fmt: skip
+    logging.getLogger("imgclf").info("%s", plan.lines[0])
     labels = _check_labels(images, (("validation", validation_set), ("test", test_set)))
     device = resolve_device(trainer.device)
     arch = get_architecture(trainer.arch)
@@ -156,6 +164,7 @@ def fit_multilabel(trainer: Trainer, images: list[ImageData],
         "extraction": {"extracted": pool.extracted, "cached": pool.cached, "engine": engine.name},
         "distributed": {"world_size": 1, "backend": distributed.backend_name()},
         "versions": library_versions(),
+        "quality": plan.record(),
         "precision_decision": {"asked": trainer.precision, "line": "fp32 (multi-label models are not certified at "
                                "bf16 or int8 yet)"},
     }  # fmt: skip

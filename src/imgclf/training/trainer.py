@@ -8,8 +8,10 @@ that keeps the best epoch's weights.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -30,14 +32,16 @@ from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
-from imgclf.options import DEFAULT_UNKNOWN_RATE, KEEP_FEATURES_MB, install_hint, option_error, validate
+from imgclf.options import DEFAULT_QUALITY, DEFAULT_UNKNOWN_RATE, KEEP_FEATURES_MB, install_hint, option_error, validate
 from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
 from imgclf.training import distributed
+from imgclf.training.budget import TimeBudget
 from imgclf.training.checkpoint import Checkpoint, run_key
 from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD
 from imgclf.training.optim import learning_rate_at as learning_rate_at  # it lived here first
+from imgclf.training.presets import QualityPlan, check_quality, plan_quality, time_limit_seconds
 from imgclf.training.tracking import Tracker, Trackers, open_tracking
 
 
@@ -140,6 +144,12 @@ class ImageClassificationTrainer:
     ``fit`` finishes it with the model, ``fit_and_hold_out`` leaves it to
     ``tracker_.finish`` (for the held-out metrics).
 
+    ``quality`` (``"fast"``, ``"balanced"``, the default, or ``"best"``) says how much training
+    to do and ``time_limit`` (seconds, or ``"10m"``) how long it may take
+    (:mod:`imgclf.training.presets`): ``fast`` trains the head alone; ``balanced`` also fine-tunes
+    photos unlike ImageNet, within 10 minutes unless told; ``best`` fine-tunes the whole backbone
+    at full resolution. ``fine_tune=True`` fine-tunes whatever ``balanced`` decides.
+
     ``from_model`` (a model file) trains on from it: the images given add to what it
     learned, new labels after its own, from the training features it keeps
     (:mod:`imgclf.training.train_on`). ``keep_features_mb`` bounds the features this model
@@ -167,6 +177,8 @@ class ImageClassificationTrainer:
         early_stopping: EarlyStopping | None = None,
         validation_fraction: float | None = None,
         class_weight: str | None = None,
+        quality: str = DEFAULT_QUALITY,
+        time_limit: str | float | None = None,
         fine_tune: bool = False,
         fine_tune_options: FineTuneOptions | None = None,
         tta: bool = False,
@@ -203,6 +215,8 @@ class ImageClassificationTrainer:
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.class_weight = class_weight
+        self.quality = quality
+        self.time_limit = time_limit
         self.fine_tune = fine_tune
         self.fine_tune_options = fine_tune_options
         self.tta = tta
@@ -230,7 +244,8 @@ class ImageClassificationTrainer:
     #: constraints and defaults they share.
     _CHECKED = ("epochs", "batch_size", "learning_rate", "lr_schedule", "decay_rate", "decay_epochs", "momentum",
                 "weight_decay", "validation_fraction", "class_weight", "seed", "device", "engine", "precision",
-                "max_memory_gb", "extraction_batch_size", "keep_features_mb", "unknown_rate", "frame")  # fmt: skip
+                "max_memory_gb", "extraction_batch_size", "keep_features_mb", "unknown_rate", "frame", "quality",
+                "time_limit")  # fmt: skip
 
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
@@ -238,6 +253,7 @@ class ImageClassificationTrainer:
             self.early_stopping.validate()  # again: its fields may have been changed since
         if self.fine_tune_options is not None:
             self.fine_tune_options.validate()
+        check_quality(self.quality, self.fine_tune, self.from_model)
         check_training_precision(self.precision, self.engine)
         Trackers(open_tracking(self.tracking)).check()
 
@@ -336,6 +352,7 @@ class ImageClassificationTrainer:
     ) -> tuple[ImageClassifier, list[ImageData]]:
         from imgclf.nets.device import resolve_device
 
+        started = time.monotonic()  # the time limit counts from here
         if isinstance(images, (str, Path)) and labels is None:  # its own parts, when it has them
             dataset = load_dataset(images)
             images = dataset.train
@@ -404,14 +421,16 @@ class ImageClassificationTrainer:
         def from_pool(part: list[ImageData]) -> ExtractionResult:
             return ExtractionResult(pool.features[[row_of[id(im)] for im in part]], list(range(len(part))))
 
+        backbone = network.for_model()
+        plan = self._plan_quality(arch, preprocessing, backbone, from_pool(readable).features, readable, old)
+        fine_tune, options = plan.fine_tune, plan.options
         val = None
         if validation_set is None and self.validation_fraction:
             readable, validation_set = _split_readable(readable, self.validation_fraction, self.seed, "validation")
             val = from_pool(validation_set)
         validation_note, carved = None, False  # fine-tuning holds out its own validation photos if none are given
         uncarved = readable
-        if self.fine_tune and validation_set is None:
-            options = self.fine_tune_options or FineTuneOptions()
+        if fine_tune and validation_set is None:
             readable, validation_set, validation_note = carve_validation(readable, options, self.seed)
             carved = validation_set is not None
             val = from_pool(validation_set) if carved else None
@@ -429,7 +448,6 @@ class ImageClassificationTrainer:
         for name, reason in skipped:
             warnings.warn(f"skipped {reason}" if reason.startswith(name) else f"skipped {name}: {reason}", stacklevel=3)
         x_new, y_new = x_train, y_train  # the images given: what a precision is certified on
-        backbone = network.for_model()
         if old is not None:  # the old model's training features join the new ones
             from imgclf.training.train_on import check_same_backbone
 
@@ -446,7 +464,7 @@ class ImageClassificationTrainer:
         class_weights = self._class_weights(y_train, len(labels))
         names = [im.name for im in images] + [im.name for im in validation_set or []]
         names += [f"--from {old.sha256}"] if old is not None else []
-        ignored = ("resume", "workspace", "use_cache", "device", "max_memory_gb")
+        ignored = ("resume", "workspace", "use_cache", "device", "max_memory_gb", "time_limit")
         params = {k: v for k, v in self.get_params().items() if k not in ignored}
         checkpoint = Checkpoint(workspace, run_key(names, params)) if writable else None
         # under torchrun every rank continues from rank 0's checkpoint (only rank 0 writes one)
@@ -461,9 +479,12 @@ class ImageClassificationTrainer:
                 preprocessing=preprocessing, info={}, device=device, engine=self.engine,
             )  # fmt: skip
             tuner = None
-            if self.fine_tune:
+            if fine_tune:
+                budget = None if plan.time_limit is None else TimeBudget(plan.time_limit, started)
+                after = len(uncarved) + 2 * len(held_out)  # the detector's pass, then the evaluation's
                 tuner = self._fine_tune(model, images, train.kept, y_train, validation_set, val, y_val, device,
-                                        class_weights, checkpoint, saved, history, validation_note)  # fmt: skip
+                                        class_weights, checkpoint, saved, history, validation_note, options,
+                                        budget, after)  # fmt: skip
                 history_ft, best_epoch = tuner.history, tuner.kept_epoch
                 history += history_ft
                 if tuner.kept == "head-only" and carved:
@@ -501,6 +522,7 @@ class ImageClassificationTrainer:
             "history": [asdict(h) for h in history],
             "skipped": [{"file": n, "reason": r} for n, r in skipped],
             **({"fine_tune": tuner.summary()} if tuner is not None else {}),
+            "quality": {**plan.record(), "training_seconds": round(time.monotonic() - started, 1)},
             "extraction": {"extracted": pool.extracted, "cached": pool.cached, "engine": engine.name},
             "distributed": {"world_size": distributed.world_size(), "backend": distributed.backend_name()},
             "versions": library_versions(),
@@ -521,6 +543,29 @@ class ImageClassificationTrainer:
                 model, fit_head, (x_new, y_new, images), (held.features, y_held, held_out), fine_tuned
             )
         return model, held_out
+
+    def _plan_quality(self, arch, preprocessing, backbone, features: np.ndarray, training: list[ImageData],
+                      old) -> QualityPlan:  # fmt: skip
+        """What ``quality`` trains on these photos (:mod:`imgclf.training.presets`), each decision
+        said in one line (logger ``imgclf``; the CLI prints it). How far they are from ImageNet is
+        read from their pooled features, at no cost (:mod:`imgclf.nets.distance`)."""
+        from collections import Counter
+
+        from imgclf.nets.distance import feature_distance, imagenet_feature_moments
+
+        state = backbone if isinstance(backbone, dict) else backbone.state_dict()
+        moments = imagenet_feature_moments(arch, state)
+        distance = None if moments is None or not len(features) else feature_distance(features, moments)
+        why = None
+        if old is not None:
+            why = "training on from a model (--from) trains its head; the photos it learned from are not kept"
+        plan = plan_quality(self.quality, self.fine_tune, self.fine_tune_options, input_size=preprocessing.input_size,
+                            distance=distance, fewest_per_label=min(Counter(im.label for im in training).values()),
+                            time_limit=time_limit_seconds(self.time_limit), why_head_only=why)  # fmt: skip
+        if distributed.is_main_process():
+            for line in plan.lines:
+                logging.getLogger("imgclf").info("%s", line)
+        return plan
 
     def _fit_unknown(self, model, train_images, held_out, labels, fine_tuned: bool, from_pool,
                      device: str) -> None:  # fmt: skip
@@ -641,7 +686,8 @@ class ImageClassificationTrainer:
         return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
     def _fine_tune(self, model, images, kept, y_train, validation_set, val, y_val, device, class_weights,
-                   checkpoint, saved, head_history, validation_note: str | None):  # fmt: skip
+                   checkpoint, saved, head_history, validation_note: str | None, options: FineTuneOptions,
+                   budget: TimeBudget | None, passes_after: int):  # fmt: skip
         from imgclf.data.streaming import training_pictures
         from imgclf.training.finetune import FineTuner, decode_for_training, log
 
@@ -655,9 +701,9 @@ class ImageClassificationTrainer:
         val_pictures = None
         if val is not None and len(val.kept):
             val_pictures = pictures_of([validation_set[i] for i in val.kept])
-        tuner = FineTuner(model, self.fine_tune_options or FineTuneOptions(), device=device, seed=self.seed,
-                          tta=self.tta, class_weights=class_weights, callback=self._report_epoch,
-                          early_stopping=self.early_stopping, checkpoint=checkpoint)  # fmt: skip
+        tuner = FineTuner(model, options, device=device, seed=self.seed, tta=self.tta, class_weights=class_weights,
+                          callback=self._report_epoch, early_stopping=self.early_stopping, checkpoint=checkpoint,
+                          budget=budget, passes_after=passes_after)  # fmt: skip
         if validation_note:
             log.info("fine-tune: %s", validation_note)
         tuner.run(pictures, y_train, val_pictures, y_val, saved, prior_history=head_history)

@@ -1,0 +1,145 @@
+"""Presets and a time budget: the most accurate model the user's time allows.
+
+``quality`` (``--quality``) says how much training to do, ``time_limit`` (``--time-limit``)
+how long it may take:
+
+- ``fast``: the head alone, on the frozen backbone's cached features (seconds): today's
+  head-only model, exactly.
+- ``best``: the whole backbone fine-tuned at the test resolution on every training photo, for
+  a fixed schedule whose last epoch is kept (no validation carve-out: the photos it would hold
+  out train instead).
+- ``balanced`` (the default) decides from the folder, at no cost: photos like ImageNet keep the
+  head alone (fine-tuning gained half a point on the bundled flowers), photos unlike it (scans,
+  slides) are fine-tuned with the speed-first recipe (smaller crops, first blocks frozen, the
+  epoch chosen on held-out photos), inside the time limit: 10 minutes unless given. How far the
+  photos are from ImageNet is read from the pooled features the head is trained on
+  (:mod:`imgclf.nets.distance`), so the decision needs no pass through the network.
+
+A time limit is kept by planning: the first batches of fine-tuning are timed, the number of
+epochs that fit in what is left is planned (the learning-rate schedule is laid over them), and
+after every epoch the plan is checked against the clock; training stops only between epochs,
+keeping the best model so far, and says what a larger limit would have bought.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from imgclf.nets.distance import FEATURE_DISTANCE_THRESHOLD
+from imgclf.options import BALANCED_TIME_LIMIT_S, DURATION, QUALITIES, option_error, parse_duration
+from imgclf.training.budget import say_duration
+from imgclf.training.finetune import FineTuneOptions
+
+#: Per label, the fewest training photos with which a fine-tune can be checked against the head
+#: alone on held-out photos (the speed-first recipe's carve-out needs them: finetune.carve_validation).
+MIN_PHOTOS_TO_CHECK = 10
+
+
+def time_limit_seconds(value: str | float | None) -> float | None:
+    """``time_limit`` (seconds, or a duration such as ``"10m"``) in seconds; None stays None."""
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds is None:
+        raise option_error("time_limit", f"{{time_limit}} must be {DURATION.describe()}, got {value!r}")
+    return seconds
+
+
+def best_options(given: FineTuneOptions | None, input_size: int) -> FineTuneOptions:
+    """``best``'s recipe: training crops at the test size, no frozen blocks, no carve-out (every
+    photo trains; the schedule's last epoch is kept). Fields the caller changed from their
+    defaults are kept as given."""
+    options = replace(given) if given is not None else FineTuneOptions()
+    default = FineTuneOptions()
+    if options.train_size == default.train_size:
+        options.train_size = input_size
+    if options.frozen_blocks == default.frozen_blocks:
+        options.frozen_blocks = 0
+    if options.validation_fraction == default.validation_fraction:
+        options.validation_fraction = 0.0
+    return options
+
+
+@dataclass
+class QualityPlan:
+    """What a ``quality`` decided, before training: fine-tune or not, with which options, within
+    which time limit; ``lines`` say why (printed, and recorded in ``model.info["quality"]``)."""
+
+    asked: str
+    fine_tune: bool
+    options: FineTuneOptions | None
+    recipe: str  # "head only", "speed-first fine-tune" or "best fine-tune"
+    time_limit: float | None
+    distance: float | None = None
+    lines: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {"asked": self.asked, "recipe": self.recipe, "time_limit_s": self.time_limit,
+                "feature_distance": self.distance, "lines": list(self.lines)}  # fmt: skip
+
+
+def check_quality(quality: str, fine_tune: bool, from_model: object = None) -> None:
+    """Refuse a ``fine_tune`` that contradicts ``quality``, and ``best`` with ``from_model`` (one
+    line, before any work)."""
+    if quality not in QUALITIES:
+        raise option_error("quality", f"{{quality}} must be one of {', '.join(QUALITIES)}, got {quality!r}")
+    if quality == "fast" and fine_tune:
+        raise option_error(
+            "quality", "{quality} fast trains the head alone; drop {fine_tune} or choose balanced or best"
+        )
+    if quality == "best" and from_model is not None:
+        raise option_error("quality", "{from_model} with {quality} best: fine-tuning trains the backbone on the photos "
+                                      "themselves, which a model file does not keep; choose balanced or fast")  # fmt: skip
+
+
+def plan_quality(
+    quality: str,
+    fine_tune: bool,
+    options: FineTuneOptions | None,
+    *,
+    input_size: int,
+    distance: float | None,
+    fewest_per_label: int,
+    time_limit: float | None,
+    why_head_only: str | None = None,
+) -> QualityPlan:
+    """Decide what ``quality`` trains. ``fine_tune`` (``--fine-tune``) fine-tunes whatever
+    ``balanced`` would decide (``best`` fine-tunes anyway; ``fast`` refuses it). ``distance``: the photos'
+    feature distance from ImageNet (None: not known for this network); ``fewest_per_label``: the
+    training photos of the rarest label; ``why_head_only``: a reason these photos train the head
+    alone whatever is asked (multi-label, ``--from``), said in the line."""
+    check_quality(quality, fine_tune)
+    head = f"quality {quality}: head only"
+    if why_head_only is not None:
+        return QualityPlan(quality, False, None, "head only", None, distance, [f"{head}: {why_head_only}"])
+    if quality == "fast":
+        return QualityPlan(quality, False, None, "head only", None, distance,
+                           [f"{head} (on the frozen backbone's features: seconds)"])  # fmt: skip
+    within = "" if time_limit is None else f", within {say_duration(time_limit)} (--time-limit)"
+    if quality == "best":
+        o = best_options(options, input_size)
+        line = (f"quality best: fine-tune the backbone (all but {o.frozen_blocks} blocks) at {o.train_size} px on every "
+                f"training photo for {o.epochs} epochs, keeping the last{within}" if o.validation_fraction == 0 else
+                f"quality best: fine-tune at {o.train_size} px, {o.frozen_blocks} blocks frozen{within}")  # fmt: skip
+        return QualityPlan(quality, True, o, "best fine-tune", time_limit, distance, [line])
+    o = options or FineTuneOptions()
+    if fine_tune:  # balanced with the caller's --fine-tune: today's recipe, limited only when asked
+        return QualityPlan(quality, True, o, "speed-first fine-tune", time_limit, distance,
+                           [f"quality balanced with --fine-tune: the speed-first fine-tune{within}"])  # fmt: skip
+    limit = BALANCED_TIME_LIMIT_S if time_limit is None else time_limit
+    if distance is None:
+        return QualityPlan(quality, False, None, "head only", limit, None, [
+            f"{head}: how far the photos are from ImageNet cannot be read from this network's features; "
+            "--quality best fine-tunes"])  # fmt: skip
+    if distance < FEATURE_DISTANCE_THRESHOLD:
+        return QualityPlan(quality, False, None, "head only", limit, distance, [
+            f"{head}: the photos look like ImageNet (feature distance {distance:.3f} < {FEATURE_DISTANCE_THRESHOLD}), "
+            "where fine-tuning gained half a point on the flowers; --quality best fine-tunes anyway"])  # fmt: skip
+    unlike = f"the photos look unlike ImageNet (feature distance {distance:.3f} >= {FEATURE_DISTANCE_THRESHOLD})"
+    if fewest_per_label < MIN_PHOTOS_TO_CHECK:
+        return QualityPlan(quality, False, None, "head only", limit, distance, [
+            f"{head}: {unlike}, but a label has only {fewest_per_label} training photos, too few to check a "
+            f"fine-tune against the head alone ({MIN_PHOTOS_TO_CHECK} needed); --quality best fine-tunes anyway"])  # fmt: skip
+    return QualityPlan(quality, True, o, "speed-first fine-tune", limit, distance, [
+        f"quality balanced: fine-tune (the speed-first recipe) within {say_duration(limit)}: {unlike}, where "
+        "fine-tuning gained 5 points on brain MRI slices"])  # fmt: skip
