@@ -86,7 +86,8 @@ def test_balanced_decides_from_the_photos_and_says_why_in_one_line():
         assert len(plan.lines) == 1 and "\n" not in plan.lines[0] and said in plan.lines[0], plan.lines
     assert _plan(distance=0.21).time_limit == 600  # balanced's own limit: 10 minutes, docs/presets.md
     assert _plan(distance=0.21, time_limit=90).time_limit == 90
-    assert _plan(distance=0.21).options == FineTuneOptions()  # the speed-first recipe, unchanged
+    assert _plan(distance=0.21).options == best_options(None, 224)  # best's recipe, planned to the limit
+    assert _plan(distance=0.07, fine_tune=True).options == FineTuneOptions()  # --fine-tune: the speed-first one
     assert _plan("balanced", True, 0.07).time_limit is None  # --fine-tune alone: no limit unless given
     fast = _plan("fast", distance=0.3)
     assert not fast.fine_tune and fast.lines[0].startswith("quality fast: head only")

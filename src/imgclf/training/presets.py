@@ -10,8 +10,10 @@ how long it may take:
   out train instead).
 - ``balanced`` (the default) decides from the folder, at no cost: photos like ImageNet keep the
   head alone (fine-tuning gained half a point on the bundled flowers), photos unlike it (scans,
-  slides) are fine-tuned with the speed-first recipe (smaller crops, first blocks frozen, the
-  epoch chosen on held-out photos), inside the time limit: 10 minutes unless given. How far the
+  slides) are fine-tuned as ``best`` does, inside the time limit (10 minutes unless given):
+  the epochs that fit are planned, so a slow machine gets a shorter schedule, not a cut one.
+  (The speed-first recipe of ``--fine-tune``, smaller crops and the first blocks frozen, takes
+  half the time but gained less on the brain MRI folds: docs/benchmarks.md#presets.) How far the
   photos are from ImageNet is read from the pooled features the head is trained on
   (:mod:`imgclf.nets.distance`), so the decision needs no pass through the network.
 
@@ -30,9 +32,11 @@ from imgclf.options import BALANCED_TIME_LIMIT_S, DURATION, QUALITIES, option_er
 from imgclf.training.budget import say_duration
 from imgclf.training.finetune import FineTuneOptions
 
-#: Per label, the fewest training photos with which a fine-tune can be checked against the head
-#: alone on held-out photos (the speed-first recipe's carve-out needs them: finetune.carve_validation).
-MIN_PHOTOS_TO_CHECK = 10
+#: Per label, the fewest training photos with which ``balanced`` fine-tunes: the smallest folders
+#: measured had 32 (flowers) and 120 (brain-mri-600) a label; below 10 nothing was measured.
+MIN_PHOTOS_TO_FINE_TUNE = 10
+#: ``best`` over head-only on brain-mri-600, 5-fold mean (docs/benchmarks.md#presets): said in balanced's line.
+BRAIN_GAIN_POINTS = 6.0
 
 
 def time_limit_seconds(value: str | float | None) -> float | None:
@@ -136,10 +140,11 @@ def plan_quality(
             f"{head}: the photos look like ImageNet (feature distance {distance:.3f} < {FEATURE_DISTANCE_THRESHOLD}), "
             "where fine-tuning gained half a point on the flowers; --quality best fine-tunes anyway"])  # fmt: skip
     unlike = f"the photos look unlike ImageNet (feature distance {distance:.3f} >= {FEATURE_DISTANCE_THRESHOLD})"
-    if fewest_per_label < MIN_PHOTOS_TO_CHECK:
+    if fewest_per_label < MIN_PHOTOS_TO_FINE_TUNE:
         return QualityPlan(quality, False, None, "head only", limit, distance, [
-            f"{head}: {unlike}, but a label has only {fewest_per_label} training photos, too few to check a "
-            f"fine-tune against the head alone ({MIN_PHOTOS_TO_CHECK} needed); --quality best fine-tunes anyway"])  # fmt: skip
-    return QualityPlan(quality, True, o, "speed-first fine-tune", limit, distance, [
-        f"quality balanced: fine-tune (the speed-first recipe) within {say_duration(limit)}: {unlike}, where "
-        "fine-tuning gained 5 points on brain MRI slices"])  # fmt: skip
+            f"{head}: {unlike}, but a label has only {fewest_per_label} training photos; balanced fine-tunes from "
+            f"{MIN_PHOTOS_TO_FINE_TUNE} a label (fewer were not measured); --quality best fine-tunes anyway"])  # fmt: skip
+    o = best_options(options, input_size)
+    return QualityPlan(quality, True, o, "best fine-tune", limit, distance, [
+        f"quality balanced: fine-tune as --quality best does, within {say_duration(limit)}: {unlike}, where it "
+        f"gained {BRAIN_GAIN_POINTS:.0f} points on brain MRI slices"])  # fmt: skip
