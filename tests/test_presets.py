@@ -198,6 +198,7 @@ def test_fast_is_exactly_the_head_only_model(tmp_path, workspace, capsys):
     assert np.allclose(fast.head.weight.detach().numpy(), balanced.head.weight.detach().numpy(), atol=1e-6)
     assert balanced.info["quality"]["feature_distance"] < 0.12
     out = tmp_path / "m.imgclf"
+    capsys.readouterr()
     assert (
         main(["train", str(folder), "--quality", "fast", "--out", str(out), "--workspace", str(workspace), "-q"]) == 0
     )

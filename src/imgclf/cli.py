@@ -78,11 +78,19 @@ class _PrintHandler(logging.Handler):
         print(f"  {record.getMessage()}", flush=True)
 
 
-def _print_log_lines(name: str) -> None:
+@contextlib.contextmanager
+def _log_lines_printed(name: str):
+    """Logger ``name``'s INFO records printed as lines while the command runs, and not after it
+    (a Python caller of ``main`` keeps a quiet library)."""
     logger = logging.getLogger(name)
-    if not any(isinstance(h, _PrintHandler) for h in logger.handlers):
-        logger.addHandler(_PrintHandler())
+    handler, level = _PrintHandler(), logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _check_train_outputs(args: argparse.Namespace) -> None:
@@ -101,10 +109,11 @@ def _check_train_outputs(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from imgclf.training import distributed
 
-    if distributed.is_main_process():
-        return _train(args, distributed)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # rank 0 alone reports
-        return _train(args, distributed)
+    with _log_lines_printed("imgclf"):  # the quality's and the fine-tune's decisions, one line each
+        if distributed.is_main_process():
+            return _train(args, distributed)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # rank 0 alone reports
+            return _train(args, distributed)
 
 
 def _train(args: argparse.Namespace, distributed) -> int:
@@ -124,7 +133,6 @@ def _train(args: argparse.Namespace, distributed) -> int:
 
         fine_tune_options = FineTuneOptions(unfreeze=args.unfreeze, keep_orientation=args.keep_orientation,
                                             epochs=args.fine_tune_epochs)  # fmt: skip
-    _print_log_lines("imgclf")  # the quality's and the fine-tune's decisions, one line each
     early = None
     if args.early_stopping:
         early = EarlyStopping(metric=args.early_stopping_metric, min_delta=args.min_delta, patience=args.patience)
