@@ -53,8 +53,14 @@ def train_one(quality: str, train: list, test: list, workspace: str, seed: int, 
     seconds = time.perf_counter() - started
     info = model.info["quality"]
     tuned = model.info.get("fine_tune") or {}
+    flipped = None
+    if tuned:  # the same model with flip test-time augmentation: whether TTA would pay
+        model.tta = True
+        flipped = model.evaluate(test).micro_accuracy
+        model.tta = False
     return {
         "quality": quality, "accuracy": model.evaluate(test).micro_accuracy, "seconds": round(seconds, 1),
+        "accuracy_tta": flipped,
         "recipe": info["recipe"], "time_limit_s": info["time_limit_s"], "kept": tuned.get("kept"),
         "epochs": sum(1 for h in model.info["history"] if h["phase"] == "fine-tune"),
         "planned_epochs": tuned.get("planned_epochs"), "lines": info["lines"] + tuned.get("decisions", [])[-2:],

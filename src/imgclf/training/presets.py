@@ -122,9 +122,10 @@ def plan_quality(
     within = "" if time_limit is None else f", within {say_duration(time_limit)} (--time-limit)"
     if quality == "best":
         o = best_options(options, input_size)
-        line = (f"quality best: fine-tune the backbone (all but {o.frozen_blocks} blocks) at {o.train_size} px on every "
-                f"training photo for {o.epochs} epochs, keeping the last{within}" if o.validation_fraction == 0 else
-                f"quality best: fine-tune at {o.train_size} px, {o.frozen_blocks} blocks frozen{within}")  # fmt: skip
+        which = "the whole backbone" if o.frozen_blocks == 0 else f"all but the first {o.frozen_blocks} blocks"
+        photos = (f"every training photo for {o.epochs} epochs, keeping the last" if o.validation_fraction == 0 else
+                  f"{100 * (1 - o.validation_fraction):.0f}% of the photos, choosing the epoch on the others")  # fmt: skip
+        line = f"quality best: fine-tune {which} at {o.train_size} px on {photos}{within}"
         return QualityPlan(quality, True, o, "best fine-tune", time_limit, distance, [line])
     o = options or FineTuneOptions()
     if fine_tune:  # balanced with the caller's --fine-tune: today's recipe, limited only when asked
