@@ -150,7 +150,9 @@ def test_time_limit_plans_the_epochs_and_lays_the_schedule_over_them(tiny, tmp_p
     folder = small_flower_folder(tmp_path / "photos", per_class=4)
     costs = EpochCosts(step=1.0, steps=3, scoring=0.0, reserve=1.0)
     monkeypatch.setattr(budget.EpochCosts, "from_steps", classmethod(lambda cls, *a, **k: costs))
-    monkeypatch.setattr(budget.TimeBudget, "remaining", _clock([8.0]))  # 8 - 1 - 0 = 7: this epoch and 2 more
+    # at the probe (after the first epoch's 3 steps) 8 s are left: 8 - 1 (reserve) = 7, room for 2 more epochs of 3 s;
+    # after each epoch, plenty (so a slow machine's real epoch time does not stop it early)
+    monkeypatch.setattr(budget.TimeBudget, "remaining", _clock([8.0, 1e6]))
     model = _tiny_best(tiny, folder, workspace, time_limit="10m")
     tuned = [h for h in model.info["history"] if h["phase"] == "fine-tune"]
     info = model.info["fine_tune"]
