@@ -103,9 +103,11 @@ def test_best_recipe_and_what_the_caller_set():
 
 
 def test_epochs_are_planned_from_the_first_steps():
-    costs = EpochCosts.from_steps(6.0, 3, 30, 16, scored_images=72, passes_after=600)
-    assert costs.step == 2.0 and costs.epoch == pytest.approx(60 + 72 * 0.0625)  # 0.5 x 2 s / 16 images
+    # 3 steps of 16 images took 6 s; scoring at the test size (1.5x the crop's pixels) costs 1.5 / 3 of a step
+    costs = EpochCosts.from_steps(6.0, 3, 30, 16, scored_images=72, passes_after=600, pixel_ratio=1.5)
+    assert costs.step == 2.0 and costs.epoch == pytest.approx(60 + 72 * 0.0625)  # 1.5 / 3 x 2 s / 16 images
     assert costs.reserve == pytest.approx(600 * 0.0625 + 3)
+    assert EpochCosts.from_steps(6.0, 3, 30, 16, scored_images=72, passes_after=0).scoring == pytest.approx(72 / 24)
     assert epochs_that_fit(10_000, costs, 3, 10) == 10
     # 300 s left: reserve 40.5, rest of this epoch 54 + 4.5, then 64.5 s an epoch -> this one and 3 more
     assert epochs_that_fit(300, costs, 3, 10) == 4

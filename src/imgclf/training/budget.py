@@ -59,11 +59,12 @@ class EpochCosts:
 
     @classmethod
     def from_steps(cls, seconds: float, done: int, steps: int, batch: int, *, scored_images: int,
-                   passes_after: int) -> EpochCosts:  # fmt: skip
-        """From ``done`` steps (of ``batch`` images) that took ``seconds``: a forward pass of an
-        image costs about half its training step (measured on the CPU: 0.35 to 0.5)."""
+                   passes_after: int, pixel_ratio: float = 1.0) -> EpochCosts:  # fmt: skip
+        """From ``done`` steps (of ``batch`` images) that took ``seconds``. Scoring an image is a
+        forward pass, about a third of its training step (the backward pass costs twice the
+        forward), times ``pixel_ratio``: the test input's pixels over the training crop's."""
         step = seconds / max(1, done)
-        per_image = 0.5 * step / max(1, batch)
+        per_image = pixel_ratio / 3 * step / max(1, batch)
         return cls(step, steps, per_image * scored_images, per_image * passes_after + 3.0)
 
 

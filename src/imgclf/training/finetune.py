@@ -612,7 +612,7 @@ class FineTuner:
             self.head_only_score = self.evaluate(val_pictures, yv)
         scored = (len(val_pictures) * (2 if self.tta else 1) if has_val else 0) + (
             min(64, len(pictures)) if self.recipe.batch_norm == "adapt" else 0)  # fmt: skip
-        probe = None
+        probe, self._steps = None, len(loader)
         if self.budget is not None and start == 0:
             probe = self._time_probe(len(loader), scored)
         aborted = False
@@ -663,6 +663,10 @@ class FineTuner:
         self.recipe.decisions.append(line)
         log.info("fine-tune: %s", line)
 
+    def _pixel_ratio(self) -> float:
+        """The test input's pixels over the training crop's: what a scored image costs more."""
+        return (self.model.preprocessing.input_size / self.recipe.train_size) ** 2
+
     def _time_probe(self, steps: int, scored: int) -> Callable[[int, float], bool]:
         """Times the first steps of the first epoch, then plans the epochs that fit in the time
         left (every rank takes rank 0's plan); True (stop now) when not even this epoch fits."""
@@ -672,7 +676,7 @@ class FineTuner:
             if done != timed:
                 return False
             costs = EpochCosts.from_steps(seconds, done, steps, self.o.batch_size, scored_images=scored,
-                                          passes_after=self.passes_after)  # fmt: skip
+                                          passes_after=self.passes_after, pixel_ratio=self._pixel_ratio())  # fmt: skip
             planned = epochs_that_fit(self.budget.remaining(), costs, done, self.o.epochs)
             self.planned_epochs = distributed.broadcast_object(planned)
             self._costs = costs
@@ -688,8 +692,9 @@ class FineTuner:
             return False
         costs = getattr(self, "_costs", None)
         if costs is None:  # a resumed run: its first epoch is the measure
-            costs = EpochCosts.from_steps(epoch_seconds, 1, 1, self.o.batch_size, scored_images=scored,
-                                          passes_after=self.passes_after)  # fmt: skip
+            costs = EpochCosts.from_steps(epoch_seconds, self._steps, self._steps, self.o.batch_size,
+                                          scored_images=scored, passes_after=self.passes_after,
+                                          pixel_ratio=self._pixel_ratio())  # fmt: skip
         late = bool(distributed.broadcast_object(self.budget.remaining() - costs.reserve < epoch_seconds))
         if late:
             self.stopped_for_time = True
