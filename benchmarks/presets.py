@@ -18,31 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from imgclf import ImageClassificationTrainer, load_images_from_directory, sample_data_dir, stratified_folds
+from accuracy import default_brain_path, load_set  # the brain set's location and loading, as accuracy.py finds them
+from imgclf import ImageClassificationTrainer, stratified_folds
 from imgclf.options import QUALITIES, parse_duration
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def default_brain_path() -> Path:
-    for folder in REPO.parents:
-        candidate = folder / "shared" / "data" / "brain-mri-600"
-        if candidate.is_dir():
-            return candidate
-    return REPO.parent / "shared" / "data" / "brain-mri-600"
-
-
-def load_set(name: str, brain_path: Path) -> list:
-    if name == "flowers":
-        return load_images_from_directory(sample_data_dir("flowers"))
-    if not brain_path.is_dir():
-        sys.exit(f"{brain_path}: brain-mri-600 not found; pass --brain-path DIR, or run with --set flowers")
-    return load_images_from_directory(brain_path)
 
 
 def train_one(quality: str, train: list, test: list, workspace: str, seed: int, time_limit: str | None = None) -> dict:
