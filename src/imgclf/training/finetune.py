@@ -670,13 +670,18 @@ class FineTuner:
     def _time_probe(self, steps: int, scored: int) -> Callable[[int, float], bool]:
         """Times the first steps of the first epoch, then plans the epochs that fit in the time
         left (every rank takes rank 0's plan); True (stop now) when not even this epoch fits."""
-        timed = min(steps, max(3, steps // 10))
+        skip = 1 if steps > 3 else 0  # the first step pays one-off costs (allocations, the loader's start)
+        timed = min(steps, max(3, steps // 10) + skip)
+        first = [0.0]
 
         def probe(done: int, seconds: float) -> bool:
+            if done == skip:
+                first[0] = seconds
             if done != timed:
                 return False
-            costs = EpochCosts.from_steps(seconds, done, steps, self.o.batch_size, scored_images=scored,
-                                          passes_after=self.passes_after, pixel_ratio=self._pixel_ratio())  # fmt: skip
+            costs = EpochCosts.from_steps(seconds - first[0], done - skip, steps, self.o.batch_size,
+                                          scored_images=scored, passes_after=self.passes_after,
+                                          pixel_ratio=self._pixel_ratio())  # fmt: skip
             planned = epochs_that_fit(self.budget.remaining(), costs, done, self.o.epochs)
             self.planned_epochs = distributed.broadcast_object(planned)
             self._costs = costs
