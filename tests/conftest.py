@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` on 2 cores: a thread each, not two threads each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT: the default disposition, as in a
+    terminal. A test command started in the background by a non-interactive shell (``cmd &``)
+    inherits SIGINT ignored, and the child would never see the Ctrl-C the test sends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 FLOWERS = sample_data_dir("flowers")
 PREDICT = sample_data_dir("predict")
 SANITY = Path(__file__).parent / "data" / "imagenet-sanity"

@@ -21,7 +21,15 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from imgclf.cli import main  # noqa: E402
 
-from .conftest import CORRUPT, FLOWERS, PREDICT, assert_agrees_with_predict_json, predict_json, scoring_folder  # noqa: E402
+from .conftest import (  # noqa: E402
+    CORRUPT,
+    FLOWERS,
+    PREDICT,
+    assert_agrees_with_predict_json,
+    ctrl_c_as_in_a_terminal,
+    predict_json,
+    scoring_folder,
+)
 
 
 def run(capsys, *argv):
@@ -145,7 +153,8 @@ def _rows_committed(out: Path) -> int:
 def _stop_midway(cmd: list[str], out: Path, how: signal.Signals) -> subprocess.CompletedProcess:
     """Start ``cmd``, wait until it has committed rows beyond those already there, then send ``how``."""
     before = _rows_committed(out)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
     deadline = time.monotonic() + 60
     while _rows_committed(out) < before + 4 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

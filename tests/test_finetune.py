@@ -15,7 +15,7 @@ from imgclf import ImageClassificationTrainer, OptionError, load_images_from_dir
 from imgclf.cli import main  # noqa: E402
 from imgclf.training.finetune import FineTuneOptions  # noqa: E402
 
-from .conftest import FLOWERS, PREDICT, SANITY, small_flower_folder  # noqa: E402
+from .conftest import FLOWERS, PREDICT, SANITY, ctrl_c_as_in_a_terminal, small_flower_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,8 @@ def test_interrupt_then_resume(tmp_path, tiny_weights):
             "--fine-tune", "--fine-tune-epochs", "6", "--device", "cpu", "--out", str(tmp_path / "m.imgclf")]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(spy_code), os.environ.get("PYTHONPATH", "")]),
                IMGCLF_TEST_SPY_DIR=str(spy), IMGCLF_TEST_ONE_PROCESS="1", IMGCLF_TEST_PAUSE_AFTER="1")  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (spy / "paused").exists():
         time.sleep(0.05)
