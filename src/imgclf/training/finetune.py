@@ -407,7 +407,7 @@ class FineTuner:
     def __init__(self, model, options: FineTuneOptions, *, device: str, seed: int, tta: bool = False,
                  class_weights: torch.Tensor | None = None, callback: Callable | None = None,
                  early_stopping=None, checkpoint=None, budget=None, passes_after: int = 0):  # fmt: skip
-        """``budget`` (:class:`imgclf.training.presets.TimeBudget`): the run's time limit, which the
+        """``budget`` (:class:`imgclf.training.budget.TimeBudget`): the run's time limit, which the
         epochs are planned to fit; ``passes_after``: images the network still scores after the last
         epoch (what the plan keeps time for)."""
         import torchvision.transforms.v2 as T
@@ -433,6 +433,8 @@ class FineTuner:
         self.budget, self.passes_after = budget, passes_after
         self.planned_epochs = options.epochs  # fewer when a time limit allows fewer
         self.stopped_for_time = False
+        self._costs: EpochCosts | None = None  # an epoch's, once timed (a time limit only)
+        self._steps = 0  # training steps an epoch
         self._net = None
 
     # -- measuring the photos and deciding the recipe ------------------------------------------------
@@ -672,14 +674,15 @@ class FineTuner:
         left (every rank takes rank 0's plan); True (stop now) when not even this epoch fits."""
         skip = 1 if steps > 3 else 0  # the first step pays one-off costs (allocations, the loader's start)
         timed = min(steps, max(3, steps // 10) + skip)
-        first = [0.0]
+        first = 0.0  # seconds of the skipped step
 
         def probe(done: int, seconds: float) -> bool:
+            nonlocal first
             if done == skip:
-                first[0] = seconds
+                first = seconds
             if done != timed:
                 return False
-            costs = EpochCosts.from_steps(seconds - first[0], done - skip, steps, self.o.batch_size,
+            costs = EpochCosts.from_steps(seconds - first, done - skip, steps, self.o.batch_size,
                                           scored_images=scored, passes_after=self.passes_after,
                                           pixel_ratio=self._pixel_ratio())  # fmt: skip
             planned = epochs_that_fit(self.budget.remaining(), costs, done, self.o.epochs)
@@ -695,7 +698,7 @@ class FineTuner:
         """After an epoch: whether another would pass the time limit (then training stops here)."""
         if self.budget is None or epochs_done >= self.planned_epochs:
             return False
-        costs = getattr(self, "_costs", None)
+        costs = self._costs
         if costs is None:  # a resumed run: its first epoch is the measure
             costs = EpochCosts.from_steps(epoch_seconds, self._steps, self._steps, self.o.batch_size,
                                           scored_images=scored, passes_after=self.passes_after,

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from imgclf.nets.distance import FEATURE_DISTANCE_THRESHOLD
-from imgclf.options import BALANCED_TIME_LIMIT_S, DURATION, QUALITIES, option_error, parse_duration
+from imgclf.options import BALANCED_TIME_LIMIT_S, option_error
 from imgclf.training.budget import say_duration
 from imgclf.training.finetune import FineTuneOptions
 
@@ -37,16 +37,6 @@ from imgclf.training.finetune import FineTuneOptions
 MIN_PHOTOS_TO_FINE_TUNE = 10
 #: ``best`` over head-only on brain-mri-600, 5-fold mean (docs/benchmarks.md#presets): said in balanced's line.
 BRAIN_GAIN_POINTS = 6.0
-
-
-def time_limit_seconds(value: str | float | None) -> float | None:
-    """``time_limit`` (seconds, or a duration such as ``"10m"``) in seconds; None stays None."""
-    if value is None:
-        return None
-    seconds = parse_duration(value)
-    if seconds is None:
-        raise option_error("time_limit", f"{{time_limit}} must be {DURATION.describe()}, got {value!r}")
-    return seconds
 
 
 def best_options(given: FineTuneOptions | None, input_size: int) -> FineTuneOptions:
@@ -85,8 +75,6 @@ class QualityPlan:
 def check_quality(quality: str, fine_tune: bool, from_model: object = None) -> None:
     """Refuse a ``fine_tune`` that contradicts ``quality``, and ``best`` with ``from_model`` (one
     line, before any work)."""
-    if quality not in QUALITIES:
-        raise option_error("quality", f"{{quality}} must be one of {', '.join(QUALITIES)}, got {quality!r}")
     if quality == "fast" and fine_tune:
         raise option_error(
             "quality", "{quality} fast trains the head alone; drop {fine_tune} or choose balanced or best"
@@ -111,8 +99,8 @@ def plan_quality(
     ``balanced`` would decide (``best`` fine-tunes anyway; ``fast`` refuses it). ``distance``: the photos'
     feature distance from ImageNet (None: not known for this network); ``fewest_per_label``: the
     training photos of the rarest label; ``why_head_only``: a reason these photos train the head
-    alone whatever is asked (multi-label, ``--from``), said in the line."""
-    check_quality(quality, fine_tune)
+    alone whatever is asked (multi-label, ``--from``), said in the line. The arguments are
+    checked already (the option schema, :func:`check_quality`)."""
     head = f"quality {quality}: head only"
     if why_head_only is not None:
         return QualityPlan(quality, False, None, "head only", None, distance, [f"{head}: {why_head_only}"])

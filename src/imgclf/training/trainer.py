@@ -32,7 +32,15 @@ from imgclf.nets.archs import DEFAULT_ARCH, get_architecture, preprocessing_for
 from imgclf.nets.features import ExtractionResult, FeatureExtractor
 from imgclf.nets.pretrained import PretrainedNetwork
 from imgclf.nets.workspace import default_workspace
-from imgclf.options import DEFAULT_QUALITY, DEFAULT_UNKNOWN_RATE, KEEP_FEATURES_MB, install_hint, option_error, validate
+from imgclf.options import (
+    DEFAULT_QUALITY,
+    DEFAULT_UNKNOWN_RATE,
+    KEEP_FEATURES_MB,
+    install_hint,
+    option_error,
+    parse_duration,
+    validate,
+)
 from imgclf.options import LR_SCHEDULES as LR_SCHEDULES  # the names live in imgclf.options
 from imgclf.training import distributed
 from imgclf.training.budget import TimeBudget
@@ -41,7 +49,7 @@ from imgclf.training.finetune import FineTuneOptions, carve_validation
 from imgclf.training.history import BestEpoch, EarlyStopping, EpochMetrics
 from imgclf.training.optim import HeadSGD
 from imgclf.training.optim import learning_rate_at as learning_rate_at  # it lived here first
-from imgclf.training.presets import QualityPlan, check_quality, plan_quality, time_limit_seconds
+from imgclf.training.presets import QualityPlan, check_quality, plan_quality
 from imgclf.training.tracking import Tracker, Trackers, open_tracking
 
 
@@ -561,7 +569,7 @@ class ImageClassificationTrainer:
             why = "training on from a model (--from) trains its head; the photos it learned from are not kept"
         plan = plan_quality(self.quality, self.fine_tune, self.fine_tune_options, input_size=preprocessing.input_size,
                             distance=distance, fewest_per_label=min(Counter(im.label for im in training).values()),
-                            time_limit=time_limit_seconds(self.time_limit), why_head_only=why)  # fmt: skip
+                            time_limit=parse_duration(self.time_limit), why_head_only=why)  # fmt: skip
         if distributed.is_main_process():
             for line in plan.lines:
                 logging.getLogger("imgclf").info("%s", line)
