@@ -243,7 +243,9 @@ def test_http_api_carries_the_set(model_file, trained):
     with TestClient(create_app(model_file)) as client:
         r = client.post("/v1/predict", content=image.read_bytes(), headers={"content-type": "image/jpeg"})
     assert r.status_code == 200 and r.json()["row_version"] == 4
-    assert [x["label"] for x in r.json()["results"][0]["labels"]] == [lbl for lbl, _ in trained[0].predict(image).labels]
+    assert [x["label"] for x in r.json()["results"][0]["labels"]] == [
+        lbl for lbl, _ in trained[0].predict(image).labels
+    ]
 
 
 # --- what is not done yet refuses a multi-label model in one line ---
@@ -263,14 +265,61 @@ def test_reject_unknown_is_refused_and_loading_does_not_call_it_old(model_file, 
         assert err[-1].startswith("imgclf: error: --reject-unknown: ") and "multi-label" in err[-1], err
 
 
+def test_the_report_shows_what_fits_sets_of_labels(trained, model_file, manifest, tmp_path, capsys):
+    """The report of a multi-label model: evaluate's metrics, a precision-recall curve per label,
+    the calibration of every image-label probability, and the worst sets worst first, with
+    what was missed and what was said wrongly; from the CLI, on the manifest's test part."""
+    from imgclf.cli import main
+    from imgclf.insight.label_sets import label_calibration
+
+    model, held_out = trained
+    out = tmp_path / "report"
+    assert main(["report", str(model_file), str(manifest), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "measuring on" in capsys.readouterr().err  # the manifest's test part
+    data = json.loads((out / "report.json").read_text())
+    expected = model.evaluate(held_out).to_dict()
+    assert data["multilabel"] and data["metrics"]["count"] == 24
+    for key in ("mean_average_precision", "micro_f1", "macro_f1", "hamming_loss", "subset_accuracy"):
+        assert data["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
+    assert {"curves", "precision_recall", "calibration", "top_losses"} <= set(data["charts"])
+    assert all((out / name).stat().st_size > 5000 for name in data["charts"].values())
+    losses = [t["loss"] for t in data["top_losses"]]
+    assert len(losses) == 16 and losses == sorted(losses, reverse=True)
+    by_file = {Path(im.name).name: set(im.labels) for im in held_out}
+    for t in data["top_losses"]:
+        assert set(t["true"]) == by_file[Path(t["file"]).name]
+        said = {lbl for lbl, _ in model.predict(t["file"]).labels}
+        assert set(t["predicted"]) == said and set(t["missed"]) == set(t["true"]) - said
+        assert set(t["extra"]) == said - set(t["true"])
+    probs = np.array([[model.predict(im).scores[lbl] for lbl in model.labels] for im in held_out])
+    targets = np.array([[lbl in im.labels for lbl in model.labels] for im in held_out], float)
+    worst = (-np.where(targets > 0, np.log(probs), np.log1p(-probs))).sum(1).max()
+    assert losses[0] == pytest.approx(worst, rel=1e-4)
+    calibration = label_calibration(probs, targets)
+    assert sum(b["count"] for b in calibration["bins"]) == 24 * 4  # every image-label probability, once
+    assert data["calibration"]["expected_calibration_error"] == pytest.approx(
+        calibration["expected_calibration_error"], abs=1e-5)  # fmt: skip
+    html = (out / "index.html").read_text()
+    assert "mean average precision" in html and "multi-label" in html and "missed" in html
+    assert "precision_recall.png" in html and "confusion" not in html
+
+
+def test_label_calibration_by_hand():
+    from imgclf.insight.label_sets import label_calibration
+
+    probs = np.array([[0.05, 0.95], [0.15, 0.85]])  # bin 0: 0.05 (no), bin 1: 0.15 (yes); bins 8-9: 0.85, 0.95 (yes)
+    found = label_calibration(probs, np.array([[0, 1], [1, 1]]))
+    counts = [b["count"] for b in found["bins"]]
+    assert counts == [1, 1, 0, 0, 0, 0, 0, 0, 1, 1]
+    gaps = abs(0 - 0.05) + abs(1 - 0.15) + abs(1 - 0.85) + abs(1 - 0.95)
+    assert found["expected_calibration_error"] == pytest.approx(gaps / 4)
+
+
 def test_paths_not_done_yet_refuse_it(trained, manifest, tmp_path):
     from imgclf import ImageClassificationTrainer
     from imgclf.inference.precision import measure_precisions
-    from imgclf.insight.report import write_report
 
     model, held_out = trained
-    with pytest.raises(OptionError, match="single-label only"):
-        write_report(model, held_out, tmp_path / "report")
     with pytest.raises(OptionError, match="multi-label model runs at fp32"):
         measure_precisions(model, held_out, ["fp32", "bf16"])
     images = load_dataset(manifest).train

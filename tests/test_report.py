@@ -32,7 +32,7 @@ def test_report_from_the_model_file_alone_draws_its_history(small_model_file, tm
     width, height = png_size(tmp_path / "r" / "curves.png")
     assert width > 600 and height > 250
     html = (tmp_path / "r" / "index.html").read_text()
-    assert "curves.png" in html and "give a labelled FOLDER" in html
+    assert "curves.png" in html and "give labelled images" in html
 
 
 def test_report_on_a_folder_adds_calibration_and_top_losses(small_model, tmp_path):

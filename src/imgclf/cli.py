@@ -193,9 +193,6 @@ def _train(args: argparse.Namespace, distributed) -> int:
             if (args.nproc_per_node or 1) > 1 and not distributed.under_torchrun():
                 return distributed.launch(args.argv, args.nproc_per_node)  # N ranks of this command, torchrun
             labels = label_names(images)
-            if is_multilabel(images) and args.report:  # refused before training, not after it
-                raise OptionError("--report: the report page is single-label only for now; 'imgclf evaluate MODEL "
-                                  "DATA --json' gives a multi-label model's metrics")  # fmt: skip
             counts = "" if len(dataset.parts) < 2 else f" ({', '.join(f'{len(v)} {k}' for k, v in dataset.parts)})"
             kind = " (multi-label: sets of labels)" if is_multilabel(images) else ""
             print(f"Found {len(dataset.images)} images{counts} of {len(labels)} labels{kind} in {folder}: "

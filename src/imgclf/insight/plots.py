@@ -90,8 +90,11 @@ def confusion_matrices(matrix: np.ndarray, labels: Sequence[str], path: Path) ->
     return _save(figure, path)
 
 
-def reliability_diagram(bins: Sequence[dict], ece: float, path: Path) -> Path:
-    """Accuracy against confidence per bin (a calibrated model follows the diagonal), counts below."""
+def reliability_diagram(bins: Sequence[dict], ece: float, path: Path, *,
+                        binned: str = "probability of the predicted label", right: str = "accuracy",
+                        counted: str = "images") -> Path:  # fmt: skip
+    """Accuracy against confidence per bin (a calibrated model follows the diagonal), counts below;
+    the axis words say what was binned (a multi-label model bins every image-label probability)."""
     figure = _figure(5.2, 5.6)
     figure.subplots_adjust(left=0.13, right=0.97, bottom=0.09, top=0.94, hspace=0.06)
     top, bottom = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
@@ -99,33 +102,72 @@ def reliability_diagram(bins: Sequence[dict], ece: float, path: Path) -> Path:
     lefts = [b["low"] for b in bins]
     accuracy = [b["accuracy"] if b["count"] else 0 for b in bins]
     confidence = [b["confidence"] if b["count"] else 0 for b in bins]
-    top.bar(lefts, accuracy, width=width, align="edge", color="#1f77b4", edgecolor="white", label="accuracy")
+    top.bar(lefts, accuracy, width=width, align="edge", color="#1f77b4", edgecolor="white", label=right)
     low, high = np.minimum(accuracy, confidence), np.maximum(accuracy, confidence)
     top.bar(lefts, high - low, bottom=low, width=width, align="edge", facecolor="none", edgecolor="#d62728",
             hatch="//", linewidth=0.8, label="gap to mean confidence")  # fmt: skip
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
     top.set_ylim(0, 1)
     top.set_xlim(0, 1)
-    top.set_ylabel("accuracy")
+    top.set_ylabel(right)
     top.set_title(f"Reliability (expected calibration error {ece:.3f})")
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(lefts, [b["count"] for b in bins], width=width, align="edge", color="#7f7f7f", edgecolor="white")
-    bottom.set_xlabel("confidence (probability of the predicted label)")
-    bottom.set_ylabel("images")
+    bottom.set_xlabel(f"confidence ({binned})")
+    bottom.set_ylabel(counted)
     return _save(figure, path)
 
 
 def top_losses(items: Sequence[dict], pictures: Sequence, path: Path, columns: int = 4) -> Path:
-    """fastai's plot_top_losses: the worst-scored images with true / predicted label and probability."""
+    """fastai's plot_top_losses: the worst-scored images with true / predicted label and probability
+    (or the item's own ``title``)."""
     rows = max(1, int(np.ceil(len(items) / columns)))
-    figure = _figure(3.0 * columns, 3.3 * rows)
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (3.3 * rows), hspace=0.35, wspace=0.05)
+    shapes = [p.size for p in pictures if p is not None]
+    tall = min(1.0, float(np.median([h / w for w, h in shapes]))) if shapes else 1.0  # wide pictures: lower rows
+    row = 3.0 * tall + 0.3
+    figure = _figure(3.0 * columns, row * rows)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (row * rows), hspace=0.35, wspace=0.05)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
     for ax, item, picture in zip(axes, items, pictures):
         if picture is not None:
             ax.imshow(np.asarray(picture))
-        ax.set_title(f"true {item['true']} / predicted {item['predicted']}\n"
-                     f"p(true) {item['true_probability']:.2f}, loss {item['loss']:.2f}", fontsize=8)  # fmt: skip
+        title = item.get("title") or (f"true {item['true']} / predicted {item['predicted']}\n"
+                                      f"p(true) {item['true_probability']:.2f}, loss {item['loss']:.2f}")  # fmt: skip
+        ax.set_title(title, fontsize=8)
+    return _save(figure, path)
+
+
+def precision_recall_curves(probabilities: np.ndarray, targets: np.ndarray, labels: Sequence[str],
+                            thresholds: Sequence[float], path: Path) -> Path:  # fmt: skip
+    """A multi-label model's precision against recall per label, as the label's threshold falls,
+    with its average precision in the legend and a dot where its chosen threshold sits."""
+    from imgclf.inference.multilabel import average_precision
+
+    figure = _figure(5.6, 4.6)
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.93)
+    ax = figure.subplots()
+    colours = [f"C{i % 10}" for i in range(len(labels))]
+    for j, label in enumerate(labels):
+        relevant = np.asarray(targets)[:, j] > 0.5
+        if not relevant.any():
+            continue
+        scores = np.asarray(probabilities)[:, j]
+        order = np.argsort(-scores, kind="stable")
+        hits = np.cumsum(relevant[order])
+        precision, recall = hits / np.arange(1, len(order) + 1), hits / relevant.sum()
+        ap = average_precision(scores, relevant)
+        ax.step(np.r_[0.0, recall], np.r_[1.0, precision], where="post", color=colours[j],
+                label=f"{label} (AP {ap:.2f})")  # fmt: skip
+        said = scores >= thresholds[j]
+        if said.any():
+            ax.plot(relevant[said].sum() / relevant.sum(), relevant[said].mean(), "o", color=colours[j])
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall per label (dot: its threshold)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
     return _save(figure, path)

@@ -97,9 +97,11 @@ def top_losses(evaluated: Evaluated, labels: Sequence[str], top: int = TOP_LOSSE
 
 
 def check_outside_inputs(out: Path, images: Sequence[ImageData], option: str = "--out") -> None:
-    """Refuse a report folder inside the folder the images came from: its charts and
-    thumbnails would be read as a new label (or as more photos of one) by the next train."""
-    roots = {Path(im.source).parent.resolve().parent for im in images if isinstance(im.source, Path) and im.label}
+    """Refuse a report folder inside a folder whose subfolders are the labels of the images: its
+    charts and thumbnails would be read as a new label (or as more photos of one) by the next
+    train. Images a manifest lists are not such a folder's (the next train reads the manifest)."""
+    roots = {Path(im.source).parent.resolve().parent for im in images
+             if isinstance(im.source, Path) and im.label and Path(im.source).parent.name == im.label}  # fmt: skip
     target = out.resolve()
     for root in sorted(roots):
         if target == root or root in target.parents:
@@ -114,16 +116,11 @@ def write_report(
 
     Without ``images`` the page shows what the model file holds (history, held-out metrics).
     Images that cannot be read are left out of every number, listed on the page (and in
-    ``report.json``'s ``skipped``) and counted in one warning.
+    ``report.json``'s ``skipped``) and counted in one warning. A multi-label model's page
+    shows what fits sets of labels (:mod:`imgclf.insight.label_sets`).
     """
-    from imgclf.data.imaging import open_image
-    from imgclf.insight import plots
+    from imgclf.insight import label_sets, plots
 
-    if getattr(model, "multilabel", False):
-        from imgclf.errors import OptionError
-
-        raise OptionError("the report page is single-label only for now; 'imgclf evaluate MODEL DATA --json' gives "
-                          "a multi-label model's metrics")  # fmt: skip
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; give a folder for the report")
@@ -131,23 +128,43 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     labels = list(model.labels)
     history = list(model.info.get("history") or [])
-    evaluated = evaluate_images(model, images) if images else None
-    if evaluated is not None:
-        metrics = compute_metrics(evaluated.probabilities, evaluated.targets, labels).to_dict()
-        source = f"{len(evaluated.files)} images given to the report"
-    else:
-        metrics = model.info.get("metrics")
-        source = "the held-out images of training (from the model file)"
-    ran = model.engine_choice(len(images) if images else None).to_dict() if evaluated is not None else None
-    data: dict[str, Any] = {"model": name, "labels": labels, "metrics_from": source if metrics else None,
-                            "history": history, "metrics": metrics, "ran": ran}  # fmt: skip
+    metrics = model.info.get("metrics")
+    data: dict[str, Any] = {"model": name, "labels": labels, "multilabel": model.multilabel, "history": history,
+                            "metrics": metrics, "metrics_from": "the held-out images of training (from the model file)"
+                            if metrics else None, "ran": None}  # fmt: skip
     charts: dict[str, str] = {}
     if history:
         charts["curves"] = plots.training_curves(history, out / "curves.png").name
-    if metrics:
-        charts["confusion"] = plots.confusion_matrices(np.array(metrics["confusion_matrix"]), labels,
-                                                       out / "confusion.png").name  # fmt: skip
-        data["most_confused"] = most_confused(metrics["confusion_matrix"], labels)
+    if model.multilabel:
+        evaluated = label_sets.add_evaluation(model, images, out, data, charts, TOP_LOSSES)
+    else:
+        evaluated = _add_evaluation(model, images, out, data, charts)
+    if evaluated is not None:
+        data["ran"] = model.engine_choice(len(images)).to_dict()
+        if evaluated.skipped:
+            warnings.warn(f"left {len(evaluated.skipped)} unreadable image(s) out of the report (e.g. "
+                          f"{evaluated.skipped[0]['file']}); they are listed on the page", stacklevel=2)  # fmt: skip
+        _draw_top_losses(model, data, charts, out)
+    data["charts"] = charts
+    (out / "report.json").write_text(json.dumps(data, indent=2))
+    return write_page(out / "index.html", page(f"imgclf report: {name}", _body(data, Thumbnails(out))))
+
+
+def _add_evaluation(model: Predictor, images: Sequence[ImageData] | None, out: Path, data: dict,
+                    charts: dict) -> Evaluated | None:  # fmt: skip
+    """A single-label model's metrics (from the images, else the model file's held-out ones), its
+    confusion matrix, and calibration and top losses where there are per-image results."""
+    from imgclf.insight import plots
+
+    labels = list(model.labels)
+    evaluated = evaluate_images(model, images) if images else None
+    if evaluated is not None:
+        data["metrics"] = compute_metrics(evaluated.probabilities, evaluated.targets, labels).to_dict()
+        data["metrics_from"] = f"{len(evaluated.files)} images given to the report"
+    if data["metrics"]:
+        matrix = data["metrics"]["confusion_matrix"]
+        charts["confusion"] = plots.confusion_matrices(np.array(matrix), labels, out / "confusion.png").name
+        data["most_confused"] = most_confused(matrix, labels)
     if evaluated is not None:
         data["calibration"] = calibration(evaluated.probabilities, evaluated.targets)
         charts["calibration"] = plots.reliability_diagram(data["calibration"]["bins"],
@@ -155,28 +172,33 @@ def write_report(
                                                           out / "calibration.png").name  # fmt: skip
         data["top_losses"] = top_losses(evaluated, labels)
         data["skipped"] = evaluated.skipped
-        if evaluated.skipped:
-            warnings.warn(f"left {len(evaluated.skipped)} unreadable image(s) out of the report (e.g. "
-                          f"{evaluated.skipped[0]['file']}); they are listed on the page", stacklevel=2)  # fmt: skip
-        pictures = []
-        for item in data["top_losses"]:
-            try:
-                picture = open_image(item["file"], item["file"], draft_size=256)
-                picture.thumbnail((256, 256))
-            except ImageDecodeError:
-                picture = None
-            pictures.append(picture)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            charts["top_losses"] = plots.top_losses(data["top_losses"], pictures, out / "top_losses.png").name
-        from imgclf.insight.explained import overlay_thumbnails
+    return evaluated
 
-        for item, url in _matched(data["top_losses"], overlay_thumbnails(model, [t["file"] for t in data["top_losses"]],
-                                                                         out)):  # fmt: skip
-            item["overlay"] = url
-    data["charts"] = charts
-    (out / "report.json").write_text(json.dumps(data, indent=2))
-    return write_page(out / "index.html", page(f"imgclf report: {name}", _body(data, Thumbnails(out))))
+
+def _draw_top_losses(model: Predictor, data: dict, charts: dict, out: Path) -> None:
+    """The top losses as one picture, and under each the overlay of what the model looked at."""
+    from imgclf.data.imaging import open_image
+    from imgclf.insight import plots
+    from imgclf.insight.explained import overlay_thumbnails
+
+    pictures = []
+    for item in data["top_losses"]:
+        try:
+            picture = open_image(item["file"], item["file"], draft_size=256)
+            picture.thumbnail((256, 256))
+        except ImageDecodeError:
+            picture = None
+        pictures.append(picture)
+    drawn = data["top_losses"]
+    if data["multilabel"]:  # sets of labels: what it has and what was said
+        drawn = [{**t, "title": f"has {', '.join(t['true']) or 'none'}\nsaid {', '.join(t['predicted']) or 'none'}, "
+                                f"loss {t['loss']:.2f}"} for t in drawn]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        charts["top_losses"] = plots.top_losses(drawn, pictures, out / "top_losses.png").name
+    for item, url in _matched(data["top_losses"], overlay_thumbnails(model, [t["file"] for t in data["top_losses"]],
+                                                                     out)):  # fmt: skip
+        item["overlay"] = url
 
 
 def _matched(items: list[dict], urls: dict[str, str]):
@@ -190,9 +212,12 @@ def _number(value: float | None) -> str:
 
 
 def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
-    charts, metrics = data["charts"], data["metrics"]
+    from imgclf.insight import label_sets
+
+    charts, multilabel = data["charts"], data["multilabel"]
+    kind = "; multi-label: an image has a set of them" if multilabel else ""
     parts = [f"<h1>Training report</h1><p class='muted'>{escape(data['model'])}: "
-             f"{len(data['labels'])} labels ({escape(', '.join(data['labels']))})</p>"]  # fmt: skip
+             f"{len(data['labels'])} labels ({escape(', '.join(data['labels']))}){kind}</p>"]  # fmt: skip
     parts.append("<h2>Training curves</h2>")
     if "curves" in charts:
         phases = {h.get("phase", "head") for h in data["history"]}
@@ -201,56 +226,77 @@ def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
     else:
         parts.append("<p class='muted'>This model file holds no per-epoch history.</p>")
     parts.append("<h2>Evaluation</h2>")
-    if not metrics:
-        parts.append("<p class='muted'>No evaluation: the model file holds no held-out metrics; give a labelled "
-                     "FOLDER to evaluate on.</p>")  # fmt: skip
+    if not data["metrics"]:
+        parts.append("<p class='muted'>No evaluation: the model file holds no held-out metrics; give labelled "
+                     "images to evaluate on.</p>")  # fmt: skip
     else:
         if data.get("ran"):
             r = data["ran"]
             parts.append(f"<p class='muted'>Scored by {escape(r['engine'])} at {escape(r['precision'])} "
                          f"(CPU capabilities: {escape(r['cpu'])}).</p>")  # fmt: skip
-        parts.append(f"<p>On {escape(data['metrics_from'])}: accuracy <b>{metrics['micro_accuracy']:.4f}</b> "
-                     f"(macro {metrics['macro_accuracy']:.4f}), log-loss {metrics['log_loss']:.4f}.</p>")  # fmt: skip
-        rows = "".join(f"<tr><td>{escape(label)}</td><td class='num'>{_number(c['precision'])}</td>"
-                       f"<td class='num'>{_number(c['recall'])}</td><td class='num'>{_number(c['f1'])}</td>"
-                       f"<td class='num'>{c['support']}</td></tr>" for label, c in metrics["per_class"].items())  # fmt: skip
-        absent = [label for label, c in metrics["per_class"].items() if not c["support"]]
-        if absent:
-            rows += (f"<tr><td colspan='5' class='muted'>n/a: not measured, no image of {escape(', '.join(absent))} "
-                     "here; the macro accuracy leaves them out</td></tr>")  # fmt: skip
-        confused = "".join(f"<tr><td>{escape(c['true'])}</td><td>{escape(c['predicted'])}</td>"
-                           f"<td class='num'>{c['images']}</td></tr>" for c in data.get("most_confused", []))  # fmt: skip
-        parts.append(f"<div class='charts'><img class='chart' src='{charts['confusion']}' alt='confusion matrix'>"
-                     f"<div><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>images</th>"
-                     f"</tr>{rows}</table><h3>Most confused</h3>"
-                     + (f"<table><tr><th>true</th><th>predicted as</th><th>images</th></tr>{confused}</table>"
-                        if confused else "<p class='muted'>No mistakes.</p>") + "</div></div>")  # fmt: skip
+        parts.append(label_sets.evaluation_html(data) if multilabel else _evaluation_html(data))
     if data.get("skipped"):
         items = "".join(f"<li><code>{escape(item['file'])}</code>: {escape(item['reason'])}</li>"
                         for item in data["skipped"])  # fmt: skip
         parts.append(f"<h3>Unreadable images</h3><p class='muted'>{len(data['skipped'])} image(s) of the folder "
                      f"could not be read and are left out of every number on this page:</p><ul>{items}</ul>")  # fmt: skip
     parts.append("<h2>Calibration</h2>")
-    if "calibration" in charts:
+    if "calibration" not in charts:
+        parts.append("<p class='muted'>Needs per-image results: give labelled images.</p>")
+    elif multilabel:
+        parts.append(label_sets.calibration_html(data))
+    else:
         ece = data["calibration"]["expected_calibration_error"]
         parts.append(f"<img class='chart' src='{charts['calibration']}' alt='reliability diagram'>"
                      f"<p>Expected calibration error <b>{ece:.3f}</b>: on average the predicted label's "
                      f"probability is {ece * 100:.1f} points away from how often it is right.</p>")  # fmt: skip
-    else:
-        parts.append("<p class='muted'>Needs per-image results: give a labelled FOLDER.</p>")
     parts.append("<h2>Top losses</h2>")
     if data.get("top_losses"):
-        parts.append("<div class='cards'>" + "".join(
-            card(thumbs, t["file"], f"true <b>{escape(t['true'])}</b>, predicted <b>{escape(t['predicted'])}</b> "
-                 f"{t['probability']:.2f}<br>p(true) {t['true_probability']:.2f}, loss {t['loss']:.2f}"
-                 + (f"<img class='overlay' src='{escape(t['overlay'])}' alt='what it looked at for "
-                    f"{escape(t['predicted'])}'>" if t.get("overlay") else ""))
-            for t in data["top_losses"]) + "</div>")  # fmt: skip
+        parts.append("<div class='cards'>" + "".join(card(thumbs, t["file"], _loss_caption(t, multilabel))
+                                                     for t in data["top_losses"]) + "</div>")  # fmt: skip
         if any(t.get("overlay") for t in data["top_losses"]):
-            parts.append("<p class='muted'>Under each photo, what the model looked at for the label it predicted: "
-                         "its class activation map, red where the evidence was strongest.</p>")  # fmt: skip
+            which = "its most likely label" if multilabel else "the label it predicted"
+            parts.append(f"<p class='muted'>Under each photo, what the model looked at for {which}: its class "
+                         "activation map, red where the evidence was strongest.</p>")  # fmt: skip
         parts.append(f"<p class='muted'>As one picture: <a href='{charts['top_losses']}'>top_losses.png</a>; "
                      "the numbers: <a href='report.json'>report.json</a>.</p>")  # fmt: skip
     else:
-        parts.append("<p class='muted'>Needs per-image results: give a labelled FOLDER.</p>")
+        parts.append("<p class='muted'>Needs per-image results: give labelled images.</p>")
     return "".join(parts)
+
+
+def _evaluation_html(data: dict[str, Any]) -> str:
+    """The evaluation section of a single-label model: accuracy, the per-label table, the
+    confusion matrix and the most confused pairs."""
+    metrics, charts = data["metrics"], data["charts"]
+    summary = (f"<p>On {escape(data['metrics_from'])}: accuracy <b>{metrics['micro_accuracy']:.4f}</b> "
+               f"(macro {metrics['macro_accuracy']:.4f}), log-loss {metrics['log_loss']:.4f}.</p>")  # fmt: skip
+    rows = "".join(f"<tr><td>{escape(label)}</td><td class='num'>{_number(c['precision'])}</td>"
+                   f"<td class='num'>{_number(c['recall'])}</td><td class='num'>{_number(c['f1'])}</td>"
+                   f"<td class='num'>{c['support']}</td></tr>" for label, c in metrics["per_class"].items())  # fmt: skip
+    absent = [label for label, c in metrics["per_class"].items() if not c["support"]]
+    if absent:
+        rows += (f"<tr><td colspan='5' class='muted'>n/a: not measured, no image of {escape(', '.join(absent))} "
+                 "here; the macro accuracy leaves them out</td></tr>")  # fmt: skip
+    confused = "".join(f"<tr><td>{escape(c['true'])}</td><td>{escape(c['predicted'])}</td>"
+                       f"<td class='num'>{c['images']}</td></tr>" for c in data.get("most_confused", []))  # fmt: skip
+    return (summary + f"<div class='charts'><img class='chart' src='{charts['confusion']}' alt='confusion matrix'>"
+            f"<div><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>images</th>"
+            f"</tr>{rows}</table><h3>Most confused</h3>"
+            + (f"<table><tr><th>true</th><th>predicted as</th><th>images</th></tr>{confused}</table>"
+               if confused else "<p class='muted'>No mistakes.</p>") + "</div></div>")  # fmt: skip
+
+
+def _loss_caption(item: dict, multilabel: bool) -> str:
+    """A top loss's card caption, with the overlay of what the model looked at under it."""
+    from imgclf.insight.label_sets import worst_caption
+
+    if multilabel:
+        caption = worst_caption(item)
+    else:
+        caption = (f"true <b>{escape(item['true'])}</b>, predicted <b>{escape(item['predicted'])}</b> "
+                   f"{item['probability']:.2f}<br>p(true) {item['true_probability']:.2f}, loss {item['loss']:.2f}")  # fmt: skip
+    if item.get("overlay"):
+        looked = item["predicted"][0] if multilabel and item["predicted"] else item["predicted"]
+        caption += f"<img class='overlay' src='{escape(item['overlay'])}' alt='what it looked at for {escape(str(looked))}'>"
+    return caption
