@@ -13,7 +13,6 @@ pytest.importorskip("onnxruntime")
 pq = pytest.importorskip("pyarrow.parquet")
 ray = pytest.importorskip("ray")
 
-from imgclf.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray Data's own settings
 
@@ -29,7 +28,14 @@ def ray_session():
     ray.shutdown()
 
 
-def test_engine_ray_agrees_with_predict_json(ray_session, small_onnx_model, tmp_path, capsys):
+def _inputs(tmp_path: Path) -> tuple[list[Path], dict]:
+    """What the Ray run scores: a scoring folder (three unreadable files), a text list (a comment,
+    a missing file), a Hugging Face JSONL and a CSV with its own column names, and a folder with a
+    name that is not UTF-8 and a symlink loop (Ray's reader takes neither, so imgclf reads them
+    itself). Returns the inputs and what each file must get: predict --json's answer, or an error."""
+    import os
+    import shutil
+
     folder = scoring_folder(tmp_path / "images")
     listed = tmp_path / "lists"
     listed.mkdir()
@@ -37,83 +43,73 @@ def test_engine_ray_agrees_with_predict_json(ray_session, small_onnx_model, tmp_
     rose, sunflower = sorted((FLOWERS / "roses").glob("*.jpg"))[0], sorted((FLOWERS / "sunflowers").glob("*.jpg"))[0]
     (listed / "hf.jsonl").write_text(json.dumps({"file_name": str(rose), "label": "roses"}) + "\n")  # as train reads it
     (listed / "other.csv").write_text(f"image,note\n{sunflower},x\n")
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    shutil.copy(PREDICT / "classic-tulip.jpg", hostile / "tulip.jpg")
+    odd = os.fsencode(hostile) + b"/caf\xe9.jpg"
+    shutil.copy(PREDICT / "classic-daisy.jpg", odd)
+    os.symlink("loop.jpg", hostile / "loop.jpg")
+    inputs = [folder, listed / "more.txt", listed / "hf.jsonl", listed / "other.csv", hostile]
+    scored = [folder, PREDICT / "classic-tulip.jpg", rose, sunflower, hostile / "tulip.jpg"]
+    return inputs, {"scored": scored, "odd": os.fsdecode(odd), "shown": str(hostile / "caf\\xe9.jpg"),
+                    "loop": str(hostile / "loop.jpg"), "gone": str(tmp_path / "gone.jpg")}  # fmt: skip
+
+
+def test_engine_ray_in_a_fresh_process_agrees_with_predict_json_and_prints_only_its_line(small_onnx_model, tmp_path):
+    """``imgclf predict --engine ray --out`` as a user runs it (a fresh process starts its own Ray,
+    without -q): every input kind gives predict --json's answer to 1e-5, unreadable inputs are error
+    rows, Ray's writer keeps imgclf's metadata, and the output is imgclf's one line. Issue 21 item
+    14: it printed about 20 lines of Ray's INFO and WARNING (a token notice, a deprecation warning
+    caused by imgclf's own ``concurrency=``, the execution plan, progress logged as lines, a
+    core-worker line per actor)."""
+    import os
+    import subprocess
+    import sys
+
+    from imgclf.batch.writers import read_part_paths
+
+    inputs, known = _inputs(tmp_path)
     out = tmp_path / "results.parquet"
-    argv = ["predict", small_onnx_model, folder, listed / "more.txt", listed / "hf.jsonl", listed / "other.csv",
-            "--engine", "ray", "--out", out, "--workers", 2, "--top-k", 2, "-q"]  # fmt: skip
-    code = main([str(a) for a in argv])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    assert "Scored 11 image(s), 4 unreadable (error rows)" in stdout and "ray" in stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    run = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(small_onnx_model), *map(str, inputs),
+                          "--engine", "ray", "--out", str(out), "--workers", "2", "--top-k", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", run.stderr
+    assert run.stdout.startswith("Scored 13 image(s), 5 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
+
     table = pq.read_table(out)
-    rows = table.to_pylist()
-    expected = predict_json(small_onnx_model, folder, PREDICT / "classic-tulip.jpg", rose, sunflower)
-    expected[str(tmp_path / "gone.jpg")] = {"error": "missing"}
-    assert_agrees_with_predict_json(rows, expected)
-    assert {Path(r["path"]).name for r in rows if r["error"]} == CORRUPT | {"gone.jpg"}
     meta = json.loads(table.schema.metadata[b"imgclf"])  # Ray's writer kept the key-value metadata
     assert meta["labels"] == ["daisy", "dandelion", "tulips"] and meta["top_k"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith("_staging-")]
+    rows = table.to_pylist()
+    odd = {r["path"]: r for r in rows if r["path"] in (known["shown"], known["loop"])}
+    assert odd[known["shown"]]["label"] == "daisy"  # the name that is not UTF-8, shown escaped
+    assert "Too many levels of symbolic links" in odd[known["loop"]]["error"]
+    expected = predict_json(small_onnx_model, *known["scored"])
+    expected[known["gone"]] = {"error": "missing"}
+    assert_agrees_with_predict_json([r for r in rows if r["path"] not in odd], expected)
+    assert {Path(r["path"]).name for r in rows if r["error"]} == CORRUPT | {"gone.jpg", "loop.jpg"}
+    parts = [p for p in sorted(out.glob("*.parquet")) if p.name[0] not in "._"]  # Ray names its own parts
+    raw = [p for part in parts for p in read_part_paths(part, "parquet")]
+    assert known["odd"] in raw and known["loop"] in raw  # the undecodable name kept, byte for byte
 
-    # Python: predict_dataset on a Dataset of your own (its reader keeps one CPU: one actor here)
+
+def test_predict_dataset_scores_a_dataset_of_your_own(ray_session, small_onnx_model, tmp_path):
+    """Python: predict_dataset chained on a Dataset the caller read (its reader keeps one CPU: one
+    actor here), in a process where Ray is already running."""
     from imgclf.batch import predict_dataset
 
+    folder = scoring_folder(tmp_path / "images")
     images = ray.data.read_binary_files([str(folder / "classic-daisy.jpg"), str(folder / "truncated.jpg")],
                                         include_paths=True)  # fmt: skip
     chained = predict_dataset(small_onnx_model, images, workers=1).take_all()
     by_path = {r["path"]: r for r in chained}
     daisy = by_path[str(folder / "classic-daisy.jpg")]
     assert daisy["label"] == "daisy"
+    expected = predict_json(small_onnx_model, folder / "classic-daisy.jpg")
     assert abs(daisy["probability"] - expected[str(folder / "classic-daisy.jpg")]["probability"]) < 1e-5
     assert "corrupt or truncated" in by_path[str(folder / "truncated.jpg")]["error"]
-
-
-def test_engine_ray_takes_names_that_are_not_utf8_and_link_loops(ray_session, small_onnx_model, tmp_path, capsys):
-    """Issue 21 items 1 and 2 on Ray: Ray's reader takes neither, so imgclf reads them itself."""
-    import os
-    import shutil
-
-    from imgclf.batch.writers import read_part_paths
-
-    folder = tmp_path / "hostile"
-    folder.mkdir()
-    for f in sorted(PREDICT.glob("*.jpg")):
-        shutil.copy(f, folder / f.name)
-    odd = os.fsencode(folder) + b"/caf\xe9.jpg"
-    shutil.copy(PREDICT / "classic-daisy.jpg", odd)
-    os.symlink("loop.jpg", folder / "loop.jpg")
-    out = tmp_path / "r.parquet"
-    argv = ["predict", str(small_onnx_model), str(folder), "--engine", "ray", "--out", str(out), "--workers", "1", "-q"]
-    assert main(argv) == 0, capsys.readouterr().err
-    assert "Scored 3 image(s), 1 unreadable (error rows)" in capsys.readouterr().out
-    parts = [p for p in sorted(out.glob("*.parquet")) if p.name[0] not in "._"]  # Ray names its own parts
-    paths = [p for part in parts for p in read_part_paths(part, "parquet")]
-    assert sorted(paths) == sorted([*(str(folder / f.name) for f in PREDICT.glob("*.jpg")), os.fsdecode(odd),
-                                    str(folder / "loop.jpg")])  # fmt: skip
-    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
-    assert rows[str(folder / "caf\\xe9.jpg")]["label"] == "daisy"
-    assert "Too many levels of symbolic links" in rows[str(folder / "loop.jpg")]["error"]
-
-
-def test_a_run_prints_only_imgclfs_lines(small_onnx_model, tmp_path):
-    """Issue 21 item 14: `--engine ray` printed about 20 lines of Ray's INFO and WARNING (a token
-    notice, a deprecation warning caused by imgclf's own `concurrency=`, the execution plan,
-    progress logged as lines, a core-worker line per actor). A fresh process starts its own Ray."""
-    import os
-    import subprocess
-    import sys
-
-    folder = scoring_folder(tmp_path / "images")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    for quiet in ([],):  # without -q (what a user types first); -q only turns progress bars off
-        out = tmp_path / f"results{len(quiet)}.parquet"
-        run = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(small_onnx_model), str(folder), "--engine",
-                              "ray", "--out", str(out), "--workers", "1", *quiet], capture_output=True, text=True,
-                             env=env, timeout=300)  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        assert run.stderr == "", run.stderr
-        assert (
-            run.stdout.startswith("Scored 8 image(s), 3 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
-        )
 
 
 def test_the_stderr_filter_leaves_out_only_the_known_line(tmp_path):
