@@ -285,13 +285,13 @@ def test_the_report_shows_what_fits_sets_of_labels(trained, model_file, manifest
     assert all((out / name).stat().st_size > 5000 for name in data["charts"].values())
     losses = [t["loss"] for t in data["top_losses"]]
     assert len(losses) == 16 and losses == sorted(losses, reverse=True)
-    by_file = {Path(im.name).name: set(im.labels) for im in held_out}
+    predictions = dict(zip((im.name for im in held_out), model.predict_batch(held_out)))
     for t in data["top_losses"]:
-        assert set(t["true"]) == by_file[Path(t["file"]).name]
-        said = {lbl for lbl, _ in model.predict(t["file"]).labels}
-        assert set(t["predicted"]) == said and set(t["missed"]) == set(t["true"]) - said
-        assert set(t["extra"]) == said - set(t["true"])
-    probs = np.array([[model.predict(im).scores[lbl] for lbl in model.labels] for im in held_out])
+        image = next(im for im in held_out if im.name == t["file"])
+        said = {lbl for lbl, _ in predictions[t["file"]].labels}
+        assert set(t["true"]) == set(image.labels) and set(t["predicted"]) == said
+        assert set(t["missed"]) == set(t["true"]) - said and set(t["extra"]) == said - set(t["true"])
+    probs = np.array([[predictions[im.name].scores[lbl] for lbl in model.labels] for im in held_out])
     targets = np.array([[lbl in im.labels for lbl in model.labels] for im in held_out], float)
     worst = (-np.where(targets > 0, np.log(probs), np.log1p(-probs))).sum(1).max()
     assert losses[0] == pytest.approx(worst, rel=1e-4)
@@ -302,6 +302,49 @@ def test_the_report_shows_what_fits_sets_of_labels(trained, model_file, manifest
     html = (out / "index.html").read_text()
     assert "mean average precision" in html and "multi-label" in html and "missed" in html
     assert "precision_recall.png" in html and "confusion" not in html
+
+
+def test_a_multilabel_run_is_logged_to_mlflow_and_tensorboard(manifest, workspace, tmp_path, monkeypatch, capsys):
+    """``imgclf train MANIFEST --mlflow --tensorboard DIR`` on sets of labels: the run holds the
+    options, the head's epochs and the held-out multi-label metrics; its pyfunc model answers the
+    sets ``predict`` answers; TensorBoard shows the metrics and the images whose sets were wrong
+    (a local SQLite store: no server)."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from imgclf import load_model
+    from imgclf.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the artifacts beside the store
+    out, board = tmp_path / "m.imgclf", tmp_path / "board"
+    argv = ["train", str(manifest), "--epochs", "12", "--workspace", str(workspace), "--out", str(out), "-q",
+            "--mlflow", "--mlflow-experiment", "sets", "--tensorboard", str(board)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "warning:" not in capsys.readouterr().err
+    model = load_model(out)
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("sets").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "12"
+    assert len(client.get_metric_history(run.info.run_id, "head/train_loss")) == 12
+    for key in ("mean_average_precision", "micro_f1", "hamming_loss"):
+        assert run.data.metrics[f"test_{key}"] == pytest.approx(model.info["metrics"][key]), key
+    held_out = load_dataset(manifest).test
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    answers = pyfunc.predict(pd.DataFrame({"path": [im.name for im in held_out[:4]]}))
+    for im, row in zip(held_out[:4], answers.itertuples()):
+        assert [lbl for lbl, _ in model.predict(im).labels] == list(row.labels), im.name
+
+    events = EventAccumulator(str(board), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("head/train_loss")] == list(range(1, 13))
+    assert "test/mean_average_precision" in events.Tags()["scalars"]
+    assert "test/confusion_matrix" not in events.Tags()["images"]  # a confusion matrix does not fit sets
+    wrong = [im for im in held_out if {lbl for lbl, _ in model.predict(im).labels} != set(im.labels)]
+    shown = [t for t in events.Tags()["images"] if t.startswith("misclassified/")]
+    assert 0 < len(shown) <= len(wrong)
 
 
 def test_label_calibration_by_hand():

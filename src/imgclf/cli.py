@@ -39,7 +39,15 @@ EPILOG = """examples:
 """
 
 
+def _for_the_user(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
+    """The caught warnings a user of the command acts on: not deprecations, which are for the
+    developers of the code that raised them (SQLAlchemy under MLflow's default store turns its
+    own on, and it was a ``warning:`` line of every ``train --mlflow``)."""
+    return [w for w in caught if not issubclass(w.category, DeprecationWarning)]
+
+
 def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
+    caught = _for_the_user(caught)
     skipped = [str(w.message) for w in caught if str(w.message).startswith("skipped ")]
     for w in caught:
         if not str(w.message).startswith("skipped "):
@@ -53,7 +61,7 @@ def _print_skipped(caught: list[warnings.WarningMessage]) -> None:
 def _print_warnings_now(caught: list[warnings.WarningMessage]) -> None:
     """Print the warnings caught so far but the unreadable images (listed together at the end),
     and forget them: what is wrong with a folder is said before the work on it starts."""
-    now = [w for w in caught if not str(w.message).startswith("skipped ")]
+    now = [w for w in _for_the_user(caught) if not str(w.message).startswith("skipped ")]
     for w in now:
         print(f"warning: {w.message}", file=sys.stderr, flush=True)
         caught.remove(w)

@@ -64,9 +64,6 @@ def refuse_unsupported(trainer: Trainer) -> None:
     if trainer.precision not in ("auto", "fp32"):
         raise option_error("precision", f"{{precision}} {trainer.precision}: multi-label models are not certified "
                                         "at bf16 or int8 yet; use auto or fp32")  # fmt: skip
-    if trainer.tracking is not None:
-        raise option_error("tracking", "multi-label runs are not logged to MLflow or TensorBoard yet; drop the "
-                                       "tracking option")  # fmt: skip
     if distributed.world_size() > 1:
         raise OptionError("multi-label training runs in one process for now; drop --nproc-per-node")
 

@@ -304,24 +304,32 @@ def confusion_image(matrix: Sequence[Sequence[int]], cell: int = 24):
 
 
 def misclassified(model, images, most: int) -> list[tuple[str, Any]]:
-    """Up to ``most`` held-out images the model gets wrong: (what it said, the picture as HWC uint8)."""
+    """Up to ``most`` held-out images the model gets wrong: (what it said, the picture as HWC uint8).
+    A multi-label model is wrong on an image when the set it says is not the image's set."""
     import numpy as np
     from PIL import Image
 
+    from imgclf.data.images import label_set
+
     wrong = []
     for image, (_, outcome) in zip(images, model.iter_predictions((im, None) for im in images)):
-        if hasattr(outcome, "label") and outcome.label != image.label:
-            wrong.append((image, outcome))
-            if len(wrong) == most:
-                break
+        if not hasattr(outcome, "label"):  # unreadable
+            continue
+        if outcome.labels is not None:  # a set of labels
+            said = [name for name, _ in outcome.labels]
+            if set(said) != set(label_set(image)):
+                wrong.append((image, f"true {', '.join(label_set(image)) or 'none'}, said {', '.join(said) or 'none'}"))
+        elif outcome.label != image.label:
+            wrong.append((image, f"true {image.label}, predicted {outcome.label} ({outcome.probability:.2f})"))
+        if len(wrong) == most:
+            break
     pictures = []
-    for image, outcome in wrong:
+    for image, said in wrong:
         try:
             with Image.open(image.source) as opened:
                 picture = opened.convert("RGB")
                 picture.thumbnail((224, 224))
-                pictures.append((f"{image.name}: true {image.label}, predicted {outcome.label} "
-                                 f"({outcome.probability:.2f})", np.asarray(picture)))  # fmt: skip
+                pictures.append((f"{image.name}: {said}", np.asarray(picture)))
         except (OSError, TypeError, ValueError):
             continue
     return pictures
