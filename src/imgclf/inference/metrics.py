@@ -123,6 +123,28 @@ def compute_metrics(probabilities: np.ndarray, targets: Sequence[int], labels: S
     )
 
 
+def reliability(confidence: np.ndarray, hit: np.ndarray, bins: int = 10) -> dict:
+    """Calibration of probabilities: per bin of ``confidence``, how often the event ``hit``
+    happened against the mean probability said, and the expected calibration error (the gaps
+    weighted by the share of probabilities in each bin). The report bins a single-label model's
+    top probability (hit: it was right) and every label probability of a multi-label model
+    (hit: the image has the label)."""
+    confidence, hit = np.asarray(confidence, np.float64).ravel(), np.asarray(hit, bool).ravel()
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        count = int(inside.sum())
+        share = float(hit[inside].mean()) if count else None
+        said = float(confidence[inside].mean()) if count else None
+        if count:
+            ece += count / len(confidence) * abs(share - said)
+        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
+                      "accuracy": share, "confidence": said})  # fmt: skip
+    return {"expected_calibration_error": float(ece), "bins": table}
+
+
 def format_metrics(m: MulticlassMetrics) -> str:
     """A readable console report: summary, per-class table, confusion matrix."""
     absent = m.labels_not_measured

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from imgclf.data.images import ImageData, label_set
-from imgclf.errors import DataError, ImageDecodeError
+from imgclf.errors import DataError
+from imgclf.inference.metrics import reliability
 from imgclf.inference.multilabel import compute_multilabel_metrics, label_matrix, labels_over
 from imgclf.inference.predictor import Predictor
+from imgclf.insight.scored import score_images
 
 #: Reliability bins of the image-label probabilities.
 CALIBRATION_BINS = 10
@@ -43,38 +45,15 @@ def evaluate_label_sets(model: Predictor, images: Sequence[ImageData]) -> Evalua
     unknown = sorted({name for names in sets for name in names} - set(model.labels))
     if unknown:
         raise DataError(f"the images have labels the model does not know: {', '.join(unknown)}")
-    files, probs, kept, skipped = [], [], [], []
-    for names, (name, outcome) in zip(sets, model.iter_predictions((im.source, im.name) for im in images)):
-        if isinstance(outcome, ImageDecodeError):
-            skipped.append({"file": name, "reason": str(outcome)})
-            continue
-        files.append(name)
-        probs.append([outcome.scores[label] for label in model.labels])
-        kept.append(names)
-    if not files:
-        raise DataError("no readable images to evaluate the model on")
-    return EvaluatedSets(files, np.asarray(probs), label_matrix(kept, model.labels), skipped)
+    files, probs, kept, skipped = score_images(model, images)
+    return EvaluatedSets(files, probs, label_matrix([sets[i] for i in kept], model.labels), skipped)
 
 
 def label_calibration(probabilities: np.ndarray, targets: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
     """Reliability of every image-label probability: per bin, the share of those image-label
     pairs where the image has the label, against their mean probability; and the expected
-    calibration error (the gaps weighted by the pairs in each bin). The bins have the keys of
-    :func:`imgclf.insight.report.calibration`'s, so one chart draws both."""
-    p, y = np.asarray(probabilities, np.float64).ravel(), np.asarray(targets).ravel() > 0.5
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        inside = which == b
-        count = int(inside.sum())
-        share = float(y[inside].mean()) if count else None
-        mean_p = float(p[inside].mean()) if count else None
-        if count:
-            ece += count / len(p) * abs(share - mean_p)
-        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
-                      "accuracy": share, "confidence": mean_p})  # fmt: skip
-    return {"expected_calibration_error": float(ece), "bins": table}
+    calibration error."""
+    return reliability(probabilities, np.asarray(targets) > 0.5, bins)
 
 
 def worst_sets(evaluated: EvaluatedSets, labels: Sequence[str], thresholds: Sequence[float], top: int) -> list[dict]:

@@ -21,9 +21,10 @@ import numpy as np
 
 from imgclf.data.images import ImageData
 from imgclf.errors import DataError, ImageDecodeError
-from imgclf.inference.metrics import compute_metrics
+from imgclf.inference.metrics import compute_metrics, reliability
 from imgclf.inference.predictor import Predictor
 from imgclf.insight.pages import Thumbnails, card, page, write_page
+from imgclf.insight.scored import score_images
 
 CALIBRATION_BINS = 10
 TOP_LOSSES = 16
@@ -44,36 +45,14 @@ def evaluate_images(model: Predictor, images: Sequence[ImageData]) -> Evaluated:
     unknown = sorted({im.label for im in images if im.label not in model.labels})
     if unknown:
         raise DataError(f"the images have labels the model does not know: {', '.join(map(str, unknown))}")
-    files, probs, targets, skipped = [], [], [], []
-    for im, (name, outcome) in zip(images, model.iter_predictions((im.source, im.name) for im in images)):
-        if isinstance(outcome, ImageDecodeError):
-            skipped.append({"file": name, "reason": str(outcome)})
-            continue
-        files.append(name)
-        probs.append([outcome.scores[label] for label in model.labels])
-        targets.append(model.labels.index(im.label))
-    if not files:
-        raise DataError("no readable images to evaluate the model on")
-    return Evaluated(files, np.asarray(probs), np.asarray(targets), skipped)
+    files, probs, kept, skipped = score_images(model, images)
+    targets = [model.labels.index(images[i].label) for i in kept]
+    return Evaluated(files, probs, np.asarray(targets), skipped)
 
 
 def calibration(probabilities: np.ndarray, targets: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
     """Reliability bins of the top probability and the expected calibration error (their weighted gap)."""
-    confidence = probabilities.max(1)
-    correct = probabilities.argmax(1) == targets
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        inside = which == b
-        count = int(inside.sum())
-        acc = float(correct[inside].mean()) if count else None
-        conf = float(confidence[inside].mean()) if count else None
-        if count:
-            ece += count / len(targets) * abs(acc - conf)
-        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count,
-                      "accuracy": acc, "confidence": conf})  # fmt: skip
-    return {"expected_calibration_error": float(ece), "bins": table}
+    return reliability(probabilities.max(1), probabilities.argmax(1) == targets, bins)
 
 
 def most_confused(matrix: Sequence[Sequence[int]], labels: Sequence[str], top: int = 5) -> list[dict]:
