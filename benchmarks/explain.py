@@ -23,6 +23,7 @@ cells against the random cells (the same shape of mask, only the cells' choice d
     python benchmarks/explain.py                 # about 2 minutes on 2 cores
     python benchmarks/explain.py --fill blur     # masked pixels blurred instead of grey
     python benchmarks/explain.py --map contrast  # the label's map minus the probability-weighted others'
+    python benchmarks/explain.py --map smooth    # the map smoothed over neighbouring cells (a receptive field)
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def main() -> int:
     parser.add_argument("--workspace", default=None, help="feature cache (default: imgclf's)")
     parser.add_argument("--fill", choices=("mean", "blur", "black"), default="mean",
                         help="what masked pixels become: the normalisation mean, the image Gaussian-blurred (sigma 8 pixels), or black")
-    parser.add_argument("--map", choices=("cam", "contrast"), default="cam",
-                        help="cam: W_c . F + b_c; contrast: that minus the probability-weighted maps of all labels")
+    parser.add_argument("--map", choices=("cam", "contrast", "smooth"), default="cam",
+                        help="cam: W_c . F + b_c; contrast: that minus the probability-weighted maps of all labels; "
+                             "smooth: the cam Gaussian-smoothed over the cells (--sigma cells; its minimum outside)")
+    parser.add_argument("--sigma", type=float, default=1.0, help="--map smooth: the smoothing, in cells")
     args = parser.parse_args()
     started = time.perf_counter()
     flowers = load_images_from_directory(sample_data_dir("flowers"))
@@ -104,6 +107,10 @@ def main() -> int:
             if args.map == "contrast":
                 probs = np.exp(logp)
                 cells = cells - np.tensordot(probs, maps[0], axes=(0, 0))
+            elif args.map == "smooth":  # deleting a cell also changes its neighbours' features
+                from scipy.ndimage import gaussian_filter
+
+                cells = gaussian_filter(cells.astype(np.float64), args.sigma, mode="constant", cval=float(cells.min()))
             cells_shape = cells.shape
             batch, owners = [], []
             for strategy, group in masks(cells, size, args.fraction, args.draws, rng).items():

@@ -303,6 +303,15 @@ def test_the_report_shows_what_fits_sets_of_labels(trained, model_file, manifest
     assert "mean average precision" in html and "multi-label" in html and "missed" in html
     assert "precision_recall.png" in html and "confusion" not in html
 
+    from imgclf import load_model
+    from imgclf.insight.report import write_report
+
+    saved = load_model(model_file)  # the model file alone: the held-out metrics train saves in it
+    saved.info["metrics"] = expected
+    alone = json.loads((write_report(saved, None, tmp_path / "alone").parent / "report.json").read_text())
+    assert alone["metrics"]["mean_average_precision"] == expected["mean_average_precision"]
+    assert list(alone["charts"]) == ["curves"] and "held-out images of training" in alone["metrics_from"]
+
 
 def test_a_multilabel_run_is_logged_to_mlflow_and_tensorboard(manifest, workspace, tmp_path, monkeypatch, capsys):
     """``imgclf train MANIFEST --mlflow --tensorboard DIR`` on sets of labels: the run holds the
