@@ -65,15 +65,16 @@ def imgclf(*args: str) -> str:
     return done.stdout
 
 
-def one_round(seed: int, train: int, test: int, tmp: Path) -> dict[str, dict]:
+def one_round(seed: int, train: int, test: int, tmp: Path, arch: str = "efficientnet_lite0",
+              frames: tuple[str, ...] = ("whole", "crop")) -> dict[str, dict]:  # fmt: skip
     manifest = build_set(tmp / f"round-{seed}", seed, train, test)
     workspace = tmp / "workspace"  # shared: each preprocessing has its own cached features
     found = {}
-    for frame in ("whole", "crop"):
+    for frame in frames:
         model = tmp / f"round-{seed}-{frame}.imgclf"
         started = time.perf_counter()
         imgclf("train", str(manifest), "--out", str(model), "--frame", frame, "--workspace", str(workspace),
-               "--seed", str(seed), "--quiet")  # fmt: skip
+               "--seed", str(seed), "--arch", arch, "--quiet")  # fmt: skip
         seconds = time.perf_counter() - started
         said = json.loads(imgclf("evaluate", str(model), str(manifest), "--json"))
         found[frame] = {"map": said["mean_average_precision"], "micro_f1": said["micro_f1"],
@@ -92,11 +93,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
     parser.add_argument("--train", type=int, default=400, help="training mosaics per round")
     parser.add_argument("--test", type=int, default=100, help="held-out mosaics per round")
+    parser.add_argument("--arch", default="efficientnet_lite0", help="the backbone (imgclf train --arch)")
+    parser.add_argument("--frames", default="whole,crop", help="the preprocessings to compare (--frame)")
     args = parser.parse_args()
     seeds = [1] if args.quick else [1, 2, 3]
+    frames = tuple(args.frames.split(","))
     with tempfile.TemporaryDirectory(prefix="imgclf-multilabel-") as tmp:
-        rounds = [one_round(seed, args.train, args.test, Path(tmp)) for seed in seeds]
-    for frame in ("whole", "crop"):
+        rounds = [one_round(seed, args.train, args.test, Path(tmp), args.arch, frames) for seed in seeds]
+    for frame in frames:
         maps = [r[frame]["map"] for r in rounds]
         f1s = [r[frame]["micro_f1"] for r in rounds]
         print(f"frame {frame}: mAP {statistics.mean(maps):.4f} (min {min(maps):.4f})  micro-F1 "

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ def worst_sets(evaluated: EvaluatedSets, labels: Sequence[str], thresholds: Sequ
     return worst
 
 
-def add_evaluation(model: Predictor, images: Sequence[ImageData] | None, out, data: dict, charts: dict,
+def add_evaluation(model: Predictor, images: Sequence[ImageData] | None, out: Path, data: dict, charts: dict,
                    top: int) -> EvaluatedSets | None:  # fmt: skip
     """Fill the report's ``data`` and ``charts`` for a multi-label model: its metrics (from the
     images, else the model file's held-out ones), the precision-recall curves, calibration and
