@@ -185,6 +185,11 @@ def _matched(items: list[dict], urls: dict[str, str]):
     return [(item, urls[item["file"]]) for item in items if item["file"] in urls]
 
 
+def _cpu_words(capabilities: str) -> str:
+    """The CPU capabilities that decide the precision, as the page says them ("none" read as no capabilities at all)."""
+    return "a CPU without native bf16 or VNNI" if capabilities == "none" else f"CPU with {escape(capabilities)}"
+
+
 def _number(value: float | None) -> str:
     """A metric on the page, or n/a where it was not measured (a label without images)."""
     return "n/a" if value is None else f"{value:.3f}"
@@ -212,7 +217,7 @@ def _body(data: dict[str, Any], thumbs: Thumbnails) -> str:
         if data.get("ran"):
             r = data["ran"]
             parts.append(f"<p class='muted'>Scored by {escape(r['engine'])} at {escape(r['precision'])} "
-                         f"(CPU capabilities: {escape(r['cpu'])}).</p>")  # fmt: skip
+                         f"({_cpu_words(r['cpu'])}).</p>")  # fmt: skip
         parts.append(label_sets.evaluation_html(data) if multilabel else _evaluation_html(data))
     if data.get("skipped"):
         items = "".join(f"<li><code>{escape(item['file'])}</code>: {escape(item['reason'])}</li>"
