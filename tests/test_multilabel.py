@@ -356,6 +356,32 @@ def test_a_multilabel_run_is_logged_to_mlflow_and_tensorboard(manifest, workspac
     assert 0 < len(shown) <= len(wrong)
 
 
+def test_a_manifest_of_test_rows_alone_is_evaluated_and_sets_on_a_single_label_model_are_one_line(
+    model_file, manifest, small_model_file, tmp_path, capsys
+):
+    """A manifest whose split column holds test rows alone is measured on them (it was refused as
+    having no train rows); a single-label model given sets of labels says so in one line (it
+    listed every 'a;b' as a label it does not know)."""
+    from imgclf.cli import main
+
+    rows = [r for r in csv.reader(open(manifest))]
+    only_test = tmp_path / "test-only.csv"
+    with open(only_test, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *[(str(manifest.parent / r[0]), *r[1:]) for r in rows[1:] if r[2] == "test"]])
+    capsys.readouterr()
+    assert main(["evaluate", str(model_file), str(only_test), "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["count"] == 24
+    for argv in (["evaluate", str(small_model_file), str(only_test)],
+                 ["report", str(small_model_file), str(only_test), "--out", str(tmp_path / "r")]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == ("imgclf: error: these images have sets of labels (a manifest cell like 'a;b') and the "
+                           "model is single-label: evaluate a multi-label model on them, or give each image one "
+                           "label"), err  # fmt: skip
+    assert main(["train", str(only_test), "--workspace", str(tmp_path / "ws")]) == 2  # training still needs train rows
+    assert "no row has 'split' train" in capsys.readouterr().err
+
+
 def test_label_calibration_by_hand():
     from imgclf.insight.label_sets import label_calibration
 

@@ -396,7 +396,7 @@ def _evaluation_images(args: argparse.Namespace) -> list:
     one, else all of it; one line on stderr says which when the input is more than a folder."""
     from imgclf.data.layouts import evaluation_images, load_dataset
 
-    dataset = load_dataset(args.folder, **_manifest_columns(args))
+    dataset = load_dataset(args.folder, **_manifest_columns(args), for_training=False)
     images, which = evaluation_images(dataset)
     if len(dataset.parts) > 1 or dataset.manifests:
         print(f"imgclf: {dataset.layout}; measuring on {which}", file=sys.stderr, flush=True)

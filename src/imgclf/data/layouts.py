@@ -76,17 +76,18 @@ class Dataset:
 
 
 def load_dataset(source: str | Path, *, path_column: str | None = None, label_column: str | None = None,
-                 label_map: str | Path | None = None) -> Dataset:  # fmt: skip
+                 label_map: str | Path | None = None, for_training: bool = True) -> Dataset:  # fmt: skip
     """The labelled images of ``source``: a folder (one subfolder per label, or ``train/``, ``val/``,
     ``test/`` folders of them), or a manifest. ``path_column`` and ``label_column`` name a
     manifest's columns (detected when None); ``label_map`` (a JSON object or list, or a text file
-    with one name per line) names the labels a manifest gives as numbers."""
+    with one name per line) names the labels a manifest gives as numbers. ``for_training=False``
+    (what evaluation reads): a manifest whose split column has no ``train`` row is fine."""
     text = str(source)
     names = {"path_column": path_column, "label_column": label_column, "label_map": label_map}
     if is_table(text):
         if not is_uri(text) and os.path.isdir(text):
             raise DataError(f"{text}: is a folder, not a manifest file")
-        return _from_manifest(text, **names, what="manifest")
+        return _from_manifest(text, **names, what="manifest", for_training=for_training)
     if is_manifest(text) and not os.path.isdir(text):
         _path_column(text, None)  # a .txt list: one line saying what a labelled manifest needs
     if is_uri(text):
@@ -189,7 +190,7 @@ def _from_split_folders(root: Path, parts: dict[str, Path], names: dict) -> Data
 
 
 def _from_manifest(manifest: str, *, path_column: str | None, label_column: str | None,
-                   label_map: str | Path | None, what: str) -> Dataset:  # fmt: skip
+                   label_map: str | Path | None, what: str, for_training: bool = True) -> Dataset:  # fmt: skip
     """A manifest's rows as a :class:`Dataset`: one part, or the parts its ``split`` column names."""
     columns = columns_of(manifest)
     paths = _path_column(manifest, path_column)
@@ -214,9 +215,9 @@ def _from_manifest(manifest: str, *, path_column: str | None, label_column: str 
         _warn_duplicates(manifest, duplicates)
     if split is None:
         return Dataset(by_part["train"], layout=said, duplicate_rows=duplicates, manifests=[manifest])
-    if not by_part.get("train"):
+    if for_training and not by_part.get("train"):
         raise DataError(f"{manifest}: no row has '{split}' train; the training images are the train rows")
-    return Dataset(by_part["train"], by_part.get("val"), by_part.get("test"), layout=said,
+    return Dataset(by_part.get("train", []), by_part.get("val"), by_part.get("test"), layout=said,
                    duplicate_rows=duplicates, manifests=[manifest])  # fmt: skip
 
 

@@ -72,6 +72,11 @@ def image_source(image: Any, name: str | None = None) -> tuple[ImageSource, str]
     raise DataError(f"cannot read an image from {type(image).__name__}; give {ACCEPTED}")
 
 
+#: What evaluating a single-label model on images labelled with sets of labels says.
+SETS_FOR_A_SINGLE_LABEL_MODEL = ("these images have sets of labels (a manifest cell like 'a;b') and the model is "
+                                 "single-label: evaluate a multi-label model on them, or give each image one label")
+
+
 @dataclass
 class Prediction:
     """The predicted label, its probability, and the probability of every label.
@@ -329,6 +334,8 @@ class Predictor:
                                                  "yet; drop {reject_unknown}")  # fmt: skip
         if self.multilabel:
             return self._evaluate_multilabel(items)
+        if isinstance(images, (list, tuple)) and any(getattr(im, "labels", None) is not None for im in images):
+            raise DataError(SETS_FOR_A_SINGLE_LABEL_MODEL)
         unknown = sorted({label for _, _, label in items if label not in self.labels})
         if unknown:
             said = ", ".join(repr(x) for x in unknown) if from_folders else ", ".join(unknown)

@@ -22,7 +22,7 @@ import numpy as np
 from imgclf.data.images import ImageData
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import compute_metrics, reliability
-from imgclf.inference.predictor import Predictor
+from imgclf.inference.predictor import SETS_FOR_A_SINGLE_LABEL_MODEL, Predictor
 from imgclf.insight.pages import Thumbnails, card, page, write_page
 from imgclf.insight.scored import score_images
 
@@ -42,6 +42,8 @@ class Evaluated:
 
 def evaluate_images(model: Predictor, images: Sequence[ImageData]) -> Evaluated:
     """Probabilities for every readable labelled image; unreadable ones are listed, not fatal."""
+    if any(im.labels is not None for im in images):
+        raise DataError(SETS_FOR_A_SINGLE_LABEL_MODEL)
     unknown = sorted({im.label for im in images if im.label not in model.labels})
     if unknown:
         raise DataError(f"the images have labels the model does not know: {', '.join(map(str, unknown))}")
