@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.data.images import ImageData
+from imgclf.data.images import ImageData, is_multilabel
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import compute_metrics, reliability
 from imgclf.inference.predictor import SETS_FOR_A_SINGLE_LABEL_MODEL, Predictor
@@ -42,7 +42,7 @@ class Evaluated:
 
 def evaluate_images(model: Predictor, images: Sequence[ImageData]) -> Evaluated:
     """Probabilities for every readable labelled image; unreadable ones are listed, not fatal."""
-    if any(im.labels is not None for im in images):
+    if is_multilabel(images):
         raise DataError(SETS_FOR_A_SINGLE_LABEL_MODEL)
     unknown = sorted({im.label for im in images if im.label not in model.labels})
     if unknown:

@@ -497,11 +497,11 @@ class FineTuner:
                                    "lr": o.learning_rate})  # fmt: skip
         return optimizer
 
-    def train_epoch(self, loader, optimizer, epoch: int, total_steps: int | None,
+    def train_epoch(self, loader, optimizer, epoch: int,
                     probe: Callable[[int, float], bool] | None = None) -> EpochMetrics | None:  # fmt: skip
-        """One pass over the training photos; returns its metrics (without validation).
-        ``total_steps`` of the schedule (None: the planned epochs'); ``probe(steps done, seconds)``
-        runs after each step; True stops the epoch (None returned)."""
+        """One pass over the training photos; returns its metrics (without validation). The
+        schedule spans the planned epochs; ``probe(steps done, seconds)`` runs after each step;
+        True stops the epoch (None returned)."""
         o, backbone = self.o, self.model.backbone
         if hasattr(loader.sampler, "set_epoch"):  # under torchrun: a new shuffle of the shards
             loader.sampler.set_epoch(epoch)
@@ -512,7 +512,7 @@ class FineTuner:
         loss_sum, factor = 0.0, 1.0
         started = time.perf_counter()
         for s, (crops, target) in enumerate(loader):
-            factor = lr_factor(epoch * steps + s, warmup, total_steps or self.planned_epochs * steps)
+            factor = lr_factor(epoch * steps + s, warmup, self.planned_epochs * steps)
             for group in optimizer.param_groups:
                 group["lr"] = o.learning_rate * group["lr_scale"] * factor
             x, target = self._normalize(crops), target.to(self.device, non_blocking=True)
@@ -621,7 +621,7 @@ class FineTuner:
         epoch = start
         while epoch < self.planned_epochs:
             epoch_started = time.perf_counter()
-            m = self.train_epoch(loader, optimizer, epoch, None, probe if epoch == start else None)
+            m = self.train_epoch(loader, optimizer, epoch, probe if epoch == start else None)
             if m is None:  # not one epoch fits in the time limit
                 aborted = True
                 break
@@ -665,9 +665,12 @@ class FineTuner:
         self.recipe.decisions.append(line)
         log.info("fine-tune: %s", line)
 
-    def _pixel_ratio(self) -> float:
-        """The test input's pixels over the training crop's: what a scored image costs more."""
-        return (self.model.preprocessing.input_size / self.recipe.train_size) ** 2
+    def _epoch_costs(self, seconds: float, done: int, scored: int) -> EpochCosts:
+        """An epoch's costs from ``done`` training steps that took ``seconds``; a scored image costs
+        more by the test input's pixels over the training crop's."""
+        pixel_ratio = (self.model.preprocessing.input_size / self.recipe.train_size) ** 2
+        return EpochCosts.from_steps(seconds, done, self._steps, self.o.batch_size, scored_images=scored,
+                                     passes_after=self.passes_after, pixel_ratio=pixel_ratio)  # fmt: skip
 
     def _time_probe(self, steps: int, scored: int) -> Callable[[int, float], bool]:
         """Times the first steps of the first epoch, then plans the epochs that fit in the time
@@ -682,9 +685,7 @@ class FineTuner:
                 first = seconds
             if done != timed:
                 return False
-            costs = EpochCosts.from_steps(seconds - first, done - skip, steps, self.o.batch_size,
-                                          scored_images=scored, passes_after=self.passes_after,
-                                          pixel_ratio=self._pixel_ratio())  # fmt: skip
+            costs = self._epoch_costs(seconds - first, done - skip, scored)
             planned = epochs_that_fit(self.budget.remaining(), costs, done, self.o.epochs)
             self.planned_epochs = distributed.broadcast_object(planned)
             self._costs = costs
@@ -700,9 +701,7 @@ class FineTuner:
             return False
         costs = self._costs
         if costs is None:  # a resumed run: its first epoch is the measure
-            costs = EpochCosts.from_steps(epoch_seconds, self._steps, self._steps, self.o.batch_size,
-                                          scored_images=scored, passes_after=self.passes_after,
-                                          pixel_ratio=self._pixel_ratio())  # fmt: skip
+            costs = self._epoch_costs(epoch_seconds, self._steps, scored)
         late = bool(distributed.broadcast_object(self.budget.remaining() - costs.reserve < epoch_seconds))
         if late:
             self.stopped_for_time = True
@@ -729,8 +728,7 @@ class FineTuner:
                 line = f"kept the head-only model: it scored as well on the validation photos ({tuned}; head-only {self._score_text()})"
             else:
                 line = f"kept fine-tune epoch {kept} ({tuned}; head-only {self._score_text()})"
-        self.recipe.decisions.append(line)
-        log.info("fine-tune: %s", line)
+        self._decision(line)
 
     def _score_text(self) -> str:
         if self.head_only_score is None:

@@ -316,9 +316,9 @@ def misclassified(model, images, most: int) -> list[tuple[str, Any]]:
         if not hasattr(outcome, "label"):  # unreadable
             continue
         if outcome.labels is not None:  # a set of labels
-            said = [name for name, _ in outcome.labels]
-            if set(said) != set(label_set(image)):
-                wrong.append((image, f"true {', '.join(label_set(image)) or 'none'}, said {', '.join(said) or 'none'}"))
+            said, true = [name for name, _ in outcome.labels], label_set(image)
+            if set(said) != set(true):
+                wrong.append((image, f"true {', '.join(true) or 'none'}, said {', '.join(said) or 'none'}"))
         elif outcome.label != image.label:
             wrong.append((image, f"true {image.label}, predicted {outcome.label} ({outcome.probability:.2f})"))
         if len(wrong) == most:
