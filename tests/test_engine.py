@@ -55,7 +55,7 @@ def test_fast_and_straightforward_prediction_agree(small_model):
     slow /= slow.sum(1, keepdims=True)
     assert (fast.argmax(1) == slow.argmax(1)).all()
     # draft decode changes pixels slightly, never the label: measured 0.0012 on an AMD Zen 3 (AVX2, no
-    # AVX-512; fp32 on either CPU kind, so the capability paths do not change it), bound 4x that
+    # AVX-512) and on a Zen 5 (AVX-512 bf16/VNNI): fp32 on either CPU kind; bound 4x that
     assert np.abs(fast - slow).max() < 0.005
     # without draft decoding, the two engines agree to 1e-4
     same_pixels = small_model._probabilities(slow_x)
