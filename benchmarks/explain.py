@@ -24,6 +24,8 @@ cells against the random cells (the same shape of mask, only the cells' choice d
     python benchmarks/explain.py --fill blur     # masked pixels blurred instead of grey
     python benchmarks/explain.py --map contrast  # the label's map minus the probability-weighted others'
     python benchmarks/explain.py --map smooth    # the map smoothed over neighbouring cells (a receptive field)
+    python benchmarks/explain.py --map sharp     # the opposite: the map less its smoothed self (--strength)
+    python benchmarks/explain.py --head logistic --C 0.1  # a scikit-learn logistic head in place of imgclf's
 """
 
 from __future__ import annotations
@@ -80,10 +82,15 @@ def main() -> int:
     parser.add_argument("--workspace", default=None, help="feature cache (default: imgclf's)")
     parser.add_argument("--fill", choices=("mean", "blur", "black"), default="mean",
                         help="what masked pixels become: the normalisation mean, the image Gaussian-blurred (sigma 8 pixels), or black")
-    parser.add_argument("--map", choices=("cam", "contrast", "smooth"), default="cam",
+    parser.add_argument("--map", choices=("cam", "contrast", "smooth", "sharp"), default="cam",
                         help="cam: W_c . F + b_c; contrast: that minus the probability-weighted maps of all labels; "
-                             "smooth: the cam Gaussian-smoothed over the cells (--sigma cells; its minimum outside)")
-    parser.add_argument("--sigma", type=float, default=1.0, help="--map smooth: the smoothing, in cells")
+                             "smooth: the cam Gaussian-smoothed over the cells (--sigma cells; its minimum outside); "
+                             "sharp: the cam plus --strength times (the cam less its --sigma smoothing)")
+    parser.add_argument("--sigma", type=float, default=1.0, help="--map smooth/sharp: the smoothing, in cells")
+    parser.add_argument("--strength", type=float, default=1.0, help="--map sharp: how much sharper")
+    parser.add_argument("--head", choices=("imgclf", "logistic"), default="imgclf",
+                        help="logistic: the head refitted by scikit-learn's LogisticRegression (--C) on the same features")
+    parser.add_argument("--C", type=float, default=1.0, help="--head logistic: inverse L2 strength")
     args = parser.parse_args()
     started = time.perf_counter()
     flowers = load_images_from_directory(sample_data_dir("flowers"))
@@ -96,6 +103,8 @@ def main() -> int:
     for fold in stratified_folds(y, args.folds, seed=args.seed):
         train = [flowers[i] for i in np.setdiff1d(np.arange(len(flowers)), fold)]
         model = ImageClassificationTrainer(workspace=args.workspace, progress=False, precision="fp32").fit(train)
+        if args.head == "logistic":
+            refit_head(model, train, args.C)
         size = model.preprocessing.input_size
         for i in fold:
             x = load_array(flowers[i].source, model.preprocessing, flowers[i].name)
@@ -111,6 +120,11 @@ def main() -> int:
                 from scipy.ndimage import gaussian_filter
 
                 cells = gaussian_filter(cells.astype(np.float64), args.sigma, mode="constant", cval=float(cells.min()))
+            elif args.map == "sharp":  # undo the receptive field's blur: the cells' own evidence, sharper
+                from scipy.ndimage import gaussian_filter
+
+                cells = cells.astype(np.float64)
+                cells = cells + args.strength * (cells - gaussian_filter(cells, args.sigma, mode="nearest"))
             cells_shape = cells.shape
             batch, owners = [], []
             for strategy, group in masks(cells, size, args.fraction, args.draws, rng).items():
@@ -148,6 +162,24 @@ def main() -> int:
         print(f"{name:<18} {mean_drop:>15.3f}  {pairs:>36}  {int(vs_mean.sum())}/{n} ({vs_mean.mean():.0%})")
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0
+
+
+def refit_head(model, train, c: float) -> None:
+    """Replace ``model``'s head by a multinomial logistic regression fitted on the
+    training photos' pooled features (the issue's reference head)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    backbone = model.backbone.eval()
+    with torch.no_grad():
+        x = np.concatenate([backbone(torch.from_numpy(np.stack([load_array(im.source, model.preprocessing, im.name)
+                                                                 for im in train[k:k + 32]]))).numpy()
+                            for k in range(0, len(train), 32)])  # fmt: skip
+    y = [model.labels.index(im.label) for im in train]
+    fitted = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(fitted.coef_.astype(np.float32)))
+        model.head.bias.copy_(torch.from_numpy(fitted.intercept_.astype(np.float32)))
 
 
 def black(x: np.ndarray) -> np.ndarray:
