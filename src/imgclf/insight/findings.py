@@ -14,7 +14,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from imgclf.insight.pages import Thumbnails, card, page, section, write_page
+from imgclf.insight.pages import Thumbnails, card, page, page_folder, section, write_page
 
 MAX_LISTED = 20  # label suspects and outliers listed at most (the JSON has them all)
 
@@ -74,7 +74,11 @@ class AuditResult:
 
 def write_audit_page(result: AuditResult, out: Path) -> Path:
     """The audit gallery: each finding grouped with thumbnails, the worst first."""
-    out.mkdir(parents=True, exist_ok=True)
+    with page_folder(out):
+        return _write_audit_page(result, out)
+
+
+def _write_audit_page(result: AuditResult, out: Path) -> Path:
     thumbs = Thumbnails(out)
     roots = [r for r in (result.folder, result.against) if r]
 

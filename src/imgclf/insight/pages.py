@@ -8,6 +8,9 @@ as a file, copied to another machine, or attached to a ticket.
 from __future__ import annotations
 
 import hashlib
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html import escape
 from pathlib import Path
 
@@ -43,6 +46,26 @@ def page(title: str, body: str) -> str:
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>'
             f"<body><main>{body}</main></body></html>\n")  # fmt: skip
+
+
+@contextmanager
+def page_folder(out: Path) -> Iterator[Path]:
+    """``out``, made if missing. A page that fails takes what it added with it, so a refused
+    report or audit leaves nothing behind: the folders it made, or in a folder that was there,
+    the files that were not (what the folder held is kept)."""
+    made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
+    held = {p.name for p in out.iterdir()} if made is None and out.is_dir() else set()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        added = [made] if made is not None else [p for p in out.iterdir() if p.name not in held]
+        for path in added:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def write_page(path: Path, html: str) -> Path:

@@ -23,7 +23,7 @@ from imgclf.data.images import ImageData, is_multilabel
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import compute_metrics, reliability
 from imgclf.inference.predictor import SETS_FOR_A_SINGLE_LABEL_MODEL, Predictor
-from imgclf.insight.pages import Thumbnails, card, page, write_page
+from imgclf.insight.pages import Thumbnails, card, page, page_folder, write_page
 from imgclf.insight.scored import score_images
 
 CALIBRATION_BINS = 10
@@ -98,15 +98,20 @@ def write_report(
     Without ``images`` the page shows what the model file holds (history, held-out metrics).
     Images that cannot be read are left out of every number, listed on the page (and in
     ``report.json``'s ``skipped``) and counted in one warning. A multi-label model's page
-    shows what fits sets of labels (:mod:`imgclf.insight.label_sets`).
+    shows what fits sets of labels (:mod:`imgclf.insight.label_sets`). A report that fails leaves
+    no folder behind.
     """
-    from imgclf.insight import label_sets, plots
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; give a folder for the report")
     check_outside_inputs(out, images or ())
-    out.mkdir(parents=True, exist_ok=True)
+    with page_folder(out):
+        return _write_report(model, images, out, name)
+
+
+def _write_report(model: Predictor, images: Sequence[ImageData] | None, out: Path, name: str) -> Path:
+    from imgclf.insight import label_sets, plots
+
     labels = list(model.labels)
     history = list(model.info.get("history") or [])
     metrics = model.info.get("metrics")
