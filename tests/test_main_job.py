@@ -121,6 +121,20 @@ def test_certify_records_evidence_and_auto_reads_it(small_model, tmp_path, capsy
     assert "bf16 on 44 images: top labels 100.0% equal to fp32" in said and "auto stays on fp32" in said
     entry = load_model(out).info["precision_metrics"]["bf16"]
     assert entry["unseen_images"] == 44 and entry["cpu"] == "bf16" and "accuracy_change" not in entry
+    # the photos the head was fitted on and copies do not count (they did: the training folder
+    # and a copy of it certified 400 "unseen" images of a model fitted on 160 of them)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for f in sorted(PREDICT.glob("*.jpg"))[:2]:
+        (copies / f"copy-{f.name}").write_bytes(f.read_bytes())
+    trained_on = sorted((FLOWERS / "daisy").glob("*.jpg"))[:6]  # small_model fitted on all 18 of its photos
+    daisies = len(list((FLOWERS / "daisy").glob("*.jpg")))
+    assert main(["certify", str(path), str(PREDICT), str(FLOWERS / "daisy"), str(copies), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert f"certify: left out {len(trained_on)} the model was trained on and 2 repeated copies of another" in said.err
+    assert f"bf16 on {4 + daisies - len(trained_on)} images" in said.out
+    assert main(["certify", str(path), *map(str, trained_on)]) == 2
+    assert "is one the model never saw" in capsys.readouterr().err
     assert main(["certify", str(tmp_path / "nope.imgclf"), str(PREDICT)]) == 2
     import fsspec
 

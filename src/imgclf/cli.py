@@ -505,7 +505,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from imgclf.data.uris import is_remote
     from imgclf.errors import DataError
     from imgclf.inference.model import load_model, read_model_config
-    from imgclf.inference.precision import measure_precisions, record_certificate
+    from imgclf.inference.precision import measure_precisions, record_certificate, unseen_images
     from imgclf.nets.cpu import cpu_capabilities
     from imgclf.nets.engines import certificate_verdict
 
@@ -535,6 +535,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         raise DataError(f"no images found in {', '.join(args.images)}")
     if len({im.label is None for im in images}) > 1:
         images = [ImageData(im.source, None, im.name) for im in images]  # mixed: agreement only
+    images, said = unseen_images(model, images)
+    if said:
+        print(f"certify: {said}", file=sys.stderr)
+    if not images:
+        raise DataError(f"none of the images in {', '.join(args.images)} is one the model never saw: certify "
+                        "measures on new images")  # fmt: skip
     entry = measure_precisions(model, images, ["fp32", precision])[precision]
     record_certificate(model, precision, entry)
     model.save(out)

@@ -631,7 +631,7 @@ class ImageClassificationTrainer:
         if asked == "auto" and (not installed("openvino") or images < CERTIFY_MIN_IMAGES):
             why = (f"bf16 needs OpenVINO: {install_hint('openvino')}" if not installed("openvino") else
                    f"{images} images are too few to certify bf16 (needs {CERTIFY_MIN_IMAGES} the head did not "
-                   "see); 'imgclf certify MODEL MORE_IMAGES' adds evidence")  # fmt: skip
+                   "see); 'imgclf certify MODEL NEW_IMAGES' measures it on images the model never saw")  # fmt: skip
             return {**decision, "line": f"fp32: {why}"}
         certify_after_training(fit_head, model, "bf16", train, held, fine_tuned=fine_tuned, seed=self.seed)
         ok, said = certificate_verdict(model.info.get("precision_metrics"), "bf16", caps)
