@@ -96,3 +96,26 @@ def test_report_refuses_a_file_as_its_folder(small_model_file, tmp_path, capsys)
     (tmp_path / "taken").write_text("not a folder")
     assert main(["report", str(model), "--out", str(tmp_path / "taken")]) == 2
     assert "taken: exists and is not a folder" in capsys.readouterr().err
+
+
+def test_report_and_audit_never_overwrite_a_users_files(small_model_file, tmp_path, capsys, workspace):
+    """A hostile pass: `report --out u` replaced the user's own u/index.html without a word, and
+    `audit fl --out fl/aud` wrote its thumbnails where the next train read them as a label."""
+    mine = tmp_path / "u"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page")
+    for argv in (["report", str(small_model_file), "--out", str(mine)], ["audit", str(FLOWERS), "--out", str(mine)]):
+        assert main(argv) == 2
+        assert "holds files that are not an imgclf page" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["index.html"] and (mine / "index.html").read_text() == "my own page"
+    folder = small_flower_folder(tmp_path / "fl", per_class=2)
+    before = sorted(p.name for p in folder.rglob("*"))
+    assert main(["audit", str(folder), "--out", str(folder / "aud"), "--workspace", str(workspace)]) == 2
+    assert "is inside the image folder" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.rglob("*")) == before
+    (tmp_path / "f").write_text("x")
+    assert main(["audit", str(folder), "--out", str(tmp_path / "f")]) == 2  # was a FileExistsError traceback
+    assert "f: exists and is not a folder" in capsys.readouterr().err
+    again = tmp_path / "again"  # an earlier report's folder is rewritten
+    assert main(["report", str(small_model_file), "--out", str(again)]) == 0
+    assert main(["report", str(small_model_file), "--out", str(again)]) == 0

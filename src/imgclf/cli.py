@@ -103,11 +103,12 @@ def _log_lines_printed(name: str):
 
 def _check_train_outputs(args: argparse.Namespace) -> None:
     """Every file train will write can be written, checked before any work starts."""
-    from imgclf.atomic import check_output_folder, check_output_path
+    from imgclf.atomic import check_output_path
+    from imgclf.insight.pages import check_page_folder
 
     check_output_path(args.out, "model", option="--out")
     if args.report:
-        check_output_folder(args.report, "report", option="--report")
+        check_page_folder(Path(args.report), "report", option="--report")
     if args.metrics_json:
         check_output_path(args.metrics_json, "metrics", option="--metrics-json", stream_ok=True)
         if Path(args.metrics_json).resolve() == Path(args.out).resolve():
@@ -364,6 +365,11 @@ def _warn_about_duplicates(train, test, validation) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from imgclf.insight.audit import audit
+    from imgclf.insight.pages import check_page_folder
+
+    if args.out:  # before the features are computed
+        check_page_folder(Path(args.out), "gallery", option="--out",
+                          inside=tuple(f for f in (args.folder, args.against) if f and os.path.isdir(f)))  # fmt: skip
 
     with _warnings_as_lines():  # an empty label folder, a workspace that cannot be written: one line each
         result = audit(args.folder, args.against, arch=args.arch, weights=args.weights, workspace=args.workspace,
@@ -380,7 +386,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from imgclf.insight.pages import check_page_folder
     from imgclf.insight.report import write_report
+
+    check_page_folder(Path(args.out), "report", option="--out",  # before the model is loaded
+                      inside=(args.folder,) if args.folder and os.path.isdir(args.folder) else ())  # fmt: skip
 
     with _warnings_as_lines():  # an old model file without an unknown-input detector says so, once
         model = load_predictor(args.model, args.device)

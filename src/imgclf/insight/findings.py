@@ -74,7 +74,7 @@ class AuditResult:
 
 def write_audit_page(result: AuditResult, out: Path) -> Path:
     """The audit gallery: each finding grouped with thumbnails, the worst first."""
-    with page_folder(out):
+    with page_folder(out, "gallery", inside=tuple(r for r in (result.folder, result.against) if r and os.path.isdir(r))):
         return _write_audit_page(result, out)
 
 

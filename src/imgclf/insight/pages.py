@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from html import escape
 from pathlib import Path
 
-from imgclf.atomic import atomic_path
+from imgclf.atomic import atomic_path, check_output_folder
+from imgclf.errors import OptionError
 from imgclf.names import is_text, printable
 
 THUMB_SIDE = 160
@@ -48,11 +49,37 @@ def page(title: str, body: str) -> str:
             f"<body><main>{body}</main></body></html>\n")  # fmt: skip
 
 
+def check_page_folder(out: Path, what: str, *, inside: tuple = (), option: str | None = None) -> None:
+    """Refuse, before any work, a folder a page (``what``: "report", "gallery") cannot go to: a
+    file, a place that cannot be written, a folder inside one of the image folders ``inside`` (the
+    next train would read the page's pictures as photos), or one holding files that are not an
+    earlier imgclf page's (writing there would overwrite them)."""
+    label = f"{option} {out}" if option else str(out)
+    check_output_folder(out, what, option=option)
+    target = out.resolve()
+    for root in sorted({Path(r).resolve() for r in inside}):
+        if target == root or root in target.parents:
+            raise OptionError(f"{label}: is inside the image folder {root}; the next train would learn its "
+                              f"pictures as photos. Write the {what} outside it")  # fmt: skip
+    if out.is_dir() and any(out.iterdir()) and not _is_imgclf_page(out / "index.html"):
+        raise OptionError(f"{label}: holds files that are not an imgclf page (writing the {what} there would "
+                          "overwrite them); give a new or empty folder")  # fmt: skip
+
+
+def _is_imgclf_page(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"<title>imgclf " in f.read(400)
+    except OSError:
+        return False
+
+
 @contextmanager
-def page_folder(out: Path) -> Iterator[Path]:
+def page_folder(out: Path, what: str, inside: tuple = ()) -> Iterator[Path]:
     """``out``, made if missing. A page that fails takes what it added with it, so a refused
     report or audit leaves nothing behind: the folders it made, or in a folder that was there,
     the files that were not (what the folder held is kept)."""
+    check_page_folder(out, what, inside=inside)
     made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
     held = {p.name for p in out.iterdir()} if made is None and out.is_dir() else set()
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from imgclf.data.images import ImageData, is_multilabel
 from imgclf.errors import DataError, ImageDecodeError
 from imgclf.inference.metrics import compute_metrics, reliability
 from imgclf.inference.predictor import SETS_FOR_A_SINGLE_LABEL_MODEL, Predictor
-from imgclf.insight.pages import Thumbnails, card, page, page_folder, write_page
+from imgclf.insight.pages import Thumbnails, card, check_page_folder, page, page_folder, write_page
 from imgclf.insight.scored import score_images
 
 CALIBRATION_BINS = 10
@@ -83,11 +83,7 @@ def check_outside_inputs(out: Path, images: Sequence[ImageData], option: str = "
     train. Images a manifest lists are not such a folder's (the next train reads the manifest)."""
     roots = {Path(im.source).parent.resolve().parent for im in images
              if isinstance(im.source, Path) and im.label and Path(im.source).parent.name == im.label}  # fmt: skip
-    target = out.resolve()
-    for root in sorted(roots):
-        if target == root or root in target.parents:
-            raise DataError(f"{option} {out}: is inside the image folder {root}; the next train would learn its "
-                            "charts as photos. Write the report outside it")  # fmt: skip
+    check_page_folder(out, "report", inside=tuple(roots), option=option)
 
 
 def write_report(
@@ -102,10 +98,8 @@ def write_report(
     no folder behind.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; give a folder for the report")
     check_outside_inputs(out, images or ())
-    with page_folder(out):
+    with page_folder(out, "report"):
         return _write_report(model, images, out, name)
 
 
