@@ -137,7 +137,7 @@ def test_defaults_are_the_documented_ones(command, name):
 DOCUMENTED_RANGES = {
     ("train", "epochs"): ([1, 500], [0, -1, 2.0, True]),
     ("train", "batch_size"): ([1, 10], [0, 1.5]),
-    ("train", "learning_rate"): ([1e-6, 0.01, 10], [0, -0.01, math.inf, math.nan]),
+    ("train", "learning_rate"): ([1e-6, 0.01, 10], [0, -0.01, 10.5, 1e308, math.inf, math.nan]),  # 1e308: a traceback
     ("train", "test_fraction"): ([0.01, 0.2, 0.99], [0, 1, 1.5, -0.2, math.nan]),  # in (0, 1)
     ("train", "validation_fraction"): ([0.1, None], [0, 1]),
     ("train", "seed"): ([0, 1, 2**32 - 1], [-1, 2**32, 1.0]),  # in [0, 2**32)
@@ -158,7 +158,7 @@ DOCUMENTED_RANGES = {
     ("predict", "engine"): (["auto", "onnxruntime", "openvino", "torch", "ray"], ["tensorrt"]),
     ("predict", "precision"): (["auto", "fp32", "bf16", "int8"], ["fp16"]),
     ("serve", "port"): ([1, 8000, 65535], [0, 65536]),
-    ("serve", "max_batch"): ([1, 16], [0]),  # 1 turns batching off
+    ("serve", "max_batch"): ([1, 16, 64], [0, 65, 100_000_000]),  # 1 turns batching off; 1e8 tried to allocate 55 TiB
     ("serve", "max_wait_ms"): ([0, 5], [-1]),
     ("serve", "max_request_mb"): ([0.5, 10], [0, 1e9, 1e308]),
     ("serve", "max_pixels"): ([1, 150_000_000], [0, 150_000_001]),  # the decoder's own guard: 150 MP

@@ -127,7 +127,7 @@ def test_concurrent_clients_get_the_same_answers_as_one_at_a_time(client, small_
     "argv, message",
     [
         (["serve", "{tmp}/missing.imgclf"], "model file not found"),
-        (["serve", "{model}", "--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+        (["serve", "{model}", "--max-batch", "0"], "--max-batch must be an integer from 1 to 64, got 0"),
         (["serve", "{model}", "--max-request-mb", "0"], "--max-request-mb must be a number between 0 and 1,000,000,000 (exclusive), got 0.0"),
         (["serve", "{model}", "--port", "70000"], "--port must be an integer from 1 to 65535"),
     ],

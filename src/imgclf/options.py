@@ -279,6 +279,10 @@ NON_NEGATIVE = Interval(float, 0, None, "left")
 FRACTION = Interval(float, 0, 1, "neither")  # a share that leaves something on both sides
 #: Sizes in MB or GB: positive and below 1e9 (a petabyte or more is a typo, and would overflow as bytes).
 SIZE = Interval(float, 0, 1e9, "neither")
+#: A step size: above 10 is a typo (1e308 overflowed float32 in the optimizer with a traceback).
+LEARNING_RATE = Interval(float, 0, 10, "right")
+#: ``serve`` warms up every batch size up to this at start, and holds that many images a call.
+MAX_SERVE_BATCH = 64
 
 
 # ---- options and schemas ----
@@ -532,7 +536,7 @@ _TRAIN = Schema(
         _WEIGHTS,
         Option("epochs", int, 50, POSITIVE_INT, "training epochs"),
         Option("batch_size", int, 10, POSITIVE_INT, "images per training step"),
-        Option("learning_rate", float, 0.01, POSITIVE, "initial learning rate"),
+        Option("learning_rate", float, 0.01, LEARNING_RATE, "initial learning rate"),
         Option("lr_schedule", default="exponential", constraint=Choices(LR_SCHEDULES),
                help="learning-rate schedule; exponential decays by 0.94 every 2 epochs"),
         _TEST_FRACTION,
@@ -710,7 +714,8 @@ _SERVE = Schema(
         _MODEL,
         Option("host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
         Option("port", int, 8000, Interval(int, 1, 65535), "port"),
-        Option("max_batch", int, SERVE_MAX_BATCH, POSITIVE_INT, "most images per network call; 1 turns batching off"),
+        Option("max_batch", int, SERVE_MAX_BATCH, Interval(int, 1, MAX_SERVE_BATCH),
+               "most images per network call; 1 turns batching off"),
         Option("max_wait_ms", float, SERVE_MAX_WAIT_MS, NON_NEGATIVE, "longest wait to fill a batch, in milliseconds"),
         Option("max_request_mb", float, SERVE_MAX_REQUEST_MB, SIZE, "largest request body, in MB"),
         Option("max_pixels", int, SERVE_MAX_PIXELS, Interval(int, 1, MAX_PIXELS),
