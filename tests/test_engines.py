@@ -229,6 +229,10 @@ def test_int8_export_is_the_same_graph_and_runs_torch_free(calibrated, arrays, t
     assert main(["export", str(path), "--out", str(out), "--precision", "int8"]) == 0
     onnx_model = load_onnx_model(out, engine="onnxruntime")
     assert onnx_model.engine_choice().precision == "int8" and onnx_model.info["calibration"]["images"] == 18
+    from imgclf.nets.cpu import cpu_capabilities
+
+    # what ran names the CPU, as for every other file: it said "" and a resumed --out refused to go on
+    assert onnx_model.engine_choice().to_dict()["cpu"] == cpu_capabilities().key != ""
     in_file, _ = _probs(model, "onnxruntime", "int8", arrays)
     assert np.abs(onnx_model.predict_proba_arrays(arrays) - in_file).max() < 1e-4
     with pytest.raises(OptionError, match="is an int8 export and runs at int8 only"):

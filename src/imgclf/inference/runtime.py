@@ -146,7 +146,7 @@ def load_onnx_model(
                               f"--precision int8 to run it at {precision}")  # fmt: skip
         choice = choose_engine(engine, "int8", images=images, accuracy=accuracy, onnx_file=True, int8_ready=True)
         if precision == "auto":
-            choice = EngineChoice(choice.engine, "int8", "the file is an int8 export")
+            choice = EngineChoice(choice.engine, "int8", "the file is an int8 export", choice.cpu)
     else:
         choice = choose_engine(engine, precision, images=images, accuracy=accuracy, onnx_file=True)
     try:
