@@ -132,6 +132,20 @@ def export_onnx(
     return str(path)
 
 
+def scored_graph_bytes(model: Exportable) -> bytes:
+    """The graph :func:`export_onnx` writes, without its metadata: the probabilities, with a
+    detector the unknown score, and the class maps where they are exact. A ``.imgclf`` model at
+    bf16 runs these very bytes (:meth:`ImageClassifier._engine_for`): at bf16 the rounding
+    follows the graph, so the file and its export give the same answer only from the same one."""
+    from imgclf.nets.onnx_graph import to_onnx_bytes
+
+    explainable = model.why_not_explainable() is None
+    network = model.scored_network(maps=explainable).cpu()
+    outputs = ((OUTPUT_NAME,) + (() if model.unknown_ is None else (SCORE_OUTPUT,))
+               + ((MAPS_OUTPUT,) if explainable else ()))  # fmt: skip
+    return to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=outputs)
+
+
 def _export_local(model: Exportable, path: str | Path, *, quantize: str | None = None, precision: str = "fp32") -> Path:
     """Write ``model`` as an ONNX file at ``path`` (atomically); returns the path.
 
@@ -141,7 +155,7 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
     """
     import onnx
 
-    from imgclf.nets.onnx_graph import DEFAULT_OPSET, to_onnx_bytes
+    from imgclf.nets.onnx_graph import DEFAULT_OPSET
 
     validate("export", {"quantize": quantize, "precision": precision})
     path = Path(path)
@@ -164,12 +178,7 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
             onnx.save(graph, tmp)
         return path
     explainable = model.why_not_explainable() is None
-    network = model.scored_network(maps=explainable).cpu()
-    outputs = ((OUTPUT_NAME,) + (() if model.unknown_ is None else (SCORE_OUTPUT,))
-               + ((MAPS_OUTPUT,) if explainable else ()))  # fmt: skip
-    graph = onnx.load_from_string(
-        to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=outputs)
-    )
+    graph = onnx.load_from_string(scored_graph_bytes(model))
     config = {
         "labels": model.labels,
         "arch": model.arch,

@@ -122,6 +122,7 @@ class ImageClassifier(Predictor):
         self.features_engine = None  # built on first use, see _engine_for
         self._eager = None
         self._backbone_graph = None  # the backbone exported once, whichever engine then runs it
+        self._scored_graph = None  # the whole exported graph, which bf16 runs (built on first need)
         self._explain_session = None  # the graph with class maps, built on the first explanation
         self.labels = list(labels)
         self.classes_ = self.labels
@@ -147,7 +148,7 @@ class ImageClassifier(Predictor):
     def backbone(self, module) -> None:
         self._backbone, self._backbone_tensors = module, None
         self.held_out_features_ = None  # a new backbone makes other features
-        self._explain_session = None
+        self._explain_session = self._scored_graph = None
 
     def _backbone_state(self) -> dict:
         return self._backbone_tensors if self._backbone is None else self._backbone.state_dict()
@@ -303,6 +304,14 @@ class ImageClassifier(Predictor):
             return self._eager
         if choice.precision == "int8":
             built = open_engine(choice, self.int8_graph_, self.threads)
+        elif choice.precision == "bf16":  # the exported graph itself, so that the .onnx answers the same
+            from imgclf.inference.export import scored_graph_bytes
+
+            made_of = (id(self.head), id(self.unknown_), self.tta)  # a head set since makes another graph
+            if self._scored_graph is None or self._scored_graph[0] != made_of:
+                self._scored_graph = (made_of, scored_graph_bytes(self))
+            built = open_engine(choice, self._scored_graph[1], self.threads)
+            built.whole_network = True
         elif choice.engine == "torch":
             built = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
         else:
@@ -321,9 +330,9 @@ class ImageClassifier(Predictor):
 
     def _outputs(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         engine = self._engine_for(len(arrays))
-        if getattr(engine, "precision", "fp32") == "int8":
-            # the calibrated graph holds head, softmax, test-time augmentation and (since the
-            # detector exists) the unknown score as its second output, computed in float
+        if getattr(engine, "precision", "fp32") == "int8" or getattr(engine, "whole_network", False):
+            # the calibrated int8 graph (or at bf16 the exported one) holds head, softmax, test-time
+            # augmentation and (since the detector exists) the unknown score as its second output
             outputs = engine.outputs(arrays)
             score = outputs[1].reshape(-1) if len(outputs) > 1 and self.unknown_ is not None else None
             return outputs[0], score
@@ -342,7 +351,7 @@ class ImageClassifier(Predictor):
             self._backbone.to(device)
         self.head.to(device)
         self.device = device
-        self.features_engine = self._eager = self._backbone_graph = self._explain_session = None
+        self.features_engine = self._eager = self._backbone_graph = self._explain_session = self._scored_graph = None
         return self
 
     def config(self) -> dict[str, Any]:
