@@ -112,6 +112,24 @@ def test_int8_quantized_export(small_model, exported, tmp_path, capfd, caplog):
         load_onnx_model(tmp_path / "nope.onnx")
 
 
+def test_quantized_weights_carry_no_certificate(small_model, tmp_path, monkeypatch):
+    """A hostile pass: the dynamically quantized file kept the model's bf16 certificate, so `auto`
+    ran it at bf16 on the strength of a measurement of another network."""
+    import copy
+
+    from imgclf.inference.precision import record_certificate
+
+    certified = copy.copy(small_model)
+    certified.info = {**small_model.info}
+    record_certificate(certified, "bf16", {"images": 400, "unseen_images": 400, "top_label_agreement": 1.0,
+                                           "largest_probability_change": 0.01, "cpu": "bf16", "engine": "openvino"})  # fmt: skip
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16,vnni")
+    plain = load_onnx_model(certified.export_onnx(tmp_path / "plain.onnx"))
+    quantized = load_onnx_model(certified.export_onnx(tmp_path / "q.onnx", quantize="int8"))
+    assert plain.info["precision_metrics"]["bf16"]["unseen_images"] == 400
+    assert quantized.info["precision_metrics"] is None and quantized.engine_choice().precision == "fp32"
+
+
 def test_tta_is_exported_in_the_graph(exported, tmp_path):
     """Defect 2: a model trained with --tta predicted differently from its export (which dropped the
     flip-average), and serve of the .onnx did no TTA. Torch, ONNX and serve of the ONNX now agree."""

@@ -202,7 +202,8 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
         **({"unknown": model.unknown_.config()} if model.unknown_ is not None else {}),
         "metrics": model.info.get("metrics"),
         "precision": "fp32",
-        "precision_metrics": model.info.get("precision_metrics"),
+        # a certificate measured the network as trained: quantized weights are another network, not certified
+        "precision_metrics": None if quantize else model.info.get("precision_metrics"),
         "versions": model.info.get("versions"),
         "opset": DEFAULT_OPSET,
         "quantized": quantize,
