@@ -300,7 +300,9 @@ def test_cli_says_which_engine_runs_and_refuses_what_cannot(small_onnx_model, ca
     out, err = capsys.readouterr()
     assert "imgclf: engine onnxruntime, fp32 (asked for)" in err and "classic-daisy.jpg" in out
     assert main(["predict", str(small_onnx_model), image, "--precision", "int8"]) == 2
-    assert "no calibrated int8 graph" in capsys.readouterr().err
+    # the fix is another export, not another training (it said "train it with --precision int8")
+    assert "not an int8 export: export the .imgclf model (trained with --precision int8) again" in \
+        capsys.readouterr().err  # fmt: skip
     assert main(["predict", str(small_onnx_model), image, "--engine", "ray"]) == 2
     assert "--engine ray writes its results to files" in capsys.readouterr().err
 

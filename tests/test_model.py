@@ -96,6 +96,13 @@ def test_bad_model_files(small_model_file, tmp_path):
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(ModelFileError, match=r"truncated\.imgclf"):
         load_model(truncated)
+    # cut inside its header: it was called "a PyTorch file; train with --weights FILE instead"
+    from imgclf.inference.loading import load_model as load_any_model
+
+    truncated.write_bytes(good[:100])
+    for load in (load_model, load_any_model):
+        with pytest.raises(ModelFileError, match="it is cut short: its safetensors header promises more bytes"):
+            load(truncated)
 
 
 def test_incomplete_model_file_names_what_is_missing(small_model_file, tmp_path):

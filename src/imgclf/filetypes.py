@@ -11,7 +11,16 @@ import struct
 from pathlib import Path
 from typing import Literal
 
-FileKind = Literal["safetensors", "onnx", "torch", "empty", "unknown"]
+FileKind = Literal["safetensors", "onnx", "torch", "empty", "truncated", "unknown"]
+
+#: What a file that is not the model it should be is, in words (the one table of them).
+WHAT_IT_IS = {
+    "empty": "the file is empty (0 bytes)",
+    "torch": "it is a PyTorch file, not a safetensors model (PyTorch weights go to train --weights FILE)",
+    "truncated": "it is cut short: its safetensors header promises more bytes than the file holds (an "
+                 "interrupted copy or download?)",
+    "unknown": "its first bytes are neither a safetensors nor an ONNX header",
+}  # fmt: skip
 
 _HEAD = 16
 
@@ -29,6 +38,8 @@ def sniff_bytes(head: bytes, size: int) -> FileKind:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 2 <= header_len <= size - 8:
             return "safetensors"
+        if 2 <= header_len < 100_000_000:  # a plausible header the file is too short for
+            return "truncated"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return "torch"
     if head[:1] == b"\x08":

@@ -166,7 +166,7 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
             raise option_error("quantize", "{quantize} and {precision} int8 both quantize; give one ({precision} "
                                            "int8 is calibrated)")  # fmt: skip
         if model.int8_graph_ is None:
-            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 or auto, "
+            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8, "
                               "or call imgclf.calibrate_int8(model, training_images) and save it")  # fmt: skip
         graph = onnx.load_from_string(model.int8_graph_)
         config = json.loads({p.key: p.value for p in graph.metadata_props}[METADATA_KEY])

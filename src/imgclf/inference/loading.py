@@ -32,7 +32,7 @@ def load_model(
     engine; default: the CPUs, at most 8. ``images``: the job's size, if known.
     """
     from imgclf.data.uris import local_model_file
-    from imgclf.filetypes import sniff
+    from imgclf.filetypes import WHAT_IT_IS, sniff
 
     path = local_model_file(path)  # a URI is fetched once
     if path.is_dir():
@@ -49,7 +49,7 @@ def load_model(
         return load_onnx_model(path, threads=threads, engine=engine, precision=precision, images=images)
     if kind != "safetensors":
         what = "ONNX model" if path.suffix.lower() == ".onnx" else "imgclf model file"  # wording only
-        raise ModelFileError(f"{path}: not a readable {what} ({_WHY[kind]}); expected an imgclf model or an "
+        raise ModelFileError(f"{path}: not a readable {what} ({WHAT_IT_IS[kind]}); expected an imgclf model or an "
                              "exported ONNX file")  # fmt: skip
     from imgclf.inference.model import load_model as load_imgclf_model
 
@@ -60,8 +60,6 @@ def load_model(
     return model
 
 
-_WHY = {"empty": "the file is empty, 0 bytes", "torch": "it is a PyTorch file; train with --weights FILE instead",
-        "unknown": "its first bytes are neither a safetensors nor an ONNX header"}  # fmt: skip
 
 #: The name the CLI and the server have always used.
 load_predictor = load_model

@@ -434,6 +434,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     from imgclf.data.uris import local_model_file
+    from imgclf.filetypes import WHAT_IT_IS
 
     path = local_model_file(path)
     kind = file_kind(path)
@@ -441,7 +442,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: is an exported ONNX model, not an imgclf model file (it predicts and serves "
                              "as it is; exporting needs the .imgclf file it came from)")  # fmt: skip
     if kind != "safetensors":
-        raise ModelFileError(f"{path}: not a readable imgclf model file ({_KIND_TEXT[kind]})")
+        raise ModelFileError(f"{path}: not a readable imgclf model file ({WHAT_IT_IS[kind]})")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
@@ -454,8 +455,6 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return parse_metadata(meta[FORMAT_NAME], path, "imgclf")
 
 
-_KIND_TEXT = {"empty": "the file is empty (0 bytes)", "torch": "it is a PyTorch file, not a safetensors model",
-              "unknown": "its first bytes are neither a safetensors nor an ONNX header"}  # fmt: skip
 
 
 def _first_line(e: BaseException) -> str:

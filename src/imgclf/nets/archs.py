@@ -205,14 +205,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """
     import torch
 
-    from imgclf.filetypes import sniff
+    from imgclf.filetypes import WHAT_IT_IS, sniff
 
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found")
     kind = sniff(path)  # by content: weights downloaded as "model.bin" are often safetensors
     if kind not in ("safetensors", "torch"):
-        found = {"empty": "the file is empty", "onnx": "it is an ONNX model"}.get(kind, "unrecognised content")
+        found = {"empty": "the file is empty", "onnx": "it is an ONNX model",
+                 "truncated": WHAT_IT_IS["truncated"]}.get(kind, "unrecognised content")  # fmt: skip
         raise WeightsUnavailableError(f"{path}: not a weights file ({found}); give a safetensors file or a "
                                       "PyTorch state dict")  # fmt: skip
     try:
