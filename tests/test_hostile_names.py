@@ -95,3 +95,16 @@ def test_a_report_is_never_written_into_the_training_data(model, folder, tmp_pat
     assert main(argv) == 2 and "--report" in capsys.readouterr().err
     assert not (tmp_path / "m.imgclf").exists()  # refused before any work
     assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_the_audit_summary_keeps_a_name_on_one_line(tmp_path, capsys, workspace):
+    """A hostile pass: names with a tab, a newline or a byte that is not UTF-8 printed raw in the
+    audit's console summary (a line broken in two); they are escaped as predict escapes them."""
+    from .conftest import small_flower_folder
+
+    folder = small_flower_folder(tmp_path / "data", per_class=3, labels=("daisy", "tulips"))
+    (folder / "daisy").joinpath(os.fsdecode(b"bad\tna\nme\xff.jpg")).write_bytes(b"")  # listed as unreadable
+    assert main(["audit", str(folder), "--workspace", str(workspace)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "bad" in x)
+    assert "bad\\tna\\nme\\xff.jpg" in line and "\t" not in out

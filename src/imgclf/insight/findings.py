@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.insight.pages import Thumbnails, card, page, page_folder, section, write_page
+from imgclf.rows import tsv_cell
 
 MAX_LISTED = 20  # label suspects and outliers listed at most (the JSON has them all)
 
@@ -169,7 +170,7 @@ def _names(files: list[str], limit: int = 3) -> str:
 
 
 def summary_lines(result: AuditResult) -> list[str]:
-    """The console summary of an audit."""
+    """The console summary of an audit, one line per entry whatever the files are called."""
     n = sum(result.labels.values())
     lines = [f"Audited {n} readable images of {len(result.labels)} labels in {result.folder}"
              + (f", against {result.against}" if result.against else "")]  # fmt: skip
@@ -210,4 +211,4 @@ def summary_lines(result: AuditResult) -> list[str]:
     f = result.method["features"]
     lines.append(f"Features: {f['extracted']} computed, {f['cached']} from the workspace cache; "
                  f"{result.timing.get('total_seconds', 0):.1f} s")  # fmt: skip
-    return lines
+    return [tsv_cell(line) for line in lines]  # a name's tab, newline or non-UTF-8 byte escaped, as predict does
