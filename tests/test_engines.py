@@ -67,6 +67,10 @@ def test_the_capability_override_is_read_in_one_place(monkeypatch):
     monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "avx9000")
     with pytest.raises(OptionError, match="IMGCLF_CPU_CAPABILITIES='avx9000': use a comma-separated list"):
         cpu_capabilities()
+    monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", " ")  # set but empty is unset (it silently meant none)
+    real = cpu_capabilities()
+    monkeypatch.delenv("IMGCLF_CPU_CAPABILITIES")
+    assert real == cpu_capabilities() and real.source != "IMGCLF_CPU_CAPABILITIES"
 
 
 def test_fp32_engines_by_job_size_never_change_the_precision(cpu):

@@ -49,7 +49,7 @@ class CpuCapabilities:
 
 
 def parse_capabilities(text: str) -> tuple[bool, bool]:
-    """``bf16,vnni`` -> (True, True); ``none`` or empty -> (False, False); raises on anything else."""
+    """``bf16,vnni`` -> (True, True); ``none`` -> (False, False); raises on anything else."""
     words = {w.strip().lower() for w in text.replace("+", ",").split(",") if w.strip()}
     unknown = words - {*_NAMES, "none"}
     if unknown or ("none" in words and len(words) > 1):
@@ -82,8 +82,8 @@ def _openvino_capabilities() -> tuple[str, ...]:
 
 def cpu_capabilities() -> CpuCapabilities:
     """This CPU's capabilities (or the ones ``IMGCLF_CPU_CAPABILITIES`` pretends)."""
-    override = os.environ.get(OVERRIDE_ENV)
-    if override is not None:
+    override = os.environ.get(OVERRIDE_ENV, "").strip()
+    if override:  # set but empty is unset, as a shell's VAR= is (it silently meant "none")
         return CpuCapabilities(*parse_capabilities(override), OVERRIDE_ENV)
     flags = _cpu_flags()
     if flags is not None:
