@@ -94,6 +94,8 @@ def test_wrong_content_type_and_empty_form(client):
     assert r.status_code == 415 and "not 'application/x-www-form-urlencoded'" in r.json()["error"]
     r = client.post("/v1/predict", content=b"--xx--\r\n", headers={"content-type": "multipart/form-data; boundary=xx"})
     assert r.status_code == 422 and "no image in the request" in r.json()["error"]  # the docs' one status
+    r = client.post("/v1/predict")  # nothing at all (curl -X POST): it was 415 "not 'nothing'"
+    assert r.status_code == 422 and "no image in the request" in r.json()["error"]
     r = client.post("/v1/predict?top_k=0", content=DAISY, headers={"content-type": "image/jpeg"})
     assert r.status_code == 422
 

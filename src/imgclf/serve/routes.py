@@ -75,6 +75,9 @@ async def predict(
             uploads = await parse_multipart(request, body, state.max_files)
         elif content_type.startswith("image/") or content_type == "application/octet-stream":
             uploads = [("upload", body)]
+        elif not content_type and not body:  # nothing sent at all: no image, as the docs say (was a 415)
+            raise HTTPError(422, "no image in the request; send an image body (Content-Type image/*) or files in "
+                                 "the multipart field 'files'")  # fmt: skip
         else:
             raise HTTPError(415, f"send an image body (Content-Type image/*) or multipart/form-data, "
                                  f"not '{content_type or 'nothing'}'")  # fmt: skip
