@@ -135,6 +135,12 @@ def test_certify_records_evidence_and_auto_reads_it(small_model, tmp_path, capsy
     assert f"bf16 on {4 + daisies - len(trained_on)} images" in said.out
     assert main(["certify", str(path), *map(str, trained_on)]) == 2
     assert "is one the model never saw" in capsys.readouterr().err
+    other = tmp_path / "other" / "orchid"  # a folder of labels the model does not have: said, not silent
+    other.mkdir(parents=True)
+    (other / "one.jpg").write_bytes((PREDICT / "classic-daisy.jpg").read_bytes())
+    assert main(["certify", str(path), str(other.parent), "--out", str(out)]) == 0
+    assert "its subfolders are not this model's labels; its images count for top-label agreement only" in \
+        capsys.readouterr().err  # fmt: skip
     assert main(["certify", str(tmp_path / "nope.imgclf"), str(PREDICT)]) == 2
     import fsspec
 

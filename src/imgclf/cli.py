@@ -540,6 +540,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         if labelled:
             images += load_images_from_directory(folder)
         else:
+            if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()):
+                print(f"certify: {given}: its subfolders are not this model's labels; its images count for "
+                      "top-label agreement only (no accuracy)", file=sys.stderr)  # fmt: skip
             images += [ImageData(f) for f in find_image_files([given])]
     if not images:
         raise DataError(f"no images found in {', '.join(args.images)}")
