@@ -34,7 +34,7 @@ def test_default_train_then_predict_seed_images(tmp_path):
                             "second.imgclf", "--metrics-json", "again.json"], cwd=tmp_path, capture_output=True,
                            text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr
-    assert "200 images through the network" in train.stdout
+    assert "200 images through the network (engine onnxruntime, fp32)" in train.stdout  # the pass says what ran
     assert "0 images through the network, 200 from the workspace cache" in again.stdout  # held-out ones too
     assert json.loads((tmp_path / "again.json").read_text()) == metrics  # the same model from the cache
     for run in (train, again):

@@ -119,3 +119,8 @@ def test_report_and_audit_never_overwrite_a_users_files(small_model_file, tmp_pa
     again = tmp_path / "again"  # an earlier report's folder is rewritten
     assert main(["report", str(small_model_file), "--out", str(again)]) == 0
     assert main(["report", str(small_model_file), "--out", str(again)]) == 0
+    capsys.readouterr()
+    held = small_flower_folder(tmp_path / "held", per_class=2)  # the network runs: the console says on what
+    assert main(["report", str(small_model_file), str(held), "--out", str(tmp_path / "r2")]) == 0
+    ran = json.loads((tmp_path / "r2" / "report.json").read_text())["ran"]
+    assert f"imgclf: engine {ran['engine']}, {ran['precision']} (" in capsys.readouterr().err

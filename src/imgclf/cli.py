@@ -325,7 +325,8 @@ def _evaluate_and_save(model, test, args: argparse.Namespace, train_images=(), p
         elif args.resume:
             print("No checkpoint of this run to resume from; trained from the start")
         ext = model.info["extraction"]
-        print(f"Features: {ext['extracted']} images through the network, {ext['cached']} from the workspace cache")
+        ran = f" (engine {ext['engine']}, fp32)" if ext["extracted"] and ext.get("engine") else ""  # training's features are fp32
+        print(f"Features: {ext['extracted']} images through the network{ran}, {ext['cached']} from the workspace cache")
         where = "test images" if part == "test" else "held out"
         print(f"Trained on {training['train_images']} images; evaluating on the {training['held_out_images']} {where}")
         from_features = model.held_out_features_ is not None and not model.tta
@@ -396,6 +397,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         model = load_predictor(args.model, args.device)
     with _warnings_as_lines():  # an empty label folder; how many images could not be read (listed on the page)
         images = _evaluation_images(args) if args.folder else None
+        if images:  # the network runs: which engine and precision, as every command that runs it says
+            print(f"imgclf: {model.engine_choice(len(images)).describe()}", file=sys.stderr, flush=True)
         page = write_report(model, images, args.out, name=str(args.model))
     print(f"Report: {page}")
     return 0
