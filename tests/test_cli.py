@@ -243,7 +243,7 @@ def test_unknown_option_prints_the_subcommands_usage(capsys):
         (["--fine-tune-epochs", "2"], "--fine-tune-epochs only applies with --fine-tune"),
         (["--keep-orientation"], "--keep-orientation only applies with --fine-tune"),
         (["--test-fraction", "1.5"], "--test-fraction must be a number between 0 and 1 (exclusive), got 1.5"),
-        (["--learning-rate", "inf"], "--learning-rate must be a positive number, got inf"),
+        (["--learning-rate", "inf"], "--learning-rate must be a number > 0 and <= 1e+38, got inf"),
         (["--seed", "-1"], "--seed must be an integer from 0 to 4,294,967,295"),
         (["--early-stopping", "--patience", "0"], "--patience must be a positive integer"),
         (["--validation-folder", "v", "--validation-fraction", "0.2"], "give --validation-folder or"),

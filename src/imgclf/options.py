@@ -279,8 +279,9 @@ NON_NEGATIVE = Interval(float, 0, None, "left")
 FRACTION = Interval(float, 0, 1, "neither")  # a share that leaves something on both sides
 #: Sizes in MB or GB: positive and below 1e9 (a petabyte or more is a typo, and would overflow as bytes).
 SIZE = Interval(float, 0, 1e9, "neither")
-#: A step size: above 10 is a typo (1e308 overflowed float32 in the optimizer with a traceback).
-LEARNING_RATE = Interval(float, 0, 10, "right")
+#: A step size float32 can hold (1e308 overflowed in the optimizer with a traceback); a huge one
+#: that fits (1e37) is allowed, and training stops in one line when its loss stops being finite.
+LEARNING_RATE = Interval(float, 0, 1e38, "right")
 #: ``serve`` warms up every batch size up to this at start, and holds that many images a call.
 MAX_SERVE_BATCH = 64
 
