@@ -355,3 +355,43 @@ def test_batches_hold_up_to_max_batch_images(small_onnx_model):
             responses = list(pool.map(post, photos * 4))
     assert all(r.status_code == 200 for r in responses)
     assert sum(sizes) == 24 and max(sizes) == 4 and min(sizes) >= 1, sizes
+
+
+def test_ctrl_c_during_the_warm_up_stops_it(monkeypatch):
+    """A hostile pass: `serve --max-batch 400` warmed up every batch size from 400 down before it
+    answered, deaf to Ctrl-C for over a minute. The warm-up asks between sizes whether the server
+    was asked to stop, and run_server wires that question to uvicorn's own flag."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import numpy as np
+    import uvicorn
+
+    from imgclf.serve.batching import Batcher
+    from imgclf.serve.server import run_server
+
+    sizes = []
+    predictor = SimpleNamespace(preprocessing=SimpleNamespace(input_size=8),
+                                predict_arrays=lambda a: sizes.append(len(a)) or np.zeros((len(a), 2)))  # fmt: skip
+
+    async def warm(stopping):
+        batcher = Batcher(predictor, max_batch=64)
+        await batcher.start(stopping)
+        await batcher.stop()
+
+    asyncio.run(warm(lambda: len(sizes) >= 3))  # Ctrl-C after the third size
+    assert sizes == [64, 63, 62]
+    sizes.clear()
+    asyncio.run(warm(lambda: False))
+    assert sizes == list(range(64, 0, -1))  # otherwise every size, largest first
+
+    app = SimpleNamespace(state=SimpleNamespace(serve=SimpleNamespace(stopping=lambda: False)))
+    seen = []
+
+    def run(server, sockets=None):  # what uvicorn's signal handler does, then what the warm-up asks
+        server.should_exit = True
+        seen.append(app.state.serve.stopping())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    run_server(app, sock=None)
+    assert seen == [True]

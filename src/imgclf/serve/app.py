@@ -140,7 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServeState = app.state.serve
     tune_malloc()
     state.batcher = Batcher(state.predictor, state.max_batch, state.max_wait_ms)
-    await state.batcher.start()
+    await state.batcher.start(state.stopping)
     state.decode_pool = ThreadPoolExecutor(state.decode_threads, thread_name_prefix="imgclf-decode")
     state.pending = asyncio.Semaphore(PENDING_IMAGES)
     yield

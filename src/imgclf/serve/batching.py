@@ -9,6 +9,7 @@ network once for all of them in a thread, so the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,12 +29,15 @@ class Batcher:
         self.batches = 0
         self.images = 0
 
-    async def start(self) -> None:
+    async def start(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """Warm up with every batch size, then serve. The engine sizes its buffers
-        for each shape now (about a second), so memory does not grow under traffic."""
+        for each shape now (about a second), so memory does not grow under traffic.
+        ``stopping``: asked between sizes, so that Ctrl-C does not wait for the warm-up."""
         size = self.predictor.preprocessing.input_size
         loop = asyncio.get_running_loop()
         for n in range(self.max_batch, 0, -1):
+            if stopping():
+                break
             warm = np.zeros((n, 3, size, size), np.float32)
             await loop.run_in_executor(self.inference, self.predictor.predict_arrays, warm)
         self.task = asyncio.get_running_loop().create_task(self._run())

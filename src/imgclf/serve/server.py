@@ -79,5 +79,7 @@ def make_server(app, *, log_level: str = "warning", max_connections: int = MAX_C
 
 
 def run_server(app, sock: socket.socket, *, log_level: str = "warning") -> None:
-    """Serve ``app`` on the bound ``sock`` until interrupted."""
-    make_server(app, log_level=log_level).run(sockets=[sock])
+    """Serve ``app`` on the bound ``sock`` until interrupted (Ctrl-C during the warm-up too)."""
+    server = make_server(app, log_level=log_level)
+    app.state.serve.stopping = lambda: server.should_exit
+    server.run(sockets=[sock])

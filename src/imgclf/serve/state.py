@@ -8,6 +8,7 @@ them. Routes reach it through the :func:`get_state` dependency.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class ServeState:
     batcher: Batcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
     pending: asyncio.Semaphore | None = None  # images decoded and waiting for the network
+    stopping: Callable[[], bool] = lambda: False  # the server was asked to stop (Ctrl-C during the warm-up)
 
 
 def get_state(request: Request) -> ServeState:
