@@ -397,8 +397,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         model = load_predictor(args.model, args.device)
     with _warnings_as_lines():  # an empty label folder; how many images could not be read (listed on the page)
         images = _evaluation_images(args) if args.folder else None
-        if images:  # the network runs: which engine and precision, as every command that runs it says
-            print(f"imgclf: {model.engine_choice(len(images)).describe()}", file=sys.stderr, flush=True)
+        if images:  # the network runs: which engine and precision, as evaluate says them
+            model.job_size = len(images)
+            _engine_line(model)
         page = write_report(model, images, args.out, name=str(args.model))
     print(f"Report: {page}")
     return 0

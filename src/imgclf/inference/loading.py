@@ -60,6 +60,5 @@ def load_model(
     return model
 
 
-
 #: The name the CLI and the server have always used.
 load_predictor = load_model

@@ -122,7 +122,7 @@ class ImageClassifier(Predictor):
         self.features_engine = None  # built on first use, see _engine_for
         self._eager = None
         self._backbone_graph = None  # the backbone exported once, whichever engine then runs it
-        self._scored_graph = None  # the whole exported graph, which bf16 runs (built on first need)
+        self._scored_graph = None  # (what it was made of, the exported graph): see _export_graph
         self._explain_session = None  # the graph with class maps, built on the first explanation
         self.labels = list(labels)
         self.classes_ = self.labels
@@ -255,19 +255,24 @@ class ImageClassifier(Predictor):
         if getattr(self, "_explain_session", None) is None:
             from imgclf.errors import NotExplainableError
             from imgclf.nets.engines import OnnxSession
-            from imgclf.nets.onnx_graph import to_onnx_bytes
 
             why = self.why_not_explainable()
             if why is not None:
                 raise NotExplainableError(f"cannot explain this model's predictions: {why}")
-            names = ("probabilities", "class_maps") if self.unknown_ is None else (
-                "probabilities", "unknown_score", "class_maps")  # fmt: skip
-            graph = to_onnx_bytes(self.scored_network(maps=True).cpu(), self.preprocessing.input_size,
-                                  output_name=names)  # fmt: skip
-            self._explain_session = OnnxSession(graph, self.threads)
+            self._explain_session = OnnxSession(self._export_graph(), self.threads)
         outputs = self._explain_session.outputs(arrays)
         scores = outputs[1].reshape(-1) if self.unknown_ is not None else None
         return outputs[0], scores, outputs[-1]
+
+    def _export_graph(self) -> bytes:
+        """The graph export writes (:func:`imgclf.inference.export.scored_graph_bytes`), built once
+        per head: explanations run it, and bf16 does, so that the .onnx answers the same."""
+        from imgclf.inference.export import scored_graph_bytes
+
+        made_of = (id(self.head), id(self.unknown_), self.tta)  # a head set since makes another graph
+        if self._scored_graph is None or self._scored_graph[0] != made_of:
+            self._scored_graph = (made_of, scored_graph_bytes(self))
+        return self._scored_graph[1]
 
     def engine_choice(self, images: int | None = None):
         """The engine and precision :func:`imgclf.nets.engines.choose_engine` picks for this
@@ -289,7 +294,7 @@ class ImageClassifier(Predictor):
         job of this size (the job's, when known, else this batch's): the precision never
         depends on it, only whether a few images on fp32 run eagerly (no graph to build)
         or on a graph engine built once. At int8 it runs the whole calibrated network,
-        otherwise the backbone."""
+        at bf16 the whole exported one (its engine says ``whole_network``), otherwise the backbone."""
         from imgclf.nets.engines import EAGER_MAX_IMAGES, TorchEngine, create_engine, open_engine
 
         if self.features_engine is not None:
@@ -304,13 +309,9 @@ class ImageClassifier(Predictor):
             return self._eager
         if choice.precision == "int8":
             built = open_engine(choice, self.int8_graph_, self.threads)
+            built.whole_network = True
         elif choice.precision == "bf16":  # the exported graph itself, so that the .onnx answers the same
-            from imgclf.inference.export import scored_graph_bytes
-
-            made_of = (id(self.head), id(self.unknown_), self.tta)  # a head set since makes another graph
-            if self._scored_graph is None or self._scored_graph[0] != made_of:
-                self._scored_graph = (made_of, scored_graph_bytes(self))
-            built = open_engine(choice, self._scored_graph[1], self.threads)
+            built = open_engine(choice, self._export_graph(), self.threads)
             built.whole_network = True
         elif choice.engine == "torch":
             built = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
@@ -330,7 +331,7 @@ class ImageClassifier(Predictor):
 
     def _outputs(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         engine = self._engine_for(len(arrays))
-        if getattr(engine, "precision", "fp32") == "int8" or getattr(engine, "whole_network", False):
+        if getattr(engine, "whole_network", False):
             # the calibrated int8 graph (or at bf16 the exported one) holds head, softmax, test-time
             # augmentation and (since the detector exists) the unknown score as its second output
             outputs = engine.outputs(arrays)
@@ -453,8 +454,6 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     if FORMAT_NAME not in meta:
         raise ModelFileError(f"{path}: safetensors file without imgclf metadata; it was not saved by imgclf")
     return parse_metadata(meta[FORMAT_NAME], path, "imgclf")
-
-
 
 
 def _first_line(e: BaseException) -> str:

@@ -81,9 +81,13 @@ def check_outside_inputs(out: Path, images: Sequence[ImageData], option: str = "
     """Refuse a report folder inside a folder whose subfolders are the labels of the images: its
     charts and thumbnails would be read as a new label (or as more photos of one) by the next
     train. Images a manifest lists are not such a folder's (the next train reads the manifest)."""
-    roots = {Path(im.source).parent.resolve().parent for im in images
-             if isinstance(im.source, Path) and im.label and Path(im.source).parent.name == im.label}  # fmt: skip
-    check_page_folder(out, "report", inside=tuple(roots), option=option)
+    check_page_folder(out, "report", inside=_label_folders(images), option=option)
+
+
+def _label_folders(images: Sequence[ImageData]) -> tuple[Path, ...]:
+    """The folders whose subfolders are the labels of ``images`` (not a manifest's folders)."""
+    return tuple({Path(im.source).parent.resolve().parent for im in images
+                  if isinstance(im.source, Path) and im.label and Path(im.source).parent.name == im.label})  # fmt: skip
 
 
 def write_report(
@@ -98,8 +102,7 @@ def write_report(
     no folder behind.
     """
     out = Path(out)
-    check_outside_inputs(out, images or ())
-    with page_folder(out, "report"):
+    with page_folder(out, "report", inside=_label_folders(images or ())):
         return _write_report(model, images, out, name)
 
 

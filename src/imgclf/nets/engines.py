@@ -221,11 +221,10 @@ def choose_engine(
         raise OptionError(f"this CPU ({cpu_name()}) has no native bf16 ({caps.source}), so bf16 would run as fp32; "
                           "use --precision fp32 or auto")  # fmt: skip
     elif precision == "int8":
-        if not int8_ready and onnx_file:
-            raise OptionError("this ONNX file is not an int8 export: export the .imgclf model (trained with "
-                              "--precision int8) again with 'imgclf export MODEL --precision int8'")  # fmt: skip
         if not int8_ready:
-            raise OptionError("this model has no calibrated int8 graph: train it with --precision int8 "
+            raise OptionError("this ONNX file is not an int8 export: export the .imgclf model (trained with "
+                              "--precision int8) again with 'imgclf export MODEL --precision int8'" if onnx_file else
+                              "this model has no calibrated int8 graph: train it with --precision int8 "
                               "(calibrated on its training images), or call imgclf.calibrate_int8(model, images)")  # fmt: skip
         if certificate_verdict(accuracy, "int8", caps)[0]:
             reason += "; " + certificate_verdict(accuracy, "int8", caps)[1]
