@@ -61,21 +61,30 @@ def test_engine_ray_in_a_fresh_process_agrees_with_predict_json_and_prints_only_
     rows, Ray's writer keeps imgclf's metadata, and the output is imgclf's one line. Issue 21 item
     14: it printed about 20 lines of Ray's INFO and WARNING (a token notice, a deprecation warning
     caused by imgclf's own ``concurrency=``, the execution plan, progress logged as lines, a
-    core-worker line per actor)."""
+    core-worker line per actor). And a disk over Ray's share-of-disk threshold (CI's, 96% full
+    with 10 GB free) made its raylet log an error every 10 s: simulated here with a threshold of 1%."""
     import os
+    import shutil
     import subprocess
     import sys
+    import tempfile
 
     from imgclf.batch.writers import read_part_paths
 
     inputs, known = _inputs(tmp_path)
     out = tmp_path / "results.parquet"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    full_disk = {"RAY_local_fs_capacity_threshold": "0.01", "RAY_TMPDIR": str(ray_tmp)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | full_disk
     run = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(small_onnx_model), *map(str, inputs),
                           "--engine", "ray", "--out", str(out), "--workers", "2", "--top-k", "2"],
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stderr == "", run.stderr
+    # the raylet's first check is at its start, before the driver listens: read its own log
+    raylet_logs = [p.read_text(errors="replace") for p in ray_tmp.glob("ray/session_*/logs/raylet.*")]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert raylet_logs and not any("file_system_monitor" in text for text in raylet_logs), raylet_logs
     assert run.stdout.startswith("Scored 13 image(s), 5 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
 
     table = pq.read_table(out)

@@ -455,11 +455,29 @@ def _init(ray, address: str | None) -> None:
         if address:
             ray.init(address=address, logging_level=logging.ERROR)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.ERROR)
+            _init_here(ray)
     except ConnectionError as e:
         raise option_error(
             "address", "{address} {given}: cannot connect to a Ray cluster ({why})", given=address, why=e
         ) from None
+
+
+#: Settings of a Ray started here. Ray's disk guard measures a share of the disk, not room: once the
+#: disk under its temp folder is 95% full it refuses to spill objects and its raylet logs an error
+#: every 10 s, however many gigabytes are free (10 GB of 252 on a CI machine; ray-project/ray#36959).
+#: 1 turns the guard off; spilling that finds no room still fails the job with Ray's error.
+LOCAL_RAY_CONFIG = {"local_fs_capacity_threshold": 1.0}
+
+
+def _init_here(ray) -> None:
+    """Start Ray here, or join the cluster RAY_ADDRESS or ``ray start`` names (as ``ray.init()``
+    does): a cluster's settings are its own, so they are only given to a Ray started here."""
+    try:
+        ray.init(include_dashboard=False, logging_level=logging.ERROR, _system_config=LOCAL_RAY_CONFIG)
+    except ValueError as e:
+        if "_system_config" not in str(e):
+            raise
+        ray.init(include_dashboard=False, logging_level=logging.ERROR)
 
 
 def _run(ray, folder: ResultFolder, fmt: str, sources: list[Input], model_file: ModelFile, metadata: dict, **options):
