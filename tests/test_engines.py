@@ -6,12 +6,13 @@ one place, imgclf.nets.cpu) pretends a CPU has or lacks native bf16 / VNNI.
 Tolerances (docs, "Engines and precision"):
 - fp32 on any engine: probabilities within 1e-4 of eager PyTorch (measured 2e-6).
 - bf16 (only on a CPU with native bf16): top labels equal to fp32, probabilities within 0.05
-  (measured 0.021, no flip, on an AMD Zen 5 with AVX-512 bf16).
+  (measured 0.021, no flip, on an AMD Zen 5 with AVX-512 bf16 and on an Intel Xeon with AMX).
 - int8 (static QDQ by NNCF, calibrated on the training images): on these 12 images probabilities
   within 0.1 of fp32 and at most one top label flipped, only where fp32's two best nearly tie
   (measured: ONNX Runtime 0.020, no flip; OpenVINO 0.031 and no flip on an AVX-512 VNNI CPU,
   0.073 and one flip on an image scored 0.44 on an AVX2-only Zen 3; ONNX Runtime 0.016 and
-  OpenVINO 0.031, no flip, on an AVX-512 bf16/VNNI Zen 5); the same int8 graph gives the same
+  OpenVINO 0.031, no flip, on an AVX-512 bf16/VNNI Zen 5; 0.017 and 0.017, no flip, on an
+  Intel Xeon with AMX); the same int8 graph gives the same
   probabilities (1e-4) whichever file (.imgclf or exported .onnx) carries it.
 """
 
