@@ -50,3 +50,20 @@ def test_readme_is_short_and_its_links_resolve():
     assert links, "README.md links to no file: expected links into docs/"
     missing = [link for link in links if not (ROOT / unquote(link.split("#", 1)[0])).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_the_pages_name_the_manifest_columns_the_code_takes():
+    """Each page that says which column is the path or the label lists imgclf's own names, in
+    order (one page left out ``file_name``, Hugging Face's; ``--help`` had them out of order)."""
+    from imgclf.options import LABEL_COLUMNS, PATH_COLUMNS
+
+    said = {}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = " ".join(page.read_text(encoding="utf-8").split())
+        for kind, names in (("path", PATH_COLUMNS), ("label", LABEL_COLUMNS)):
+            pattern = rf"the {kind} column (?:is )?the first of ((?:`[a-z_]+`[, ]*(?:or )?)+)"
+            for listed in re.findall(pattern, text, re.IGNORECASE):
+                said[f"{page.name} ({kind})"] = (tuple(re.findall(r"`([a-z_]+)`", listed)), names)
+    assert len(said) >= 4, said  # quickstart and the Python API page, path and label each
+    wrong = {where: got for where, (got, want) in said.items() if got != want}
+    assert not wrong, wrong

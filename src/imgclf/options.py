@@ -96,6 +96,10 @@ DEFAULT_ARCH = "efficientnet_lite0"
 DEFAULT_MODEL_PATH = "imageClassifier.imgclf"
 #: MB of training images' features a model file keeps for ``train --from`` (imgclf.inference.stored).
 KEEP_FEATURES_MB = 20.0
+#: A manifest's column names taken as the image paths, in this order (any case): Hugging Face's is
+#: ``file_name``; and as the labels (``--path-column``/``--label-column`` name another).
+PATH_COLUMNS = ("path", "filepath", "file_path", "file_name", "filename", "file", "image", "image_path")
+LABEL_COLUMNS = ("label", "labels", "class", "target")
 #: Most likely labels each prediction carries (``predict --top-k``, ``/v1/predict?top_k``).
 TOP_K = 1
 #: ``device`` of the commands that run a trained model: the CPU, where one model gives one answer.
@@ -503,14 +507,19 @@ _PRECISION = Option("precision", default="auto", constraint=Choices(PRECISIONS),
 _TOP_K = Option("top_k", int, TOP_K, POSITIVE_INT, "also show the k most likely labels")
 _REJECT_UNKNOWN_HELP = ("images whose known is false (they look like nothing the model was trained on) get the label "
                         "'unknown' instead of the model's")  # fmt: skip
+def _first_of(names: tuple[str, ...]) -> str:
+    """How a default that is the first present of several columns reads: ``a, b or c``."""
+    return f"the first of {', '.join(names[:-1])} or {names[-1]}"
+
+
 #: A labelled input: a folder of label subfolders, a train/val/test folder of them, or a manifest.
 _LABELLED = ("folder with one subfolder of images per label, a folder of train/, val/ and test/ folders of them, or a "
              "manifest (.csv, .tsv, .jsonl or .parquet listing path, label and optionally split)")  # fmt: skip
 _MANIFEST_COLUMNS = (
     Option("path_column", metavar="NAME", help="the manifest's column of image paths",
-           shown_default="path, file_name, filepath, file or image"),
+           shown_default=_first_of(PATH_COLUMNS)),
     Option("label_column", metavar="NAME", help="the manifest's column of labels",
-           shown_default="label, labels, class or target"),
+           shown_default=_first_of(LABEL_COLUMNS)),
     Option("label_map", metavar="FILE", help="names for labels a manifest gives as numbers: a JSON object "
                                              "{\"0\": \"cat\"} or list, or a text file with one name per line "
                                              "(line 1 names label 0)"),

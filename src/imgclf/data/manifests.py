@@ -22,15 +22,11 @@ from pathlib import Path
 
 from imgclf.data.uris import filesystem, is_uri
 from imgclf.errors import DataError, MissingDependencyError
-from imgclf.options import install_hint
+from imgclf.options import LABEL_COLUMNS, PATH_COLUMNS, install_hint
 
 #: Tables with named columns, and every manifest suffix (a ``.txt`` lists paths alone).
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 MANIFEST_SUFFIXES = (".txt", *TABLE_SUFFIXES)
-#: Column names taken as the image paths, in this order (any case): Hugging Face's is ``file_name``.
-PATH_COLUMNS = ("path", "filepath", "file_path", "file_name", "filename", "file", "image", "image_path")
-#: Column names taken as the labels, in this order (any case).
-LABEL_COLUMNS = ("label", "labels", "class", "target")
 #: The column that puts a row in the train, validation or test part.
 SPLIT_COLUMN = "split"
 
