@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.images import ImageData
-from imgclf.data.manifests import LABEL_COLUMNS, PATH_COLUMNS  # a DataFrame's columns are named as a manifest's
 from imgclf.errors import DataError
+from imgclf.options import LABEL_COLUMNS, PATH_COLUMNS  # a DataFrame's columns are named as a manifest's
 
 #: How an array image is shaped and typed, for messages.
 ARRAY_SHAPES = "an HxW, HxWx1, HxWx3 or HxWx4 uint8 array (channels last)"

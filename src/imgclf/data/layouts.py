@@ -27,7 +27,6 @@ from pathlib import Path
 
 from imgclf.data.images import LABEL_SEPARATOR, ImageData, is_skipped, load_images_from_directory, multilabel_image
 from imgclf.data.manifests import (
-    LABEL_COLUMNS,
     SPLIT_COLUMN,
     columns_of,
     find_column,
@@ -40,6 +39,7 @@ from imgclf.data.manifests import (
 from imgclf.data.parallel import ordered_map
 from imgclf.data.uris import filesystem, is_uri, read_image_bytes
 from imgclf.errors import DataError, ImageDecodeError
+from imgclf.options import LABEL_COLUMNS
 
 #: The parts of a dataset, and how a ``split`` cell or a folder may spell each.
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",

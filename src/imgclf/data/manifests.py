@@ -22,7 +22,7 @@ from pathlib import Path
 
 from imgclf.data.uris import filesystem, is_uri
 from imgclf.errors import DataError, MissingDependencyError
-from imgclf.options import LABEL_COLUMNS, PATH_COLUMNS, install_hint
+from imgclf.options import PATH_COLUMNS, install_hint
 
 #: Tables with named columns, and every manifest suffix (a ``.txt`` lists paths alone).
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
