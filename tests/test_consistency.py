@@ -145,7 +145,7 @@ def test_json_of_300_and_out_of_400_give_the_same_answers(model_file, jobs, refe
     import pyarrow.parquet as pq
 
     monkeypatch.setenv("IMGCLF_CPU_CAPABILITIES", "bf16,vnni")
-    code, out, _ = _cli("predict", str(model_file), str(jobs[300]), "--json")
+    code, out, _ = _cli("predict", str(model_file), str(jobs[300]), "--json", "--top-k", "5")
     rows = json.loads(out)
     assert code == 0 and len(rows) == 300
     assert {(r["engine"], r["precision"]) for r in rows} == {("onnxruntime", "fp32")}
@@ -176,7 +176,7 @@ def test_exported_onnx_serve_and_evaluate_agree(model_file, small_model, files, 
     exported = load_onnx_model(onnx_path)
     _check({f.name: exported.predict(f).scores for f in files[:4]}, reference)
     _check_known({f.name: (p.known, p.unknown_score) for f in files for p in [exported.predict(f)]}, known)
-    code, out, _ = _cli("predict", str(onnx_path), *map(str, files), "--json")
+    code, out, _ = _cli("predict", str(onnx_path), *map(str, files), "--json", "--top-k", "5")
     _check({r["file"]: {s["label"]: s["probability"] for s in r["scores"]} for r in json.loads(out)}, reference)
     _check_known({r["file"]: (r["known"], r["unknown_score"]) for r in json.loads(out)}, known)
 
@@ -193,6 +193,15 @@ def test_exported_onnx_serve_and_evaluate_agree(model_file, small_model, files, 
             flags[f.name] = (res["known"], res["unknown_score"])
         _check(served, reference)
         _check_known(flags, known)
+        # the defaults too: --json and the API both give the top label alone (--json gave every label)
+        (cli_row,) = json.loads(_cli("predict", str(model_file), str(files[0]), "--json")[1])
+        r = client.post("/v1/predict", files=[("files", (str(files[0]), files[0].read_bytes(), "image/jpeg"))])
+        (api_row,) = r.json()["results"]
+        assert len(api_row["scores"]) == len(cli_row["scores"]) == 1 and list(api_row) == SCORED_KEYS
+        assert [cli_row[k] for k in ("file", "label", "known")] == [api_row[k] for k in ("file", "label", "known")]
+        assert cli_row["scores"][0]["label"] == api_row["scores"][0]["label"]
+        for k in ("probability", "unknown_score"):
+            assert abs(cli_row[k] - api_row[k]) < TOLERANCE
 
     # evaluate's log-loss is the reference probabilities' log-loss on the same labelled images
     from imgclf import load_model

@@ -470,7 +470,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"error: {rows.tsv_cell(str(outcome))}", file=sys.stderr)
         else:
-            row = outcome.row(name, args.top_k if args.top_k > 1 else None)
+            row = outcome.row(name, args.top_k)
             if args.reject_unknown:
                 row = rows.rejected(row)
             if not args.json:
