@@ -194,6 +194,10 @@ def _one_line_exit_2(capsys, *argv) -> str:
         ("twice.tsv", "path\tlabel\tlabel\na.jpg\tx\ty\n", [], "twice.tsv: its header names column 'label' twice"),
         ("bool.jsonl", '{"path": "a.jpg", "label": true}\n', [], "bool.jsonl line 1: the label in column 'label' is true"),
         ("same.csv", "path,label\na.jpg,x\n", ["--label-column", "path"], "label column and the path column are both 'path'"),
+        # a quote left open took the following rows as one label: a label of 5 lines, trained on, exit 0
+        ("open.csv", 'path,label\na.jpg,x\nb.jpg,"y\nc.jpg,z\nd.jpg,w\n', [], "open.csv line 3: column 'label' runs over 3 lines, to line 5 (a quote left open?)"),
+        ("openpath.csv", 'path,label\n"a.jpg,x\nb.jpg,y\n', [], "openpath.csv line 2: column 'path' runs over 2 lines"),
+        ("semi.jsonl", '{"path": "a.jpg", "label": ["a;b", "c"]}\n', [], "semi.jsonl line 1: label 'a;b' in column 'label' holds ';'"),
     ],
 )  # fmt: skip
 def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, extra, said, tmp_path, capsys):
@@ -207,6 +211,20 @@ def test_a_manifest_that_cannot_be_used_is_one_line_and_exit_2(name, content, ex
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     line = _one_line_exit_2(capsys, "train", manifest, *extra, "--out", tmp_path / "m.imgclf", "-q")
     assert said.replace("{tmp}", str(tmp_path)) in line, line
+
+
+def test_scoring_refuses_a_quote_left_open_and_predict_without_out_names_the_manifest(small_model_file, tmp_path,
+                                                                                      capsys):  # fmt: skip
+    """Scoring read only the path column, so the rows a quote left open swallowed were silently
+    not scored (13 of 19); plain predict read a manifest as an image."""
+    rows = [f"{p},{p.parent.name}" for p in photos("daisy", 0, 5)]
+    rows[2] = rows[2].replace(",", ',"')  # line 4 opens a quote it never closes
+    manifest = tmp_path / "open.csv"
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    line = _one_line_exit_2(capsys, "predict", small_model_file, manifest, "--out", tmp_path / "r.parquet", "-q")
+    assert "open.csv line 4: column 'label' runs over 3 lines, to line 6" in line, line
+    line = _one_line_exit_2(capsys, "predict", small_model_file, manifest)
+    assert f"{manifest}: a manifest; predict reads manifests into a results file: add --out" in line, line
 
 
 def test_manifest_options_on_a_folder_are_refused(tmp_path, capsys):

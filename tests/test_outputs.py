@@ -41,22 +41,25 @@ def folder(tmp_path):
         (["--out", "{tmp}/data/daisy/m.imgclf/x"], "is a file, not a folder"),
         (["--metrics-json", "{tmp}/same", "--out", "{tmp}/same"], "is also --out"),
         (["--out", "{first_image}"], "is also an input"),  # defect 4: was overwritten with the model
+        (["--from", "{tmp}/old.imgclf", "--out", "{tmp}/old.imgclf"], "is also an input"),  # the model trained on
+        (["--from", "{tmp}/old.imgclf", "--metrics-json", "{tmp}/old.imgclf"], "is also an input"),
         (["--out", "{tmp}/pipe"], "not a regular file"),
         # a file where the report folder should go
         (["--report", "{tmp}/data/daisy/m.imgclf"], "exists and is not a folder"),
     ],
 )
-def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path, capsys, workspace):
+def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path, capsys, workspace, small_model_file):
     """Defect 3: a bad --metrics-json or --out was a traceback after training, with the model lost."""
     first_image = sorted((folder / "daisy").glob("*.jpg"))[0]
     (folder / "daisy" / "m.imgclf").write_text("a file where a folder is needed")
     os.mkfifo(tmp_path / "pipe")  # never a real device here: run against old code, this test would replace it
+    old_model = (tmp_path / "old.imgclf").write_bytes(small_model_file.read_bytes())  # what --from trains on
     before = first_image.read_bytes()
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{first_image}", str(first_image)) for a in argv]
     code, out, err = run(capsys, "train", folder, "--workspace", workspace, *argv)
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in one_error_line(err)
     assert "Training" not in out  # refused before any work
-    assert first_image.read_bytes() == before
+    assert first_image.read_bytes() == before and (tmp_path / "old.imgclf").stat().st_size == old_model
 
 
 def test_failed_save_keeps_the_run_and_resume_saves_it(folder, tmp_path, capsys, monkeypatch):

@@ -191,7 +191,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
             _print_warnings_now(caught)  # an empty label folder: said before the training, not after
             given = images + (validation or []) + (test or [])
             inputs = [im.source for im in given if isinstance(im.source, Path)] + dataset.manifests
-            inputs += [args.weights] if args.weights else []
+            inputs += [p for p in (args.weights, args.from_model, args.label_map) if p]
             check_not_an_input(args.out, inputs, "model", option="--out")
             if args.metrics_json:
                 check_not_an_input(args.metrics_json, inputs, "metrics", option="--metrics-json")
@@ -439,6 +439,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.out or args.engine == "ray":
         return cmd_predict_to_file(args)
+    from imgclf.data.manifests import is_manifest
+
+    listed = next((i for i in args.images if is_manifest(i) and Path(i).is_file()), None)
+    if listed is not None:  # it would be read as an image and fail as one
+        raise OptionError(f"{listed}: a manifest; predict reads manifests into a results file: add --out "
+                          "results.parquet (or .csv, .jsonl), or give the images themselves")  # fmt: skip
     with _warnings_as_lines():  # an old model file without an unknown-input detector says so, once
         model = load_predictor(args.model, args.device, args.engine, precision=args.precision)
     files = find_image_files(args.images)

@@ -271,6 +271,10 @@ def _label_cell(value: object, where: str, column: str, mapping: dict[str, str] 
     (Parquet, JSON Lines) or text holding the separator (``"cat;dog"``); a multi-label cell
     may be an empty list (an image with none of the labels)."""
     if isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, str) and LABEL_SEPARATOR in v:
+                raise DataError(f"{where}: label '{v.strip()}' in column '{column}' holds '{LABEL_SEPARATOR}', which "
+                                "separates the labels of a set; give each label as its own list item")  # fmt: skip
         return tuple(dict.fromkeys(_label_text(v, where, column, mapping) for v in value))
     if isinstance(value, str) and LABEL_SEPARATOR in value:
         parts = [p for p in (p.strip() for p in value.split(LABEL_SEPARATOR)) if p]

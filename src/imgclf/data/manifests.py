@@ -187,8 +187,29 @@ def iter_rows(path: str, wanted: Sequence[str]) -> Iterator[tuple[str, list]]:
                 return
             reader = csv.DictReader(f, delimiter=_delimiter(path))
             reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+            row = None
             for row in reader:
-                yield f"{path} line {reader.line_num}", [row.get(name) for name in wanted]
+                values = [row.get(name) for name in wanted]
+                if any(_broken(v) for v in values):
+                    raise DataError(_runs_over_lines(path, reader.line_num, row, [*wanted, *row]))
+                yield f"{path} line {reader.line_num}", values
+            if row is not None and any(_broken(v) and v.endswith(("\n", "\r")) for v in row.values()):
+                raise DataError(_runs_over_lines(path, reader.line_num, row, list(row)))  # a quote open to the end
+
+
+def _broken(cell: object) -> bool:
+    return isinstance(cell, str) and ("\n" in cell or "\r" in cell)
+
+
+def _runs_over_lines(path: str, last_line: int, row: dict, columns: list) -> str:
+    """Why a row is refused whose path, label or split cell holds a line break, or whose last
+    cell runs to the end of the file: a quote left open, which makes the csv reader take the
+    following lines as one cell."""
+    text = [v for v in row.values() if isinstance(v, str)] + [x for x in row.get(None) or [] if isinstance(x, str)]
+    first = last_line - sum(v.rstrip("\r\n").count("\n") for v in text)  # an open quote takes the last newline too
+    column = next(name for name in columns if _broken(row.get(name)))
+    return (f"{path} line {first}: column '{column}' runs over {last_line - first + 1} lines, to line {last_line} "
+            "(a quote left open?); close the quote or remove the line break")
 
 
 def manifest_joiner(manifest: str) -> Callable[[str], str]:
