@@ -162,6 +162,18 @@ def test_a_part_with_no_readable_image_is_one_line_before_the_head_trains(part, 
     assert not (tmp_path / "m.imgclf").exists()
 
 
+def test_a_label_with_no_readable_image_says_why_with_one_of_them(tmp_path, capsys, workspace):
+    """Said only "label 'lily' has no readable image left; ... remove the folder": no file, no reason,
+    and a manifest has no folder (paths resolved from the wrong folder fail every label this way)."""
+    rows = [[str(p), label] for label in ("daisy", "tulips") for p in photos(label, 0, 5)]
+    rows += [["x/a.jpg", "lily"], ["x/b.jpg", "lily"]]
+    manifest = write_csv(tmp_path / "data.csv", ["path", "label"], rows)
+    line = _one_line_exit_2(capsys, "train", manifest, "--epochs", "3", "--workspace", workspace,
+                            "--out", tmp_path / "m.imgclf", "-q")  # fmt: skip
+    assert f"label 'lily': none of its 2 image(s) is readable (e.g. {tmp_path / 'x' / 'a.jpg'}: " in line, line
+    assert line.endswith("fix or replace them, or remove the label (its folder, or its rows)"), line
+
+
 def _one_line_exit_2(capsys, *argv) -> str:
     code, out, err = run(capsys, *argv)
     lines = err.strip().splitlines()

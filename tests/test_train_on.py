@@ -157,6 +157,20 @@ def test_the_command_line_trains_on_from_a_manifest(old_file, tulips, workspace,
     assert read_model_config(out)["labels"] == [*OLD_LABELS, "tulips"]
 
 
+def test_one_new_photo_is_measured_with_the_old_held_out_features(old_file, tulips, workspace, tmp_path, capsys):
+    """Too few new photos to hold one out: training ran, then "no readable images to evaluate on"
+    and nothing saved. The old model's held-out features still measure the new one."""
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"path,label\n{sorted(tulips.rglob('*.jpg'))[0]},tulips\n")
+    out = tmp_path / "new.imgclf"
+    code, printed, err = run_cli(["train", manifest, "--from", old_file, "--out", out, "--epochs", "5",
+                                  "--workspace", workspace, "-q", "--metrics-json", tmp_path / "m.json"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "evaluating on the 6 held out" in printed and "tulips have too few readable images" in err
+    assert json.loads((tmp_path / "m.json").read_text())["count"] == 6
+    assert read_model_config(out)["labels"] == [*OLD_LABELS, "tulips"]
+
+
 def test_the_same_photos_again_are_said(old_run, workspace, tmp_path, capsys):
     """--from with the photos it was trained on: each would count twice (and held-out ones be trained on)."""
     old_file, folder, _ = old_run

@@ -122,14 +122,15 @@ def _labels_or_validation(labels, validation_set):
     return labels, None
 
 
-def _none_readable(part: str, given: list[ImageData], skipped: list[tuple[str, str]]) -> str:
-    """The line refusing a given ``part`` none of whose images can be read (so nothing to measure on)."""
+def _none_readable(part: str, given: list[ImageData], skipped: list[tuple[str, str]], leave_out: str = "") -> str:
+    """The line refusing a given ``part`` (the test set, a label) none of whose images can be
+    read, with the first one's reason: a manifest's paths resolved from the wrong folder show here."""
     names = {im.name for im in given}
     first = next((reason if reason.startswith(name) else f"{name}: {reason}" for name, reason in skipped
                   if name in names), "")  # fmt: skip
     example = f" (e.g. {first})" if first else ""
-    return (f"{part} set: none of its {len(given)} image(s) is readable{example}; fix or replace them, "
-            f"or leave the {part} part out")  # fmt: skip
+    return (f"{part}: none of its {len(given)} image(s) is readable{example}; fix or replace them, "
+            f"or {leave_out or f'leave the {part} out'}")  # fmt: skip
 
 
 def _split_readable(images: list[ImageData], fraction: float, seed: int, part: str):
@@ -419,10 +420,12 @@ class ImageClassificationTrainer:
             held_out = [im for im in readable if id(im) in in_test]
             readable = [im for im in readable if id(im) not in in_test]
             if test_set and not held_out:
-                raise DataError(_none_readable("test", test_set, skipped))
+                raise DataError(_none_readable("test set", test_set, skipped, "leave the test part out"))
         empty = [lbl for lbl in new_labels if not any(im.label == lbl for im in readable)]
         if empty:
-            raise DataError(f"label '{empty[0]}' has no readable image left; add images or remove the folder")
+            given = [im for im in everything if im.label == empty[0]]
+            raise DataError(_none_readable(f"label '{empty[0]}'", given, skipped,
+                                           "remove the label (its folder, or its rows)"))  # fmt: skip
         if hold_out and test_set is None:
             readable, held_out = _split_readable(readable, hold_out, self.seed, "held-out")
 
@@ -450,7 +453,7 @@ class ImageClassificationTrainer:
             val = distributed.extract_sharded(extractor, validation_set)
             skipped += val.failures
             if not len(val.kept):
-                raise DataError(_none_readable("validation", validation_set, val.failures))
+                raise DataError(_none_readable("validation set", validation_set, val.failures, "leave the validation part out"))
         if val is not None and len(val.kept):
             x_val, y_val = self._xy(val, validation_set, labels)
         for name, reason in skipped:
@@ -504,7 +507,8 @@ class ImageClassificationTrainer:
             if tuner is None or tuner.kept == "head-only":
                 if engine.built is not None and network.module is model._backbone:
                     model.features_engine = engine.built  # the backbone the engine was built from: reuse it
-                model.held_out_features_ = from_pool(held_out).features if held_out else None
+                # trained on from a model, too few new images to hold one out still leaves the old held-out ones
+                model.held_out_features_ = from_pool(held_out).features if held_out or old is not None else None
                 if self.keep_features_mb > 0:
                     model.stored_features_ = self._features_to_keep(x_train, y_train, x_val, y_val, labels,
                                                                     from_pool(held_out).features, held_out, old)  # fmt: skip
