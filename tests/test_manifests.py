@@ -122,6 +122,14 @@ def test_a_train_val_test_tree_reports_metrics_on_exactly_its_test_images(split_
     assert model.info["training"]["validation_images"] == 6 and model.info["training"]["train_images"] == 18
 
 
+@pytest.mark.parametrize("flag, value, part", [("--test-fraction", "0.5", "test"),
+                                               ("--validation-fraction", "0.2", "validation")])
+def test_a_fraction_for_a_part_the_tree_has_is_refused(flag, value, part, split_tree, tmp_path, capsys):
+    """--test-fraction was ignored without a word where the tree has its own test images."""
+    line = _one_line_exit_2(capsys, "train", split_tree, flag, value, "--out", tmp_path / "m.imgclf", "-q")
+    assert f"{flag}: {split_tree} has its own {part} images (" in line and line.endswith(f"drop {flag}"), line
+
+
 def test_evaluate_and_report_measure_a_trees_test_images(split_tree, tree_trained, tmp_path, capsys):
     model = tree_trained[0] / "m.imgclf"
     code, out, err = run(capsys, "evaluate", model, split_tree, "--json")
@@ -179,6 +187,21 @@ def _one_line_exit_2(capsys, *argv) -> str:
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("imgclf: error: "), err
     return lines[0]
+
+
+def test_a_file_listed_relative_and_absolute_is_one_file(tmp_path, monkeypatch):
+    """A photo listed once as a relative path and once as an absolute one was two rows, in train
+    and in test: a leak into the measured images, with no word about the repeated row."""
+    for label in ("daisy", "tulips"):
+        shutil.copytree(FLOWERS / label, tmp_path / label, ignore=lambda d, names: sorted(names)[4:])
+    rows = [[f"{label}/{p.name}", label, "train"] for label in ("daisy", "tulips") for p in (tmp_path / label).iterdir()]
+    rows += [[str(tmp_path / rows[0][0]), "daisy", "test"], [str(tmp_path / rows[-1][0]), "tulips", "test"]]
+    rows += [[f"./tulips/{p.name}", "tulips", "test"] for p in sorted((tmp_path / "tulips").iterdir())[:1]]
+    write_csv(tmp_path / "data.csv", ["path", "label", "split"], rows)
+    monkeypatch.chdir(tmp_path)  # given as `imgclf train data.csv`: its relative rows stay relative
+    with pytest.warns(UserWarning, match=r"ignored 3 row\(s\) listing a file already listed .* in test and train"):
+        dataset = load_dataset("data.csv")
+    assert len(dataset.train) == 8 and dataset.test is None
 
 
 @pytest.mark.parametrize(

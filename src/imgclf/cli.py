@@ -183,6 +183,9 @@ def _train(args: argparse.Namespace, distributed) -> int:
         try:
             dataset = load_dataset(folder, **_manifest_columns(args))
             images, validation, test = dataset.train, dataset.validation, dataset.test
+            if test is not None and _given(args, "--test-fraction"):
+                raise OptionError(f"--test-fraction: {folder} has its own test images ({len(test)}); "
+                                  "drop --test-fraction")  # fmt: skip
             if validation is not None and (args.validation_folder or args.validation_fraction):
                 flag = "--validation-folder" if args.validation_folder else "--validation-fraction"
                 raise OptionError(f"{flag}: {folder} has its own validation images ({len(validation)}); drop {flag}")

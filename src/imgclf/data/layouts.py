@@ -44,6 +44,9 @@ from imgclf.options import LABEL_COLUMNS
 #: The parts of a dataset, and how a ``split`` cell or a folder may spell each.
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+_SPLITS_SAID = ", ".join(  # train (or training), val (or valid, validation, dev), test (or testing)
+    f"{part} (or {', '.join(n for n, p in SPLIT_NAMES.items() if p == part and n != part)})" for part in ("train", "val", "test")
+)
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 #: Hugging Face imagefolder's manifest, found in a folder (the first of these there).
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
@@ -244,18 +247,19 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
         path = join(entry)
         label = _label_cell(values[1], where, labels, mapping)
         part = _split_of(values[2], where, split) if split else None
-        if path in first:
-            was_where, was_label, was_part = first[path]
+        key = path if is_uri(path) else os.path.abspath(path)  # a file listed relative and absolute is one file
+        if key in first:
+            was_where, was_label, was_part = first[key][1:]
             duplicates.append({"file": path, "row": _row_name(where), "first_row": _row_name(was_where),
                                "labels": sorted({_joined(was_label), _joined(label)}),
                                "splits": sorted({was_part or "", part or ""} - {""})})  # fmt: skip
             continue
-        first[path] = (where, label, part)
+        first[key] = (path, where, label, part)
     if not first:
         raise DataError(f"{manifest}: manifest lists no images (a header and no rows)")
-    order = sorted(first, key=Path)  # the folder loader's order: a listing's order changes nothing
-    multi = any(isinstance(first[path][1], tuple) for path in order)  # one set of labels: every row is a set
-    return [(path, _as_set(first[path][1]) if multi else first[path][1], first[path][2]) for path in order], duplicates
+    rows = sorted(first.values(), key=lambda row: Path(row[0]))  # the folder loader's order, not the listing's
+    multi = any(isinstance(label, tuple) for _, _, label, _ in rows)  # one set of labels: every row is a set
+    return [(path, _as_set(label) if multi else label, part) for path, _, label, part in rows], duplicates
 
 
 def _joined(label: str | tuple[str, ...]) -> str:
@@ -330,8 +334,7 @@ def _split_of(value: object, where: str, column: str) -> str:
     text = "" if value is None else str(value).strip().lower()
     if text not in SPLIT_NAMES:
         said = f"'{value}'" if text else "nothing"
-        raise DataError(f"{where}: {said} in column '{column}'; each row's part is train, val (or valid, "
-                        "validation) or test")  # fmt: skip
+        raise DataError(f"{where}: {said} in column '{column}'; each row's part is {_SPLITS_SAID}")
     return SPLIT_NAMES[text]
 
 
