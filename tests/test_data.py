@@ -158,7 +158,8 @@ def test_layout_mistakes_say_what_layout_is_expected(tmp_path):
     (tmp_path / "b.jpg").write_bytes(photo)
     with pytest.raises(DataError, match=r"2 image\(s\) lie directly in the folder.*subfolder per label"):
         load_images_from_directory(tmp_path)
-    with pytest.raises(DataError, match="is a file, not a folder; give a folder with one subfolder per label"):
+    said = r"is a file, neither a folder nor a manifest \(.csv, .tsv, .jsonl or .parquet\); give a folder with one"
+    with pytest.raises(DataError, match=said):
         load_images_from_directory(tmp_path / "a.jpg")
     (tmp_path / "cats").mkdir()
     (tmp_path / "cats" / "c.jpg").write_bytes(photo)

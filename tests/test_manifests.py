@@ -319,6 +319,28 @@ def test_manifests_behind_uris_and_in_every_format_read_the_same(tmp_path):
     assert [im.name for im in tsv.train] == [im.name for im in named.train]
 
 
+def test_a_parquet_of_hugging_face_images_trains_evaluates_and_audits(tmp_path, workspace, capsys):
+    """datasets' Parquet holds each image as {"bytes", "path"}: train said 'no readable image left',
+    audit printed each row's bytes as its file name and counted 0 images, with exit 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"image": {"bytes": p.read_bytes(), "path": p.name}, "label": label}
+            for label in ("daisy", "roses", "tulips") for p in photos(label, 0, 6)]  # fmt: skip
+    rows[0]["image"] = {"bytes": None, "path": str(photos("daisy", 6, 7)[0])}  # a path alone, not embedded
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf.parquet")
+    code, out, err = run(capsys, "train", tmp_path / "hf.parquet", "--epochs", "3", "--workspace", workspace,
+                         "--out", tmp_path / "m.imgclf", "-q")  # fmt: skip
+    assert code == 0, err
+    assert "Found 18 images of 3 labels" in out and "images in 'image', labels in 'label'" in out
+    assert load_model(tmp_path / "m.imgclf").labels == ["daisy", "roses", "tulips"]
+    code, out, err = run(capsys, "audit", tmp_path / "hf.parquet")
+    assert code == 0 and "Audited 18 readable images of 3 labels" in out and len(out) < 5000, out
+    line = _one_line_exit_2(capsys, "predict", tmp_path / "m.imgclf", tmp_path / "hf.parquet", "--out",
+                            tmp_path / "r.parquet", "-q")  # fmt: skip
+    assert "hf.parquet row 2: column 'image' holds the images themselves, not paths" in line, line
+
+
 def test_hugging_face_imagefolder_metadata_works_as_is(tmp_path):
     root = tmp_path / "hf"
     for part, (start, stop) in {"train": (0, 3), "test": (3, 4)}.items():

@@ -162,7 +162,8 @@ def load_images_from_directory(folder: str | Path, use_folder_name_as_label: boo
     """
     root = Path(folder)
     if root.is_file():
-        raise DataError(f"{root}: is a file, not a folder; give a folder with {_LAYOUT}")
+        raise DataError(f"{root}: is a file, neither a folder nor a manifest (.csv, .tsv, .jsonl or .parquet); "
+                        f"give a folder with {_LAYOUT}, or a manifest")  # fmt: skip
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give a folder with {_LAYOUT}")
     images, loose = [], []

@@ -202,8 +202,8 @@ def _from_manifest(manifest: str, *, path_column: str | None, label_column: str 
         raise DataError(f"{manifest}: manifest has no label column (nor {', '.join(LABEL_COLUMNS[1:])}; its columns: "
                         f"{', '.join(columns[:10])}); name it 'label', or give --label-column")  # fmt: skip
     if labels == paths:
-        raise DataError(f"{manifest}: the label column and the path column are both '{paths}'; give --label-column "
-                        "the column that holds the labels")  # fmt: skip
+        raise DataError(f"{manifest}: the label column and the path column are both '{paths}'; name two "
+                        "columns with --path-column and --label-column")  # fmt: skip
     split = find_column(manifest, columns, None, (SPLIT_COLUMN,), "split", "")
     mapping = read_label_map(label_map) if label_map is not None else None
     rows, duplicates = _rows(manifest, paths, labels, split, mapping)
@@ -211,7 +211,8 @@ def _from_manifest(manifest: str, *, path_column: str | None, label_column: str 
     by_part: dict[str, list[ImageData]] = defaultdict(list)
     for image, part in kept:
         by_part[part or "train"].append(image)
-    said = f"{manifest}: {what}, paths in '{paths}', labels in '{labels}'"
+    held = "images" if any(isinstance(row[0], bytes) for row in rows) else "paths"  # Hugging Face's embedded images
+    said = f"{manifest}: {what}, {held} in '{paths}', labels in '{labels}'"
     if split is not None:
         said += f", parts in '{split}' ({', '.join(f'{len(v)} {k}' for k, v in by_part.items())})"
     if duplicates:
@@ -233,33 +234,61 @@ def _path_column(manifest: str, given: str | None) -> str:
 
 
 def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: dict[str, str] | None):
-    """(path, label, part) per distinct file, in the folder loader's order; and the duplicate rows."""
+    """(path, label, part) per distinct file, in the folder loader's order, and the duplicate rows.
+    A row whose cell holds the image itself (Hugging Face datasets' ``{"bytes", "path"}`` in
+    Parquet, or bytes) gives (its bytes, label, part, name)."""
     join = manifest_joiner(manifest)
-    first: dict[str, tuple[str, str, str | None]] = {}
+    first: dict[str, tuple] = {}
     duplicates: list[dict] = []
     wanted = [paths, labels] + ([split] if split else [])
     for where, values in iter_rows(manifest, wanted):
-        entry = "" if values[0] is None else str(values[0]).strip()
-        if not entry:
-            raise DataError(f"{where}: no image path in column '{paths}'; fill it in or remove the row")
-        if "\x00" in entry:
-            raise DataError(f"{where}: the image path in column '{paths}' holds a NUL byte; fix or remove the row")
-        path = join(entry)
+        entry = _path_cell(values[0], where, paths)
         label = _label_cell(values[1], where, labels, mapping)
         part = _split_of(values[2], where, split) if split else None
+        if isinstance(entry, tuple):  # the image itself: each row is its own image
+            first[where] = (entry[0], where, label, part, entry[1])
+            continue
+        path = join(entry)
         key = path if is_uri(path) else os.path.abspath(path)  # a file listed relative and absolute is one file
         if key in first:
-            was_where, was_label, was_part = first[key][1:]
+            was_where, was_label, was_part = first[key][1:4]
             duplicates.append({"file": path, "row": _row_name(where), "first_row": _row_name(was_where),
                                "labels": sorted({_joined(was_label), _joined(label)}),
                                "splits": sorted({was_part or "", part or ""} - {""})})  # fmt: skip
             continue
-        first[key] = (path, where, label, part)
+        first[key] = (path, where, label, part, path)
     if not first:
         raise DataError(f"{manifest}: manifest lists no images (a header and no rows)")
-    rows = sorted(first.values(), key=lambda row: Path(row[0]))  # the folder loader's order, not the listing's
-    multi = any(isinstance(label, tuple) for _, _, label, _ in rows)  # one set of labels: every row is a set
-    return [(path, _as_set(label) if multi else label, part) for path, _, label, part in rows], duplicates
+    rows = sorted(first.values(), key=lambda row: Path(row[4]))  # the folder loader's order, not the listing's
+    multi = any(isinstance(row[2], tuple) for row in rows)  # one set of labels: every row is a set
+    return [(source, _as_set(label) if multi else label, part, name) for source, _, label, part, name in rows], \
+        duplicates
+
+
+def _path_cell(cell: object, where: str, column: str) -> str | tuple[bytes, str]:
+    """A manifest's path cell: the path as text, or (image bytes, name) when the cell holds the
+    image itself, as Hugging Face datasets writes an ``Image`` column to Parquet."""
+    if isinstance(cell, dict) and ("bytes" in cell or "path" in cell):
+        if isinstance(cell.get("bytes"), (bytes, bytearray)) and cell["bytes"]:
+            return bytes(cell["bytes"]), f"{where} ({cell['path']})" if cell.get("path") else where
+        cell = cell.get("path")  # a path alone, as datasets writes images it did not embed
+    if isinstance(cell, (bytes, bytearray)):
+        try:
+            text = bytes(cell).decode()
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text or len(cell) > 4096:  # not a path's text: the image's bytes
+            return bytes(cell), where
+        cell = text
+    if cell is not None and not isinstance(cell, (str, int, float)):
+        raise DataError(f"{where}: column '{column}' holds {type(cell).__name__} {str(cell)[:60]!r}, not an image "
+                        "path; give the paths (or Hugging Face's {\"bytes\", \"path\"} images) in that column")  # fmt: skip
+    entry = "" if cell is None else str(cell).strip()
+    if not entry:
+        raise DataError(f"{where}: no image path in column '{column}'; fill it in or remove the row")
+    if "\x00" in entry:
+        raise DataError(f"{where}: the image path in column '{column}' holds a NUL byte; fix or remove the row")
+    return entry
 
 
 def _joined(label: str | tuple[str, ...]) -> str:
@@ -342,18 +371,20 @@ def _image(source: Path | bytes, label: str | tuple[str, ...], name: str) -> Ima
     return multilabel_image(source, label, name) if isinstance(label, tuple) else ImageData(source, label, name)
 
 
-def _as_images(rows: list[tuple[str, str | tuple[str, ...], str | None]]) -> list[tuple[ImageData, str | None]]:
+def _as_images(rows: list[tuple]) -> list[tuple[ImageData, str | None]]:
     """Local files as paths (read when used; a missing one is skipped then, as in a folder); URIs
-    read now, in threads, since an image's content keys the feature cache."""
+    read now, in threads, since an image's content keys the feature cache; bytes as they are."""
     schemes = {}
-    for path, _, _ in rows:
-        if is_uri(path):
+    for path, *_ in rows:
+        if isinstance(path, str) and is_uri(path):
             schemes.setdefault(path.split("://", 1)[0], path)
     for uri in schemes.values():
         filesystem(uri)  # a missing filesystem package: one line, before any image is read
 
-    def load(row: tuple[str, str | tuple[str, ...], str | None]) -> tuple[ImageData | None, str | None]:
-        path, label, part = row
+    def load(row: tuple) -> tuple[ImageData | None, str | None]:
+        path, label, part, name = row
+        if isinstance(path, bytes):
+            return _image(path, label, name), part
         if not is_uri(path):
             return _image(Path(path), label, path), part
         try:

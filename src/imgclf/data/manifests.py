@@ -243,7 +243,13 @@ def iter_manifest(path: str, column: str | None = None, *, join: bool = True) ->
                     yield joiner(entry)
         return
     column = column or path_column(path)
-    for _, (entry,) in iter_rows(path, [column]):
+    for where, (entry,) in iter_rows(path, [column]):
+        if isinstance(entry, dict) and not entry.get("bytes") and entry.get("path"):
+            entry = entry["path"]  # Hugging Face datasets' image that was not embedded: its path
+        if isinstance(entry, (dict, bytes, bytearray)):  # Hugging Face datasets' {"bytes", "path"} images
+            raise DataError(f"{where}: column '{column}' holds the images themselves, not paths; a results "
+                            "folder is resumed by path: score them from Python (model.predict_batch on the "
+                            "table read with pandas), or write the images out as files")  # fmt: skip
         entry = "" if entry is None else str(entry).strip()
         if entry:
             yield joiner(entry)
