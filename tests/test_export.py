@@ -54,6 +54,9 @@ def test_onnx_metadata_is_enough(exported):
     assert meta["labels"] == ["daisy", "dandelion", "tulips"]
     assert meta["preprocessing"]["input_size"] == 224 and meta["input"]["layout"] == "NCHW"
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # every output's axes but the batch are numbers (class_maps was declared ['batch', 3, 'batch', ...])
+    declared = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
+    assert declared == {"probabilities": ["batch", 3], "unknown_score": ["batch"], "class_maps": ["batch", 3, 7, 7]}
 
 
 def test_predict_cli_with_onnx_file(exported, capsys):

@@ -76,4 +76,26 @@ def to_onnx_bytes(
             dynamic_axes={input_name: {0: "batch"}, **{n: {0: "batch"} for n in names}}, opset_version=opset,
             dynamo=False,
         )  # fmt: skip
-    return buffer.getvalue()
+    return _with_fixed_dims(buffer.getvalue(), module, example)
+
+
+def _with_fixed_dims(graph_bytes: bytes, module: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """The graph with every output's dimensions but the batch given as numbers: the exporter's
+    shape inference named a class-map axis after the batch (``['batch', 5, 'batch', ...]``),
+    which tells a reader of the declared shapes that the map's height is the batch size. Without
+    the ``onnx`` package (an engine built for training, not an export) the graph is left as is."""
+    try:
+        import onnx
+    except ImportError:
+        return graph_bytes
+
+    with torch.no_grad():
+        outputs = module(example)
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    graph = onnx.load_from_string(graph_bytes)
+    for declared, output in zip(graph.graph.output, outputs):
+        for axis, size in enumerate(output.shape[1:], 1):
+            dim = declared.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = int(size)
+    return graph.SerializeToString()
