@@ -280,7 +280,7 @@ def test_a_uri_whose_filesystem_package_is_missing_is_one_line(tmp_path, capsys)
     fs = fsspec.filesystem("memory")  # a manifest that can be read, listing an image there
     fs.pipe("/needs-package/data.csv", f"path,label\n{missing}://bucket/a.jpg,x\nb.jpg,y\n".encode())
     line = _one_line_exit_2(capsys, "train", "memory://needs-package/data.csv", "--out", tmp_path / "m.imgclf")
-    assert f"{missing}:// needs the" in line
+    assert f"memory://needs-package/data.csv line 2: {missing}://bucket/a.jpg: {missing}:// needs the" in line, line
 
 
 def _importable(module: str) -> bool:
@@ -354,6 +354,11 @@ def test_hugging_face_imagefolder_metadata_works_as_is(tmp_path):
     tree = load_dataset(root)
     assert len(tree.train) == 6 and len(tree.test) == 2 and tree.validation is None
     assert all(Path(im.name).parent == root / "train" for im in tree.train)
+    assert tree.layout == f"{root}: train/, test/ folders, its metadata file in each"  # said "one subfolder per label"
+    (root / "test" / "metadata.jsonl").write_text("")  # which of two is meant is not guessed (it took the CSV)
+    with pytest.raises(DataError, match=r"test: holds metadata.csv and metadata.jsonl; keep one metadata file"):
+        load_dataset(root)
+    (root / "test" / "metadata.jsonl").unlink()
     (root / "test" / "metadata.csv").unlink()
     shutil.rmtree(root / "test")
     single = load_dataset(root / "train")

@@ -38,7 +38,7 @@ from imgclf.data.manifests import (
 )
 from imgclf.data.parallel import ordered_map
 from imgclf.data.uris import filesystem, is_uri, read_image_bytes
-from imgclf.errors import DataError, ImageDecodeError
+from imgclf.errors import DataError, ImageDecodeError, MissingDependencyError
 from imgclf.options import LABEL_COLUMNS
 
 #: The parts of a dataset, and how a ``split`` cell or a folder may spell each.
@@ -117,7 +117,10 @@ def _refuse_manifest_options(source: str, names: dict) -> None:
 
 
 def _metadata_file(folder: Path) -> Path | None:
-    return next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
+    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(found) > 1:  # as Hugging Face's imagefolder: which one is meant is not for us to guess
+        raise DataError(f"{folder}: holds {' and '.join(p.name for p in found)}; keep one metadata file")
+    return found[0] if found else None
 
 
 def _split_folders(root: Path) -> dict[str, Path] | None:
@@ -188,8 +191,10 @@ def _from_split_folders(root: Path, parts: dict[str, Path], names: dict) -> Data
         duplicates += found.duplicate_rows
         manifests += found.manifests
     said = ", ".join(f"{p.name}/" for p in parts.values())
-    return Dataset(loaded["train"], loaded.get("val"), loaded.get("test"), layout=f"{root}: {said} folders, one "
-                   "subfolder per label in each", duplicate_rows=duplicates, manifests=manifests)  # fmt: skip
+    each = ("one subfolder per label" if not manifests else "its metadata file" if len(manifests) == len(parts)
+            else "a metadata file or one subfolder per label")  # Hugging Face's, or the folder layout
+    return Dataset(loaded["train"], loaded.get("val"), loaded.get("test"), layout=f"{root}: {said} folders, "
+                   f"{each} in each", duplicate_rows=duplicates, manifests=manifests)  # fmt: skip
 
 
 def _from_manifest(manifest: str, *, path_column: str | None, label_column: str | None,
@@ -240,6 +245,7 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
     join = manifest_joiner(manifest)
     first: dict[str, tuple] = {}
     duplicates: list[dict] = []
+    schemes: set[str] = set()
     wanted = [paths, labels] + ([split] if split else [])
     for where, values in iter_rows(manifest, wanted):
         entry = _path_cell(values[0], where, paths)
@@ -249,6 +255,12 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
             first[where] = (entry[0], where, label, part, entry[1])
             continue
         path = join(entry)
+        if is_uri(path) and path.split("://", 1)[0] not in schemes:
+            schemes.add(path.split("://", 1)[0])
+            try:
+                filesystem(path)  # a missing filesystem package: one line naming the row, before any image is read
+            except MissingDependencyError as e:
+                raise MissingDependencyError(f"{where}: {e}") from None
         key = path if is_uri(path) else os.path.abspath(path)  # a file listed relative and absolute is one file
         if key in first:
             was_where, was_label, was_part = first[key][1:4]
@@ -374,12 +386,6 @@ def _image(source: Path | bytes, label: str | tuple[str, ...], name: str) -> Ima
 def _as_images(rows: list[tuple]) -> list[tuple[ImageData, str | None]]:
     """Local files as paths (read when used; a missing one is skipped then, as in a folder); URIs
     read now, in threads, since an image's content keys the feature cache; bytes as they are."""
-    schemes = {}
-    for path, *_ in rows:
-        if isinstance(path, str) and is_uri(path):
-            schemes.setdefault(path.split("://", 1)[0], path)
-    for uri in schemes.values():
-        filesystem(uri)  # a missing filesystem package: one line, before any image is read
 
     def load(row: tuple) -> tuple[ImageData | None, str | None]:
         path, label, part, name = row
