@@ -420,7 +420,8 @@ def read_label_map(path: str | Path) -> dict[str, str]:
         if isinstance(value, list):
             value = dict(enumerate(value))
         if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
-            raise DataError(f'{where}: a label map is a JSON object of names ({{"0": "cat", "1": "dog"}}) or a list')
+            raise DataError(f'{where}: a label map gives each number a name, as text: a JSON object '
+                            f'({{"0": "cat", "1": "dog"}}) or a list of names (["cat", "dog"])')  # fmt: skip
         return _distinct({str(k): v for k, v in value.items()}, where)
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:

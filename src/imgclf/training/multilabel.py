@@ -56,8 +56,9 @@ def refuse_unsupported(trainer: Trainer) -> None:
         raise option_error("quality", "{quality} best: multi-label models train their head only for now; choose "
                                       "balanced or fast")  # fmt: skip
     if trainer.from_model is not None:
-        raise option_error("from_model", "{from_model}: training on from a model is single-label only for now; "
-                                         "train on the old and new photos together")  # fmt: skip
+        raise option_error("from_model", "{from_model}: these images have sets of labels (multi-label), and "
+                                         "training on from a model is single-label only for now; train on the "
+                                         "old and new photos together")  # fmt: skip
     if trainer.resume:
         raise option_error("resume", "{resume}: multi-label training keeps no checkpoint (its head trains in seconds "
                                      "on cached features); drop {resume}")  # fmt: skip
