@@ -111,7 +111,7 @@ def test_evaluate_json(model_file, small_model, tmp_path, capsys):
     [
         (None, ["train", "{tmp}/missing"], "no such folder"),
         ("one_label", ["train", "{tmp}/data"], "at least 2 labels"),
-        ("dead_label", ["train", "{tmp}/data"], "label 'roses' has no readable image"),
+        ("dead_label", ["train", "{tmp}/data"], "label 'roses': none of its 1 image(s) is readable (e.g. "),
         ("two_labels", ["train", "{tmp}/data", "--arch", "no_such_net"], "unknown architecture 'no_such_net'"),
         ("two_labels", ["train", "{tmp}/data", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
         ("two_labels", ["train", "{tmp}/data", "--fine-tune", "--unfreeze", "0"], "--unfreeze must be a positive integer"),
