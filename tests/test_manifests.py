@@ -365,6 +365,19 @@ def test_hugging_face_imagefolder_metadata_works_as_is(tmp_path):
     assert "Hugging Face imagefolder metadata" in single.layout and len(single.train) == 6
 
 
+def test_a_captions_metadata_file_beside_label_folders_leaves_the_labels_to_the_folders(tmp_path):
+    """As Hugging Face's imagefolder: a metadata.csv of captions was refused ('no label column')."""
+    for label in ("daisy", "roses"):
+        (tmp_path / label).mkdir()
+        for p in photos(label, 0, 3):
+            shutil.copy(p, tmp_path / label / p.name)
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"],
+              [[f"{p.parent.name}/{p.name}", "a photo"] for p in sorted(tmp_path.glob("*/*.jpg"))])  # fmt: skip
+    found = load_dataset(tmp_path)
+    assert sorted({im.label for im in found.train}) == ["daisy", "roses"] and len(found.train) == 6
+    assert found.layout.endswith("(metadata.csv has no label column: labels from the folders, as Hugging Face does)")
+
+
 def test_a_split_tree_with_other_folders_is_refused(tmp_path):
     for name in ("train/cat", "val/cat", "extras"):
         (tmp_path / name).mkdir(parents=True)

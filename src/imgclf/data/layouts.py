@@ -102,11 +102,24 @@ def load_dataset(source: str | Path, *, path_column: str | None = None, label_co
         if parts is not None:
             return _from_split_folders(root, parts, names)
         metadata = _metadata_file(root)
-        if metadata is not None:
+        if metadata is not None and not _labels_from_folders(metadata, names):
             return _from_manifest(str(metadata), **names, what="Hugging Face imagefolder metadata")
         _refuse_lone_parts(root)
     _refuse_manifest_options(text, names)
-    return Dataset(load_images_from_directory(root), layout=f"{root}: one subfolder per label")
+    said = f"{root}: one subfolder per label"
+    if root.is_dir() and metadata is not None:
+        said += f" ({metadata.name} has no label column: labels from the folders, as Hugging Face does)"
+    return Dataset(load_images_from_directory(root), layout=said)
+
+
+def _labels_from_folders(metadata: Path, names: dict) -> bool:
+    """Whether a folder's Hugging Face metadata file without a label column (captions, say) beside
+    label subfolders leaves the labels to the folders, as Hugging Face's imagefolder does."""
+    if names["label_column"] is not None or find_column(str(metadata), columns_of(str(metadata)), None,
+                                                        LABEL_COLUMNS, "label", "") is not None:  # fmt: skip
+        return False
+    with os.scandir(metadata.parent) as entries:
+        return any(not is_skipped(e.name) and _is_folder(e) for e in entries)
 
 
 def _refuse_manifest_options(source: str, names: dict) -> None:
@@ -179,6 +192,8 @@ def _from_split_folders(root: Path, parts: dict[str, Path], names: dict) -> Data
     manifests: list[str] = []
     for part, folder in parts.items():
         metadata = _metadata_file(folder)
+        if metadata is not None and _labels_from_folders(metadata, names):
+            metadata = None
         if metadata is None:
             _refuse_manifest_options(str(folder), names)
             loaded[part] = load_images_from_directory(folder)
