@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 from imgclf import ImageClassificationTrainer, load_images_from_directory, load_model  # noqa: E402
 from imgclf.cli import main  # noqa: E402
 
-from .conftest import small_flower_folder  # noqa: E402
+from .conftest import PREDICT, small_flower_folder  # noqa: E402
 
 
 def run(capsys, *argv):
@@ -40,7 +40,8 @@ def folder(tmp_path):
         (["--out", "{tmp}"], "--out {tmp}: is a folder"),
         (["--out", "{tmp}/data/daisy/m.imgclf/x"], "is a file, not a folder"),
         (["--metrics-json", "{tmp}/same", "--out", "{tmp}/same"], "is also --out"),
-        (["--out", "{first_image}"], "is also an input"),  # defect 4: was overwritten with the model
+        (["--out", "{first_image}"], "exists and is not a model file"),  # defect 4: was overwritten with the model
+        (["--out", "{tmp}/notes.txt"], "notes.txt: exists and is not a model file"),  # was replaced by the model
         (["--from", "{tmp}/old.imgclf", "--out", "{tmp}/old.imgclf"], "is also an input"),  # the model trained on
         (["--from", "{tmp}/old.imgclf", "--metrics-json", "{tmp}/old.imgclf"], "is also an input"),
         (["--out", "{tmp}/pipe"], "not a regular file"),
@@ -53,6 +54,7 @@ def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path
     first_image = sorted((folder / "daisy").glob("*.jpg"))[0]
     (folder / "daisy" / "m.imgclf").write_text("a file where a folder is needed")
     os.mkfifo(tmp_path / "pipe")  # never a real device here: run against old code, this test would replace it
+    (tmp_path / "notes.txt").write_text("precious")
     old_model = (tmp_path / "old.imgclf").write_bytes(small_model_file.read_bytes())  # what --from trains on
     before = first_image.read_bytes()
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{first_image}", str(first_image)) for a in argv]
@@ -60,6 +62,7 @@ def test_bad_outputs_are_refused_before_training(argv, message, folder, tmp_path
     assert code == 2 and message.replace("{tmp}", str(tmp_path)) in one_error_line(err)
     assert "Training" not in out  # refused before any work
     assert first_image.read_bytes() == before and (tmp_path / "old.imgclf").stat().st_size == old_model
+    assert (tmp_path / "notes.txt").read_text() == "precious"
 
 
 def test_failed_save_keeps_the_run_and_resume_saves_it(folder, tmp_path, capsys, monkeypatch):
@@ -91,6 +94,23 @@ def test_failed_save_keeps_the_run_and_resume_saves_it(folder, tmp_path, capsys,
     assert json.loads(metrics.read_text())["labels"] == ["daisy", "tulips"]
     assert not list((ws / "checkpoints").glob("*.safetensors"))  # removed once the model was written
     assert not list(tmp_path.glob("**/.*.tmp"))  # no temporary files left behind
+
+
+def test_save_and_export_keep_a_file_that_is_not_a_model(small_model, tmp_path):
+    """A notebook's model.save("photo.jpg") replaced the photo, and export_onnx("notes.txt") the
+    notes; a model file (either format) is still replaced, as saving again does."""
+    from imgclf.errors import OptionError
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes((PREDICT / "classic-daisy.jpg").read_bytes())
+    for write in (small_model.save, small_model.export_onnx):
+        with pytest.raises(OptionError, match="photo.jpg: exists and is not a model file"):
+            write(photo)
+    assert photo.read_bytes() == (PREDICT / "classic-daisy.jpg").read_bytes()
+    saved = small_model.save(tmp_path / "m.imgclf")
+    small_model.export_onnx(saved)  # a model replaced by a model
+    small_model.save(saved)
+    assert load_model(saved).labels == small_model.labels
 
 
 def test_export_refuses_to_overwrite_its_input(small_model, tmp_path, capsys):
@@ -165,7 +185,7 @@ def test_model_files_honour_the_umask_and_keep_a_replaced_files_mode(small_model
     try:
         fresh = small_model.save(tmp_path / "fresh.imgclf")
         existing = tmp_path / "existing.imgclf"
-        existing.write_bytes(b"old")
+        existing.write_bytes(b"")  # an empty file, as touch leaves: replaceable
         existing.chmod(0o640)
         small_model.save(existing)
     finally:

@@ -91,25 +91,41 @@ def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
     return path
 
 
-def check_output_path(path: str | Path, what: str, *, option: str | None = None, stream_ok: bool = False) -> Path:
+def check_output_path(path: str | Path, what: str, *, option: str | None = None, stream_ok: bool = False,
+                      model: bool = False) -> Path:  # fmt: skip
     """Raises :class:`OptionError` now if writing ``what`` to ``path`` would fail later.
 
     The nearest existing folder on the way to ``path`` must accept a new file (it is
     tried, since permission bits do not tell about read-only file systems or root);
     missing folders below it are created when the file is written. ``stream_ok``
-    accepts a pipe or device such as ``/dev/stdout``.
+    accepts a pipe or device such as ``/dev/stdout``. ``model``: a file already there is
+    replaced only if it is a model file (an image or notes typed as the name are kept).
     """
     path = Path(path)
     label = f"{option} {path}" if option else str(path)
     kind = _existing_kind(path)
     if kind == "folder":
         raise OptionError(f"{label}: is a folder; give a file name for the {what}")
+    if kind == "file" and model:
+        _check_replaceable_model(path, label, what)
     if kind == "special":
         if stream_ok:
             return path
         raise OptionError(f"{label}: is not a regular file; give a file name for the {what}")
     _check_can_create(path.parent, label, what)
     return path
+
+
+def _check_replaceable_model(path: Path, label: str, what: str) -> None:
+    from imgclf.filetypes import WHAT_IT_IS, sniff
+
+    try:
+        kind = sniff(path)
+    except OSError:
+        return  # unreadable: writing it will say why
+    if kind in ("torch", "unknown"):  # a model (even an empty or cut-short one) may be replaced
+        raise OptionError(f"{label}: exists and is not a model file ({WHAT_IT_IS[kind]}); writing the {what} "
+                          "there would destroy it: remove it first, or give another name")  # fmt: skip
 
 
 def _check_can_create(folder: Path, label: str, what: str) -> None:

@@ -106,7 +106,7 @@ def _check_train_outputs(args: argparse.Namespace) -> None:
     from imgclf.atomic import check_output_path
     from imgclf.insight.pages import check_page_folder
 
-    check_output_path(args.out, "model", option="--out")
+    check_output_path(args.out, "model", option="--out", model=True)
     if args.report:
         check_page_folder(Path(args.report), "report", option="--report")
     if args.metrics_json:
@@ -536,7 +536,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if is_remote(args.model) and not args.out:
         raise OptionError(f"{args.model}: a model in an object store is not rewritten in place; give --out FILE")
     out = Path(args.out) if args.out else Path(args.model)
-    check_output_path(out, "model", option="--out" if args.out else None)
+    check_output_path(out, "model", option="--out" if args.out else None, model=True)
     caps = cpu_capabilities()
     precision = args.precision if args.precision != "auto" else ("bf16" if caps.bf16 else "int8")
     if precision == "bf16" and not caps.bf16:
@@ -588,7 +588,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not is_remote(out):
         out = Path(out)
         check_not_an_input(out, [args.model], "ONNX file", option="--out" if args.out else None)
-        check_output_path(out, "ONNX file", option="--out" if args.out else None)
+        check_output_path(out, "ONNX file", option="--out" if args.out else None, model=True)
     model = load_model(args.model)
     started = time.perf_counter()
     written = model.export_onnx(out, quantize=args.quantize, precision=args.precision)

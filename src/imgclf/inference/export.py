@@ -155,12 +155,14 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
     """
     import onnx
 
+    from imgclf.atomic import check_output_path
     from imgclf.nets.onnx_graph import DEFAULT_OPSET
 
     validate("export", {"quantize": quantize, "precision": precision})
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
+    check_output_path(path, "ONNX file", model=True)  # an image or notes typed as the name are kept
     if precision == "int8":
         if quantize:
             raise option_error("quantize", "{quantize} and {precision} int8 both quantize; give one ({precision} "

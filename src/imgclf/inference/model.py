@@ -379,9 +379,12 @@ class ImageClassifier(Predictor):
         this model is removed only now, once the model is safely written."""
         from safetensors.torch import save_file
 
+        from imgclf.atomic import check_output_path
+
         path = Path(path)
         if path.is_dir():
             raise ModelFileError(f"{path}: is a folder; give a file name such as {path / DEFAULT_MODEL_PATH}")
+        check_output_path(path, "model", model=True)  # an image or notes typed as the name are kept
         tensors = {f"backbone.{k}": v for k, v in self._backbone_state().items()}
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
