@@ -208,3 +208,6 @@ def test_fit_refuses_decoded_pictures_and_mismatched_labels(paths):
         trainer.fit(paths, ["daisy"])
     with pytest.raises(DataError, match=r"^fit: the DataFrame has no label column"):
         trainer.fit(pd.DataFrame({"path": paths}))
+    # fit(train_paths, validation_paths) as older code wrote it: the paths became the labels, silently
+    with pytest.raises(DataError, match=r"^labels: every label is an image file .* pass it as validation_set="):
+        trainer.fit(paths[:3], [str(p) for p in paths[3:]])

@@ -58,6 +58,20 @@ def test_report_on_a_folder_adds_calibration_and_top_losses(small_model, tmp_pat
     assert html.count('<img src="thumbs/') == 16 and "calibration.png" in html and "http" not in html
 
 
+def test_report_takes_what_evaluate_takes(small_model, tmp_path):
+    """A folder, a list of paths or a DataFrame (as evaluate takes them) were an AttributeError
+    ('str' object has no attribute 'source') or pandas' ambiguous truth value."""
+    import pandas as pd
+
+    folder = small_flower_folder(tmp_path / "holdout", per_class=3)
+    paths = sorted(str(p) for p in folder.glob("*/*.jpg"))
+    frame = pd.DataFrame({"path": paths, "label": [p.split("/")[-2] for p in paths]})
+    expected = small_model.evaluate(folder).to_dict()["confusion_matrix"]
+    for n, images in enumerate((folder, paths, frame)):
+        page = write_report(small_model, images, tmp_path / f"r{n}")
+        assert json.loads((page.parent / "report.json").read_text())["metrics"]["confusion_matrix"] == expected
+
+
 def test_calibration_of_known_probabilities():
     probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.65, 0.35], [0.35, 0.65]])
     targets = np.array([0, 1, 0, 0])  # 0.95 bin: 1 of 2 right; 0.65 bin: 1 of 2 right

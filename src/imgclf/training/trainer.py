@@ -119,6 +119,10 @@ def _labels_or_validation(labels, validation_set):
     if (isinstance(labels, (str, Path)) or is_table(labels) or
             (isinstance(labels, (list, tuple)) and labels and all(isinstance(im, ImageData) for im in labels))):  # fmt: skip
         return None, labels
+    if isinstance(labels, (list, tuple)) and labels and all(isinstance(x, (str, Path)) and Path(x).is_file()
+                                                            for x in labels):  # fmt: skip
+        raise DataError(f"labels: every label is an image file (labels[0] = {str(labels[0])!r}); to give a "
+                        "validation set, pass it as validation_set=...")  # fmt: skip
     return labels, None
 
 
