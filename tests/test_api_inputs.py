@@ -211,3 +211,17 @@ def test_fit_refuses_decoded_pictures_and_mismatched_labels(paths):
     # fit(train_paths, validation_paths) as older code wrote it: the paths became the labels, silently
     with pytest.raises(DataError, match=r"^labels: every label is an image file .* pass it as validation_set="):
         trainer.fit(paths[:3], [str(p) for p in paths[3:]])
+
+
+def test_image_data_takes_text_or_whole_number_labels_and_refuses_the_rest():
+    """ImageData took any label; fit then failed deep inside ('int' object has no attribute
+    'encode', 'list' unhashable) and train_test_split compared ints with text."""
+    from imgclf import ImageData, image_from_bytes
+
+    assert ImageData(DAISY, label=np.int64(3)).label == "3" and image_from_bytes(b"x", label=0).label == "0"
+    for source, label, said in ((DAISY, ["a", "b"], "label is list"), (DAISY, 2.5, "label is float"),
+                                (None, "a", "source is NoneType"), (DAISY, True, "label is bool")):  # fmt: skip
+        with pytest.raises(DataError, match=f"^ImageData: {said}"):
+            ImageData(source, label=label)
+    with pytest.raises(DataError, match="^image_from_bytes: data is str; give the encoded image's bytes"):
+        image_from_bytes(str(DAISY))

@@ -9,6 +9,7 @@ decodes pixels; that happens lazily (``imgclf.data.imaging``) so that a folder o
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,6 +48,16 @@ class ImageData:
     def __post_init__(self) -> None:
         if isinstance(self.source, str):
             object.__setattr__(self, "source", Path(self.source))
+        elif isinstance(self.source, (bytearray, memoryview)):
+            object.__setattr__(self, "source", bytes(self.source))
+        elif not isinstance(self.source, (Path, bytes)):
+            raise DataError(f"ImageData: source is {type(self.source).__name__}; give a file path or the image's "
+                            "encoded bytes")  # fmt: skip
+        if isinstance(self.label, numbers.Integral) and not isinstance(self.label, bool):
+            object.__setattr__(self, "label", str(int(self.label)))  # a label's number names it, as in fit(X, y)
+        elif self.label is not None and not isinstance(self.label, str):
+            raise DataError(f"ImageData: label is {type(self.label).__name__} {self.label!r}; a label is text (or a "
+                            "whole number); several labels go in labels=(...)")  # fmt: skip
         if not self.name:
             object.__setattr__(self, "name", str(self.source) if isinstance(self.source, Path) else "<bytes>")
 
@@ -97,6 +108,9 @@ def split_labels(label: str | None) -> tuple[str, ...]:
 
 def image_from_bytes(data: bytes, label: str | None = None, name: str = "<bytes>") -> ImageData:
     """An in-memory image (ML.NET's ``InMemoryImageData``)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DataError(f"image_from_bytes: data is {type(data).__name__}; give the encoded image's bytes (a path "
+                        "goes to ImageData(path) or load_images_from_directory)")  # fmt: skip
     return ImageData(source=bytes(data), label=label, name=name)
 
 
