@@ -225,3 +225,21 @@ def test_image_data_takes_text_or_whole_number_labels_and_refuses_the_rest():
             ImageData(source, label=label)
     with pytest.raises(DataError, match="^image_from_bytes: data is str; give the encoded image's bytes"):
         image_from_bytes(str(DAISY))
+
+
+def test_top_k_below_one_and_a_dataframe_for_a_path_are_one_line(small_model):
+    """top(-1) sliced off the last label; to_dict(top_k=0) gave every label where top(0) gave none;
+    load_dataset and audit of a DataFrame or list put the whole object in a "no such folder"."""
+    from imgclf import audit
+    from imgclf.data.layouts import load_dataset
+    from imgclf.errors import OptionError
+
+    prediction = small_model.predict(DAISY)
+    assert len(prediction.to_dict()["scores"]) == len(small_model.labels) and len(prediction.top(2)) == 2
+    for k in (-1, 0, 1.5, True):
+        with pytest.raises(OptionError, match="^top_k must be a positive integer"):
+            prediction.to_dict(top_k=k)
+    for call in (lambda: load_dataset(pd.DataFrame({"path": [str(DAISY)], "label": ["daisy"]})),
+                 lambda: audit([str(DAISY)])):  # fmt: skip
+        with pytest.raises(DataError, match=r"^(DataFrame|list) given where a folder or manifest path goes"):
+            call()

@@ -85,6 +85,9 @@ def load_dataset(source: str | Path, *, path_column: str | None = None, label_co
     manifest's columns (detected when None); ``label_map`` (a JSON object or list, or a text file
     with one name per line) names the labels a manifest gives as numbers. ``for_training=False``
     (what evaluation reads): a manifest whose split column has no ``train`` row is fine."""
+    if not isinstance(source, (str, Path)):  # str() of a DataFrame or list made a multi-line "no such folder"
+        raise DataError(f"{type(source).__name__} given where a folder or manifest path goes; give its path (a "
+                        "DataFrame or list of images goes to fit, evaluate or predict_batch, or to_csv first)")  # fmt: skip
     text = str(source)
     names = {"path_column": path_column, "label_column": label_column, "label_map": label_map}
     if is_table(text):

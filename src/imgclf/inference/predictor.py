@@ -8,6 +8,7 @@ error reporting and evaluation live here once.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from imgclf.data.images import ImageData, find_image_files, load_images_from_dir
 from imgclf.data.imaging import ImageSource, Preprocessing, load_array
 from imgclf.data.inputs import ACCEPTED, array_image, image_items, is_many, labelled_items
 from imgclf.data.parallel import batched, ordered_map
-from imgclf.errors import DataError, ImageDecodeError
+from imgclf.errors import DataError, ImageDecodeError, OptionError
 from imgclf.inference.metrics import MulticlassMetrics, compute_metrics
 from imgclf.inference.multilabel import MultilabelMetrics, compute_multilabel_metrics, label_matrix, labels_over
 from imgclf.options import option_error
@@ -100,11 +101,13 @@ class Prediction:
 
     def top(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` most likely labels with their probabilities, best first."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # -1 sliced off the last label
+            raise OptionError(f"top_k must be a positive integer, got {k!r}")
         return sorted(self.scores.items(), key=lambda kv: -kv[1])[:k]
 
     def row(self, file: str | None = None, top_k: int | None = None) -> dict:
         """This prediction as a prediction row (:mod:`imgclf.rows`), all labels or the ``top_k``."""
-        return rows.scored(file, self.label, self.probability, self.top(top_k or len(self.scores)),
+        return rows.scored(file, self.label, self.probability, self.top(len(self.scores) if top_k is None else top_k),
                            self.known, self.unknown_score, self.labels)  # fmt: skip
 
     def to_dict(self, top_k: int | None = None, file: str | None = None) -> dict:
