@@ -107,9 +107,14 @@ def test_the_onnx_model_takes_them_too(small_onnx_model, paths):
 
 
 @pytest.mark.parametrize("value, said", [
-    (np.zeros((8, 8, 3), np.float32), "<array>: an image array must be uint8 (0 to 255), got float32; for values "
-                                      "from 0 to 1 use (a * 255).round().astype(np.uint8)"),
-    (np.zeros((8, 8, 3), np.int64), "got int64; for values from 0 to 255 use a.astype(np.uint8)"),
+    (np.full((8, 8, 3), 0.5, np.float32), "<array>: an image array must be uint8 (0 to 255), got float32; its "
+                                          "values lie from 0.5 to 0.5: use (a * 255).round().astype(np.uint8)"),
+    # the hint follows the values: 0-255 floats were told to multiply by 255, 16-bit values to wrap
+    (np.full((8, 8, 3), 200.0, np.float32), "its values lie from 200 to 200: use a.round().astype(np.uint8)"),
+    (np.zeros((8, 8, 3), np.int64), "got int64; its values lie from 0 to 0: use a.astype(np.uint8)"),
+    (np.full((8, 8, 3), 4000, np.uint16), "its values reach 4000 (16-bit): use (a >> 8).astype(np.uint8)"),
+    (np.full((8, 8, 3), np.nan, np.float32), "it holds NaN or infinite values"),
+    (np.full((8, 8, 3), -1.0, np.float32), "its values run from -1 to -1: rescale them to 0 to 255 first"),
     (np.zeros((3, 32, 32), np.uint8), "got shape 3x32x32; channels first (CxHxW)? use a.transpose(1, 2, 0)"),
     (np.zeros((8, 8, 2), np.uint8), "an image array is an HxW, HxWx1, HxWx3 or HxWx4 uint8 array"),
     (np.zeros(12, np.uint8), "got shape 12"),

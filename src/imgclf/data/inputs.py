@@ -90,14 +90,29 @@ def check_array(array: np.ndarray, name: str) -> None:
             hint = "; for a batch of images call predict_batch, or predict with the whole batch"
         raise DataError(f"{name}: an image array is {ARRAY_SHAPES}, got shape {shape}{hint}")
     if array.dtype != np.uint8:
-        hint = ""
-        if np.issubdtype(array.dtype, np.floating):
-            hint = "; for values from 0 to 1 use (a * 255).round().astype(np.uint8)"
-        elif np.issubdtype(array.dtype, np.integer):
-            hint = "; for values from 0 to 255 use a.astype(np.uint8)"
-        raise DataError(f"{name}: an image array must be uint8 (0 to 255), got {array.dtype}{hint}")
+        raise DataError(f"{name}: an image array must be uint8 (0 to 255), got {array.dtype}{_conversion(array)}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise DataError(f"{name}: the image array is empty (shape {shape})")
+
+
+def _conversion(array: np.ndarray) -> str:
+    """How to make ``array`` uint8, from the values it holds (a hint from its type alone sent 0-255
+    floats through * 255 and wrapped 16-bit values)."""
+    if array.size == 0 or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        return ""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        return "; it holds NaN or infinite values: replace them (np.nan_to_num) first"
+    low, high = float(array.min()), float(array.max())
+    if low < 0:
+        return f"; its values run from {low:g} to {high:g}: rescale them to 0 to 255 first"
+    if np.issubdtype(array.dtype, np.floating) and high <= 1:
+        return f"; its values lie from {low:g} to {high:g}: use (a * 255).round().astype(np.uint8)"
+    if high <= 255:
+        return f"; its values lie from {low:g} to {high:g}: use " + (
+            "a.round().astype(np.uint8)" if np.issubdtype(array.dtype, np.floating) else "a.astype(np.uint8)")
+    if np.issubdtype(array.dtype, np.integer) and high <= 65535:
+        return f"; its values reach {high:g} (16-bit): use (a >> 8).astype(np.uint8), or rescale by its range"
+    return f"; its values reach {high:g}: rescale them to 0 to 255 first"
 
 
 def is_item_array(value: object) -> bool:
