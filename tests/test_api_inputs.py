@@ -8,6 +8,8 @@ the same probabilities, exactly.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -247,4 +249,25 @@ def test_top_k_below_one_and_a_dataframe_for_a_path_are_one_line(small_model):
     for call in (lambda: load_dataset(pd.DataFrame({"path": [str(DAISY)], "label": ["daisy"]})),
                  lambda: audit([str(DAISY)])):  # fmt: skip
         with pytest.raises(DataError, match=r"^(DataFrame|list) given where a folder or manifest path goes"):
+            call()
+
+
+def test_wrong_kinds_of_arguments_are_imgclf_errors(small_model):
+    """Each was Python's, pathlib's or torch's own error (TypeError, AttributeError, RuntimeError),
+    some only after the features were extracted."""
+    from imgclf import ImageClassificationTrainer, load_model, train_test_split
+    from imgclf.errors import ImgclfError
+
+    calls = {
+        "load_model takes the model file's path, got NoneType": lambda: load_model(None),
+        "save takes the model file's path, got int": lambda: small_model.save(3),
+        "device must be one of auto, cpu, cuda, mps or cuda:N, got 'gpu'": lambda: small_model.to("gpu"),
+        "train_test_split: images[0] is str": lambda: train_test_split([str(DAISY)]),
+        "metrics_callback must be a function": lambda: ImageClassificationTrainer(metrics_callback=5).validate(),
+        "tracking must be 'mlflow', 'tensorboard'": lambda: ImageClassificationTrainer(tracking=3.5).validate(),
+        "early_stopping must be an imgclf EarlyStopping": lambda: ImageClassificationTrainer(
+            early_stopping="yes").validate(),
+    }
+    for said, call in calls.items():
+        with pytest.raises(ImgclfError, match=f"^{re.escape(said)}"):
             call()

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from imgclf.data.images import ImageData
-from imgclf.errors import OptionError
+from imgclf.errors import DataError, OptionError
 
 
 def shuffle(images: Sequence[ImageData], seed: int = 1) -> list[ImageData]:
@@ -26,6 +26,11 @@ def train_test_split(
     """
     if not 0.0 < test_fraction < 1.0:
         raise OptionError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    images = list(images)
+    if not all(isinstance(im, ImageData) for im in images):
+        wrong = next(i for i, im in enumerate(images) if not isinstance(im, ImageData))
+        raise DataError(f"train_test_split: images[{wrong}] is {type(images[wrong]).__name__}; it splits labelled "
+                        "ImageData (load_images_from_directory(folder), or ImageData(path, label))")  # fmt: skip
     by_label: dict[str | None, list[ImageData]] = defaultdict(list)
     for im in images:
         by_label[im.label].append(im)

@@ -34,6 +34,8 @@ def load_model(
     from imgclf.data.uris import local_model_file
     from imgclf.filetypes import WHAT_IT_IS, sniff
 
+    if not isinstance(path, (str, Path)):
+        raise ModelFileError(f"load_model takes the model file's path, got {type(path).__name__}")
     path = local_model_file(path)  # a URI is fetched once
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder, not a model file")

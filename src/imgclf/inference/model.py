@@ -348,6 +348,9 @@ class ImageClassifier(Predictor):
 
     def to(self, device: str) -> ImageClassifier:
         """Move to ``device`` ("cpu", "cuda", ...) and return self."""
+        from imgclf.nets.device import resolve_device
+
+        device = resolve_device(device)  # "gpu" was torch's own RuntimeError; auto picks as training does
         if self._backbone is not None:
             self._backbone.to(device)
         self.head.to(device)
@@ -381,6 +384,8 @@ class ImageClassifier(Predictor):
 
         from imgclf.atomic import check_output_path
 
+        if not isinstance(path, (str, Path)):
+            raise ModelFileError(f"save takes the model file's path, got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             raise ModelFileError(f"{path}: is a folder; give a file name such as {path / DEFAULT_MODEL_PATH}")

@@ -340,6 +340,9 @@ def open_tracking(tracking: str | Tracker | Sequence[str | Tracker] | None) -> l
     a :class:`Tracker`, or a list of them."""
     if tracking is None:
         return []
+    if not isinstance(tracking, (str, Tracker, list, tuple)):
+        raise OptionError(f"tracking must be 'mlflow', 'tensorboard', a Tracker or a list of them, got {tracking!r}",
+                          "tracking")  # fmt: skip
     given = [tracking] if isinstance(tracking, (str, Tracker)) else list(tracking)
     trackers: list[Tracker] = []
     for item in given:

@@ -262,6 +262,13 @@ class ImageClassificationTrainer:
 
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
+        for name, kind in (("early_stopping", EarlyStopping), ("fine_tune_options", FineTuneOptions)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise OptionError(f"{name} must be an imgclf {kind.__name__} or None, got {value!r}", name)
+        if self.metrics_callback is not None and not callable(self.metrics_callback):
+            raise OptionError(f"metrics_callback must be a function of the epoch's metrics, got {self.metrics_callback!r}",
+                              "metrics_callback")  # fmt: skip
         if self.early_stopping is not None:
             self.early_stopping.validate()  # again: its fields may have been changed since
         if self.fine_tune_options is not None:
