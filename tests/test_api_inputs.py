@@ -271,3 +271,17 @@ def test_wrong_kinds_of_arguments_are_imgclf_errors(small_model):
     for said, call in calls.items():
         with pytest.raises(ImgclfError, match=f"^{re.escape(said)}"):
             call()
+
+
+def test_a_bad_item_among_many_is_named_by_its_place(small_model):
+    """Bytes that are no image said "<bytes>: not an image", which of the batch not said; a
+    Hugging Face cell's own path was dropped; None said nothing of where."""
+    from imgclf.errors import ImageDecodeError
+
+    good = DAISY.read_bytes()
+    with pytest.raises(ImageDecodeError, match=r"^images\[1\]: not an image"):
+        small_model.predict_batch([good, b"zz", good])
+    with pytest.raises(DataError, match=r"^images\[1\]: None, not an image"):
+        small_model.predict_batch([good, None])
+    with pytest.raises(ImageDecodeError, match=r"^image of row 0 \(foo.jpg\): not an image"):
+        small_model.predict_batch(pd.DataFrame({"image": [{"bytes": b"zzz", "path": "foo.jpg"}]}))

@@ -150,8 +150,10 @@ def image_items(images: Any, caller: str = "predict_batch") -> list[tuple[Any, s
     ``NxHxWxC`` array or a DataFrame's path column. Arrays are checked here, named by their index."""
     if is_table(images):
         name = _require_column(images, PATH_COLUMNS, "path", caller)
-        places = [f"{name} of row {i}" for i in range(len(images))]
-        items = [_from_cell(v, place) for v, place in zip(_values(images[name]), places)]
+        cells = _values(images[name])
+        places = [f"{name} of row {i}" + (f" ({v['path']})" if isinstance(v, dict) and v.get("path") else "")
+                  for i, v in enumerate(cells)]  # fmt: skip
+        items = [_from_cell(v, place) for v, place in zip(cells, places)]
         return _named(items, places)
     if _is_one(images):
         if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[2] not in _CHANNELS:
@@ -171,12 +173,17 @@ def image_items(images: Any, caller: str = "predict_batch") -> list[tuple[Any, s
 
 
 def _named(items: list, places: list[str]) -> list[tuple[Any, str | None]]:
-    """Arrays checked and named by their place (they have no name of their own); the rest as they are."""
+    """Arrays checked, and they and bytes named by their place (they have no name of their own:
+    a bad one was "<bytes>: not an image", which of many not said); the rest as they are."""
     named: list[tuple[Any, str | None]] = []
     for item, place in zip(items, places):
         if isinstance(item, np.ndarray):
             check_array(item, place)
             named.append((item, place))
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            named.append((item, place))
+        elif item is None:
+            raise DataError(f"{place}: None, not an image; give a path, bytes, a PIL image or an array")
         else:
             named.append((item, None))
     return named
