@@ -285,3 +285,16 @@ def test_a_bad_item_among_many_is_named_by_its_place(small_model):
         small_model.predict_batch([good, None])
     with pytest.raises(ImageDecodeError, match=r"^image of row 0 \(foo.jpg\): not an image"):
         small_model.predict_batch(pd.DataFrame({"image": [{"bytes": b"zzz", "path": "foo.jpg"}]}))
+
+
+def test_an_onnx_model_pickles_and_deep_copies_as_the_torch_model_does(small_onnx_model):
+    """pickle.dumps of an OnnxClassifier was onnxruntime's own TypeError (its session is native)."""
+    import copy
+    import pickle
+
+    model = load_model(small_onnx_model)
+    before = model.predict(DAISY)
+    for again in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        after = again.predict(DAISY)
+        assert after.scores == before.scores and after.unknown_score == before.unknown_score
+        assert again.engine_choice() == model.engine_choice()

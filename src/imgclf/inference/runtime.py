@@ -58,6 +58,25 @@ class OnnxClassifier(Predictor):
         probs, scores = self.session.outputs(arrays)[:2]
         return probs, scores.reshape(-1)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (joblib, multiprocessing, a deepcopy) as the graph's bytes and the engine chosen:
+        the engine's session is native, so it is opened again on unpickling, as it was."""
+        state = self.__dict__.copy()
+        session = state.pop("session")
+        try:
+            state["_graph"] = Path(self.path).read_bytes()
+        except OSError as e:
+            raise ModelFileError(f"{self.path}: cannot pickle the model: its ONNX file cannot be read "
+                                 f"({e.strerror or e})") from None  # fmt: skip
+        state["_choice"] = session.choice
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        graph, choice = state.pop("_graph"), state.pop("_choice")
+        self.__dict__.update(state)
+        self.session = open_engine(choice, graph, self.threads)
+        self.session.choice = choice
+
     def why_not_explainable(self) -> str | None:
         """None where the graph has the class maps output (exported since imgclf has explanations)."""
         if self.config.get("explain") is None or self.session.signature().outputs < 2:
