@@ -298,3 +298,24 @@ def test_an_onnx_model_pickles_and_deep_copies_as_the_torch_model_does(small_onn
         after = again.predict(DAISY)
         assert after.scores == before.scores and after.unknown_score == before.unknown_score
         assert again.engine_choice() == model.engine_choice()
+
+
+def test_messages_a_notebook_user_can_act_on(small_model, small_model_file):
+    """An empty path said ': cannot read file (Is a directory)'; a generator was 'cannot read an
+    image'; the trainer's repr was an address; the library told its caller to use --device."""
+    from imgclf import ImageClassificationTrainer, load_model
+    from imgclf.errors import OptionError
+
+    with pytest.raises(DataError, match="^image: an empty path"):
+        small_model.predict("")
+    with pytest.raises(DataError, match=r"for several images call predict_batch"):
+        small_model.predict(p for p in [DAISY])
+    assert repr(ImageClassificationTrainer(epochs=3, progress=False)) == \
+        "ImageClassificationTrainer(epochs=3, progress=False)"
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match=r"^device cuda:7 asked for, .*; use device cpu or auto$"):
+            load_model(small_model_file, device="cuda:7")

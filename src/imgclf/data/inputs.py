@@ -208,6 +208,13 @@ def label_values(labels: Any, count: int, caller: str) -> list[str]:
     return [_label(v, f"labels[{i}]") for i, v in enumerate(values)]
 
 
+def _with_labels(caller: str) -> str:
+    """How ``caller`` is given labels beside its images: a method's second argument, or (for an
+    argument such as ``validation_set``, which is not a function) the images as ImageData."""
+    return f"{caller}(images, labels)" if caller in ("fit", "evaluate", "fit_and_hold_out") else \
+        f"{caller} as a folder of label subfolders"
+
+
 def labelled_items(images: Any, labels: Any, caller: str) -> tuple[list[tuple[Any, str | None, str]], bool]:
     """(image, name, label) for each image ``evaluate`` or ``fit`` is given, and whether labels
     were taken from the paths' folder names (fastai's ``parent_label``).
@@ -230,7 +237,7 @@ def labelled_items(images: Any, labels: Any, caller: str) -> tuple[list[tuple[An
                     zip(images, label_values(labels, len(images), caller))], False  # fmt: skip
         unlabelled = [im.name for im in images if im.label is None]
         if unlabelled:
-            raise DataError(f"{unlabelled[0]}: image has no label; give {caller}(images, labels) or ImageData "
+            raise DataError(f"{unlabelled[0]}: image has no label; give {_with_labels(caller)} or ImageData "
                             "with labels")  # fmt: skip
         return [(im.source, im.name, im.label) for im in images], False
     items = image_items(images, caller)
@@ -244,7 +251,7 @@ def labelled_items(images: Any, labels: Any, caller: str) -> tuple[list[tuple[An
         elif isinstance(image, (str, Path)):
             found.append((image, str(image), Path(image).parent.name))
         else:
-            raise DataError(f"{caller} needs a label for each image: {caller}(images, labels), ImageData with "
+            raise DataError(f"{caller} needs a label for each image: {_with_labels(caller)}, ImageData with "
                             "labels, a folder with one subfolder per label, or a DataFrame with path and label "
                             f"columns ({', '.join(LABEL_COLUMNS)})")  # fmt: skip
     from_folders = any(isinstance(image, (str, Path)) for image, _ in items)

@@ -56,6 +56,8 @@ def image_source(image: Any, name: str | None = None) -> tuple[ImageSource, str]
     if isinstance(image, ImageData):
         return image.source, name or image.name
     if isinstance(image, (str, Path)):
+        if not str(image).strip():  # Path("") is the current folder: "cannot read file (Is a directory)"
+            raise DataError(f"{name or 'image'}: an empty path; give an image file's path")
         return Path(image), name or str(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return image, name or "<bytes>"
@@ -70,6 +72,9 @@ def image_source(image: Any, name: str | None = None) -> tuple[ImageSource, str]
         if not isinstance(data, (bytes, bytearray)):
             raise ImageDecodeError(f"{label}: file object gives {type(data).__name__}, not bytes; open it with 'rb'")
         return bytes(data), label
+    if isinstance(image, Iterator):  # a generator: several images, which predict_batch takes
+        raise DataError(f"cannot read an image from {type(image).__name__}; for several images call "
+                        "predict_batch, or predict(list(...))")  # fmt: skip
     raise DataError(f"cannot read an image from {type(image).__name__}; give {ACCEPTED}")
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from imgclf.errors import OptionError
 from imgclf.options import DEVICES as DEVICES  # the names live in imgclf.options
-from imgclf.options import NETWORK, validate
+from imgclf.options import NETWORK, option_error, validate
 
 if TYPE_CHECKING:
     import torch
@@ -24,9 +23,11 @@ def resolve_device(name: str = "auto") -> str:
             return "mps"
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError("device 'cuda' asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        raise option_error("device", "{device} {given} asked for, but no CUDA GPU is available here; use {device} cpu "
+                                     "or auto", given=name)  # fmt: skip
     if name == "mps" and not torch.backends.mps.is_available():
-        raise OptionError("device 'mps' asked for, but Apple MPS is not available here; use --device cpu or auto")
+        raise option_error("device", "{device} mps asked for, but Apple MPS is not available here; use {device} cpu "
+                                     "or auto")  # fmt: skip
     return name
 
 

@@ -38,7 +38,7 @@ from imgclf.errors import MissingDependencyError, OptionError
 from imgclf.nets.cpu import CpuCapabilities, cpu_capabilities, cpu_name
 from imgclf.options import ENGINE_NAMES as ENGINE_NAMES  # the names live in imgclf.options (numpy-free)
 from imgclf.options import LOSSY_PRECISIONS as LOSSY_PRECISIONS
-from imgclf.options import NETWORK, install_hint, validate
+from imgclf.options import NETWORK, install_hint, option_error, validate
 from imgclf.options import PRECISIONS as PRECISIONS
 
 
@@ -209,8 +209,8 @@ def choose_engine(
     caps = cpu_capabilities()
     if device != "cpu":
         if engine not in ("auto", "torch") or precision not in ("auto", "fp32"):
-            raise OptionError(f"on {device} the network runs on torch in fp32; use --device cpu for "
-                              f"--engine {engine} --precision {precision}")  # fmt: skip
+            raise option_error("device", "on {given} the network runs on torch in fp32; use {device} cpu for "
+                               "{engine} {e} {precision} {p}", given=device, e=engine, p=precision)  # fmt: skip
         return EngineChoice("torch", "fp32", f"{device}: eager PyTorch", caps.key)
     if engine == "torch" and onnx_file:
         raise OptionError("an exported ONNX file runs on onnxruntime or openvino, not torch; load the .imgclf model")

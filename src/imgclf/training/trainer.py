@@ -260,6 +260,16 @@ class ImageClassificationTrainer:
                 "max_memory_gb", "extraction_batch_size", "keep_features_mb", "unknown_rate", "frame", "quality",
                 "time_limit")  # fmt: skip
 
+    def __repr__(self) -> str:
+        """As scikit-learn writes an estimator: the options that differ from their defaults."""
+        import inspect
+
+        changed = [f"{name}={getattr(self, name, p.default)!r}"
+                   for name, p in inspect.signature(type(self).__init__).parameters.items()
+                   if name != "self" and p.default is not inspect.Parameter.empty
+                   and getattr(self, name, p.default) != p.default]  # fmt: skip
+        return f"{type(self).__name__}({', '.join(changed)})"
+
     def _check_options(self) -> None:
         validate("train", {name: getattr(self, name) for name in self._CHECKED})
         for name, kind in (("early_stopping", EarlyStopping), ("fine_tune_options", FineTuneOptions)):
