@@ -157,6 +157,20 @@ def test_an_empty_explain_folder_is_refused_not_ignored(small_onnx_model, where,
     assert capsys.readouterr().err.strip() == f"imgclf: error: --explain must be a folder name, got {where!r}"
 
 
+@pytest.mark.parametrize("inside", [".", "why"])
+def test_an_explain_folder_inside_the_images_folder_is_refused(small_onnx_model, inside, tmp_path, capsys):
+    """Overlays written among the images were scored as images by the next predict of the folder
+    (the bundled predict folder grew three PNG overlays, their maps and an index)."""
+    from imgclf.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "daisy.jpg").write_bytes(DAISY.read_bytes())
+    assert main(["predict", str(small_onnx_model), str(images), "--explain", str(images / inside)]) == 2
+    assert "is inside the images folder" in capsys.readouterr().err
+    assert sorted(p.name for p in images.rglob("*")) == ["daisy.jpg"]
+
+
 def test_http_explain_returns_the_map_cells_and_a_small_png(small_onnx_model, rotated):
     import base64
 

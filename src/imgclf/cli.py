@@ -467,7 +467,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.explain:
         from imgclf.inference.explain import ExplanationFolder
 
-        explained = ExplanationFolder(args.explain, model)
+        explained = ExplanationFolder(args.explain, model, args.images)
     outcomes = model.iter_predictions((f, str(f)) for f in files) if explained is None else explained.run(files)
     for name, outcome in outcomes:
         extra = {}

@@ -237,7 +237,7 @@ class ExplanationFolder:
     ``DIR/index.jsonl`` (this run's images, one JSON object each: ``path``, ``path_bytes`` where the name is
     not UTF-8, ``label``, ``overlay``, ``map``), so every file can be traced to its image."""
 
-    def __init__(self, folder, model):
+    def __init__(self, folder, model, inputs=()):
         from pathlib import Path
 
         why = model.why_not_explainable()
@@ -246,6 +246,11 @@ class ExplanationFolder:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise OptionError(f"--explain: {folder} is a file; give a folder")
+        where = self.folder.resolve()
+        for given in map(Path, inputs):  # overlays among the images: the next predict of it scores them
+            if given.is_dir() and (where == given.resolve() or given.resolve() in where.parents):
+                raise OptionError(f"--explain {folder}: is inside the images folder {given}, where the next predict "
+                                  "of it would score the overlays as images; give a folder outside it")  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.count = 0
