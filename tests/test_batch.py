@@ -260,3 +260,18 @@ def test_engine_ray_without_ray_names_the_extra(small_onnx_model, folder, tmp_pa
     code, _, err = run(capsys, "predict", small_onnx_model, folder, "--engine", "ray", "--out", tmp_path / "r.parquet")
     assert code == 2 and "pip install 'imgclf[ray]'" in err and err.count("\n") == 1
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_a_remote_glob_that_cannot_be_listed_is_one_line(monkeypatch):
+    """An s3:// glob without credentials was botocore's NoCredentialsError traceback, exit 1
+    (a single s3:// file, model or --out was one line already)."""
+    from imgclf.batch import sources
+    from imgclf.errors import DataError
+
+    class NoCredentials:
+        def glob(self, path):
+            raise RuntimeError("Unable to locate credentials")
+
+    monkeypatch.setattr(sources, "filesystem", lambda text: (NoCredentials(), text.split("://", 1)[1]))
+    with pytest.raises(DataError, match=r"^s3://bucket/x/\*.jpg: cannot be read \(RuntimeError: Unable to locate"):
+        sources.classify_inputs(["s3://bucket/x/*.jpg"])

@@ -141,6 +141,10 @@ def test_certify_records_evidence_and_auto_reads_it(small_model, tmp_path, capsy
     assert main(["certify", str(path), str(other.parent), "--out", str(out)]) == 0
     assert "its subfolders are not this model's labels; its images count for top-label agreement only" in \
         capsys.readouterr().err  # fmt: skip
+    (other.parent / "daisy").mkdir()  # some of its labels, some not: a ValueError traceback, exit 1
+    (other.parent / "daisy" / "d.jpg").write_bytes((PREDICT / "classic-tulip.jpg").read_bytes())
+    assert main(["certify", str(path), str(other.parent), "--out", str(out)]) == 2
+    assert "images have labels the model does not know: orchid (the model knows " in capsys.readouterr().err
     assert main(["certify", str(tmp_path / "nope.imgclf"), str(PREDICT)]) == 2
     import fsspec
 

@@ -71,15 +71,17 @@ def classify_inputs(inputs: Sequence[str | Path]) -> list[Input]:
 def _classify(text: str) -> InputKind:
     if is_uri(text):
         fs, path = filesystem(text)
-        if GLOB_CHARS & set(path):
-            if not fs.glob(path):
-                raise DataError(f"{text}: matches no files")
-            return "glob"
         try:
+            if GLOB_CHARS & set(path):
+                if not fs.glob(path):
+                    raise DataError(f"{text}: matches no files")
+                return "glob"
             if fs.isdir(path):
                 return "folder"
             exists = fs.isfile(path)
-        except Exception as e:  # any filesystem's own error: permissions, network
+        except DataError:
+            raise
+        except Exception as e:  # any filesystem's own error: permissions, credentials, network
             raise DataError(f"{text}: cannot be read ({type(e).__name__}: {e})") from None
         if not exists:
             raise DataError(f"{text}: no such file or folder")

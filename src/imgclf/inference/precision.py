@@ -274,9 +274,11 @@ def measure_precisions(
         precisions = ["fp32", *(p for p in precisions if p != "fp32")]  # the reference comes first
     arrays, kept = _decode(images, model.preprocessing)
     labelled = all(images[i].label is not None for i in kept)
+    unknown = sorted({images[i].label for i in kept if images[i].label not in model.labels}) if labelled else []
+    if unknown:  # was checked after model.labels.index raised ValueError on them: a traceback
+        raise DataError(f"images have labels the model does not know: {', '.join(unknown)} (the model knows "
+                        f"{', '.join(model.labels)}); give images of its labels, or unlabelled ones")  # fmt: skip
     targets = [model.labels.index(images[i].label) for i in kept] if labelled else None
-    if labelled and any(images[i].label not in model.labels for i in kept):
-        raise DataError("images have labels the model does not know")
     saved = (model.engine, model.precision, model.features_engine)
     results: dict[str, dict] = {}
     reference = None
