@@ -4,6 +4,7 @@ before anything that can still fail, the user's permissions, and no writable wor
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -108,9 +109,15 @@ def test_save_and_export_keep_a_file_that_is_not_a_model(small_model, tmp_path):
             write(photo)
     assert photo.read_bytes() == (PREDICT / "classic-daisy.jpg").read_bytes()
     saved = small_model.save(tmp_path / "m.imgclf")
-    small_model.export_onnx(saved)  # a model replaced by a model
-    small_model.save(saved)
-    assert load_model(saved).labels == small_model.labels
+    small_model.save(saved)  # a model replaced by a model of its kind, as saving again does
+    exported = small_model.export_onnx(tmp_path / "m.onnx")
+    small_model.export_onnx(exported)
+    # never one kind by the other: the trained model (its features) was replaced by its export
+    with pytest.raises(OptionError, match="m.imgclf: is a trained imgclf model .* with the other format"):
+        small_model.export_onnx(saved)
+    with pytest.raises(OptionError, match="m.onnx: is an exported ONNX model; writing the model there"):
+        small_model.save(exported)
+    assert load_model(saved).labels == load_model(exported).labels == small_model.labels
 
 
 def test_export_refuses_to_overwrite_its_input(small_model, tmp_path, capsys):
@@ -192,3 +199,20 @@ def test_model_files_honour_the_umask_and_keep_a_replaced_files_mode(small_model
         os.umask(previous)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and load_model(existing).labels == small_model.labels
+
+
+def test_an_empty_out_is_refused_and_a_file_uri_is_the_path_it_names(small_model_file, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    """--out "" was read as not given (predict printed to the terminal, export wrote MODEL.onnx,
+    certify rewrote the model); --out file:///x wrote into a folder named 'file:' here."""
+    monkeypatch.chdir(tmp_path)
+    model, images = str(small_model_file), str(PREDICT)
+    for argv, said in ((["predict", model, images, "--out", ""], "--out must be a folder name, got ''"),
+                       (["export", model, "--out", ""], "--out must be a file name, got ''"),
+                       (["certify", model, images, "--out", ""], "--out must be a file name, got ''"),
+                       (["report", model, "--out", " "], "--out must be a folder name, got ' '")):  # fmt: skip
+        assert main(argv) == 2 and said in capsys.readouterr().err
+    assert main(["export", model, "--out", f"file://{tmp_path}/u.onnx"]) == 0
+    assert main(["predict", model, images, "--out", f"file://{tmp_path}/r.csv", "-q"]) == 0
+    assert (tmp_path / "u.onnx").is_file() and (tmp_path / "r.csv" / "_SUCCESS").is_file()
+    assert not Path("file:").exists()

@@ -92,14 +92,16 @@ def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
 
 
 def check_output_path(path: str | Path, what: str, *, option: str | None = None, stream_ok: bool = False,
-                      model: bool = False) -> Path:  # fmt: skip
+                      model: str | None = None) -> Path:  # fmt: skip
     """Raises :class:`OptionError` now if writing ``what`` to ``path`` would fail later.
 
     The nearest existing folder on the way to ``path`` must accept a new file (it is
     tried, since permission bits do not tell about read-only file systems or root);
     missing folders below it are created when the file is written. ``stream_ok``
-    accepts a pipe or device such as ``/dev/stdout``. ``model``: a file already there is
-    replaced only if it is a model file (an image or notes typed as the name are kept).
+    accepts a pipe or device such as ``/dev/stdout``. ``model`` (``"safetensors"`` or
+    ``"onnx"``, the kind about to be written): a file already there is replaced only if it is
+    a model of that kind (an image or notes typed as the name are kept, and a trained model is
+    not turned into its export, nor an export into a file other runtimes cannot read).
     """
     path = Path(path)
     label = f"{option} {path}" if option else str(path)
@@ -107,7 +109,7 @@ def check_output_path(path: str | Path, what: str, *, option: str | None = None,
     if kind == "folder":
         raise OptionError(f"{label}: is a folder; give a file name for the {what}")
     if kind == "file" and model:
-        _check_replaceable_model(path, label, what)
+        _check_replaceable_model(path, label, what, model)
     if kind == "special":
         if stream_ok:
             return path
@@ -116,7 +118,7 @@ def check_output_path(path: str | Path, what: str, *, option: str | None = None,
     return path
 
 
-def _check_replaceable_model(path: Path, label: str, what: str) -> None:
+def _check_replaceable_model(path: Path, label: str, what: str, writing: str) -> None:
     from imgclf.filetypes import WHAT_IT_IS, sniff
 
     try:
@@ -126,6 +128,11 @@ def _check_replaceable_model(path: Path, label: str, what: str) -> None:
     if kind in ("torch", "unknown"):  # a model (even an empty or cut-short one) may be replaced
         raise OptionError(f"{label}: exists and is not a model file ({WHAT_IT_IS[kind]}); writing the {what} "
                           "there would destroy it: remove it first, or give another name")  # fmt: skip
+    other = {"safetensors": "onnx", "onnx": "safetensors"}[writing]
+    if kind == other or (kind == "truncated" and writing == "onnx"):
+        said = "an exported ONNX model" if other == "onnx" else "a trained imgclf model (safetensors)"
+        raise OptionError(f"{label}: is {said}; writing the {what} there would replace it with the other "
+                          "format: give another name, or remove it first")  # fmt: skip
 
 
 def _check_can_create(folder: Path, label: str, what: str) -> None:

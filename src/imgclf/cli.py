@@ -106,7 +106,7 @@ def _check_train_outputs(args: argparse.Namespace) -> None:
     from imgclf.atomic import check_output_path
     from imgclf.insight.pages import check_page_folder
 
-    check_output_path(args.out, "model", option="--out", model=True)
+    check_output_path(args.out, "model", option="--out", model="safetensors")
     if args.report:
         check_page_folder(Path(args.report), "report", option="--report")
     if args.metrics_json:
@@ -536,7 +536,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if is_remote(args.model) and not args.out:
         raise OptionError(f"{args.model}: a model in an object store is not rewritten in place; give --out FILE")
     out = Path(args.out) if args.out else Path(args.model)
-    check_output_path(out, "model", option="--out" if args.out else None, model=True)
+    check_output_path(out, "model", option="--out" if args.out else None, model="safetensors")
     caps = cpu_capabilities()
     precision = args.precision if args.precision != "auto" else ("bf16" if caps.bf16 else "int8")
     if precision == "bf16" and not caps.bf16:
@@ -588,7 +588,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not is_remote(out):
         out = Path(out)
         check_not_an_input(out, [args.model], "ONNX file", option="--out" if args.out else None)
-        check_output_path(out, "ONNX file", option="--out" if args.out else None, model=True)
+        check_output_path(out, "ONNX file", option="--out" if args.out else None, model="onnx")
     model = load_model(args.model)
     started = time.perf_counter()
     written = model.export_onnx(out, quantize=args.quantize, precision=args.precision)
@@ -725,11 +725,16 @@ def _add_argument(p: argparse.ArgumentParser, schema: options.Schema, option: op
 def _check_options(args: argparse.Namespace) -> None:
     """Validate the command's options against the schema, before any work; then fill in
     the defaults of those left out (options that need a switch were parsed as None)."""
+    from imgclf.data.uris import as_local
+
     schema = options.COMMANDS[args.command]
     options.validate(schema, {o.name: getattr(args, o.name) for o in schema.cli_options})
     for option in schema.cli_options:
         if getattr(args, option.name) is None:
             setattr(args, option.name, option.default)
+    for name in ("out", "metrics_json", "report", "explain"):  # what is written: file:///x is /x
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, as_local(getattr(args, name)))
 
 
 def _error_line(error: ImgclfError, command: str | None) -> str:

@@ -277,6 +277,8 @@ DURATION = Check("duration", lambda value: parse_duration(value) is not None,
                  "a positive duration such as 90s, 10m, 1.5h or 1h30m (a bare number: seconds)")
 #: A folder to write to: an empty name would be no folder (and was read as the option not given).
 FOLDER_NAME = Check("folder", lambda value: isinstance(value, str) and value.strip() != "", "a folder name")
+#: A file to write to: an empty --out was read as not given (a default file, the model rewritten in place).
+FILE_NAME = Check("file", lambda value: isinstance(value, str) and value.strip() != "", "a file name")
 POSITIVE_INT = Interval(int, 1, None)
 POSITIVE = Interval(float, 0, None, "neither")
 NON_NEGATIVE = Interval(float, 0, None, "left")
@@ -537,7 +539,7 @@ _TRAIN = Schema(
     (
         Option("folder", positional=True, nargs="?", help=_LABELLED, shown_default="bundled flowers"),
         *_MANIFEST_COLUMNS,
-        Option("out", default=DEFAULT_MODEL_PATH, help="model file to write"),
+        Option("out", default=DEFAULT_MODEL_PATH, constraint=FILE_NAME, help="model file to write"),
         # 'from' is a Python keyword: the parameter is from_model, the flag --from
         Option("from_model", flag="--from", metavar="MODEL",
                help="train on from this model: add FOLDER's images and labels to what it learned, from the "
@@ -667,7 +669,7 @@ _PREDICT = Schema(
                     "class activation map of the predicted label as .npy (float32, the image's full upright height "
                     "x width, higher: more evidence), listed in DIR/index.jsonl"),
         _DEVICE,
-        Option("out", help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
+        Option("out", constraint=FOLDER_NAME, help="write results to this folder of parts instead: results.parquet, .csv or .jsonl; "
                            "running the same command again continues where it stopped"),
         replace(_ENGINE, constraint=Choices(BATCH_ENGINE_NAMES),
                 help=f"{_ENGINE.help}; ray: score on a Ray cluster (needs --out and {install_hint('ray')}), each "
@@ -694,7 +696,8 @@ _CERTIFY = Schema(
         Option("images", positional=True, nargs="+", help="image files or folders the model was not trained on"),
         Option("precision", default="auto", constraint=Choices(CERTIFY_PRECISIONS),
                help="auto: bf16 where the CPU has it natively, else int8"),
-        Option("out", help="write the certified model here", shown_default="rewrite MODEL in place, atomically"),
+        Option("out", constraint=FILE_NAME, help="write the certified model here",
+               shown_default="rewrite MODEL in place, atomically"),
     ),
     description="Run MODEL at fp32 and at a lossy precision on IMAGES the model never saw (files or folders; a "
                 "folder of label subfolders adds the accuracy check) and record the agreement in the model file, "
@@ -708,7 +711,7 @@ _EXPORT = Schema(
     (
         replace(_MODEL, help="model file (.imgclf)"),
         Option("format", default="onnx", constraint=Choices(("onnx",)), help="export format"),
-        Option("out", help="output file", shown_default="MODEL with .onnx suffix"),
+        Option("out", constraint=FILE_NAME, help="output file", shown_default="MODEL with .onnx suffix"),
         Option("quantize", default=None, constraint=Choices(("int8",)),
                help="write int8 weights (smaller; check accuracy first)"),
         Option("precision", default="fp32", constraint=Choices(EXPORT_PRECISIONS),
@@ -765,7 +768,7 @@ _AUDIT = Schema(
         Option("folder", positional=True, help=_LABELLED),
         *_MANIFEST_COLUMNS,
         Option("against", metavar="TEST_FOLDER", help="test folder to check for copies of FOLDER's images"),
-        Option("out", metavar="DIR", help="write an HTML gallery of the findings to DIR/index.html"),
+        Option("out", constraint=FOLDER_NAME, metavar="DIR", help="write an HTML gallery of the findings to DIR/index.html"),
         replace(_JSON, help="print one JSON object instead of the summary"),
         replace(_ARCH, help="backbone for the features"),
         _WEIGHTS,
@@ -792,7 +795,7 @@ _REPORT = Schema(
         Option("folder", positional=True, nargs="?", help=f"labelled input to evaluate on: {_LABELLED}; with test "
                                                           "images, those alone"),
         *_MANIFEST_COLUMNS,
-        Option("out", default="report", metavar="DIR", help="folder to write to"),
+        Option("out", default="report", constraint=FOLDER_NAME, metavar="DIR", help="folder to write to"),
         _DEVICE,
     ),
     description="Write DIR/index.html (an offline page), each chart as PNG and the numbers as JSON. From MODEL "

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.batch.results import COLUMNS, ResultBatch, arrow_schema
-from imgclf.data.uris import filesystem, is_remote
+from imgclf.data.uris import as_local, filesystem, is_remote
 from imgclf.errors import DataError, ImgclfError, MissingDependencyError, OptionError
 from imgclf.names import from_columns
 from imgclf.options import COMMIT_EVERY, install_hint
@@ -521,7 +521,7 @@ def open_results(path: str | Path, metadata: dict, **options) -> ResultFolder:
     return (
         RemoteResultFolder(str(path), metadata, **options)
         if is_remote(path)
-        else ResultFolder(path, metadata, **options)
+        else ResultFolder(as_local(path), metadata, **options)
     )
 
 

@@ -23,6 +23,17 @@ def is_uri(path: str | Path) -> bool:
     return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").replace("-", "").isalnum()
 
 
+def as_local(path: str | Path) -> str | Path:
+    """A ``file://`` URI as the local path it names (written as given, it became a folder named
+    ``file:``); anything else as it is."""
+    text = str(path)
+    if not text.startswith("file://"):
+        return path
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(text).path)
+
+
 def is_remote(path: str | Path) -> bool:
     """A URI of a filesystem other than the local one (``file://`` is local)."""
     return is_uri(path) and not str(path).startswith("file://")

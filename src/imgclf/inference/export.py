@@ -116,10 +116,10 @@ def export_onnx(
     ``precision="int8"`` writes the model's calibrated static int8 graph
     (``imgclf.inference.precision``), which runs 1.5 to 1.7x faster than fp32.
     """
-    from imgclf.data.uris import filesystem, is_remote
+    from imgclf.data.uris import as_local, filesystem, is_remote
 
     if not is_remote(path):
-        return _export_local(model, path, quantize=quantize, precision=precision)
+        return _export_local(model, as_local(path), quantize=quantize, precision=precision)
     import tempfile
 
     fs, bare = filesystem(str(path))
@@ -162,7 +162,7 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
-    check_output_path(path, "ONNX file", model=True)  # an image or notes typed as the name are kept
+    check_output_path(path, "ONNX file", model="onnx")  # an image or notes typed as the name are kept
     if precision == "int8":
         if quantize:
             raise option_error("quantize", "{quantize} and {precision} int8 both quantize; give one ({precision} "

@@ -383,13 +383,14 @@ class ImageClassifier(Predictor):
         from safetensors.torch import save_file
 
         from imgclf.atomic import check_output_path
+        from imgclf.data.uris import as_local
 
         if not isinstance(path, (str, Path)):
             raise ModelFileError(f"save takes the model file's path, got {type(path).__name__}")
-        path = Path(path)
+        path = Path(as_local(path))
         if path.is_dir():
             raise ModelFileError(f"{path}: is a folder; give a file name such as {path / DEFAULT_MODEL_PATH}")
-        check_output_path(path, "model", model=True)  # an image or notes typed as the name are kept
+        check_output_path(path, "model", model="safetensors")  # an image or notes typed as the name are kept
         tensors = {f"backbone.{k}": v for k, v in self._backbone_state().items()}
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
