@@ -169,6 +169,12 @@ def test_an_explain_folder_inside_the_images_folder_is_refused(small_onnx_model,
     assert main(["predict", str(small_onnx_model), str(images), "--explain", str(images / inside)]) == 2
     assert "is inside the images folder" in capsys.readouterr().err
     assert sorted(p.name for p in images.rglob("*")) == ["daisy.jpg"]
+    mine = tmp_path / "mine"  # a user's index.jsonl was replaced by this run's list
+    mine.mkdir()
+    (mine / "index.jsonl").write_text('{"mine": 1}\n')
+    assert main(["predict", str(small_onnx_model), str(images), "--explain", str(mine)]) == 2
+    assert "holds an index.jsonl that is not imgclf's" in capsys.readouterr().err
+    assert (mine / "index.jsonl").read_text() == '{"mine": 1}\n'
 
 
 def test_http_explain_returns_the_map_cells_and_a_small_png(small_onnx_model, rotated):

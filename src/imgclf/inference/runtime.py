@@ -166,6 +166,13 @@ def load_onnx_model(
         choice = choose_engine(engine, "int8", images=images, accuracy=accuracy, onnx_file=True, int8_ready=True)
         if precision == "auto":
             choice = EngineChoice(choice.engine, "int8", "the file is an int8 export", choice.cpu)
+    elif config.get("quantized") == "int8":  # export --quantize int8: weights stored as int8, run as they are
+        if precision not in ("auto", "int8"):
+            raise OptionError(f"{path}: was exported with --quantize int8 and runs as it is; export the model again "
+                              f"without --quantize to run it at {precision}")  # fmt: skip
+        choice = choose_engine(engine, "fp32", images=images, onnx_file=True)
+        choice = EngineChoice(choice.engine, "int8", "its weights were quantized by export --quantize int8",
+                              choice.cpu)  # fmt: skip
     else:
         choice = choose_engine(engine, precision, images=images, accuracy=accuracy, onnx_file=True)
     try:
