@@ -286,6 +286,8 @@ def test_cors_and_host_check(small_model):
     "argv, message",
     [
         (["serve", "{model}", "--host", "0.0.0.0"], "--host 0.0.0.0 serves beyond this machine, so an API key is"),
+        # a typo was first met with the API key a public address needs, then with this
+        (["serve", "{model}", "--host", "999.1.1.1"], "--host 999.1.1.1: not an address or a name this machine"),
         (["serve", "{model}", "--max-pixels", "0"], "--max-pixels must be an integer from 1 to 150,000,000"),
         (["serve", "{model}", "--decode-memory-mb", "1"], "--decode-memory-mb must be a number >= 16"),
         (["serve", "{model}", "--read-timeout", "0"], "--read-timeout must be a positive number"),

@@ -607,8 +607,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from imgclf.serve import create_app
-    from imgclf.serve.server import LOOPBACK_HOSTS, bind_socket, is_loopback, run_server
+    from imgclf.serve.server import LOOPBACK_HOSTS, bind_socket, is_loopback, resolve_host, run_server
 
+    resolve_host(args.host, args.port)
     api_key = args.api_key  # checked on parsing (imgclf.options.API_KEY)
     if api_key is None and "IMGCLF_API_KEY" in os.environ:
         api_key = os.environ["IMGCLF_API_KEY"]

@@ -663,7 +663,7 @@ _PREDICT = Schema(
         _TOP_K,
         replace(_JSON, help="print one JSON array, an object per image"),
         Option("reject_unknown", bool, excludes="out",
-               help=f"{_REJECT_UNKNOWN_HELP}; results files (--out) carry the known column instead"),
+               help=f"{_REJECT_UNKNOWN_HELP}; not with --out, whose results files carry the known column"),
         Option("explain", constraint=FOLDER_NAME, excludes="out", metavar="DIR",
                help="also write what the model looked at into this folder, for each image: an overlay PNG and the "
                     "class activation map of the predicted label as .npy (float32, the image's full upright height "

@@ -38,15 +38,19 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, or a one-line :class:`OptionError`."""
+def resolve_host(host: str, port: int) -> tuple:
+    """``host:port`` as ``getaddrinfo`` gives it, or a one-line :class:`OptionError`: checked
+    first, so a typo is not met with a request for an API key a public address would need."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn: "localhost" is 127.0.0.1
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]"), port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        return socket.getaddrinfo(host.strip("[]"), port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as e:
         raise OptionError(f"--host {host}: not an address or a name this machine can resolve ({e})") from None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or a one-line :class:`OptionError`."""
+    family, kind, proto, _, address = resolve_host(host, port)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
