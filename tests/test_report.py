@@ -72,6 +72,21 @@ def test_report_takes_what_evaluate_takes(small_model, tmp_path):
         assert json.loads((page.parent / "report.json").read_text())["metrics"]["confusion_matrix"] == expected
 
 
+def test_a_report_written_again_in_its_folder_leaves_nothing_of_the_last_one(small_model, tmp_path):
+    """The model-file-alone report written where one with images was left the last one's
+    calibration and top-loss charts and thumbnails beside a page that no longer shows them."""
+    import re
+
+    folder = small_flower_folder(tmp_path / "holdout", per_class=2)
+    out = tmp_path / "r"
+    for images in (folder, folder, None):
+        page = write_report(small_model, images, out)
+        shown = set(re.findall(r"""src=["']([^"']+)["']""", page.read_text()))
+        assert all((out / src).is_file() for src in shown)  # a page written again keeps what it shows
+    left = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert left == {"index.html", "report.json"} | shown, left - shown
+
+
 def test_calibration_of_known_probabilities():
     probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.65, 0.35], [0.35, 0.65]])
     targets = np.array([0, 1, 0, 0])  # 0.95 bin: 1 of 2 right; 0.65 bin: 1 of 2 right

@@ -78,21 +78,46 @@ def _is_imgclf_page(path: Path) -> bool:
 def page_folder(out: Path, what: str, inside: tuple = ()) -> Iterator[Path]:
     """``out``, made if missing. A page that fails takes what it added with it, so a refused
     report or audit leaves nothing behind: the folders it made, or in a folder that was there,
-    the files that were not (what the folder held is kept)."""
+    the files that were not (what the folder held is kept). A page that succeeds in an earlier
+    page's folder (:func:`check_page_folder` lets no other through) removes what that page left
+    and this one did not write again: a chart or thumbnails beside a page that no longer shows them."""
+    import time
+
     check_page_folder(out, what, inside=inside)
     made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
     held = {p.name for p in out.iterdir()} if made is None and out.is_dir() else set()
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     try:
         yield out
     except BaseException:
-        added = [made] if made is not None else [p for p in out.iterdir() if p.name not in held]
-        for path in added:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        _remove([made] if made is not None else [p for p in out.iterdir() if p.name not in held])
         raise
+    for name in held:
+        _remove_stale(out / name, started)
+
+
+def _remove_stale(path: Path, moment: float) -> None:
+    """Remove what under ``path`` was last written before ``moment``, and folders left empty
+    (a folder's own time does not change when a file in it is rewritten in place)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                _remove_stale(child, moment)
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.lstat().st_mtime < moment:
+            path.unlink()
+    except OSError:
+        pass  # gone already, or not ours to remove: the page is written either way
+
+
+def _remove(paths) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_page(path: Path, html: str) -> Path:
