@@ -319,3 +319,23 @@ def test_messages_a_notebook_user_can_act_on(small_model, small_model_file):
     if not torch.cuda.is_available():
         with pytest.raises(OptionError, match=r"^device cuda:7 asked for, .*; use device cpu or auto$"):
             load_model(small_model_file, device="cuda:7")
+
+
+def test_a_model_first_used_inside_inference_mode_still_runs_outside_it(tmp_path, workspace):
+    """The backbone is built when first needed: built inside torch.inference_mode() (a user's
+    `with torch.inference_mode(): model.network()(x)`), every weight became an inference tensor
+    and the next eager prediction failed with torch's "do not track version counter" (a test of
+    the export did this to the session's shared model, so test_engine failed on one xdist order)."""
+    torch = pytest.importorskip("torch")
+
+    from imgclf import ImageClassificationTrainer
+
+    folder = small_flower_folder(tmp_path, per_class=2, labels=("daisy", "tulips"))
+    model = ImageClassificationTrainer(epochs=2, workspace=workspace, progress=False).fit(folder)
+    assert model._backbone is None  # trained on cached features: the network is built when first needed
+    with torch.inference_mode():
+        model.network()
+    assert not any(p.is_inference() for p in model.backbone.parameters())
+    from imgclf.nets.engines import TorchEngine
+
+    assert TorchEngine(model.backbone)(np.zeros((1, 3, 224, 224), np.float32)).shape[0] == 1

@@ -137,11 +137,17 @@ class ImageClassifier(Predictor):
         on cached features holds only its tensors until something needs the network: a
         run that saves it never imports timm."""
         if self._backbone is None:
+            import torch
+
             from imgclf.nets.archs import create_network
 
-            network = create_network(self.timm_name, num_classes=0)
-            network.load_state_dict(self._backbone_tensors, strict=True)
-            self._backbone, self._backbone_tensors = network.eval().to(self.device), None
+            # built as ordinary tensors even when first asked for inside torch.inference_mode(): made
+            # there, every weight would be an inference tensor for good, and the next eager run
+            # outside it fails ("Inference tensors do not track version counter")
+            with torch.inference_mode(False):
+                network = create_network(self.timm_name, num_classes=0)
+                network.load_state_dict(self._backbone_tensors, strict=True)
+                self._backbone, self._backbone_tensors = network.eval().to(self.device), None
         return self._backbone
 
     @backbone.setter
