@@ -106,6 +106,16 @@ def split_labels(label: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p.strip() for p in label.split(LABEL_SEPARATOR) if p.strip()))
 
 
+def embedded_image(cell: object) -> tuple[bytes | None, str | None] | None:
+    """A Hugging Face ``datasets`` image cell (``{"bytes", "path"}``, as its ``Image`` feature is
+    written to Parquet or ``to_pandas()``) as (its bytes, None where it was not embedded; its path,
+    or None); None when ``cell`` is not one."""
+    if not (isinstance(cell, dict) and ("bytes" in cell or "path" in cell)):
+        return None
+    data, path = cell.get("bytes"), cell.get("path")
+    return (bytes(data) if isinstance(data, (bytes, bytearray)) and data else None), (str(path) if path else None)
+
+
 def image_from_bytes(data: bytes, label: str | None = None, name: str = "<bytes>") -> ImageData:
     """An in-memory image (ML.NET's ``InMemoryImageData``)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import ImageData
+from imgclf.data.images import ImageData, embedded_image
 from imgclf.errors import DataError
 from imgclf.options import LABEL_COLUMNS, PATH_COLUMNS  # a DataFrame's columns are named as a manifest's
 
@@ -138,8 +138,9 @@ def _is_one(value: object) -> bool:
 
 def _from_cell(value: Any, where: str) -> Any:
     """One cell of a path column: a path, bytes, an array, or a Hugging Face ``{"bytes", "path"}`` image."""
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # datasets' Image feature, to_pandas()
-        value = value.get("bytes") or value.get("path")
+    embedded = embedded_image(value)
+    if embedded is not None:
+        value = embedded[0] or embedded[1]
     if value is None or (isinstance(value, float) and value != value):
         raise DataError(f"{where}: no image (empty cell)")
     return value
@@ -151,7 +152,7 @@ def image_items(images: Any, caller: str = "predict_batch") -> list[tuple[Any, s
     if is_table(images):
         name = _require_column(images, PATH_COLUMNS, "path", caller)
         cells = _values(images[name])
-        places = [f"{name} of row {i}" + (f" ({v['path']})" if isinstance(v, dict) and v.get("path") else "")
+        places = [f"{name} of row {i}" + (f" ({e[1]})" if (e := embedded_image(v)) and e[1] else "")
                   for i, v in enumerate(cells)]  # fmt: skip
         items = [_from_cell(v, place) for v, place in zip(cells, places)]
         return _named(items, places)
@@ -208,9 +209,24 @@ def label_values(labels: Any, count: int, caller: str) -> list[str]:
     return [_label(v, f"labels[{i}]") for i, v in enumerate(values)]
 
 
+def encoded_image_data(items: list[tuple[Any, str | None, str]], refusal: str) -> list[ImageData]:
+    """:func:`labelled_items`' ``(image, name, label)`` as ``ImageData``: paths, and encoded bytes
+    named by their place; a decoded picture is ``refusal`` and what it is (training and the
+    report read files or bytes)."""
+    found = []
+    for i, (image, name, label) in enumerate(items):
+        if isinstance(image, (str, Path)):
+            found.append(ImageData(Path(image), label, name or str(image)))
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            found.append(ImageData(bytes(image), label, name or f"images[{i}]"))
+        else:
+            raise DataError(f"{refusal}; got {type(image).__name__}")
+    return found
+
+
 def _with_labels(caller: str) -> str:
     """How ``caller`` is given labels beside its images: a method's second argument, or (for an
-    argument such as ``validation_set``, which is not a function) the images as ImageData."""
+    argument such as ``validation_set``, which is not a function) a folder of label subfolders."""
     return f"{caller}(images, labels)" if caller in ("fit", "evaluate", "fit_and_hold_out") else \
         f"{caller} as a folder of label subfolders"
 

@@ -25,7 +25,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.data.images import LABEL_SEPARATOR, ImageData, is_skipped, load_images_from_directory, multilabel_image
+from imgclf.data.images import (
+    LABEL_SEPARATOR,
+    ImageData,
+    embedded_image,
+    is_skipped,
+    load_images_from_directory,
+    multilabel_image,
+)
 from imgclf.data.manifests import (
     SPLIT_COLUMN,
     columns_of,
@@ -298,10 +305,12 @@ def _rows(manifest: str, paths: str, labels: str, split: str | None, mapping: di
 def _path_cell(cell: object, where: str, column: str) -> str | tuple[bytes, str]:
     """A manifest's path cell: the path as text, or (image bytes, name) when the cell holds the
     image itself, as Hugging Face datasets writes an ``Image`` column to Parquet."""
-    if isinstance(cell, dict) and ("bytes" in cell or "path" in cell):
-        if isinstance(cell.get("bytes"), (bytes, bytearray)) and cell["bytes"]:
-            return bytes(cell["bytes"]), f"{where} ({cell['path']})" if cell.get("path") else where
-        cell = cell.get("path")  # a path alone, as datasets writes images it did not embed
+    embedded = embedded_image(cell)
+    if embedded is not None:
+        data, path = embedded
+        if data is not None:
+            return data, f"{where} ({path})" if path else where
+        cell = path  # a path alone, as datasets writes images it did not embed
     if isinstance(cell, (bytes, bytearray)):
         try:
             text = bytes(cell).decode()

@@ -20,6 +20,7 @@ import posixpath
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from imgclf.data.images import embedded_image
 from imgclf.data.uris import filesystem, is_uri
 from imgclf.errors import DataError, MissingDependencyError
 from imgclf.options import PATH_COLUMNS, install_hint
@@ -244,8 +245,9 @@ def iter_manifest(path: str, column: str | None = None, *, join: bool = True) ->
         return
     column = column or path_column(path)
     for where, (entry,) in iter_rows(path, [column]):
-        if isinstance(entry, dict) and not entry.get("bytes") and entry.get("path"):
-            entry = entry["path"]  # Hugging Face datasets' image that was not embedded: its path
+        embedded = embedded_image(entry)
+        if embedded is not None and embedded[0] is None and embedded[1]:
+            entry = embedded[1]  # Hugging Face datasets' image that was not embedded: its path
         if isinstance(entry, (dict, bytes, bytearray)):  # Hugging Face datasets' {"bytes", "path"} images
             raise DataError(f"{where}: column '{column}' holds the images themselves, not paths; a results "
                             "folder is resumed by path: score them from Python (model.predict_batch on the "

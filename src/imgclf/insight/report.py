@@ -110,23 +110,16 @@ def write_report(
 def _as_report_images(images: Any) -> list[ImageData] | None:
     """What ``evaluate`` takes, as ``ImageData``: a folder or manifest (its test part when it has
     one), a DataFrame with path and label columns, paths labelled by their folder, bytes."""
-    from imgclf.data.inputs import labelled_items
+    from imgclf.data.inputs import encoded_image_data, labelled_items
     from imgclf.data.layouts import evaluation_images, load_dataset
 
     if images is None or (isinstance(images, (list, tuple)) and all(isinstance(im, ImageData) for im in images)):
         return images
     if isinstance(images, (str, Path)):
         return evaluation_images(load_dataset(images, for_training=False))[0]
-    found = []
-    for i, (image, name, label) in enumerate(labelled_items(images, None, "write_report")[0]):
-        if isinstance(image, (str, Path)):
-            found.append(ImageData(Path(image), label, name or str(image)))
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            found.append(ImageData(bytes(image), label, name or f"images[{i}]"))
-        else:
-            raise DataError(f"write_report: images[{i}] is {type(image).__name__}; the page shows files or encoded "
-                            "bytes: give paths, bytes, a folder, a manifest or a DataFrame of paths")  # fmt: skip
-    return found
+    return encoded_image_data(labelled_items(images, None, "write_report")[0],
+                              "write_report shows files or encoded bytes: give paths, bytes, a folder, a manifest "
+                              "or a DataFrame of paths")  # fmt: skip
 
 
 def _write_report(model: Predictor, images: Sequence[ImageData] | None, out: Path, name: str) -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.images import ImageData, check_labels, is_multilabel
-from imgclf.data.inputs import is_item_array, is_table, labelled_items
+from imgclf.data.inputs import encoded_image_data, is_item_array, is_table, labelled_items
 from imgclf.data.layouts import load_dataset
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError, TrainingInterrupted
@@ -99,16 +99,7 @@ def _as_images(images, labels=None, caller: str = "fit") -> list[ImageData]:
         raise DataError(f"{caller} {ENCODED_ONLY}")
     if labels is None and isinstance(images, (list, tuple)) and all(isinstance(im, ImageData) for im in images):
         return list(images)
-    items, _ = labelled_items(images, labels, caller)
-    found = []
-    for i, (image, name, label) in enumerate(items):
-        if isinstance(image, (str, Path)):
-            found.append(ImageData(Path(image), label, name or str(image)))
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            found.append(ImageData(bytes(image), label, name or f"images[{i}]"))
-        else:
-            raise DataError(f"{caller} {ENCODED_ONLY}; got {type(image).__name__}")
-    return found
+    return encoded_image_data(labelled_items(images, labels, caller)[0], f"{caller} {ENCODED_ONLY}")
 
 
 def _labels_or_validation(labels, validation_set):
