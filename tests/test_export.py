@@ -85,6 +85,13 @@ def test_runtime_never_imports_torch(exported):
         (["export", "{model}", "--out", "/proc/nope/x.onnx"], "cannot write"),
         (["predict", "{tmp}/plain.onnx", str(PREDICT)], "no imgclf metadata"),
         (["predict", "{tmp}/corrupt.onnx", str(PREDICT)], "not a readable ONNX model"),
+        # exporting an export: it already scores as it is
+        (["export", "{onnx}", "--out", "{tmp}/x.onnx"], "is an exported ONNX model, not an imgclf model file (it "
+                                                         "predicts and serves as it is"),
+        # someone else's ONNX file was told the same, and then predict refused it
+        (["export", "{tmp}/plain.onnx", "--out", "{tmp}/x.onnx"], "plain.onnx: is an ONNX model that imgclf did not "
+                                                                  "export (no labels or preprocessing in it); give "
+                                                                  "the .imgclf file"),
     ],
 )
 def test_bad_input(argv, message, exported, tmp_path, capsys):
@@ -95,7 +102,8 @@ def test_bad_input(argv, message, exported, tmp_path, capsys):
     plain = onnx.load(str(exported[1]))
     del plain.metadata_props[:]
     onnx.save(plain, str(tmp_path / "plain.onnx"))
-    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(exported[0])) for a in argv]
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(exported[0])).replace("{onnx}", str(exported[1]))
+            for a in argv]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("imgclf: error:") and message in err and len(err.splitlines()) == 1

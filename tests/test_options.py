@@ -339,5 +339,5 @@ def test_the_options_module_imports_nothing_heavy():
     tree = ast.parse((ROOT / "src" / "imgclf" / "options.py").read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"__future__", "math", "numbers", "re", "collections.abc", "dataclasses", "typing",
+    assert imported <= {"__future__", "ipaddress", "math", "numbers", "re", "collections.abc", "dataclasses", "typing",
                         "imgclf.errors"}, imported  # fmt: skip

@@ -1,6 +1,7 @@
 """The HTTP API: every endpoint, every class of bad input, concurrent clients."""
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,6 +12,7 @@ pytest.importorskip("torch")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from imgclf.data.imaging import MAX_PIXELS  # noqa: E402
+from imgclf.errors import OptionError  # noqa: E402
 from imgclf.serve import create_app  # noqa: E402
 
 from .conftest import FLOWERS, PREDICT  # noqa: E402
@@ -282,6 +284,21 @@ def test_cors_and_host_check(small_model):
         assert c.get("/healthz", headers={"host": "LOCALHOST"}).status_code == 200
 
 
+@pytest.mark.parametrize("cors_origins, allowed_hosts, message", [
+    ("https://photos.example", None, "cors_origins must be a list of names, got the text 'https://photos.example'"),
+    ((), "localhost", "allowed_hosts must be a list of names, got the text 'localhost'"),
+    (["https://photos.example/"], None, "cors_origins must be * or a scheme and host"),
+    ((), ["photos.example:8000"], "allowed_hosts must be * or a host name"),
+])  # fmt: skip
+def test_create_app_refuses_origins_and_hosts_that_could_never_match(cors_origins, allowed_hosts, message, small_model):
+    """A bare string was read a letter at a time; these would leave every page or request refused."""
+    with pytest.raises(OptionError, match=re.escape(message)):
+        create_app(small_model, max_batch=1, cors_origins=cors_origins, allowed_hosts=allowed_hosts)
+    app = create_app(small_model, max_batch=1, cors_origins=["*"], allowed_hosts=["::1", "[::1]", "photos.example"])
+    with TestClient(app, base_url="http://[::1]:8000") as c:
+        assert c.get("/healthz").status_code == 200
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -292,6 +309,14 @@ def test_cors_and_host_check(small_model):
         (["serve", "{model}", "--decode-memory-mb", "1"], "--decode-memory-mb must be a number >= 16"),
         (["serve", "{model}", "--read-timeout", "0"], "--read-timeout must be a positive number"),
         (["serve", "{model}", "--api-key", "k", "--no-api-key"], "--no-api-key contradicts the API key"),
+        # these started a server that no page (empty origin, trailing /) or no request (port) could reach
+        (["serve", "{model}", "--cors-origin", ""], "--cors-origin must be * or a scheme and host"),
+        (["serve", "{model}", "--cors-origin", "*", "--cors-origin", "https://photos.example/"],
+         "--cors-origin must be * or a scheme and host such as https://example.com (no path, no trailing /), "
+         "got 'https://photos.example/'"),
+        (["serve", "{model}", "--allowed-host", ""], "--allowed-host must be * or a host name or address"),
+        (["serve", "{model}", "--allowed-host", "localhost:8000"], "--allowed-host must be * or a host name"),
+        (["serve", "{model}", "--allowed-host", "http://localhost"], "--allowed-host must be * or a host name"),
     ],
 )
 def test_serve_new_options_are_checked(argv, message, small_model_file, capsys, monkeypatch):

@@ -23,6 +23,7 @@ heavy (no numpy, no torch): ``imgclf --help`` reads it.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import numbers
 import re
@@ -279,6 +280,29 @@ DURATION = Check("duration", lambda value: parse_duration(value) is not None,
 FOLDER_NAME = Check("folder", lambda value: isinstance(value, str) and value.strip() != "", "a folder name")
 #: A file to write to: an empty --out was read as not given (a default file, the model rewritten in place).
 FILE_NAME = Check("file", lambda value: isinstance(value, str) and value.strip() != "", "a file name")
+
+
+def _is_origin(value: object) -> bool:
+    return isinstance(value, str) and (value == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", value) is not None)
+
+
+def _is_host_name(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value == "*" or re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?", value):
+        return True
+    try:
+        return isinstance(ipaddress.ip_address(value.strip("[]")), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+#: A browser's Origin header is a scheme and a host (and port), nothing after: an origin with a path
+#: or a trailing slash, or an empty one, would never match and no page could call the API.
+ORIGIN = Check("origin", _is_origin, "* or a scheme and host such as https://example.com (no path, no trailing /)")
+#: The Host check compares names alone (any port): a name with a scheme, port or path would never match.
+HOST_NAME = Check("host name", _is_host_name, "* or a host name or address such as example.com or ::1 "
+                                              "(no scheme, port or path)")  # fmt: skip
 POSITIVE_INT = Interval(int, 1, None)
 POSITIVE = Interval(float, 0, None, "neither")
 NON_NEGATIVE = Interval(float, 0, None, "left")
@@ -437,6 +461,10 @@ def check(option: Option, value: object, parameter: str | None = None, *, requir
         if value is True or value is False:
             return
         raise option_error(name, f"{_field(name)} must be True or False, got {_literal(value)}")
+    if option.repeat and isinstance(value, (list, tuple)):  # each value given of a repeatable option
+        for one in value:
+            check(option, one, parameter, required=True)
+        return
     if option.constraint is not None and value not in option.constraint:
         raise option_error(name, f"{_field(name)} must be {option.constraint.describe()}, got {_literal(value)}")
 
@@ -741,9 +769,9 @@ _SERVE = Schema(
                help="require this key in the X-API-Key header (or as a bearer token) for /v1",
                shown_default="$IMGCLF_API_KEY, which keeps it out of the process list"),
         Option("no_api_key", bool, help="serve beyond this machine without an API key"),
-        Option("cors_origin", repeat=True, metavar="ORIGIN",
+        Option("cors_origin", constraint=ORIGIN, repeat=True, metavar="ORIGIN",
                help="let pages from ORIGIN (e.g. https://example.com, or *) call the API; repeatable"),
-        Option("allowed_host", repeat=True, metavar="NAME",
+        Option("allowed_host", constraint=HOST_NAME, repeat=True, metavar="NAME",
                help="answer requests for this Host name (repeatable; * for any)",
                shown_default="localhost, 127.0.0.1 and ::1 when bound to loopback, any host otherwise"),
         _ENGINE,

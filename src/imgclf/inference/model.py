@@ -455,6 +455,15 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     path = local_model_file(path)
     kind = file_kind(path)
     if kind == "onnx":
+        from imgclf.inference.runtime import METADATA_KEY, onnx_metadata
+
+        try:
+            exported = METADATA_KEY in onnx_metadata(path)
+        except (OSError, ValueError):
+            exported = False
+        if not exported:  # someone else's network: imgclf can neither score it nor export it
+            raise ModelFileError(f"{path}: is an ONNX model that imgclf did not export (no labels or preprocessing "
+                                 "in it); give the .imgclf file that 'imgclf train' wrote")  # fmt: skip
         raise ModelFileError(f"{path}: is an exported ONNX model, not an imgclf model file (it predicts and serves "
                              "as it is; exporting needs the .imgclf file it came from)")  # fmt: skip
     if kind != "safetensors":

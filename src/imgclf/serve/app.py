@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from imgclf.errors import MissingDependencyError
 from imgclf.inference.loading import load_predictor
 from imgclf.inference.predictor import Predictor
-from imgclf.options import SERVE_MAX_BATCH, SERVE_MAX_WAIT_MS, install_hint, validate
+from imgclf.options import COMMANDS, SERVE_MAX_BATCH, SERVE_MAX_WAIT_MS, check, install_hint, option_error, validate
 from imgclf.serve.access import AccessLog
 from imgclf.serve.batching import Batcher
 from imgclf.serve.handlers import EXCEPTION_HANDLERS
@@ -88,7 +88,8 @@ def create_app(
 
     _check_options(max_batch=max_batch, max_wait_ms=max_wait_ms, max_request_bytes=max_request_bytes,
                    max_pixels=max_pixels, decode_memory_bytes=decode_memory_bytes, max_files=max_files,
-                   read_timeout=read_timeout, api_key=api_key, engine=engine, precision=precision)  # fmt: skip
+                   read_timeout=read_timeout, api_key=api_key, engine=engine, precision=precision,
+                   cors_origins=cors_origins, allowed_hosts=allowed_hosts)  # fmt: skip
     if isinstance(model, (str, Path)):
         predictor = load_predictor(model, engine=engine, precision=precision)
     else:
@@ -125,8 +126,16 @@ def create_app(
 
 def _check_options(*, max_batch: int, max_wait_ms: float, max_request_bytes: int, max_pixels: int,
                    decode_memory_bytes: int, max_files: int, read_timeout: float, api_key: str | None,
-                   engine: str, precision: str) -> None:  # fmt: skip
+                   engine: str, precision: str, cors_origins: Sequence[str],
+                   allowed_hosts: Sequence[str] | None) -> None:  # fmt: skip
     """Raise :class:`OptionError` naming the first option ``create_app`` cannot use (the schema, imgclf.options)."""
+    serve = COMMANDS["serve"]
+    for name, values in (("cors_origins", cors_origins), ("allowed_hosts", allowed_hosts)):
+        if isinstance(values, str):  # one name given bare would be read a letter at a time
+            raise option_error(name, f"{{{name}}} must be a list of names, got the text {{given}}; give [{{given}}]",
+                               given=repr(values))
+        if values is not None:
+            check(serve[name[:-1]], list(values), name)
     validate("serve", {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_request_bytes": max_request_bytes,
                        "max_pixels": max_pixels, "decode_memory_bytes": decode_memory_bytes, "max_files": max_files,
                        "read_timeout": read_timeout, "api_key": api_key, "engine": engine,
