@@ -3,8 +3,11 @@
 //   npm install --ignore-scripts        (onnxruntime-node's CPU binary ships in the package)
 //   node classify.mjs model.onnx photo.jpg
 //
-// Prints: file <TAB> label <TAB> probability. The labels and preprocessing come
-// from the model file's own metadata (key "imgclf"), so nothing else is needed.
+// Prints the line `imgclf predict` prints: file <TAB> label <TAB> probability <TAB> known
+// ("known", "unknown", or "-" for a model without an unknown-input detector); for a
+// multi-label model, the labels over their thresholds joined by ";" and their probabilities
+// likewise. The labels, thresholds and preprocessing come from the model file's own
+// metadata (key "imgclf"), so nothing else is needed.
 import { readFileSync } from "node:fs";
 import ort from "onnxruntime-node";
 import sharp from "sharp";
@@ -34,15 +37,23 @@ function readMetadata(bytes) {
   return entries;
 }
 
+// The network's square: the centre crop, or (frame "whole", multi-label models) the whole
+// image resized to the square, nothing cut off.
 async function toInput(file, prep) {
-  const size = prep.input_size, resizeTo = Math.floor(size / prep.crop_pct);
-  const { width, height } = await sharp(file).rotate().metadata().then((m) =>
-    m.orientation >= 5 ? { width: m.height, height: m.width } : m);
-  const scale = resizeTo / Math.min(width, height);
-  const w = Math.max(resizeTo, Math.floor(width * scale)), h = Math.max(resizeTo, Math.floor(height * scale));
-  const { data } = await sharp(file).rotate().removeAlpha().resize(w, h, { kernel: "cubic" })
-    .extract({ left: Math.round((w - size) / 2), top: Math.round((h - size) / 2), width: size, height: size })
-    .raw().toBuffer({ resolveWithObject: true });
+  const size = prep.input_size;
+  let image;
+  if (prep.frame === "whole") {
+    image = sharp(file).rotate().removeAlpha().resize(size, size, { fit: "fill", kernel: "cubic" });
+  } else {
+    const resizeTo = Math.floor(size / prep.crop_pct);
+    const { width, height } = await sharp(file).rotate().metadata().then((m) =>
+      m.orientation >= 5 ? { width: m.height, height: m.width } : m);
+    const scale = resizeTo / Math.min(width, height);
+    const w = Math.max(resizeTo, Math.floor(width * scale)), h = Math.max(resizeTo, Math.floor(height * scale));
+    image = sharp(file).rotate().removeAlpha().resize(w, h, { kernel: "cubic" })
+      .extract({ left: Math.round((w - size) / 2), top: Math.round((h - size) / 2), width: size, height: size });
+  }
+  const { data } = await image.raw().toBuffer({ resolveWithObject: true });
   const out = new Float32Array(3 * size * size);
   for (let i = 0; i < size * size; i++)
     for (let c = 0; c < 3; c++)
@@ -58,6 +69,16 @@ const config = JSON.parse(meta);
 const session = await ort.InferenceSession.create(modelPath);
 const result = await session.run({ [config.input.name]: await toInput(imagePath, config.preprocessing) });
 const probs = result[config.output.name].data;
-let best = 0;
-for (let i = 1; i < probs.length; i++) if (probs[i] > probs[best]) best = i;
-console.log(`${imagePath}\t${config.labels[best]}\t${probs[best].toFixed(4)}`);
+// A model with an unknown-input detector has a second output: known is score <= threshold.
+const score = config.unknown ? result["unknown_score"].data[0] : undefined;
+const known = score === undefined ? "-" : score <= config.unknown.threshold ? "known" : "unknown";
+if (config.multilabel) {  // sigmoid probabilities: each label from its own threshold, most likely first
+  const order = [...probs.keys()].sort((a, b) => probs[b] - probs[a]);
+  const on = order.filter((i) => probs[i] >= config.multilabel.thresholds[i]);
+  console.log([imagePath, on.map((i) => config.labels[i]).join(";"), on.map((i) => probs[i].toFixed(4)).join(";"),
+               known].join("\t"));
+} else {
+  let best = 0;
+  for (let i = 1; i < probs.length; i++) if (probs[i] > probs[best]) best = i;
+  console.log([imagePath, config.labels[best], probs[best].toFixed(4), known].join("\t"));
+}
