@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -177,9 +178,58 @@ def test_multilabel_metadata_is_checked(trained, tmp_path):
     parse_metadata(json.dumps(config), "m", "imgclf")
     for change, message in (({"format_version": 1}, "multi-label model is format 2"),
                             ({"multilabel": {"thresholds": [0.5, 0.5]}}, "2 values for 4 labels"),
-                            ({"multilabel": {"thresholds": [0.5, 0.5, 0.5, 1.5]}}, "less than or equal to 1")):  # fmt: skip
+                            ({"multilabel": {"thresholds": [0.5, 0.5, 0.5, 1.5]}}, "less than or equal to 1"),
+                            ({"preprocessing": {**config["preprocessing"], "frame": "crop"}},
+                             "input_shape applies to the whole frame alone"),
+                            ({"preprocessing": {**config["preprocessing"], "input_shape": [224, 100000]}},
+                             "less than or equal to")):  # fmt: skip
         with pytest.raises(ModelFileError, match=message):
             parse_metadata(json.dumps({**config, **change}), "m", "imgclf")
+
+
+# --- images wider than 3:2 keep their aspect, in every path ---
+
+
+def test_the_whole_frame_takes_the_images_aspect_from_3_to_2_on():
+    from imgclf.data.imaging import input_shape_for
+
+    assert input_shape_for(4 / 3, 224) is None and input_shape_for(3 / 4, 224) is None  # photos: the square
+    assert input_shape_for(1.5, 224) == (224, 352) and input_shape_for(2.0, 224) == (224, 448)
+    assert input_shape_for(1 / 2.0, 224) == (448, 224)  # tall: height first
+    assert input_shape_for(5.0, 224) == (224, 448)  # at most twice the short side
+    assert input_shape_for(1.8, 260) == (260, 480)  # steps of 32 pixels
+    assert input_shape_for(float("nan"), 224) is None
+
+
+def test_a_2_to_1_set_trains_a_448x224_network_that_every_path_runs(trained, model_file, tmp_path, caplog, capsys):
+    """The mosaics are 2:1 (224x112): squeezed into the square, each photo lost half its width
+    (docs/benchmarks.md: the rectangle gains 3.5 points of mean average precision)."""
+    pytest.importorskip("onnxruntime")
+    import logging
+
+    import onnx
+
+    from imgclf.cli import main
+    from imgclf.inference.model import load_model
+    from imgclf.training.multilabel import _with_their_aspect
+
+    model, held_out = trained
+    assert model.preprocessing.input_shape == (224, 448) and model.preprocessing.frame == "whole"
+    assert load_model(model_file).preprocessing == model.preprocessing  # kept in the model file
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        _with_their_aspect(replace(model.preprocessing, input_shape=None), held_out, seed=1)
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("frame whole")]
+    assert said == ("frame whole: the images resized whole to 448x224 (width x height), their aspect (the median "
+                    f"width / height of {len(held_out)} training images is 2.00)")  # fmt: skip
+    path = model.export_onnx(tmp_path / "wide.onnx")
+    dims = [d.dim_value or d.dim_param for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 224, 448]
+    explained = model.explain(held_out[0])
+    assert explained.cells.shape == (7, 14) and explained.map.shape == (112, 224)  # the image's own size
+    assert main(["predict", str(path), str(held_out[0].source), "--json"]) in (0, None)
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["labels"] == [{"label": lbl, "probability": pytest.approx(p, abs=1e-4)}
+                             for lbl, p in model.predict(held_out[0]).labels]  # fmt: skip
 
 
 # --- every output carries the set ---
@@ -242,6 +292,7 @@ def test_http_api_carries_the_set(model_file, trained):
     image = trained[1][0]
     with TestClient(create_app(model_file)) as client:
         r = client.post("/v1/predict", content=image.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert client.get("/v1/model").json()["input_shape"] == [224, 448]  # the mosaics' 2:1, not the square
     assert r.status_code == 200 and r.json()["row_version"] == 4
     assert [x["label"] for x in r.json()["results"][0]["labels"]] == [
         lbl for lbl, _ in trained[0].predict(image).labels

@@ -67,7 +67,7 @@ def test_node_answers_a_multilabel_model_with_its_sets_on_the_whole_frame(node_e
         load_dataset(tmp_path / "m.csv").train)
     assert model.preprocessing.frame == "whole"
     onnx_path = model.export_onnx(tmp_path / "multi.onnx")
-    for name, truth in held_out:
+    for name, _ in held_out:
         out = subprocess.run(["node", str(node_example), str(onnx_path), str(tmp_path / name)],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert out.returncode == 0, out.stderr

@@ -398,7 +398,7 @@ def test_ctrl_c_during_the_warm_up_stops_it(monkeypatch):
     from imgclf.serve.server import run_server
 
     sizes = []
-    predictor = SimpleNamespace(preprocessing=SimpleNamespace(input_size=8),
+    predictor = SimpleNamespace(preprocessing=SimpleNamespace(input_size=8, shape=(8, 8)),
                                 predict_arrays=lambda a: sizes.append(len(a)) or np.zeros((len(a), 2)))  # fmt: skip
 
     async def warm(stopping):

@@ -37,13 +37,14 @@ function readMetadata(bytes) {
   return entries;
 }
 
-// The network's square: the centre crop, or (frame "whole", multi-label models) the whole
-// image resized to the square, nothing cut off.
+// The network's input: the centre crop, or (frame "whole", multi-label models) the whole
+// image resized to the square, or to input_shape [height, width] where it has one.
 async function toInput(file, prep) {
   const size = prep.input_size;
+  const [height, width] = prep.input_shape ?? [size, size];
   let image;
   if (prep.frame === "whole") {
-    image = sharp(file).rotate().removeAlpha().resize(size, size, { fit: "fill", kernel: "cubic" });
+    image = sharp(file).rotate().removeAlpha().resize(width, height, { fit: "fill", kernel: "cubic" });
   } else {
     const resizeTo = Math.floor(size / prep.crop_pct);
     const { width, height } = await sharp(file).rotate().metadata().then((m) =>
@@ -54,11 +55,11 @@ async function toInput(file, prep) {
       .extract({ left: Math.round((w - size) / 2), top: Math.round((h - size) / 2), width: size, height: size });
   }
   const { data } = await image.raw().toBuffer({ resolveWithObject: true });
-  const out = new Float32Array(3 * size * size);
-  for (let i = 0; i < size * size; i++)
+  const pixels = height * width, out = new Float32Array(3 * pixels);
+  for (let i = 0; i < pixels; i++)
     for (let c = 0; c < 3; c++)
-      out[c * size * size + i] = (data[i * 3 + c] / 255 - prep.mean[c]) / prep.std[c];
-  return new ort.Tensor("float32", out, [1, 3, size, size]);
+      out[c * pixels + i] = (data[i * 3 + c] / 255 - prep.mean[c]) / prep.std[c];
+  return new ort.Tensor("float32", out, [1, 3, height, width]);
 }
 
 const [modelPath, imagePath] = process.argv.slice(2);

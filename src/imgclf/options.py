@@ -613,7 +613,8 @@ _TRAIN = Schema(
                help="weigh rare labels up (for skewed folders)"),
         Option("frame", default=None, constraint=Choices(("whole", "crop")), shown_default="whole",
                help="multi-label training only (labels like 'a;b'): 'whole' resizes each whole image to the "
-                    "network's square, keeping objects at the edges; 'crop' centre-crops as single-label models do"),
+                    "network's square (or, for images wider or taller than 3:2, to a rectangle at their aspect), "
+                    "keeping objects at the edges; 'crop' centre-crops as single-label models do"),
         Option("resume", bool, help="continue an interrupted run from its last checkpoint"),
         _SEED,
         _WORKSPACE,

@@ -8,6 +8,7 @@ Pillow and numpy.
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -77,7 +78,10 @@ class Preprocessing:
 
     ``frame="whole"`` resizes the whole image to ``input_size`` square instead (aspect not
     kept, nothing cropped): what multi-label models use, since the objects of a multi-label
-    photo often sit at its edges, where a centre crop cuts them off.
+    photo often sit at its edges, where a centre crop cuts them off. ``input_shape``
+    ``(height, width)``, whole frame only, makes that a rectangle: a network ending in global
+    average pooling takes any size, and images much wider (or taller) than square keep their
+    aspect instead of being squeezed (:func:`input_shape_for`).
     """
 
     input_size: int
@@ -86,17 +90,38 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     frame: str = "crop"
+    input_shape: tuple[int, int] | None = None
 
     @property
     def resize_to(self) -> int:
-        return self.input_size if self.frame == "whole" else int(self.input_size / self.crop_pct)
+        """The shorter side after the resize (the crop); for the whole frame, the input's longer
+        side, which is what a reduced-size decode must not go below on either axis."""
+        return max(self.shape) if self.frame == "whole" else int(self.input_size / self.crop_pct)
+
+    @property
+    def height(self) -> int:
+        return self.input_shape[0] if self.input_shape else self.input_size
+
+    @property
+    def width(self) -> int:
+        return self.input_shape[1] if self.input_shape else self.input_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the network's input."""
+        return self.height, self.width
 
     def to_dict(self) -> dict:
-        """The fields as saved; ``frame`` only when it is not the centre crop, so a file that
-        crops reads as it always has (an older imgclf refuses a field it does not know)."""
+        """The fields as saved; ``frame`` only when it is not the centre crop and ``input_shape``
+        only when it is not the square, so a file that crops reads as it always has (an older
+        imgclf refuses a field it does not know)."""
         d = asdict(self)
         if self.frame == "crop":
             del d["frame"]
+        if self.input_shape is None:
+            del d["input_shape"]
+        else:
+            d["input_shape"] = list(self.input_shape)
         return d
 
     @classmethod
@@ -108,13 +133,16 @@ class Preprocessing:
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
             frame=str(d.get("frame", "crop")),
+            input_shape=tuple(int(x) for x in d["input_shape"]) if d.get("input_shape") else None,  # type: ignore[arg-type]
         )
 
     def key(self) -> str:
         """A short string that changes whenever the produced pixels would."""
         return f"{self.input_size}-{self.crop_pct:g}-{self.interpolation}-" + "-".join(
             f"{x:g}" for x in self.mean + self.std
-        ) + ("-whole" if self.frame == "whole" else "")
+        ) + ("-whole" if self.frame == "whole" else "") + (
+            f"-{self.height}x{self.width}" if self.input_shape else ""
+        )
 
 
 def open_image(
@@ -377,11 +405,29 @@ def resize_shorter_side(img: Image.Image, prep: Preprocessing) -> Image.Image:
     return img if new_size == img.size else img.resize(new_size, RESAMPLING[prep.interpolation])
 
 
+#: The whole frame keeps the images' aspect from 3:2 on (measured at 2:1, docs/benchmarks.md);
+#: nearer square, the square; the long side at most twice the short (twice the pixels).
+WIDE_ASPECT, MAX_ASPECT, STRIDE = 1.5, 2.0, 32
+
+
+def input_shape_for(aspect: float, size: int) -> tuple[int, int] | None:
+    """The (height, width) of a whole-frame input for images of ``aspect`` (width / height):
+    None (the ``size`` square) below :data:`WIDE_ASPECT` either way, else ``size`` on the short
+    side and the long side in steps of the networks' stride, at most :data:`MAX_ASPECT` times it."""
+    if not math.isfinite(aspect) or aspect <= 0:
+        return None
+    wide = max(aspect, 1 / aspect)
+    if wide < WIDE_ASPECT:
+        return None
+    long = min(math.floor(size * wide / STRIDE + 0.5) * STRIDE, int(size * MAX_ASPECT))
+    return (size, long) if aspect > 1 else (long, size)
+
+
 def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
     """Resize the shorter side to ``prep.resize_to`` and centre-crop a square (or, for
-    ``frame="whole"``, resize the whole image to the square)."""
+    ``frame="whole"``, resize the whole image to the input's square or rectangle)."""
     if prep.frame == "whole":
-        size = (prep.input_size, prep.input_size)
+        size = (prep.width, prep.height)
         return img if img.size == size else img.resize(size, RESAMPLING[prep.interpolation])
     img = resize_shorter_side(img, prep)
     size = prep.input_size

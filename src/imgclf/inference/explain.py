@@ -97,20 +97,20 @@ class Explanation:
 
 
 def crop_box(size: tuple[int, int], prep: Preprocessing) -> tuple[float, float, float, float]:
-    """The square the network saw, in the full image's pixels (left, top, right, bottom),
+    """The square (or rectangle) the network saw, in the full image's pixels (left, top, right, bottom),
     as :func:`imgclf.data.imaging.resize_and_crop` cuts it from the resized image."""
     width, height = size
     resized = _resized_size(size, prep)
     sx, sy = width / resized[0], height / resized[1]
-    left = int(round((resized[0] - prep.input_size) / 2.0))
-    top = int(round((resized[1] - prep.input_size) / 2.0))
-    return left * sx, top * sy, (left + prep.input_size) * sx, (top + prep.input_size) * sy
+    left = int(round((resized[0] - prep.width) / 2.0))
+    top = int(round((resized[1] - prep.height) / 2.0))
+    return left * sx, top * sy, (left + prep.width) * sx, (top + prep.height) * sy
 
 
 def _resized_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
-    """The image's size after the resize, before the crop (a whole-frame model: the square itself)."""
+    """The image's size after the resize, before the crop (a whole-frame model: the input itself)."""
     if getattr(prep, "frame", "crop") == "whole":
-        return prep.input_size, prep.input_size
+        return prep.width, prep.height
     width, height = size
     short = prep.resize_to
     if width <= height:
@@ -140,10 +140,10 @@ def full_size_map(cells: np.ndarray, size: tuple[int, int], prep: Preprocessing)
     width, height = size
     cells = np.asarray(cells, np.float32)
     resized = _resized_size(size, prep)
-    left = int(round((resized[0] - prep.input_size) / 2.0))
-    top = int(round((resized[1] - prep.input_size) / 2.0))
-    wx, inside_x = _axis_weights(width, resized[0], left, prep.input_size, cells.shape[1])
-    wy, inside_y = _axis_weights(height, resized[1], top, prep.input_size, cells.shape[0])
+    left = int(round((resized[0] - prep.width) / 2.0))
+    top = int(round((resized[1] - prep.height) / 2.0))
+    wx, inside_x = _axis_weights(width, resized[0], left, prep.width, cells.shape[1])
+    wy, inside_y = _axis_weights(height, resized[1], top, prep.height, cells.shape[0])
     out = (wy @ cells) @ wx.T
     low = np.float32(cells.min())
     out[~inside_y, :] = low

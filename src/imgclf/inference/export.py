@@ -143,7 +143,7 @@ def scored_graph_bytes(model: Exportable) -> bytes:
     network = model.scored_network(maps=explainable).cpu()
     outputs = ((OUTPUT_NAME,) + (() if model.unknown_ is None else (SCORE_OUTPUT,))
                + ((MAPS_OUTPUT,) if explainable else ()))  # fmt: skip
-    return to_onnx_bytes(network, model.preprocessing.input_size, input_name=INPUT_NAME, output_name=outputs)
+    return to_onnx_bytes(network, model.preprocessing.shape, input_name=INPUT_NAME, output_name=outputs)
 
 
 def _export_local(model: Exportable, path: str | Path, *, quantize: str | None = None, precision: str = "fp32") -> Path:

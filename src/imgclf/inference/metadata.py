@@ -47,6 +47,7 @@ _Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 _Std = Annotated[float, Field(ge=MIN_STD, le=1.0)]
 _Label = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 _Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+_Side = Annotated[int, Field(ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)]
 
 
 class PreprocessingSpec(BaseModel):
@@ -60,9 +61,18 @@ class PreprocessingSpec(BaseModel):
     mean: tuple[_Unit, _Unit, _Unit]
     std: tuple[_Std, _Std, _Std]
     frame: Literal["crop", "whole"] = "crop"
+    #: (height, width) of a whole-frame input that is not square; each side within the input sizes allowed
+    input_shape: tuple[_Side, _Side] | None = None
+
+    @model_validator(mode="after")
+    def _shape_is_a_whole_frame(self) -> PreprocessingSpec:
+        if self.input_shape is not None and self.frame != "whole":
+            raise ValueError("input_shape applies to the whole frame alone (frame 'whole')")
+        return self
 
     def build(self) -> Preprocessing:
-        return Preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std, self.frame)
+        return Preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std, self.frame,
+                             self.input_shape)  # fmt: skip
 
 
 class MultilabelSpec(BaseModel):

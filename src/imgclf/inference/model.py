@@ -320,12 +320,12 @@ class ImageClassifier(Predictor):
             built = open_engine(choice, self._export_graph(), self.threads)
             built.whole_network = True
         elif choice.engine == "torch":
-            built = create_engine(self.backbone, self.preprocessing.input_size, self.device, choice)
+            built = create_engine(self.backbone, self.preprocessing.shape, self.device, choice)
         else:
             from imgclf.nets.onnx_graph import to_onnx_bytes
 
             if self._backbone_graph is None:
-                self._backbone_graph = to_onnx_bytes(self.backbone, self.preprocessing.input_size)
+                self._backbone_graph = to_onnx_bytes(self.backbone, self.preprocessing.shape)
             built = open_engine(choice, self._backbone_graph, self.threads)
         built.choice = choice
         self.features_engine = built

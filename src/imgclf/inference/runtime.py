@@ -106,15 +106,16 @@ class OnnxClassifier(Predictor):
 def _check_graph(path: Path, session: OnnxSession, config: dict[str, Any]) -> None:
     """The graph's input and output agree with the metadata, and it runs on one image."""
     size, n_labels = config["preprocessing"]["input_size"], len(config["labels"])
+    height, width = config["preprocessing"].get("input_shape") or (size, size)
     signature = session.signature()
     if signature.inputs != 1:
         raise ModelFileError(
             f"{path}: the ONNX graph takes {signature.inputs} inputs; an imgclf model takes one image batch"
         )
     shape = ["?" if d is None else d for d in signature.input_shape]
-    wanted = [None, 3, size, size]
+    wanted = [None, 3, height, width]
     if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, wanted)):
-        raise ModelFileError(f"{path}: the ONNX input is {shape} but its metadata says (N, 3, {size}, {size}); "
+        raise ModelFileError(f"{path}: the ONNX input is {shape} but its metadata says (N, 3, {height}, {width}); "
                              "the file was altered after export")  # fmt: skip
     if not signature.input_float32:
         raise ModelFileError(f"{path}: the ONNX input is {signature.input_type}, not float32")
@@ -124,10 +125,10 @@ def _check_graph(path: Path, session: OnnxSession, config: dict[str, Any]) -> No
         raise ModelFileError(f"{path}: the metadata names an unknown-input detector but the ONNX graph has no "
                              "unknown_score output; the file was altered after export")  # fmt: skip
     try:
-        probe = session(np.zeros((1, 3, size, size), np.float32))
+        probe = session(np.zeros((1, 3, height, width), np.float32))
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelFileError(f"{path}: the ONNX graph fails on a {size}x{size} image ({first})") from None
+        raise ModelFileError(f"{path}: the ONNX graph fails on a {width}x{height} image ({first})") from None
     if probe.shape != (1, n_labels) or not np.isfinite(probe).all():
         raise ModelFileError(f"{path}: the ONNX graph gives {tuple(probe.shape)} for one image, not "
                              f"(1, {n_labels}) finite probabilities")  # fmt: skip

@@ -417,7 +417,7 @@ def open_engine(choice: EngineChoice, graph: bytes | str | Path, threads: int | 
 
 def create_engine(
     module,
-    input_size: int,
+    input_size: int | tuple[int, int],
     device: str = "cpu",
     engine: str | EngineChoice = "auto",
     precision: str = "fp32",
@@ -425,7 +425,8 @@ def create_engine(
     threads: int | None = None,
     images: int | None = None,
 ):
-    """An engine computing the torch ``module`` on preprocessed (N, 3, size, size) arrays.
+    """An engine computing the torch ``module`` on preprocessed (N, 3, height, width) arrays
+    (``input_size``: a square's side or (height, width)).
 
     ``engine`` is a name (chosen here with ``precision``) or a choice already made.
     Training extracts its features at fp32 (the default), so the feature cache

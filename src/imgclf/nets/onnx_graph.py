@@ -18,11 +18,16 @@ import torch
 DEFAULT_OPSET = 18
 
 
-def with_static_padding(module: torch.nn.Module, input_size: int) -> torch.nn.Module:
+def input_hw(input_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an input given as a square's side or as (height, width)."""
+    return (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
+
+
+def with_static_padding(module: torch.nn.Module, input_size: int | tuple[int, int]) -> torch.nn.Module:
     """A copy of ``module`` whose dynamic "same" convolutions have fixed padding.
 
-    Exact for inputs of ``input_size`` x ``input_size``, which is all our
-    preprocessing produces. Modules without such convolutions come back as a copy.
+    Exact for inputs of ``input_size`` (a square's side, or (height, width)), which is all
+    our preprocessing produces. Modules without such convolutions come back as a copy.
     """
     from timm.layers import Conv2dSame
 
@@ -37,7 +42,7 @@ def with_static_padding(module: torch.nn.Module, input_size: int) -> torch.nn.Mo
     ]
     device = next(module.parameters()).device
     with torch.no_grad():
-        module(torch.zeros(1, 3, input_size, input_size, device=device))
+        module(torch.zeros(1, 3, *input_hw(input_size), device=device))
     for hook in hooks:
         hook.remove()
     for name, conv in dynamic.items():
@@ -57,17 +62,18 @@ def with_static_padding(module: torch.nn.Module, input_size: int) -> torch.nn.Mo
 
 def to_onnx_bytes(
     module: torch.nn.Module,
-    input_size: int,
+    input_size: int | tuple[int, int],
     *,
     input_name: str = "input",
     output_name: str | tuple[str, ...] = "output",
     opset: int = DEFAULT_OPSET,
 ) -> bytes:
-    """The ONNX graph of ``module`` for float32 (N, 3, size, size) input, N dynamic;
-    ``output_name`` names its output, or each of its outputs (a tuple)."""
+    """The ONNX graph of ``module`` for float32 (N, 3, height, width) input (``input_size``: a
+    square's side or (height, width)), N dynamic; ``output_name`` names its output, or each of
+    its outputs (a tuple)."""
     names = (output_name,) if isinstance(output_name, str) else tuple(output_name)
     module = with_static_padding(module, input_size).cpu()
-    example = torch.zeros(1, 3, input_size, input_size)
+    example = torch.zeros(1, 3, *input_hw(input_size))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

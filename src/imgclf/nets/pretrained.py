@@ -47,7 +47,7 @@ class PretrainedNetwork:
     """The frozen backbone of one run (``arch`` with ``weights``), its feature engine, and
     its tensors for the model file; each made on first need."""
 
-    def __init__(self, arch: Architecture, weights, device: str, engine: str, input_size: int):
+    def __init__(self, arch: Architecture, weights, device: str, engine: str, input_size: int | tuple[int, int]):
         self.arch, self.weights, self.device, self.engine_name = arch, weights, device, engine
         self.input_size = input_size
         self.source = expected_weights_source(arch, weights)
@@ -93,7 +93,7 @@ class PretrainedNetwork:
         from imgclf.nets.templates import state_from_file, template_engine, template_for
 
         template = template_for(self.arch)
-        if template is None or template.input_size != self.input_size:
+        if template is None or self.input_size not in (template.input_size, (template.input_size,) * 2):
             return None
         choice = choose_engine(self.engine_name, "fp32", device=self.device)
         path = self.weights if self.weights is not None else package_weights_file(self.arch)

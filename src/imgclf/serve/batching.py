@@ -33,12 +33,12 @@ class Batcher:
         """Warm up with every batch size, then serve. The engine sizes its buffers
         for each shape now (about a second), so memory does not grow under traffic.
         ``stopping``: asked between sizes, so that Ctrl-C does not wait for the warm-up."""
-        size = self.predictor.preprocessing.input_size
+        height, width = self.predictor.preprocessing.shape
         loop = asyncio.get_running_loop()
         for n in range(self.max_batch, 0, -1):
             if stopping():
                 break
-            warm = np.zeros((n, 3, size, size), np.float32)
+            warm = np.zeros((n, 3, height, width), np.float32)
             await loop.run_in_executor(self.inference, self.predictor.predict_arrays, warm)
         self.task = asyncio.get_running_loop().create_task(self._run())
 

@@ -53,7 +53,8 @@ async def healthz() -> dict:
 async def model_info(state: Annotated[ServeState, Depends(get_state)]) -> ModelInfo:
     predictor = state.predictor
     return ModelInfo(name=state.name, arch=getattr(predictor, "arch", "unknown"), labels=predictor.labels,
-                     input_size=predictor.preprocessing.input_size, metrics=predictor.metrics_, version=__version__,
+                     input_size=predictor.preprocessing.input_size,
+                     input_shape=list(predictor.preprocessing.shape), metrics=predictor.metrics_, version=__version__,
                      **predictor.engine_choice().to_dict())  # fmt: skip
 
 

@@ -73,6 +73,7 @@ class ModelInfo(BaseModel):
     arch: str
     labels: list[str]
     input_size: int
+    input_shape: list[int]  # [height, width] of what the network sees: the square, or a whole-frame rectangle
     metrics: dict | None = None
     version: str
     engine: str  # what runs the network, at which precision, chosen for this CPU's capabilities

@@ -34,7 +34,7 @@ FOLDS = 5
 def lossy_features(model, images: Sequence[ImageData], precision: str, workers: int | None = None):
     """The backbone's features of ``images`` at ``precision`` (OpenVINO), never cached."""
     choice = EngineChoice("openvino", precision, "certifying")
-    engine = create_engine(model.backbone, model.preprocessing.input_size, "cpu", choice)
+    engine = create_engine(model.backbone, model.preprocessing.shape, "cpu", choice)
     return FeatureExtractor(engine, model.preprocessing, "certify", workers=workers, progress=False).transform(images)
 
 

@@ -7,9 +7,10 @@ validation images (or, with none, on out-of-fold predictions of the training ima
 fold's head never saw the images it scores, so the thresholds are not chosen on memorised
 answers).
 
-The images are resized whole to the network's square (``Preprocessing.frame="whole"``): the
-objects of a multi-label photo often sit at its edges, where the single-label centre crop
-cuts them off (measured in docs/benchmarks.md). Fine-tuning, training on from a model,
+The images are resized whole (``Preprocessing.frame="whole"``): the objects of a multi-label
+photo often sit at its edges, where the single-label centre crop cuts them off; images wider
+or taller than 3:2 go in at their aspect rather than squeezed into the square
+(``Preprocessing.input_shape``; both measured in docs/benchmarks.md). Fine-tuning, training on from a model,
 checkpoints, several processes and bf16/int8 certification are single-label only for now,
 and each is refused in one line here rather than trained wrongly.
 """
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.data.images import ImageData, check_labels, label_names, label_set
+from imgclf.data.imaging import Preprocessing, input_shape_for, oriented_size
 from imgclf.data.splits import train_test_split
 from imgclf.errors import DataError, OptionError
 from imgclf.inference.model import ImageClassifier, head_probabilities, library_versions
@@ -45,6 +47,8 @@ Trainer = Any
 DEFAULT_FRAME = "whole"
 #: Folds of the training images whose out-of-fold predictions choose the thresholds without validation.
 THRESHOLD_FOLDS = 5
+#: Training images whose headers give the whole frame's aspect (a median: a sample says it).
+ASPECT_SAMPLE = 200
 
 
 def refuse_unsupported(trainer: Trainer) -> None:
@@ -67,6 +71,26 @@ def refuse_unsupported(trainer: Trainer) -> None:
                                         "at bf16 or int8 yet; use auto or fp32")  # fmt: skip
     if distributed.world_size() > 1:
         raise OptionError("multi-label training runs in one process for now; drop --nproc-per-node")
+
+
+def _with_their_aspect(prep: Preprocessing, images: list[ImageData], seed: int) -> Preprocessing:
+    """The whole frame at the training images' median aspect (:func:`imgclf.data.imaging.input_shape_for`),
+    from the headers of up to :data:`ASPECT_SAMPLE` of them; said in one line."""
+    sample = random.Random(seed).sample(images, min(len(images), ASPECT_SAMPLE))
+    aspects = []
+    for image in sample:
+        try:
+            width, height = oriented_size(image.source, image.name)
+        except Exception:  # an unreadable image is skipped and listed by the feature pass
+            continue
+        aspects.append(width / max(1, height))
+    aspect = float(np.median(aspects)) if aspects else 1.0
+    shape = input_shape_for(aspect, prep.input_size)
+    said = (f"{shape[1]}x{shape[0]} (width x height), their aspect" if shape else
+            f"the {prep.input_size}x{prep.input_size} square, near enough to")  # fmt: skip
+    logging.getLogger("imgclf").info("frame whole: the images resized whole to %s (the median width / height of "
+                                     "%d training images is %.2f)", said, len(aspects), aspect)  # fmt: skip
+    return replace(prep, input_shape=shape)
 
 
 def _check_labels(images: list[ImageData], others: Sequence[tuple[str, list[ImageData] | None]]) -> list[str]:
@@ -93,7 +117,9 @@ def fit_multilabel(trainer: Trainer, images: list[ImageData],
     device = resolve_device(trainer.device)
     arch = get_architecture(trainer.arch)
     preprocessing = replace(preprocessing_for(arch), frame=trainer.frame or DEFAULT_FRAME)
-    network = PretrainedNetwork(arch, trainer.weights, device, trainer.engine, preprocessing.input_size)
+    if preprocessing.frame == "whole":
+        preprocessing = _with_their_aspect(preprocessing, images, trainer.seed)
+    network = PretrainedNetwork(arch, trainer.weights, device, trainer.engine, preprocessing.shape)
     engine = network.feature_engine()
     workspace, writable = trainer._workspace()
     extractor = FeatureExtractor(engine, preprocessing, network.cache_key, batch_size=trainer.extraction_batch_size,

@@ -407,7 +407,7 @@ class ImageClassificationTrainer:
         distributed.setup(device)
         arch = get_architecture(self.arch)
         preprocessing = preprocessing_for(arch)
-        network = PretrainedNetwork(arch, self.weights, device, self.engine, preprocessing.input_size)
+        network = PretrainedNetwork(arch, self.weights, device, self.engine, preprocessing.shape)
         engine = network.feature_engine()  # built on the first image not in the cache
         workspace, writable = self._workspace()
         extractor = FeatureExtractor(
@@ -601,7 +601,7 @@ class ImageClassificationTrainer:
         from imgclf.nets.engines import create_engine
 
         if fine_tuned:
-            engine = create_engine(model.backbone, model.preprocessing.input_size, device)
+            engine = create_engine(model.backbone, model.preprocessing.shape, device)
             own = FeatureExtractor(engine, model.preprocessing, "unknown", batch_size=self.extraction_batch_size,
                                    workers=self.workers, progress=False)  # fmt: skip
             result = own.transform(list(train_images) + list(held_out))
