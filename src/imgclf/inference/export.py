@@ -3,8 +3,9 @@
 The whole network (backbone, head, softmax) becomes one graph with a dynamic
 batch axis. Labels, architecture and preprocessing go into the ONNX metadata
 (key ``imgclf``), so the file alone is enough to use the model from any
-language. Input: float32 NCHW ``(N, 3, S, S)``, RGB, resized and
-centre-cropped as the metadata says, then ``(pixel / 255 - mean) / std``.
+language. Input: float32 NCHW ``(N, 3, S, S)`` (``(N, 3, H, W)`` for a whole-frame
+``input_shape``), RGB, resized and centre-cropped as the metadata says, then
+``(pixel / 255 - mean) / std``.
 Output ``probabilities``: float32 ``(N, classes)``, in metadata label order. A model with an
 unknown-input detector (:mod:`imgclf.inference.unknown`) has a second output,
 ``unknown_score``: float32 ``(N,)``, computed in the graph from the same pooled features

@@ -255,7 +255,7 @@ def check_engine_runs(engine: str, precision: str) -> None:
         raise OptionError(f"--engine {engine} runs {', '.join(spec.precisions)}, not {precision}", "engine")
 
 
-# ---- the engines: a float32 (N, 3, S, S) batch in, the graph's first output out ----
+# ---- the engines: a float32 (N, 3, H, W) batch in (the square or a rectangle), the first output out ----
 
 
 def _ort():
