@@ -60,6 +60,25 @@ def small_model_file(small_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_multilabel_model(tmp_path_factory, workspace):
+    """(model, its ONNX export, held-out images): a multi-label model trained on 30 side-by-side
+    mosaics (448x224) of two real photos of 3 labels, and 3 held-out mosaics of other photos.
+    For the paths that must carry sets (Spark, Node); tests/test_multilabel.py has its own, larger."""
+    from imgclf import ImageClassificationTrainer
+    from imgclf.data.layouts import load_dataset
+    from imgclf.testing import write_mosaics
+
+    dest = tmp_path_factory.mktemp("small-multilabel")
+    files = {label: sorted((FLOWERS / label).glob("*.jpg")) for label in ("daisy", "dandelion", "tulips")}
+    rows = write_mosaics(dest, {k: v[:12] for k, v in files.items()}, 30, 1, "train")
+    held_out = write_mosaics(dest, {k: v[12:16] for k, v in files.items()}, 3, 2, "test")
+    (dest / "m.csv").write_text("path,label\n" + "".join(f"{f},{lbl}\n" for f, lbl in rows))
+    model = ImageClassificationTrainer(epochs=30, workspace=workspace, progress=False).fit(
+        load_dataset(dest / "m.csv").train)  # fmt: skip
+    return model, model.export_onnx(dest / "multi.onnx"), [dest / name for name, _ in held_out]
+
+
+@pytest.fixture(scope="session")
 def small_onnx_model(small_model, tmp_path_factory) -> Path:
     """``small_model`` exported to ONNX once for the session: the fast, torch-free model of the
     batch-scoring, serving and Node tests. Never write to it."""

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from .conftest import FLOWERS, PREDICT  # noqa: E402
+from .conftest import PREDICT  # noqa: E402
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "node"
 
@@ -51,33 +51,22 @@ def test_node_classifies_like_python(node_example, small_model, small_onnx_model
 
 
 @pytest.mark.slow
-def test_node_answers_a_multilabel_model_with_its_sets_on_the_whole_frame(node_example, workspace, tmp_path):
+def test_node_answers_a_multilabel_model_with_its_sets_on_the_whole_frame(node_example, small_multilabel_model):
     """The example cropped the centre of every image and printed the single most likely label:
     a multi-label model's photos at the edges were cut off, and its sets never said."""
-    from imgclf import ImageClassificationTrainer
-    from imgclf.data.layouts import load_dataset
-    from imgclf.testing import write_mosaics
-
-    labels = ("daisy", "dandelion", "tulips")
-    files = {label: sorted((FLOWERS / label).glob("*.jpg")) for label in labels}
-    rows = write_mosaics(tmp_path, {k: v[:12] for k, v in files.items()}, 30, 1, "train")
-    held_out = write_mosaics(tmp_path, {k: v[12:16] for k, v in files.items()}, 3, 2, "test")
-    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{f},{lbl}\n" for f, lbl in rows))
-    model = ImageClassificationTrainer(epochs=30, workspace=workspace, progress=False).fit(
-        load_dataset(tmp_path / "m.csv").train)
-    assert model.preprocessing.frame == "whole"
-    onnx_path = model.export_onnx(tmp_path / "multi.onnx")
-    for name, _ in held_out:
-        out = subprocess.run(["node", str(node_example), str(onnx_path), str(tmp_path / name)],
+    model, onnx_path, held_out = small_multilabel_model
+    assert model.preprocessing.frame == "whole" and model.preprocessing.input_shape == (224, 448)
+    for image in held_out:
+        out = subprocess.run(["node", str(node_example), str(onnx_path), str(image)],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert out.returncode == 0, out.stderr
         _, said, probs, known = out.stdout.rstrip("\n").split("\t")
-        python = model.predict(tmp_path / name)
+        python = model.predict(image)
         node = dict(zip(said.split(";"), map(float, probs.split(";")))) if said else {}
         for label, threshold in zip(model.labels, model.thresholds):
             p = python.scores[label]
             if abs(p - threshold) > 0.02:  # sharp's resize differs slightly from Pillow's
-                assert (label in node) == (p >= threshold), (name, label, p, threshold, out.stdout)
+                assert (label in node) == (p >= threshold), (image, label, p, threshold, out.stdout)
             if label in node:
                 assert abs(node[label] - p) < 0.02
         assert list(node) == [lbl for lbl, _ in python.labels if lbl in node]  # most likely first

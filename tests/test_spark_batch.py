@@ -155,3 +155,36 @@ def test_the_documented_recipe_counts_each_image_once_beside_a_link_loop(spark, 
         assert str(folder / name) in paths
     labels = {r["path"].removeprefix("file:"): r["label"] for r in rows}
     assert all(labels[p] == expected[p].get("label") for p in expected)
+
+
+def test_a_multilabel_model_gives_its_sets_and_a_single_label_model_null(spark, small_multilabel_model,
+                                                                          small_onnx_model, tmp_path):  # fmt: skip
+    """Spark crashed on every multi-label batch whose sets were not top_k long (a reshape of the
+    padded lists), and gave a single-label model's `labels` as top_k nulls instead of null."""
+    import shutil as sh
+
+    from imgclf.spark import predict_udf
+
+    model, onnx_path, held_out = small_multilabel_model
+    folder = tmp_path / "mosaics"
+    folder.mkdir()
+    for image in held_out:
+        sh.copy(image, folder / image.name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    images = spark.read.format("binaryFile").load(str(folder))
+    scored = images.select("path", predict_udf(onnx_path, top_k=3)("content", "path").alias("p")).collect()
+    assert len(scored) == len(held_out) + 1
+    sizes = set()
+    for r in scored:
+        name = r["path"].rsplit("/", 1)[-1]
+        if name == "broken.jpg":
+            assert r["p"]["error"] and r["p"]["labels"] is None and r["p"]["label_probabilities"] is None
+            continue
+        expected = model.predict(folder / name).labels
+        assert r["p"]["labels"] == [lbl for lbl, _ in expected]
+        assert r["p"]["label_probabilities"] == pytest.approx([p for _, p in expected], abs=1e-4)
+        sizes.add(len(expected))
+    assert sizes - {3}, "no set of another size than top_k: the crash would not show"
+    single = spark.read.format("binaryFile").load(str(folder / held_out[0].name))
+    (row,) = single.select(predict_udf(small_onnx_model, top_k=3)("content").alias("p")).collect()
+    assert row["p"]["labels"] is None and row["p"]["label_probabilities"] is None and row["p"]["label"]

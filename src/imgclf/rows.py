@@ -75,6 +75,8 @@ def _table_columns(f: RowField) -> tuple[tuple[str, str], ...]:
 #: Every table column with its element type (``text``, ``number``, ``flag``, ``texts``, ``numbers``), in order.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = tuple(c for f in FIELDS for c in _table_columns(f))
 COLUMNS: tuple[str, ...] = tuple(name for name, _ in TABLE_COLUMNS)
+#: The columns of a multi-label answer (``labels``, ``label_probabilities``): any length, null for a single-label model.
+SET_COLUMNS: tuple[str, ...] = tuple(c for f in FIELDS if f.kind == "labelset" for c, _ in _table_columns(f))
 DOCUMENT_KEYS: tuple[str, ...] = tuple(f.name for f in FIELDS)
 
 

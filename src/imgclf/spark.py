@@ -75,24 +75,38 @@ def _batch_type():
     return t.StructType([t.StructField(f.name, t.FloatType()) if f.name in flags else f for f in rows.spark_fields(t)])
 
 
-def _with_flags(column):
-    """The batch UDF's struct as :func:`result_type`: its flags cast to booleans."""
+def _with_flags(column, multilabel: bool):
+    """The batch UDF's struct as :func:`result_type`: its flags cast to booleans, and a
+    multi-label answer's padded lists (:func:`_struct_columns`) cut back to the labels answered
+    (null for an image not scored, and for every image of a single-label model)."""
     from pyspark.sql import functions as F
 
-    return F.struct(*[column[name].cast("boolean").alias(name) if kind == "flag" else column[name].alias(name)
+    def column_of(name: str, kind: str):
+        if kind == "flag":
+            return column[name].cast("boolean")
+        if name in rows.SET_COLUMNS:
+            if not multilabel:
+                return F.lit(None).cast("array<string>" if kind == "texts" else "array<float>")
+            return F.when(column["error"].isNull(), F.filter(column[name], lambda x: x.isNotNull()))
+        return column[name]
+
+    return F.struct(*[column_of(name, kind).alias(name)
                       for name, kind in rows.TABLE_COLUMNS if name not in rows.NAME_COLUMNS])  # fmt: skip
 
 
-def _struct_columns(columns: dict[str, list], k: int) -> dict[str, np.ndarray]:
-    """The result columns as the arrays ``predict_batch_udf`` wants: lists as (rows, k) object
-    arrays (null lists as k nulls), numbers as float32 with NaN for null."""
+def _struct_columns(columns: dict[str, list], k: int, n_labels: int) -> dict[str, np.ndarray]:
+    """The result columns as the arrays ``predict_batch_udf`` wants: lists as (rows, width) object
+    arrays, padded with nulls (null lists as all nulls): ``k`` wide for the ranking, ``n_labels``
+    for a multi-label answer, whose sets have any size; numbers as float32 with NaN for null."""
     out = {}
     for name, kind in rows.TABLE_COLUMNS:
         if name not in columns:
             continue
         values = columns[name]
         if kind in ("texts", "numbers"):
-            out[name] = np.array([v or [None] * k for v in values], dtype=object).reshape(-1, k)
+            width = n_labels if name in rows.SET_COLUMNS else k
+            padded = [list(v or []) + [None] * (width - len(v or [])) for v in values]
+            out[name] = np.array(padded, dtype=object).reshape(-1, width)
         elif kind in ("number", "flag"):  # a flag travels as 1.0, 0.0 or NaN (see _batch_type)
             out[name] = np.array([np.nan if v is None else float(v) for v in values], np.float32)
         else:
@@ -121,7 +135,8 @@ def predict_udf(
     ml_functions, _ = _pyspark()
     check_options(top_k=top_k, batch_size=batch_size, engine=engine, precision=precision)
     model_file = ModelFile.read(model_path)
-    labels = load_scoring_model(model_path, "cpu", None, engine, precision).labels
+    driver_model = load_scoring_model(model_path, "cpu", None, engine, precision)
+    labels, multilabel = driver_model.labels, getattr(driver_model, "thresholds", None) is not None
     k = min(top_k, len(labels))
     check_workers()
 
@@ -133,7 +148,7 @@ def predict_udf(
             names = [UNNAMED] * len(contents) if paths is None else [UNNAMED if p is None else str(p) for p in paths]
             sources = [None if c is None else bytes(c) for c in contents]
             result = score_sources(predictor, names, sources, top_k, workers=threads or 1)
-            return _struct_columns(result.columns(with_name=False), k)
+            return _struct_columns(result.columns(with_name=False), k, len(labels))
 
         return score
 
@@ -159,7 +174,7 @@ def predict_udf(
     def udf(content, path=None):
         """The prediction column for ``content`` (image bytes) and, to name each image, ``path``."""
         check_workers()
-        return _with_flags(unnamed(content) if path is None else named(content, path))
+        return _with_flags(unnamed(content) if path is None else named(content, path), multilabel)
 
     return udf
 
