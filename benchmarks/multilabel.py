@@ -6,8 +6,8 @@ holds the same 8 photos of every label out (a seeded draw): the training mosaics
 the other 32 of each, the held-out mosaics from the held-out photos only, so no photo of a
 held-out mosaic was seen in training. Then ``imgclf train`` runs on the manifest (its ``split``
 column holds the held-out mosaics out as given) and ``imgclf evaluate --json`` measures them,
-once per preprocessing: ``--frame whole`` (the multi-label default: the whole mosaic resized to
-the network's square) and ``--frame crop`` (the single-label centre crop, which cuts off the
+once per preprocessing: ``--frame whole`` (the multi-label default: the whole mosaic at its 2:1
+aspect, a 448x224 input) and ``--frame crop`` (the single-label centre crop, which cuts off the
 outer halves of both photos).
 
     python benchmarks/multilabel.py            # 3 rounds (split seeds 1, 2, 3), 400 training mosaics

@@ -1,4 +1,4 @@
-"""Measured, not shipped: what else might lift multi-label accuracy on the mosaics of
+"""What might lift multi-label accuracy (native shipped since; the rest measured only) on the mosaics of
 ``benchmarks/multilabel.py`` (the same mosaics, rounds, head training and out-of-fold thresholds;
 its squeezed figures are reproduced exactly), one change at a time:
 
