@@ -31,8 +31,9 @@ def ray_session():
 def _inputs(tmp_path: Path) -> tuple[list[Path], dict]:
     """What the Ray run scores: a scoring folder (three unreadable files), a text list (a comment,
     a missing file), a Hugging Face JSONL and a CSV with its own column names, and a folder with a
-    name that is not UTF-8 and a symlink loop (Ray's reader takes neither, so imgclf reads them
-    itself). Returns the inputs and what each file must get: predict --json's answer, or an error."""
+    name that is not UTF-8, one with a tab in it (Ray's reader stripped the tab: the file was
+    missing and the job died) and a symlink loop (Ray's reader takes none of them, so imgclf reads
+    them itself). Returns the inputs and what each file must get: predict --json's answer, or an error."""
     import os
     import shutil
 
@@ -48,9 +49,10 @@ def _inputs(tmp_path: Path) -> tuple[list[Path], dict]:
     shutil.copy(PREDICT / "classic-tulip.jpg", hostile / "tulip.jpg")
     odd = os.fsencode(hostile) + b"/caf\xe9.jpg"
     shutil.copy(PREDICT / "classic-daisy.jpg", odd)
+    shutil.copy(PREDICT / "classic-daisy.jpg", hostile / "tab\tbed.jpg")
     os.symlink("loop.jpg", hostile / "loop.jpg")
     inputs = [folder, listed / "more.txt", listed / "hf.jsonl", listed / "other.csv", hostile]
-    scored = [folder, PREDICT / "classic-tulip.jpg", rose, sunflower, hostile / "tulip.jpg"]
+    scored = [folder, PREDICT / "classic-tulip.jpg", rose, sunflower, hostile / "tulip.jpg", hostile / "tab\tbed.jpg"]
     return inputs, {"scored": scored, "odd": os.fsdecode(odd), "shown": str(hostile / "caf\\xe9.jpg"),
                     "loop": str(hostile / "loop.jpg"), "gone": str(tmp_path / "gone.jpg")}  # fmt: skip
 
@@ -85,7 +87,7 @@ def test_engine_ray_in_a_fresh_process_agrees_with_predict_json_and_prints_only_
     raylet_logs = [p.read_text(errors="replace") for p in ray_tmp.glob("ray/session_*/logs/raylet.*")]
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert raylet_logs and not any("file_system_monitor" in text for text in raylet_logs), raylet_logs
-    assert run.stdout.startswith("Scored 13 image(s), 5 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
+    assert run.stdout.startswith("Scored 14 image(s), 5 unreadable (error rows)") and len(run.stdout.splitlines()) == 1
 
     table = pq.read_table(out)
     meta = json.loads(table.schema.metadata[b"imgclf"])  # Ray's writer kept the key-value metadata

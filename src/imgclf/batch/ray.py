@@ -238,13 +238,21 @@ def _manifest_dataset(ray, manifest: str, done: PathSet, readers: int):
         batch_format="pyarrow", compute=_tasks(ray, readers), **IO_TASK)  # fmt: skip
 
 
+def _ray_reads(path: str) -> bool:
+    """Whether Ray's ``read_binary_files`` reads ``path`` as it is: a local file whose name is
+    UTF-8 and printable, without spaces at its ends."""
+    return not is_uri(path) and is_text(path) and path.isprintable() and path == path.strip() and os.path.isfile(path)
+
+
 def _listed_dataset(ray, paths: list[str], readers: int):
     """Files found by listing: local ones through ``read_binary_files``, URIs read by a task."""
     datasets = []
-    # Ray's file reader takes UTF-8 names of files it can open; imgclf reads the rest itself
-    # (names that are not UTF-8, links that cannot be followed), so they become rows, not a crash
-    local = [p for p in paths if not is_uri(p) and is_text(p) and os.path.isfile(p)]
-    remote = [p for p in paths if is_uri(p) or not (is_text(p) and os.path.isfile(p))]
+    # Ray's file reader takes UTF-8 names of files it can open, and strips control characters
+    # (a tab or carriage return) from them, so such a file was missing and the job died;
+    # imgclf reads the rest itself (those names, names that are not UTF-8, links that cannot
+    # be followed), so they become rows, not a crash
+    local = [p for p in paths if _ray_reads(p)]
+    remote = [p for p in paths if not _ray_reads(p)]
     if local:
         read = ray.data.read_binary_files(local, include_paths=True, concurrency=readers, **IO_TASK)
         datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", compute=_tasks(ray, readers),
