@@ -124,6 +124,31 @@ def test_manifests_and_globs_stream_paths(small_onnx_model, folder, tmp_path, ca
     assert all(Path(p).is_file() for p in paths)
 
 
+def test_out_finds_the_images_plain_predict_finds(small_onnx_model, tmp_path, capsys):
+    """--out (and Ray) scored hidden files (.hidden.jpg, macOS's ._photo.jpg, .ipynb_checkpoints)
+    and tool folders (__MACOSX) that plain predict skips, and skipped linked folders it follows."""
+    import shutil
+
+    from imgclf.batch.sources import classify_inputs, iter_image_paths
+    from imgclf.data.images import find_image_files
+
+    root = tmp_path / "photos"
+    for where in ("a", "b/c", ".ipynb_checkpoints", "__MACOSX", "elsewhere"):
+        (root / where).mkdir(parents=True)
+    for name in ("a/x.jpg", "b/c/y.jpg", ".hidden.jpg", "a/._x.jpg", ".ipynb_checkpoints/z.jpg", "__MACOSX/w.jpg",
+                 "elsewhere/v.jpg", "top.jpg"):  # fmt: skip
+        shutil.copy(PREDICT / "classic-daisy.jpg", root / name)
+    os.symlink(root / "elsewhere", root / "b" / "linked")  # a link to a folder: followed, as plain predict does
+    os.symlink(root, root / "a" / "loop")  # back to the top: each real folder once
+    plain = [str(p) for p in find_image_files([root])]
+    streamed = list(iter_image_paths(classify_inputs([str(root)])))
+    assert sorted(streamed) == sorted(plain) and len(plain) == 4, (streamed, plain)  # v.jpg once
+    assert not any("/." in p or "__MACOSX" in p for p in streamed)
+    code, _, err = run(capsys, "predict", small_onnx_model, root, "--out", tmp_path / "r.csv", "-q")
+    assert code == 0, err
+    assert sorted(r["path"] for r in read_rows(tmp_path / "r.csv")) == sorted(plain)
+
+
 def test_fsspec_uris_are_read(small_onnx_model, folder, tmp_path):
     fsspec = pytest.importorskip("fsspec")
     from imgclf.batch.local import score_to_folder

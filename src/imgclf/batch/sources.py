@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from imgclf.data.images import IMAGE_EXTENSIONS
+from imgclf.data.images import IMAGE_EXTENSIONS, is_skipped
 from imgclf.data.manifests import MANIFEST_SUFFIXES, iter_manifest, manifest_joiner, path_column  # noqa: F401
 from imgclf.data.uris import filesystem, is_uri, read_image_bytes  # noqa: F401  (re-exported: where they used to live)
 from imgclf.errors import DataError
@@ -116,18 +116,34 @@ def iter_image_paths(inputs: Sequence[Input]) -> Iterator[str]:
                     yield str(Path(match))
 
 
-def _walk_local(folder: str) -> Iterator[str]:
-    """Image files below ``folder`` in the order ``sorted(Path.rglob(...))`` gives,
-    holding one folder's listing at a time rather than the whole tree's."""
+def _walk_local(folder: str, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+    """Image files below ``folder`` in the order ``sorted(Path.rglob(...))`` gives, holding one
+    folder's listing at a time rather than the whole tree's. As plain ``predict`` finds them
+    (:func:`imgclf.data.images.find_image_files`): hidden files and folders and tool folders
+    skipped, links to folders followed, each real folder once."""
+    seen = set() if seen is None else seen
     try:
+        st = os.stat(folder)
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
         return
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
     for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk_local(entry.path)
+        if is_skipped(entry.name):
+            continue
+        if _is_folder(entry):
+            yield from _walk_local(entry.path, seen)
         elif _has_image_suffix(entry.name) and _is_file(entry):
             yield entry.path
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a link to a folder too
+    except OSError:
+        return False
 
 
 def _is_file(entry: os.DirEntry) -> bool:
@@ -161,6 +177,8 @@ def _walk_fs(fs, folder: str, spelled: str) -> Iterator[str]:
         if name == folder.rstrip("/"):
             continue
         uri = f"{spelled}/{posixpath.basename(name)}"
+        if is_skipped(posixpath.basename(name)):
+            continue
         if entry["type"] == "directory":
             yield from _walk_fs(fs, name, uri)
         elif _has_image_suffix(name):
