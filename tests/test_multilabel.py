@@ -302,11 +302,29 @@ def test_http_api_carries_the_set(model_file, trained):
 # --- what is not done yet refuses a multi-label model in one line ---
 
 
-def test_reject_unknown_is_refused_and_loading_does_not_call_it_old(model_file, manifest, capsys):
-    """A multi-label model has no detector by design: no "trained before imgclf had one, train it again"
-    warning on loading, and --reject-unknown is one line (it was ignored by evaluate)."""
-    from imgclf.cli import main
+def test_rows_carry_known_and_reject_unknown_is_one_line(trained, model_file, manifest, tmp_path, capsys):
+    """A multi-label model had no unknown-input detector: `known` was null in every path. It has the
+    single-label models' (fitted on the same features), a texture it never saw is not known, and
+    --reject-unknown, which would need an answer in place of a set, is one line."""
+    from PIL import Image
 
+    from imgclf.cli import main
+    from imgclf.inference.runtime import load_onnx_model
+
+    model, held_out = trained
+    assert model.unknown_ is not None and model.unknown_.measured["held_out_images"] == len(held_out)
+    # (not a share to hold it to: these mosaics reuse each training photo about 1.5 times, which
+    # makes the cross-fitted threshold tight; docs/known.md measures it)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 448), dtype=np.uint8), "L").save(noise)
+    onnx_model = load_onnx_model(model.export_onnx(tmp_path / "multi.onnx"))
+    for image, known in ((held_out[0].source, None), (noise, False)):
+        said = model.predict(image)
+        assert said.known is not None and said.known == (said.known if known is None else known)
+        assert onnx_model.predict(image).known == said.known  # the exported graph scores it too
+        assert main(["predict", str(model_file), str(image), "--json"]) in (0, None)
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["known"] == said.known and row["unknown_score"] == pytest.approx(said.unknown_score, abs=1e-5)
     image = str(next(iter(load_dataset(manifest).train)).source)
     for argv in (["predict", str(model_file), image, "--reject-unknown"],
                  ["evaluate", str(model_file), str(manifest), "--reject-unknown"]):  # fmt: skip

@@ -180,7 +180,9 @@ def test_a_multilabel_model_gives_its_sets_and_a_single_label_model_null(spark, 
         if name == "broken.jpg":
             assert r["p"]["error"] and r["p"]["labels"] is None and r["p"]["label_probabilities"] is None
             continue
-        expected = model.predict(folder / name).labels
+        said = model.predict(folder / name)
+        expected = said.labels
+        assert r["p"]["known"] is not None and r["p"]["known"] == said.known  # the detector's, as in Python
         assert r["p"]["labels"] == [lbl for lbl, _ in expected]
         assert r["p"]["label_probabilities"] == pytest.approx([p for _, p in expected], abs=1e-4)
         sizes.add(len(expected))

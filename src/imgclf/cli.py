@@ -455,8 +455,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ImgclfError(f"no images found in {', '.join(args.images)}")
     model.job_size = len(files)  # a few images on a torch model run eagerly, at the same precision
     if args.reject_unknown and model.multilabel:
-        raise OptionError(f"--reject-unknown: {args.model} is a multi-label model, which has no unknown-input "
-                          "detector yet; drop --reject-unknown")  # fmt: skip
+        raise OptionError(f"--reject-unknown: {args.model} is a multi-label model: its rows carry known, but it "
+                          "does not answer 'unknown' in place of a set yet; drop --reject-unknown")  # fmt: skip
     if args.reject_unknown and model.unknown_threshold is None:
         raise OptionError(f"--reject-unknown: {args.model} has no unknown-input detector (it was trained before "
                           "imgclf had one); train it again to get one")  # fmt: skip

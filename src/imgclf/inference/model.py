@@ -572,7 +572,7 @@ def load_model(path: str | Path, device: str = "cpu", engine: str = "auto", prec
     unknown = None
     if config.get("unknown") is not None:
         unknown = UnknownDetector.from_config(config["unknown"], tensors[BANK_TENSOR].numpy())
-    elif not config.get("multilabel"):  # a multi-label model has none by design: retraining gives none
+    else:  # trained before imgclf fitted one (multi-label models: before 7 December 2026)
         import warnings
 
         warnings.warn(f"{path}: {NO_DETECTOR}", stacklevel=2)

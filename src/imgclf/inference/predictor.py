@@ -338,8 +338,8 @@ class Predictor:
             images = load_images_from_directory(images)
         items, from_folders = labelled_items(images, labels, "evaluate")
         if reject_unknown and self.multilabel:
-            raise option_error("reject_unknown", "{reject_unknown}: multi-label models have no unknown-input detector "
-                                                 "yet; drop {reject_unknown}")  # fmt: skip
+            raise option_error("reject_unknown", "{reject_unknown}: a multi-label model's rows carry known, but its "
+                                                 "evaluation does not reject images yet; drop {reject_unknown}")  # fmt: skip
         if self.multilabel:
             return self._evaluate_multilabel(items)
         if isinstance(images, (list, tuple)) and any(getattr(im, "labels", None) is not None for im in images):

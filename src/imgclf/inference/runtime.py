@@ -185,7 +185,7 @@ def load_onnx_model(
     _check_graph(path, session, config)
     model = OnnxClassifier(session, config, str(path))
     model.threads = threads
-    if not model.scores_unknown and not model.multilabel:  # a multi-label model has none by design
+    if not model.scores_unknown:
         import warnings
 
         warnings.warn(f"{path}: {NO_DETECTOR}", stacklevel=2)

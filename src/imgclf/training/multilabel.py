@@ -176,6 +176,7 @@ def fit_multilabel(trainer: Trainer, images: list[ImageData],
     if engine.built is not None and network.module is model._backbone:
         model.features_engine = engine.built
     model.held_out_features_ = features(held_out) if held_out else None
+    model.unknown_ = _fit_unknown(trainer, x_train, y_train, model.held_out_features_)
     model.info = {
         "weights_source": network.source,
         "training": {**trainer.get_params(), "best_epoch": best_epoch, "epochs_run": len(history),
@@ -193,6 +194,20 @@ def fit_multilabel(trainer: Trainer, images: list[ImageData],
                                "bf16 or int8 yet)"},
     }  # fmt: skip
     return model, held_out
+
+
+def _fit_unknown(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, held: np.ndarray | None):
+    """The unknown-input detector (:mod:`imgclf.inference.unknown`), as single-label models have it:
+    on the same pooled features, label-free, its cross-fitting folds stratified by each image's
+    first label; with the share of the held-out images it rejects."""
+    from imgclf.inference.unknown import fit_detector
+
+    detector = fit_detector(x_train, y_train.argmax(axis=1), trainer.unknown_rate, seed=trainer.seed)
+    detector.measured["features"] = "pretrained backbone"
+    if held is not None and len(held):
+        detector.measured["held_out_images"] = int(len(held))
+        detector.measured["held_out_rejected"] = float(np.mean(~detector.known(detector.score(held))))
+    return detector
 
 
 def _split(images: list[ImageData], fraction: float, seed: int, part: str, labels: list[str]):
