@@ -209,3 +209,19 @@ def test_a_refused_value_is_named_by_its_flag_never_its_python_name(command, fla
     assert err.startswith(f"imgclf: error: {flag} must be "), err
     python_names = [o.name for o in COMMANDS[command] if "_" in o.name and o.name in err.replace(flag, "")]
     assert not python_names, err
+
+
+def test_every_train_option_the_trainer_takes_reaches_it():
+    """`train --unknown-rate` was checked and then never given to the trainer: every model got 0.05.
+    Each option of `imgclf train` that is also an ImageClassificationTrainer parameter is passed by name."""
+    import ast
+    import inspect
+
+    from imgclf import cli
+    from imgclf.training.trainer import ImageClassificationTrainer
+
+    tree = ast.parse(inspect.getsource(cli._train))
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "ImageClassificationTrainer"]
+    passed = {k.arg for k in call.keywords} | ({"arch"} if call.args else set())
+    takes = set(inspect.signature(ImageClassificationTrainer).parameters)
+    assert {o.name for o in COMMANDS["train"].cli_options} & takes - passed == set()

@@ -163,7 +163,7 @@ def _train(args: argparse.Namespace, distributed) -> int:
         fine_tune_options=fine_tune_options, tta=args.tta, resume=args.resume,
         engine=args.engine, precision=args.precision, max_memory_gb=args.max_memory_gb, tracking=_trackers(args),
         from_model=args.from_model, keep_features_mb=0.0 if args.no_keep_features else args.keep_features_mb,
-        frame=args.frame,
+        frame=args.frame, unknown_rate=args.unknown_rate,
     )  # fmt: skip
     trainer.validate()
     if args.weights and not Path(args.weights).is_file():
