@@ -496,6 +496,22 @@ def test_paths_not_done_yet_refuse_it(trained, manifest, tmp_path):
             ImageClassificationTrainer(progress=False, workspace=tmp_path, **options).fit(images)
 
 
+@pytest.mark.parametrize("argv", [["predict", "{model}", "{image}", "--precision", "bf16"],
+                                  ["predict", "{onnx}", "{image}", "--precision", "int8"],
+                                  ["export", "{model}", "--precision", "int8", "--out", "{tmp}/m.onnx"]])  # fmt: skip
+def test_a_lossy_precision_is_one_line_for_a_multilabel_model(argv, trained, model_file, tmp_path, capsys):
+    """predict --precision bf16 ran a multi-label model at bf16, uncertified (its sets may move), and int8
+    said to train with --precision int8 or call calibrate_int8, both of which refuse it."""
+    from imgclf.cli import main
+
+    onnx = trained[0].export_onnx(tmp_path / "multi.onnx") if "{onnx}" in argv else ""
+    fill = {"{model}": str(model_file), "{image}": str(trained[1][0].source), "{onnx}": str(onnx), "{tmp}": str(tmp_path)}
+    assert main([fill.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgclf: error: --precision ") and "multi-label models run at fp32 only" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
 def test_frame_applies_to_multilabel_training_alone(tmp_path):
     from imgclf import ImageClassificationTrainer, load_images_from_directory
 

@@ -287,7 +287,8 @@ class ImageClassifier(Predictor):
 
         images = self.job_size if images is None else images
         return choose_engine(self.engine, self.precision, device=self.device, images=images,
-                             accuracy=self.info.get("precision_metrics"), int8_ready=self.int8_graph_ is not None)  # fmt: skip
+                             accuracy=self.info.get("precision_metrics"), int8_ready=self.int8_graph_ is not None,
+                             multilabel=self.thresholds is not None)  # fmt: skip
 
     def use_engine(self, engine: str = "auto", precision: str = "auto"):
         """Run the network on ``engine`` at ``precision`` from now on; returns the choice made."""

@@ -175,7 +175,8 @@ def load_onnx_model(
         choice = EngineChoice(choice.engine, "int8", "its weights were quantized by export --quantize int8",
                               choice.cpu)  # fmt: skip
     else:
-        choice = choose_engine(engine, precision, images=images, accuracy=accuracy, onnx_file=True)
+        choice = choose_engine(engine, precision, images=images, accuracy=accuracy, onnx_file=True,
+                               multilabel=config.get("multilabel") is not None)  # fmt: skip
     try:
         session = open_engine(choice, path, threads)
     except Exception as e:  # both engines raise one exception type per failure (Fail, InvalidProtobuf, ...)

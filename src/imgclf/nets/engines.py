@@ -193,6 +193,7 @@ def choose_engine(
     accuracy: dict | None = None,
     onnx_file: bool = False,
     int8_ready: bool = False,
+    multilabel: bool = False,
 ) -> EngineChoice:
     """The one place that decides which engine runs the network, at which precision.
 
@@ -201,11 +202,16 @@ def choose_engine(
     between precisions. ``accuracy``: the model's ``precision_metrics`` (the
     certificates ``auto`` needs for a lossy precision); ``onnx_file``: the network is
     an exported file, so torch cannot run it; ``int8_ready``: the model carries a
-    calibrated int8 graph (or is one). Raises :class:`OptionError` for a combination
+    calibrated int8 graph (or is one); ``multilabel``: a multi-label model, which runs at fp32
+    alone for now (nothing certifies its sets at bf16 or int8). Raises :class:`OptionError` for a combination
     that cannot run and :class:`MissingDependencyError` (naming the extra) for an
     engine not installed.
     """
     validate(NETWORK, {"device": device, "engine": engine, "precision": precision})
+    if multilabel and precision in ("bf16", "int8"):
+        raise option_error("precision", f"{{precision}} {precision}: multi-label models run at fp32 only for "
+                                        "now (nothing certifies their sets at bf16 or int8); use {precision} auto "
+                                        "or fp32")  # fmt: skip
     caps = cpu_capabilities()
     if device != "cpu":
         if engine not in ("auto", "torch") or precision not in ("auto", "fp32"):
