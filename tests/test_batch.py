@@ -170,6 +170,31 @@ def test_fsspec_uris_are_read(small_onnx_model, folder, tmp_path):
     assert (summary.scored, summary.failed) == (3, 2)
 
 
+def test_a_file_uri_is_percent_decoded_when_read_as_when_written(small_onnx_model, workspace, tmp_path):
+    """`Path.as_uri()` of a name with a space or an accent (file:///.../with%20space%20%C3%A9.jpg)
+    was read as the name with "%20" in it: "No such file" when scoring and training, while
+    `--out file:///...` was decoded. Scored, trained on and listed from a folder URI alike."""
+    pytest.importorskip("fsspec")
+    import shutil
+
+    from imgclf.batch.local import score_to_folder
+    from imgclf.data.layouts import load_dataset
+
+    folder = tmp_path / "with space é"
+    folder.mkdir()
+    photo = folder / "a b.jpg"
+    shutil.copy(PREDICT / "classic-daisy.jpg", photo)
+    (tmp_path / "list.txt").write_text(photo.as_uri() + "\n")
+    out = tmp_path / "r.jsonl"
+    score_to_folder(small_onnx_model, [str(tmp_path / "list.txt"), folder.as_uri()], out, progress=False)
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(r["error"] is None and r["label"] == "daisy" for r in rows), rows
+    other = PREDICT / "classic-tulip.jpg"
+    (tmp_path / "m.csv").write_text(f"path,label\n{photo.as_uri()},x\n{other.as_uri()},y\n")
+    images = load_dataset(tmp_path / "m.csv").train
+    assert [im.read_bytes() for im in images] == [photo.read_bytes(), other.read_bytes()]
+
+
 def _rows_committed(out: Path) -> int:
     parts = list(out.glob("part-*.parquet")) if out.is_dir() else []
     return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)

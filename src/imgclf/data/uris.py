@@ -49,6 +49,10 @@ def filesystem(uri: str):
     from fsspec.registry import known_implementations
 
     scheme = uri.split("://", 1)[0]
+    if scheme == "file":  # percent-decoded as a file URI is written (fsspec keeps %20 as it is), as as_local does
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), str(as_local(uri))
     try:
         return fsspec.core.url_to_fs(uri)
     except ImportError:
