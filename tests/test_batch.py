@@ -140,9 +140,10 @@ def test_out_finds_the_images_plain_predict_finds(small_onnx_model, tmp_path, ca
         shutil.copy(PREDICT / "classic-daisy.jpg", root / name)
     os.symlink(root / "elsewhere", root / "b" / "linked")  # a link to a folder: followed, as plain predict does
     os.symlink(root, root / "a" / "loop")  # back to the top: each real folder once
+    os.symlink(root / "gone.jpg", root / "b" / "broken.jpg")  # listed by both, and an error row where read
     plain = [str(p) for p in find_image_files([root])]
     streamed = list(iter_image_paths(classify_inputs([str(root)])))
-    assert sorted(streamed) == sorted(plain) and len(plain) == 4, (streamed, plain)  # v.jpg once
+    assert sorted(streamed) == sorted(plain) and len(plain) == 5, (streamed, plain)  # v.jpg once
     assert not any("/." in p or "__MACOSX" in p for p in streamed)
     code, _, err = run(capsys, "predict", small_onnx_model, root, "--out", tmp_path / "r.csv", "-q")
     assert code == 0, err

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from imgclf.data.images import IMAGE_EXTENSIONS, is_skipped
+from imgclf.data.images import IMAGE_EXTENSIONS, is_skipped, iter_image_files
 from imgclf.data.manifests import MANIFEST_SUFFIXES, iter_manifest, manifest_joiner, path_column  # noqa: F401
 from imgclf.data.uris import filesystem, is_uri, read_image_bytes  # noqa: F401  (re-exported: where they used to live)
 from imgclf.errors import DataError
@@ -107,52 +107,13 @@ def iter_image_paths(inputs: Sequence[Input]) -> Iterator[str]:
         elif item.kind == "file":
             yield str(Path(item.text))
         elif item.kind == "folder":
-            yield from _walk_local(str(Path(item.text)))
+            yield from iter_image_files(str(Path(item.text)))
         else:
             for match in sorted(glob.glob(item.text, recursive=True)):
                 if os.path.isdir(match):
-                    yield from _walk_local(str(Path(match)))
+                    yield from iter_image_files(str(Path(match)))
                 elif _has_image_suffix(match):
                     yield str(Path(match))
-
-
-def _walk_local(folder: str, seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
-    """Image files below ``folder`` in the order ``sorted(Path.rglob(...))`` gives, holding one
-    folder's listing at a time rather than the whole tree's. As plain ``predict`` finds them
-    (:func:`imgclf.data.images.find_image_files`): hidden files and folders and tool folders
-    skipped, links to folders followed, each real folder once."""
-    seen = set() if seen is None else seen
-    try:
-        st = os.stat(folder)
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        return
-    if (st.st_dev, st.st_ino) in seen:
-        return
-    seen.add((st.st_dev, st.st_ino))
-    for entry in entries:
-        if is_skipped(entry.name):
-            continue
-        if _is_folder(entry):
-            yield from _walk_local(entry.path, seen)
-        elif _has_image_suffix(entry.name) and _is_file(entry):
-            yield entry.path
-
-
-def _is_folder(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()  # a link to a folder too
-    except OSError:
-        return False
-
-
-def _is_file(entry: os.DirEntry) -> bool:
-    """A file, or a link that cannot be followed (a loop, no permission): the latter becomes an
-    error row naming why, as plain ``predict`` reports it, instead of stopping the walk."""
-    try:
-        return entry.is_file()
-    except OSError:
-        return True
 
 
 def _iter_uri(item: Input) -> Iterator[str]:
@@ -176,9 +137,9 @@ def _walk_fs(fs, folder: str, spelled: str) -> Iterator[str]:
         name = entry["name"].rstrip("/")
         if name == folder.rstrip("/"):
             continue
-        uri = f"{spelled}/{posixpath.basename(name)}"
         if is_skipped(posixpath.basename(name)):
             continue
+        uri = f"{spelled}/{posixpath.basename(name)}"
         if entry["type"] == "directory":
             yield from _walk_fs(fs, name, uri)
         elif _has_image_suffix(name):

@@ -135,26 +135,35 @@ def is_skipped(name: str) -> bool:
     return name.startswith(".") or name in TOOL_FOLDERS
 
 
-def _walk_images(root: Path) -> Iterator[Path]:
-    """Image files at any depth below ``root``, skipping hidden and tool folders.
+def iter_image_files(folder: str, _seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+    """Image files at any depth below ``folder``, streamed in the order ``sorted(Path.rglob(...))``
+    gives, holding one folder's listing at a time: the one walk that training, ``predict``, ``--out``
+    and Ray find images by. Hidden files and folders and tool folders are skipped; links to folders
+    are followed, each real folder once (no loops); a link that cannot be followed is kept, so that
+    reading it says why."""
+    seen = set() if _seen is None else _seen
+    try:
+        st = os.stat(folder)
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
+    for entry in entries:
+        if is_skipped(entry.name):
+            continue
+        if is_folder(entry):
+            yield from iter_image_files(entry.path, seen)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and _is_file_or_link(entry):
+            yield entry.path
 
-    Symbolic links to folders are followed, each real folder once (no loops).
-    """
-    seen: set[tuple[int, int]] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        try:
-            st = os.stat(folder)
-        except OSError:
-            subfolders[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            subfolders[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        subfolders[:] = [d for d in subfolders if not is_skipped(d)]
-        for name in files:
-            if not is_skipped(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(folder, name)
+
+def _is_file_or_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file() or entry.is_symlink()  # a broken link or a loop: an error where it is read
+    except OSError:
+        return True
 
 
 def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -166,7 +175,7 @@ def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(_walk_images(p)))
+            found.extend(sorted(map(Path, iter_image_files(str(p)))))
         elif p.is_file():
             found.append(p)
         else:
@@ -221,12 +230,13 @@ def _label_folders(root: Path) -> list[str]:
     """The names of ``root``'s subfolders that would be labels (hidden and tool folders are not)."""
     try:
         with os.scandir(root) as entries:
-            return [e.name for e in entries if not is_skipped(e.name) and _is_folder(e)]
+            return [e.name for e in entries if not is_skipped(e.name) and is_folder(e)]
     except OSError:
         return []
 
 
-def _is_folder(entry: os.DirEntry) -> bool:
+def is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one (a link that cannot be followed is not)."""
     try:
         return entry.is_dir()  # follows links, as the walk does
     except OSError:

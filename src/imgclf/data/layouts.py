@@ -29,6 +29,7 @@ from imgclf.data.images import (
     LABEL_SEPARATOR,
     ImageData,
     embedded_image,
+    is_folder,
     is_skipped,
     load_images_from_directory,
     multilabel_image,
@@ -129,7 +130,7 @@ def _labels_from_folders(metadata: Path, names: dict) -> bool:
                                                         LABEL_COLUMNS, "label", "") is not None:  # fmt: skip
         return False
     with os.scandir(metadata.parent) as entries:
-        return any(not is_skipped(e.name) and _is_folder(e) for e in entries)
+        return any(not is_skipped(e.name) and is_folder(e) for e in entries)
 
 
 def _refuse_manifest_options(source: str, names: dict) -> None:
@@ -151,7 +152,7 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
     ``train/`` and one of the others and nothing else; None when it is not such a folder."""
     try:
         with os.scandir(root) as entries:
-            folders = sorted(e.name for e in entries if not is_skipped(e.name) and _is_folder(e))
+            folders = sorted(e.name for e in entries if not is_skipped(e.name) and is_folder(e))
     except OSError:
         return None  # the folder loader says what is wrong with it
     found: dict[str, list[str]] = defaultdict(list)
@@ -177,7 +178,7 @@ def _refuse_lone_parts(root: Path) -> None:
     ``val/`` and ``test/``): read as one subfolder per label, it would train labels called train or val."""
     try:
         with os.scandir(root) as entries:
-            folders = sorted(e.name for e in entries if not is_skipped(e.name) and _is_folder(e))
+            folders = sorted(e.name for e in entries if not is_skipped(e.name) and is_folder(e))
     except OSError:
         return  # the folder loader says what is wrong with it
     parts = {part for name in folders for part, spellings in SPLIT_FOLDERS.items() if name.lower() in spellings}
@@ -187,13 +188,6 @@ def _refuse_lone_parts(root: Path) -> None:
     fix = f"add val/ or test/ beside it, or give {root / folders[0]}" if "train" in parts else "add train/"
     raise DataError(f"{root}: holds only {said}; a split layout has train/ and val/ or test/, each with one "
                     f"subfolder per label: {fix}")  # fmt: skip
-
-
-def _is_folder(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # a link that cannot be followed
-        return False
 
 
 def _from_split_folders(root: Path, parts: dict[str, Path], names: dict) -> Dataset:
