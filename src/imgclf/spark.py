@@ -81,12 +81,14 @@ def _with_flags(column, multilabel: bool):
     (null for an image not scored, and for every image of a single-label model)."""
     from pyspark.sql import functions as F
 
+    types = {f.name: f.dataType for f in result_type().fields}
+
     def column_of(name: str, kind: str):
         if kind == "flag":
             return column[name].cast("boolean")
         if name in rows.SET_COLUMNS:
             if not multilabel:
-                return F.lit(None).cast("array<string>" if kind == "texts" else "array<float>")
+                return F.lit(None).cast(types[name])
             return F.when(column["error"].isNull(), F.filter(column[name], lambda x: x.isNotNull()))
         return column[name]
 

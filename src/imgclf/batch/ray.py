@@ -251,8 +251,9 @@ def _listed_dataset(ray, paths: list[str], readers: int):
     # (a tab or carriage return) from them, so such a file was missing and the job died;
     # imgclf reads the rest itself (those names, names that are not UTF-8, links that cannot
     # be followed), so they become rows, not a crash
-    local = [p for p in paths if _ray_reads(p)]
-    remote = [p for p in paths if not _ray_reads(p)]
+    by_ray = [_ray_reads(p) for p in paths]  # one look at each file
+    local = [p for p, ours in zip(paths, by_ray) if ours]
+    remote = [p for p, ours in zip(paths, by_ray) if not ours]
     if local:
         read = ray.data.read_binary_files(local, include_paths=True, concurrency=readers, **IO_TASK)
         datasets.append(read.map_batches(_with_read_error, batch_format="pyarrow", compute=_tasks(ray, readers),

@@ -157,6 +157,7 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
     import onnx
 
     from imgclf.atomic import check_output_path
+    from imgclf.nets.engines import refuse_lossy_multilabel
     from imgclf.nets.onnx_graph import DEFAULT_OPSET
 
     validate("export", {"quantize": quantize, "precision": precision})
@@ -164,9 +165,8 @@ def _export_local(model: Exportable, path: str | Path, *, quantize: str | None =
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder; give a file name ending in .onnx")
     check_output_path(path, "ONNX file", model="onnx")  # an image or notes typed as the name are kept
-    if precision in ("bf16", "int8") and getattr(model, "thresholds", None) is not None:
-        raise option_error("precision", f"{{precision}} {precision}: multi-label models run at fp32 only for now; "
-                                        "export with {precision} auto or fp32")  # fmt: skip
+    if getattr(model, "thresholds", None) is not None:
+        refuse_lossy_multilabel(precision)
     if precision == "int8":
         if quantize:
             raise option_error("quantize", "{quantize} and {precision} int8 both quantize; give one ({precision} "

@@ -92,6 +92,12 @@ class UnknownDetector:
         """True where a score is within the threshold."""
         return np.asarray(scores) <= self.threshold
 
+    def measure_held_out(self, held: np.ndarray | None) -> None:
+        """Record in ``measured`` the share of the held-out images' ``held`` features it flags."""
+        if held is not None and len(held):
+            self.measured["held_out_images"] = int(len(held))
+            self.measured["held_out_rejected"] = float(np.mean(~self.known(self.score(held))))
+
     def config(self) -> dict[str, Any]:
         """The model file's ``unknown`` metadata field."""
         return {"method": METHOD, "k": int(self.k), "threshold": float(self.threshold),

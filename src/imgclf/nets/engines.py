@@ -208,10 +208,8 @@ def choose_engine(
     engine not installed.
     """
     validate(NETWORK, {"device": device, "engine": engine, "precision": precision})
-    if multilabel and precision in ("bf16", "int8"):
-        raise option_error("precision", f"{{precision}} {precision}: multi-label models run at fp32 only for "
-                                        "now (nothing certifies their sets at bf16 or int8); use {precision} auto "
-                                        "or fp32")  # fmt: skip
+    if multilabel:
+        refuse_lossy_multilabel(precision)
     caps = cpu_capabilities()
     if device != "cpu":
         if engine not in ("auto", "torch") or precision not in ("auto", "fp32"):
@@ -251,6 +249,14 @@ def choose_engine(
         raise MissingDependencyError(f"--engine {engine} on a torch model needs onnx: {install_hint('export')}")
     check_engine_runs(engine, precision)
     return EngineChoice(engine, precision, reason, caps.key)
+
+
+def refuse_lossy_multilabel(precision: str) -> None:
+    """A multi-label model runs at fp32 alone for now: bf16 or int8 asked for is one line."""
+    if precision in ("bf16", "int8"):
+        raise option_error("precision", f"{{precision}} {precision}: multi-label models run at fp32 only for "
+                                        "now (nothing certifies their sets at bf16 or int8); use {precision} auto "
+                                        "or fp32")  # fmt: skip
 
 
 def check_engine_runs(engine: str, precision: str) -> None:

@@ -204,9 +204,7 @@ def _fit_unknown(trainer: Trainer, x_train: np.ndarray, y_train: np.ndarray, hel
 
     detector = fit_detector(x_train, y_train.argmax(axis=1), trainer.unknown_rate, seed=trainer.seed)
     detector.measured["features"] = "pretrained backbone"
-    if held is not None and len(held):
-        detector.measured["held_out_images"] = int(len(held))
-        detector.measured["held_out_rejected"] = float(np.mean(~detector.known(detector.score(held))))
+    detector.measure_held_out(held)
     return detector
 
 

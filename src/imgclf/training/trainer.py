@@ -615,9 +615,7 @@ class ImageClassificationTrainer:
             held = from_pool(held_out).features if held_out else np.zeros((0, x.shape[1]), np.float32)
         detector = fit_detector(x, y, self.unknown_rate, seed=self.seed)
         detector.measured["features"] = "fine-tuned backbone" if fine_tuned else "pretrained backbone"
-        if len(held):
-            detector.measured["held_out_images"] = int(len(held))
-            detector.measured["held_out_rejected"] = float(np.mean(~detector.known(detector.score(held))))
+        detector.measure_held_out(held)
         model.unknown_ = detector
 
     def _decide_precision(self, model, fit_head, train, held, fine_tuned: bool) -> dict:
